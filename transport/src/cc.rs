@@ -1,0 +1,323 @@
+//! Rate control for a session's KCP traffic: a model-based controller in the
+//! spirit of BBR, plus a pacer.
+//!
+//! KCP's own congestion window either collapses to one segment on every timeout
+//! (`nc = false`) or is switched off (`nc = true`) and then overruns a bottleneck,
+//! wasting bandwidth on its own retransmissions. fastmesh runs KCP with `nc = true`
+//! and puts this controller in front of the socket instead:
+//!
+//! * The receiver reports, every few tens of milliseconds, how many frames and
+//!   bytes it has received and the highest frame counter it has seen
+//!   ([`crate::wire::Control`] `Feedback`). From consecutive reports the sender
+//!   learns the path's delivery rate and its loss rate (counter gaps).
+//! * `btl_bw` is the windowed maximum of the delivery rate; `min_rtt` comes from
+//!   pings. Random loss makes the delivery rate look smaller than the path: when
+//!   the path shows no queueing (recent RTT close to `min_rtt`), samples are
+//!   divided by `1 - loss`, so a lossy but idle path is still probed upwards;
+//!   when RTT rises the raw rate is used and the sender backs off to what the
+//!   bottleneck delivers.
+//! * Gains cycle like BBR's: startup doubles the rate each round trip until it
+//!   stops growing, a drain phase empties the queue it built, then probe cycles
+//!   of 1.25, 0.75, 1, 1, 1, 1, 1, 1.
+//! * Every KCP packet that carries data leaves through the [`Pacer`] at
+//!   `gain * btl_bw`; the inflight window handed to KCP is `2 * BDP`.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+const STARTUP_GAIN: f64 = 2.885;
+const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+const BW_WINDOW_ROUNDS: u32 = 10;
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Startup,
+    Drain,
+    ProbeBw(usize),
+}
+
+/// A receiver report: cumulative counts as of when it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Data frames received.
+    pub frames: u64,
+    /// Highest data-frame counter seen + 1.
+    pub highest: u64,
+    /// Wire bytes received (frame lengths).
+    pub bytes: u64,
+}
+
+/// The rate controller. All inputs carry `now`; nothing here reads a clock.
+#[derive(Debug, Clone)]
+pub struct RateControl {
+    phase: Phase,
+    phase_start: Duration,
+    reports: VecDeque<(Duration, Report)>,
+    bw_samples: VecDeque<(Duration, f64)>,
+    btl_bw: f64,
+    full_bw: f64,
+    full_bw_rounds: u32,
+    round_start: Duration,
+    min_rtt: Option<(Duration, Duration)>,
+    recent_rtt: VecDeque<(Duration, Duration)>,
+    loss: f64,
+    initial_rate: f64,
+    max_rate: f64,
+}
+
+impl RateControl {
+    /// Start at `initial_rate` bytes/s, never exceeding `max_rate`.
+    pub fn new(initial_rate: f64, max_rate: f64) -> RateControl {
+        RateControl {
+            phase: Phase::Startup,
+            phase_start: Duration::ZERO,
+            reports: VecDeque::new(),
+            bw_samples: VecDeque::new(),
+            btl_bw: 0.0,
+            full_bw: 0.0,
+            full_bw_rounds: 0,
+            round_start: Duration::ZERO,
+            min_rtt: None,
+            recent_rtt: VecDeque::new(),
+            loss: 0.0,
+            initial_rate,
+            max_rate,
+        }
+    }
+
+    /// Smallest RTT seen in the last 10 s (default 100 ms before any sample).
+    pub fn min_rtt(&self) -> Duration {
+        self.min_rtt.map(|(r, _)| r).unwrap_or(Duration::from_millis(100))
+    }
+
+    /// Estimated path loss rate (0..1) from counter gaps.
+    pub fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    /// Estimated bottleneck delivery rate in bytes/s (0 before any report).
+    pub fn btl_bw(&self) -> f64 {
+        self.btl_bw
+    }
+
+    fn round(&self) -> Duration {
+        self.min_rtt().max(Duration::from_millis(10))
+    }
+
+    /// An RTT sample (from a ping/pong).
+    pub fn on_rtt(&mut self, now: Duration, rtt: Duration) {
+        match self.min_rtt {
+            Some((m, at)) if rtt > m && now.saturating_sub(at) < MIN_RTT_WINDOW => {}
+            _ => self.min_rtt = Some((rtt, now)),
+        }
+        self.recent_rtt.push_back((now, rtt));
+        while self.recent_rtt.len() > 4 {
+            self.recent_rtt.pop_front();
+        }
+    }
+
+    fn queueing(&self) -> bool {
+        let min = self.min_rtt();
+        let recent = self.recent_rtt.iter().map(|(_, r)| *r).min().unwrap_or(min);
+        recent > min + min / 8 + Duration::from_millis(2)
+    }
+
+    /// A receiver report arrived at `now`.
+    pub fn on_report(&mut self, now: Duration, r: Report) {
+        if let Some(&(_, last)) = self.reports.back() {
+            if r.highest < last.highest || r.frames < last.frames {
+                return; // stale or reordered report
+            }
+        }
+        self.reports.push_back((now, r));
+        // Loss over a longer horizon (8 rounds) for stability.
+        let horizon = self.round() * 8;
+        while self.reports.len() > 2 && now.saturating_sub(self.reports[1].0) > horizon {
+            self.reports.pop_front();
+        }
+        let (t0, r0) = self.reports[0];
+        let dh = r.highest.saturating_sub(r0.highest);
+        if dh >= 20 {
+            let df = r.frames.saturating_sub(r0.frames).min(dh);
+            self.loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
+        }
+        // Delivery rate over about one round.
+        let span_start = self
+            .reports
+            .iter()
+            .rev()
+            .find(|(t, _)| now.saturating_sub(*t) >= self.round())
+            .copied()
+            .unwrap_or((t0, r0));
+        let dt = now.saturating_sub(span_start.0);
+        if dt.is_zero() {
+            return;
+        }
+        let mut rate = r.bytes.saturating_sub(span_start.1.bytes) as f64 / dt.as_secs_f64();
+        if !self.queueing() {
+            rate /= 1.0 - self.loss;
+        }
+        self.bw_samples.push_back((now, rate));
+        let keep = self.round() * BW_WINDOW_ROUNDS;
+        while let Some(&(t, _)) = self.bw_samples.front() {
+            if now.saturating_sub(t) > keep {
+                self.bw_samples.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.btl_bw = self.bw_samples.iter().map(|(_, r)| *r).fold(0.0, f64::max).min(self.max_rate);
+        self.advance(now);
+    }
+
+    fn advance(&mut self, now: Duration) {
+        if now.saturating_sub(self.round_start) < self.round() {
+            return;
+        }
+        self.round_start = now;
+        match self.phase {
+            Phase::Startup => {
+                if self.btl_bw >= self.full_bw * 1.25 {
+                    self.full_bw = self.btl_bw;
+                    self.full_bw_rounds = 0;
+                } else {
+                    self.full_bw_rounds += 1;
+                    if self.full_bw_rounds >= 3 {
+                        self.phase = Phase::Drain;
+                        self.phase_start = now;
+                    }
+                }
+            }
+            Phase::Drain => {
+                if now.saturating_sub(self.phase_start) >= self.round() * 2 {
+                    self.phase = Phase::ProbeBw(2);
+                    self.phase_start = now;
+                }
+            }
+            Phase::ProbeBw(i) => {
+                self.phase = Phase::ProbeBw((i + 1) % CYCLE.len());
+                self.phase_start = now;
+            }
+        }
+    }
+
+    fn gain(&self) -> f64 {
+        match self.phase {
+            Phase::Startup => STARTUP_GAIN,
+            Phase::Drain => 1.0 / STARTUP_GAIN,
+            Phase::ProbeBw(i) => CYCLE[i],
+        }
+    }
+
+    /// Pacing rate for KCP data in bytes/s.
+    pub fn pacing_rate(&self) -> f64 {
+        let base = if self.btl_bw > 0.0 { self.btl_bw } else { self.initial_rate };
+        let r = match self.phase {
+            // In startup never pace below the initial rate.
+            Phase::Startup => (base * self.gain()).max(self.initial_rate),
+            _ => base * self.gain(),
+        };
+        r.clamp(16_000.0, self.max_rate * 1.25)
+    }
+
+    /// Bytes allowed in flight: twice the bandwidth-delay product (with startup headroom).
+    pub fn inflight_cap(&self) -> f64 {
+        let base = if self.btl_bw > 0.0 { self.btl_bw } else { self.initial_rate };
+        let gain = if self.phase == Phase::Startup { STARTUP_GAIN } else { 2.0 };
+        base * gain * self.min_rtt().as_secs_f64().max(0.01) / (1.0 - self.loss)
+    }
+}
+
+/// Releases packets no faster than a rate, allowing a small burst.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    next: Duration,
+    burst: Duration,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Pacer { next: Duration::ZERO, burst: Duration::from_millis(2) }
+    }
+}
+
+impl Pacer {
+    /// When the next packet may go (`<= now` means now).
+    pub fn next_send(&self) -> Duration {
+        self.next
+    }
+
+    /// May a packet go at `now`?
+    pub fn ready(&self, now: Duration) -> bool {
+        self.next <= now
+    }
+
+    /// A packet of `bytes` went at `now` under `rate` bytes/s.
+    pub fn on_send(&mut self, now: Duration, bytes: usize, rate: f64) {
+        let base = self.next.max(now.saturating_sub(self.burst));
+        self.next = base + Duration::from_secs_f64(bytes as f64 / rate.max(1.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(x: u64) -> Duration {
+        Duration::from_millis(x)
+    }
+
+    #[test]
+    fn pacer_spaces_packets() {
+        let mut p = Pacer::default();
+        let now = ms(100);
+        let mut sent = 0;
+        let mut t = now;
+        // 1 MB/s, 1000-byte packets: 1 ms apart after a 2 ms burst allowance.
+        while t < ms(110) {
+            if p.ready(t) {
+                p.on_send(t, 1000, 1_000_000.0);
+                sent += 1;
+            } else {
+                t = p.next_send();
+            }
+        }
+        assert!((11..=13).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn learns_rate_and_loss_from_reports() {
+        let mut c = RateControl::new(100_000.0, 1e9);
+        c.on_rtt(ms(0), ms(50));
+        // 1 MB/s delivered, 10% of frames missing.
+        let mut r = Report { frames: 0, highest: 0, bytes: 0 };
+        for i in 1..=100u64 {
+            r.frames += 90;
+            r.highest += 100;
+            r.bytes += 25_000;
+            c.on_report(ms(i * 25), r);
+        }
+        assert!((c.loss() - 0.1).abs() < 0.01, "{}", c.loss());
+        // No queueing: rate is scaled up by 1/(1-loss).
+        assert!((c.btl_bw() - 1_000_000.0 / 0.9).abs() < 30_000.0, "{}", c.btl_bw());
+        assert!(c.inflight_cap() > 0.0);
+    }
+
+    #[test]
+    fn queueing_disables_loss_compensation() {
+        let mut c = RateControl::new(100_000.0, 1e9);
+        c.on_rtt(ms(0), ms(50));
+        for i in 1..5 {
+            c.on_rtt(ms(i), ms(90));
+        }
+        let mut r = Report { frames: 0, highest: 0, bytes: 0 };
+        for i in 1..=100u64 {
+            r.frames += 90;
+            r.highest += 100;
+            r.bytes += 25_000;
+            c.on_report(ms(i * 25), r);
+        }
+        assert!((c.btl_bw() - 1_000_000.0).abs() < 30_000.0, "{}", c.btl_bw());
+    }
+}

@@ -1,0 +1,146 @@
+//! Just enough IPv4/IPv6 parsing to route a packet and find its flow.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// The fields of an IP packet fastmesh looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpInfo {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Transport protocol number (for IPv6, the first next-header).
+    pub proto: u8,
+    /// Source and destination ports for unfragmented TCP/UDP.
+    pub ports: Option<(u16, u16)>,
+}
+
+/// Parse the IP header of `p`. Returns `None` for anything that is not a
+/// well-formed IPv4 or IPv6 packet (truncated, bad header length, bad version).
+pub fn parse(p: &[u8]) -> Option<IpInfo> {
+    match p.first()? >> 4 {
+        4 => {
+            if p.len() < 20 {
+                return None;
+            }
+            let ihl = (p[0] & 0x0f) as usize * 4;
+            let total = u16::from_be_bytes([p[2], p[3]]) as usize;
+            if ihl < 20 || total < ihl || total > p.len() {
+                return None;
+            }
+            let frag = u16::from_be_bytes([p[6], p[7]]);
+            let first_and_only = frag & 0x3fff == 0; // no MF flag, offset 0
+            let proto = p[9];
+            let src = IpAddr::V4(Ipv4Addr::new(p[12], p[13], p[14], p[15]));
+            let dst = IpAddr::V4(Ipv4Addr::new(p[16], p[17], p[18], p[19]));
+            let ports = ports(proto, first_and_only, &p[ihl..total]);
+            Some(IpInfo { src, dst, proto, ports })
+        }
+        6 => {
+            if p.len() < 40 {
+                return None;
+            }
+            let plen = u16::from_be_bytes([p[4], p[5]]) as usize;
+            if 40 + plen > p.len() {
+                return None;
+            }
+            let proto = p[6];
+            let mut s = [0u8; 16];
+            s.copy_from_slice(&p[8..24]);
+            let mut d = [0u8; 16];
+            d.copy_from_slice(&p[24..40]);
+            let ports = ports(proto, true, &p[40..40 + plen]);
+            Some(IpInfo { src: IpAddr::V6(Ipv6Addr::from(s)), dst: IpAddr::V6(Ipv6Addr::from(d)), proto, ports })
+        }
+        _ => None,
+    }
+}
+
+fn ports(proto: u8, whole: bool, l4: &[u8]) -> Option<(u16, u16)> {
+    if whole && (proto == PROTO_TCP || proto == PROTO_UDP) && l4.len() >= 4 {
+        Some((u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])))
+    } else {
+        None
+    }
+}
+
+/// A transport flow, direction-independent: both directions of one TCP
+/// connection map to the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowKey {
+    /// Protocol number.
+    pub proto: u8,
+    /// The lower (address, port) endpoint.
+    pub a: (IpAddr, u16),
+    /// The higher (address, port) endpoint.
+    pub b: (IpAddr, u16),
+}
+
+impl IpInfo {
+    /// The flow key for TCP/UDP packets with ports.
+    pub fn flow(&self) -> Option<FlowKey> {
+        let (sp, dp) = self.ports?;
+        let x = (self.src, sp);
+        let y = (self.dst, dp);
+        let (a, b) = if x <= y { (x, y) } else { (y, x) };
+        Some(FlowKey { proto: self.proto, a, b })
+    }
+}
+
+/// Build a minimal IPv4 packet (for tests, simulations and benchmarks): a 20-byte
+/// header and an L4 header carrying the ports, padded with `payload` to `total` bytes.
+pub fn build_v4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16, payload: &[u8], total: usize) -> Vec<u8> {
+    let total = total.max(28);
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    let n = payload.len().min(total - 28);
+    p[28..28 + n].copy_from_slice(&payload[..n]);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_tcp_flow_is_symmetric() {
+        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let b = Ipv4Addr::new(10, 0, 0, 2);
+        let p = build_v4(a, b, PROTO_TCP, 4000, 80, b"x", 60);
+        let q = build_v4(b, a, PROTO_TCP, 80, 4000, b"y", 60);
+        let (ip, iq) = (parse(&p).unwrap(), parse(&q).unwrap());
+        assert_eq!(ip.dst, IpAddr::V4(b));
+        assert_eq!(ip.flow(), iq.flow());
+        assert_ne!(ip.flow(), parse(&build_v4(a, b, PROTO_TCP, 4001, 80, b"", 60)).unwrap().flow());
+    }
+
+    #[test]
+    fn v6_parses_and_junk_does_not() {
+        let mut p = vec![0u8; 48];
+        p[0] = 0x60;
+        p[5] = 8;
+        p[6] = PROTO_UDP;
+        p[23] = 1;
+        p[39] = 2;
+        p[40..42].copy_from_slice(&53u16.to_be_bytes());
+        let i = parse(&p).unwrap();
+        assert_eq!(i.ports, Some((53, 0)));
+        assert_eq!(i.dst, "::2".parse::<IpAddr>().unwrap());
+        assert!(parse(&p[..39]).is_none());
+        assert!(parse(&[0x45; 10]).is_none());
+        assert!(parse(&[]).is_none());
+        assert!(parse(&[0x20; 64]).is_none());
+    }
+}

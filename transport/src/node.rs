@@ -1,0 +1,375 @@
+//! A node: every session of one UDP socket, sans-IO.
+//!
+//! One socket carries the sessions with all peers in both directions; every node
+//! is client and server on one port. The node demultiplexes incoming frames by
+//! the receiver index in their header (so a peer whose address changes keeps its
+//! session), answers handshakes from allowed keys, and merges the sessions'
+//! output. Poll order: inputs, `handle_timeout`, `poll_transmit`, `poll_rx`,
+//! `poll_event`.
+
+use crate::crypto::{EntropySource, ResponderHello, StaticKeypair};
+use crate::session::{Ctx, Event, Session, SessionConfig, SessionStats};
+use crate::wire::{Control, Frame, PublicKey};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which handshake initiators a node answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Anyone holding the network key (a hub).
+    AnyWithNetworkKey,
+    /// Only keys added with [`Node::add_peer`] (a peer: the hub tells it who exists).
+    KnownPeers,
+}
+
+/// Node settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Settings applied to every session.
+    pub session: SessionConfig,
+    /// Who may open a session with us.
+    pub admission: Admission,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { session: SessionConfig::default(), admission: Admission::KnownPeers }
+    }
+}
+
+/// Drops and refusals, counted (never a panic).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Not a frame: too short, bad version, bad type, bad length.
+    pub malformed: u64,
+    /// Data or response frames for an index no session holds.
+    pub unknown_index: u64,
+    /// Handshake initiations that failed Noise (wrong network key, tampered, wrong responder).
+    pub handshake_failed: u64,
+    /// Valid initiations from keys we do not admit.
+    pub unknown_key: u64,
+    /// Initiations refused as replays or as the losing side of a simultaneous start.
+    pub init_refused: u64,
+    /// Data frames whose tag did not verify.
+    pub auth_failed: u64,
+    /// Data frames dropped as replays.
+    pub replayed: u64,
+    /// Inner packets for peers we have no session with.
+    pub no_route: u64,
+}
+
+/// Why the node refused to send.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The peer is not known to this node.
+    #[error("unknown peer")]
+    UnknownPeer,
+}
+
+/// All sessions of one UDP socket.
+pub struct Node {
+    cfg: Arc<SessionConfig>,
+    admission: Admission,
+    local: StaticKeypair,
+    psk: [u8; 32],
+    incarnation: u64,
+    wall_base_ms: u64,
+    entropy: EntropySource,
+    sessions: BTreeMap<PublicKey, Session>,
+    indices: BTreeMap<u32, PublicKey>,
+    ready: BTreeSet<PublicKey>,
+    events: VecDeque<(PublicKey, Event)>,
+    rr: Option<PublicKey>,
+    now: Duration,
+    stats: NodeStats,
+}
+
+impl Node {
+    /// A node with key pair `local` in the network keyed by `psk`.
+    /// `wall_base_ms` is the wall clock (ms since the Unix epoch) at time zero of
+    /// the `now` values passed later; it only orders handshake initiations.
+    pub fn new(cfg: NodeConfig, local: StaticKeypair, psk: [u8; 32], wall_base_ms: u64, mut entropy: EntropySource) -> Node {
+        let mut inc = [0u8; 8];
+        entropy.fill(&mut inc);
+        Node {
+            cfg: Arc::new(cfg.session),
+            admission: cfg.admission,
+            local,
+            psk,
+            incarnation: u64::from_le_bytes(inc),
+            wall_base_ms,
+            entropy,
+            sessions: BTreeMap::new(),
+            indices: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            events: VecDeque::new(),
+            rr: None,
+            now: Duration::ZERO,
+            stats: NodeStats::default(),
+        }
+    }
+
+    /// This node's public key.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.local.public
+    }
+
+    /// The session settings.
+    pub fn session_config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    /// Drop counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Per-peer counters.
+    pub fn peer_stats(&self, key: &PublicKey) -> Option<SessionStats> {
+        self.sessions.get(key).map(|s| s.stats())
+    }
+
+    /// The session with `key`, if any.
+    pub fn session(&self, key: &PublicKey) -> Option<&Session> {
+        self.sessions.get(key)
+    }
+
+    /// Keys of all peers.
+    pub fn peers(&self) -> impl Iterator<Item = &PublicKey> {
+        self.sessions.keys()
+    }
+
+    /// Admit `key` and send to it at `endpoint` (if known). Idempotent; a new
+    /// endpoint replaces the old one.
+    pub fn add_peer(&mut self, key: PublicKey, endpoint: Option<SocketAddr>) {
+        let cfg = self.cfg.clone();
+        let local = self.local.public;
+        let s = self.sessions.entry(key).or_insert_with(|| Session::new(cfg, &local, key, endpoint));
+        if let Some(ep) = endpoint {
+            s.set_endpoint(ep);
+        }
+    }
+
+    /// Forget `key`: its session keys are dropped at once.
+    pub fn remove_peer(&mut self, key: &PublicKey) {
+        if let Some(mut s) = self.sessions.remove(key) {
+            let mut ctx = Ctx {
+                now: self.now,
+                wall_ms: 0,
+                local: &self.local,
+                psk: &self.psk,
+                incarnation: self.incarnation,
+                entropy: &mut self.entropy,
+                indices: &mut self.indices,
+            };
+            s.close(&mut ctx);
+        }
+        self.ready.remove(key);
+    }
+
+    fn ctx(&mut self, now: Duration) -> (Ctx<'_>, &mut BTreeMap<PublicKey, Session>) {
+        self.now = now;
+        (
+            Ctx {
+                now,
+                wall_ms: self.wall_base_ms + now.as_millis() as u64,
+                local: &self.local,
+                psk: &self.psk,
+                incarnation: self.incarnation,
+                entropy: &mut self.entropy,
+                indices: &mut self.indices,
+            },
+            &mut self.sessions,
+        )
+    }
+
+    /// Send an inner IP packet to `peer`.
+    pub fn send_ip(&mut self, now: Duration, peer: &PublicKey, pkt: &[u8]) -> Result<(), SendError> {
+        let (mut ctx, sessions) = self.ctx(now);
+        let Some(s) = sessions.get_mut(peer) else {
+            self.stats.no_route += 1;
+            return Err(SendError::UnknownPeer);
+        };
+        s.send_ip(&mut ctx, pkt);
+        self.ready.insert(*peer);
+        Ok(())
+    }
+
+    /// Send a control message to `peer` as a datagram; false if no session yet.
+    pub fn send_control(&mut self, peer: &PublicKey, msg: &Control) -> bool {
+        let ok = self.sessions.get_mut(peer).is_some_and(|s| s.send_control(msg));
+        if ok {
+            self.ready.insert(*peer);
+        }
+        ok
+    }
+
+    /// Send a control message to `peer` reliably and in order.
+    pub fn send_control_reliable(&mut self, now: Duration, peer: &PublicKey, msg: &Control) -> bool {
+        let ok = self.sessions.get_mut(peer).is_some_and(|s| s.send_control_reliable(now, msg));
+        if ok {
+            self.ready.insert(*peer);
+        }
+        ok
+    }
+
+    /// Start a handshake with `peer` now (e.g. to register with a hub).
+    pub fn connect(&mut self, now: Duration, peer: &PublicKey) -> Result<(), SendError> {
+        let (mut ctx, sessions) = self.ctx(now);
+        let s = sessions.get_mut(peer).ok_or(SendError::UnknownPeer)?;
+        s.start_handshake(&mut ctx);
+        self.ready.insert(*peer);
+        Ok(())
+    }
+
+    /// KCP segments waiting for `peer` (for flow control by the caller).
+    pub fn kcp_backlog(&self, peer: &PublicKey) -> usize {
+        self.sessions.get(peer).map_or(0, |s| s.kcp_backlog())
+    }
+
+    /// Handle one UDP payload from `from`. `buf` is decrypted in place.
+    pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, buf: &mut [u8]) {
+        let frame = match Frame::parse(buf) {
+            Ok(f) => f,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        match frame {
+            Frame::HandshakeInit { sender_index, noise } => {
+                let noise = noise.to_vec();
+                self.on_init(now, from, sender_index, &noise)
+            }
+            Frame::HandshakeResp { sender_index, receiver_index, noise } => {
+                let noise = noise.to_vec();
+                let Some(key) = self.indices.get(&receiver_index).copied() else {
+                    self.stats.unknown_index += 1;
+                    return;
+                };
+                let (mut ctx, sessions) = self.ctx(now);
+                if let Some(s) = sessions.get_mut(&key) {
+                    if s.on_resp(&mut ctx, sender_index, receiver_index, &noise, from).is_err() {
+                        self.stats.handshake_failed += 1;
+                    }
+                    self.ready.insert(key);
+                }
+            }
+            Frame::Data { receiver_index, counter, .. } => {
+                let Some(key) = self.indices.get(&receiver_index).copied() else {
+                    self.stats.unknown_index += 1;
+                    return;
+                };
+                let (mut ctx, sessions) = self.ctx(now);
+                if let Some(s) = sessions.get_mut(&key) {
+                    let before = s.stats();
+                    if s.on_data(&mut ctx, receiver_index, counter, buf, from).is_err() {
+                        let after = s.stats();
+                        self.stats.auth_failed += after.auth_failed - before.auth_failed;
+                        self.stats.replayed += after.replayed - before.replayed;
+                    }
+                    self.ready.insert(key);
+                }
+            }
+        }
+    }
+
+    fn on_init(&mut self, now: Duration, from: SocketAddr, sender_index: u32, noise: &[u8]) {
+        let hello = match ResponderHello::read(&self.local, &self.psk, noise, &mut self.entropy) {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.handshake_failed += 1;
+                return;
+            }
+        };
+        let key = hello.remote;
+        if !self.sessions.contains_key(&key) {
+            match self.admission {
+                Admission::KnownPeers => {
+                    self.stats.unknown_key += 1;
+                    return;
+                }
+                Admission::AnyWithNetworkKey => self.add_peer(key, Some(from)),
+            }
+        }
+        let (mut ctx, sessions) = self.ctx(now);
+        let s = sessions.get_mut(&key).expect("added above");
+        if !s.on_init(&mut ctx, hello, sender_index, from) {
+            self.stats.init_refused += 1;
+        }
+        self.ready.insert(key);
+    }
+
+    /// Earliest time `handle_timeout` should run.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if !self.ready.is_empty() {
+            return Some(self.now);
+        }
+        self.sessions.values().filter_map(|s| s.poll_timeout()).min()
+    }
+
+    /// Run due timers of all sessions.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        let mut evs = Vec::new();
+        let (mut ctx, sessions) = self.ctx(now);
+        for (key, s) in sessions.iter_mut() {
+            if s.poll_timeout().is_some_and(|t| t <= now) {
+                s.handle_timeout(&mut ctx);
+            }
+            while let Some(e) = s.poll_event() {
+                evs.push((*key, e));
+            }
+        }
+        self.events.extend(evs);
+        self.ready.clear();
+    }
+
+    /// Next frame to send, written into `buf`; sessions take turns.
+    pub fn poll_transmit(&mut self, now: Duration, buf: &mut Vec<u8>) -> Option<SocketAddr> {
+        let n = self.sessions.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.rr.and_then(|k| self.sessions.range(k..).nth(1).map(|(k, _)| *k));
+        let keys: Vec<PublicKey> = match start {
+            Some(s) => self.sessions.range(s..).chain(self.sessions.range(..s)).map(|(k, _)| *k).collect(),
+            None => self.sessions.keys().copied().collect(),
+        };
+        for k in keys {
+            if let Some(to) = self.sessions.get_mut(&k).and_then(|s| s.poll_transmit(now, buf)) {
+                self.rr = Some(k);
+                return Some(to);
+            }
+        }
+        None
+    }
+
+    /// Next inner IP packet received, with the key of the peer it came from.
+    pub fn poll_rx(&mut self) -> Option<(PublicKey, Vec<u8>)> {
+        for (k, s) in self.sessions.iter_mut() {
+            if let Some(p) = s.poll_rx() {
+                return Some((*k, p));
+            }
+        }
+        None
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<(PublicKey, Event)> {
+        if self.events.is_empty() {
+            for (k, s) in self.sessions.iter_mut() {
+                while let Some(e) = s.poll_event() {
+                    self.events.push_back((*k, e));
+                }
+            }
+        }
+        self.events.pop_front()
+    }
+}
+
+/// The frame overhead a peer's TUN MTU must leave room for on a `path_mtu` path.
+pub fn tun_mtu_for(path_mtu: usize) -> usize {
+    SessionConfig { path_mtu, ..SessionConfig::default() }.tun_mtu()
+}
