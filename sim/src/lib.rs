@@ -1,1 +1,12 @@
-//! sim
+//! fastmesh simulation.
+//!
+//! * [`des`]: a discrete-event network that runs sans-IO nodes over seeded
+//!   impaired links in simulated time (fast, bit-for-bit reproducible).
+//! * [`traffic`]: self-checking inner packets.
+//! * [`turmoil_net`]: turmoil adapters for the transport traits, an in-memory
+//!   packet device, and a builder for N nodes over seeded impaired links.
+
+#![warn(missing_docs)]
+
+pub mod des;
+pub mod traffic;

@@ -570,7 +570,11 @@ impl Session {
     /// Start (or restart) a handshake now.
     pub fn start_handshake(&mut self, ctx: &mut Ctx) {
         self.wanted = true;
-        let Some(_) = self.endpoint else { return };
+        if self.endpoint.is_none() {
+            // Nowhere to send yet; try again later (the endpoint may be learned).
+            self.next_handshake = Some(ctx.now + self.cfg.handshake_retry);
+            return;
+        }
         if let Some(p) = self.pending_init.take() {
             ctx.indices.remove(&p.local_index);
         }
@@ -874,6 +878,16 @@ impl Session {
 
     // ---------------------------------------------------------------- timers
 
+    /// Timer state, for diagnosing a stuck driver.
+    pub fn debug_timers(&self) -> String {
+        format!(
+            "now {:?} dirty {} hs {:?} ping {:?} fb {:?} last_rx {:?} last_tx {:?} paced {} pacer {:?} convs {:?} expiry {:?}",
+            self.now, self.dirty, self.next_handshake, self.next_ping, self.next_feedback, self.last_rx, self.last_tx,
+            self.paced.len(), self.pacer.next_send(),
+            self.convs.iter().map(|(k, c)| (*k, c.next_update_ms)).collect::<Vec<_>>(), self.next_expiry
+        )
+    }
+
     /// When `handle_timeout` should next run.
     pub fn poll_timeout(&self) -> Option<Duration> {
         if self.dirty {
@@ -898,7 +912,7 @@ impl Session {
                 at(self.last_tx + self.cfg.keepalive);
             }
         }
-        if !self.paced.is_empty() {
+        if !self.paced.is_empty() && self.current.is_some() && self.endpoint.is_some() {
             at(self.pacer.next_send());
         }
         if !self.convs.is_empty() {
@@ -933,7 +947,7 @@ impl Session {
                 if dirty {
                     let _ = c.kcp.flush();
                 }
-                c.next_update_ms = c.kcp.check(now_ms);
+                c.next_update_ms = now_ms.wrapping_add(c.kcp.check(now_ms).max(1));
             }
         }
         self.collect_kcp(now);
