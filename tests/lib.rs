@@ -1,1 +1,45 @@
+//! Shared helpers for fastmesh's integration tests.
 
+use sim::des::Net;
+use sim::traffic::{self, Kind};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+use transport::wire::PublicKey;
+
+/// Overlay address of simulated node `i` (10.77.0.i+1).
+pub fn overlay(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, i as u8 + 1)
+}
+
+/// Schedule `n` tagged packets from host 0 to `to` over `span` from now: `tcp_flows`
+/// TCP flows and one UDP flow (every fourth packet), sizes cycling through
+/// 40..=1400 bytes driven by `seed`. Returns how many packets each TCP flow got.
+pub fn schedule_mixed(net: &mut Net, to: PublicKey, n: u32, span: Duration, tcp_flows: u16, seed: u64) -> BTreeMap<u16, u32> {
+    let mut counts: BTreeMap<u16, u32> = BTreeMap::new();
+    let mut udp_seq = 0u32;
+    let mut x = seed | 1;
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = 40 + (x % 1361) as usize;
+        let at = net.now() + span * i / n.max(1);
+        let pkt = if i % 4 == 3 {
+            udp_seq += 1;
+            traffic::packet(overlay(0), overlay(1), Kind::Udp, 1000, udp_seq - 1, len)
+        } else {
+            let flow = (x >> 20) as u16 % tcp_flows;
+            let seq = counts.entry(flow).or_insert(0);
+            *seq += 1;
+            traffic::packet(overlay(0), overlay(1), Kind::Tcp, flow, *seq - 1, len)
+        };
+        net.send_at(at, 0, to, pkt);
+    }
+    counts
+}
+
+/// The packets host `i` delivered.
+pub fn delivered(net: &Net, i: usize) -> Vec<Vec<u8>> {
+    net.node(i).rx.iter().map(|d| d.pkt.clone()).collect()
+}

@@ -374,8 +374,23 @@ impl Net {
 }
 
 /// Two peers that know each other, on `spec` links both ways, at 10.0.0.1 and
-/// 10.0.0.2 port 4000. Returns the net and the two keys.
+/// 10.0.0.2 port 4000, with a session already established (host 0 initiated).
+/// Returns the net and the two keys.
 pub fn pair(seed: u64, cfg: NodeConfig, spec: LinkSpec) -> (Net, PublicKey, PublicKey) {
+    let (mut net, ka, kb) = pair_idle(seed, cfg, spec);
+    net.node_mut(0).node.connect(Duration::ZERO, &kb).expect("known peer");
+    let limit = Duration::from_secs(120);
+    while net.now() < limit
+        && !(net.node(0).node.session(&kb).is_some_and(|s| s.is_established())
+            && net.node(1).node.session(&ka).is_some_and(|s| s.is_established()))
+    {
+        net.run_for(Duration::from_millis(10));
+    }
+    (net, ka, kb)
+}
+
+/// Like [`pair`] but without starting a handshake.
+pub fn pair_idle(seed: u64, cfg: NodeConfig, spec: LinkSpec) -> (Net, PublicKey, PublicKey) {
     let mut net = Net::new(seed, spec);
     let a_addr: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
     let b_addr: SocketAddr = "10.0.0.2:4000".parse().expect("addr");

@@ -1,0 +1,43 @@
+//! Delivery over lossy, long links (simulated time).
+
+use fastmesh_tests::{delivered, schedule_mixed};
+use proptest::prelude::*;
+use sim::des::pair;
+use sim::traffic;
+use std::time::Duration;
+use transport::impair::LinkSpec;
+use transport::NodeConfig;
+
+#[test]
+fn ten_thousand_packets_over_20_percent_loss_and_200ms_rtt() {
+    let spec = LinkSpec::latency(Duration::from_millis(100)).with_loss(0.20);
+    let (mut net, _ka, kb) = pair(7, NodeConfig::default(), spec);
+    let expect = schedule_mixed(&mut net, kb, 10_000, Duration::from_secs(20), 8, 7);
+    net.run_for(Duration::from_secs(60));
+    let s = traffic::verify(delivered(&net, 1), &expect).expect("tcp complete and in order, nothing corrupt");
+    assert_eq!(s.tcp, expect.values().map(|&n| n as u64).sum::<u64>());
+    // UDP rides as datagrams: about 80% arrive, none twice (verify checks duplicates).
+    assert!(s.udp > 2500 * 70 / 100 && s.udp < 2500 * 90 / 100, "udp delivered {}", s.udp);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn any_lossy_link_delivers_tcp_complete_in_order(
+        seed in any::<u64>(),
+        loss in 0.0f64..0.30,
+        latency_ms in 0u64..300,
+        jitter_ms in 0u64..40,
+        flows in 1u16..6,
+    ) {
+        let spec = LinkSpec::latency(Duration::from_millis(latency_ms))
+            .with_loss(loss)
+            .with_jitter(Duration::from_millis(jitter_ms));
+        let (mut net, _ka, kb) = pair(seed, NodeConfig::default(), spec);
+        let expect = schedule_mixed(&mut net, kb, 400, Duration::from_secs(2), flows, seed);
+        net.run_for(Duration::from_secs(60));
+        let r = traffic::verify(delivered(&net, 1), &expect);
+        prop_assert!(r.is_ok(), "{:?}", r);
+    }
+}
