@@ -216,6 +216,10 @@ impl RateControl {
         let r = match self.phase {
             // In startup never pace below the initial rate.
             Phase::Startup => (base * self.gain()).max(self.initial_rate),
+            // Draining only makes sense when there is a queue to drain; on an
+            // uncongested path pacing below the estimate would build a queue
+            // in the sender instead.
+            _ if !self.queueing() => base * self.gain().max(1.0),
             _ => base * self.gain(),
         };
         r.clamp(16_000.0, self.max_rate * 1.25)

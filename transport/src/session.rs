@@ -288,7 +288,11 @@ pub struct Session {
     wanted: bool,
     pending: VecDeque<Vec<u8>>,
     urgent: VecDeque<Out>,
-    paced: VecDeque<Vec<u8>>,
+    /// KCP output carrying data, per conversation, served round-robin so a
+    /// bulk flow's queue never delays another flow's packets.
+    paced: BTreeMap<u32, VecDeque<Vec<u8>>>,
+    paced_len: usize,
+    paced_last: u32,
     rx: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     sink: KcpSink,
@@ -334,7 +338,9 @@ impl Session {
             wanted: false,
             pending: VecDeque::new(),
             urgent: VecDeque::new(),
-            paced: VecDeque::new(),
+            paced: BTreeMap::new(),
+            paced_len: 0,
+            paced_last: 0,
             rx: VecDeque::new(),
             events: VecDeque::new(),
             sink: KcpSink::default(),
@@ -401,7 +407,7 @@ impl Session {
 
     /// KCP segments waiting (queued or unacknowledged) over all conversations.
     pub fn kcp_backlog(&self) -> usize {
-        self.convs.values().map(|c| c.kcp.wait_snd()).sum::<usize>() + self.paced.len()
+        self.convs.values().map(|c| c.kcp.wait_snd()).sum::<usize>() + self.paced_len
     }
 
     /// Local indices this session holds (for the node's index map).
@@ -661,6 +667,7 @@ impl Session {
         self.convs.clear();
         self.flows.clear();
         self.paced.clear();
+        self.paced_len = 0;
         self.tombstones.clear();
         self.tombstone_set.clear();
         if let Ok(mut s) = self.sink.0.lock() {
@@ -883,7 +890,7 @@ impl Session {
         format!(
             "now {:?} dirty {} hs {:?} ping {:?} fb {:?} last_rx {:?} last_tx {:?} paced {} pacer {:?} convs {:?} expiry {:?}",
             self.now, self.dirty, self.next_handshake, self.next_ping, self.next_feedback, self.last_rx, self.last_tx,
-            self.paced.len(), self.pacer.next_send(),
+            self.paced_len, self.pacer.next_send(),
             self.convs.iter().map(|(k, c)| (*k, c.next_update_ms)).collect::<Vec<_>>(), self.next_expiry
         )
     }
@@ -912,7 +919,7 @@ impl Session {
                 at(self.last_tx + self.cfg.keepalive);
             }
         }
-        if !self.paced.is_empty() && self.current.is_some() && self.endpoint.is_some() {
+        if self.paced_len > 0 && self.current.is_some() && self.endpoint.is_some() {
             at(self.pacer.next_send());
         }
         if !self.convs.is_empty() {
@@ -1005,7 +1012,9 @@ impl Session {
         for pkt in out {
             if carries_data(&pkt[1..]) {
                 self.last_kcp_tx = now;
-                self.paced.push_back(pkt);
+                let conv = kcp::get_conv(&pkt[1..]);
+                self.paced.entry(conv).or_default().push_back(pkt);
+                self.paced_len += 1;
             } else {
                 self.urgent.push_back(Out::Plain(pkt));
             }
@@ -1028,8 +1037,8 @@ impl Session {
                     }
                     Out::Plain(p) => p,
                 }
-            } else if !self.paced.is_empty() && self.pacer.ready(now) && self.current.is_some() {
-                let p = self.paced.pop_front().expect("non-empty");
+            } else if self.paced_len > 0 && self.pacer.ready(now) && self.current.is_some() {
+                let p = self.pop_paced();
                 let rate = self.cc.pacing_rate();
                 self.pacer.on_send(now, p.len() + wire::DATA_OVERHEAD, rate);
                 p
@@ -1041,6 +1050,24 @@ impl Session {
                 return Some(to);
             }
         }
+    }
+
+    fn pop_paced(&mut self) -> Vec<u8> {
+        let key = self
+            .paced
+            .range(self.paced_last.wrapping_add(1)..)
+            .next()
+            .or_else(|| self.paced.iter().next())
+            .map(|(k, _)| *k)
+            .expect("paced_len > 0");
+        let q = self.paced.get_mut(&key).expect("key from map");
+        let p = q.pop_front().expect("queues in the map are non-empty");
+        if q.is_empty() {
+            self.paced.remove(&key);
+        }
+        self.paced_len -= 1;
+        self.paced_last = key;
+        p
     }
 
     fn count_tx(&mut self, now: Duration, n: usize) {
