@@ -8,5 +8,6 @@
 
 #![warn(missing_docs)]
 
+pub mod bulk;
 pub mod des;
 pub mod traffic;

@@ -12,9 +12,12 @@
 //!
 //! Outbound, an inner TCP packet goes into the KCP conversation of its flow
 //! (one conversation per 5-tuple, so a lost segment stalls only its own flow);
-//! anything else goes out at once as an encrypted datagram. KCP output that
-//! carries data leaves through the pacer at the rate the [`RateControl`] allows;
-//! datagrams, acks and control frames are never queued behind it.
+//! anything else goes out at once as an encrypted datagram. Packets for KCP wait
+//! in their conversation's queue and enter KCP only as the pacer (at the rate the
+//! [`RateControl`] allows) and the inflight cap permit, conversations taking
+//! turns; KCP output carrying data (including retransmissions) is released by
+//! the same pacer. Datagrams, acks and control frames are never queued behind it;
+//! acks wait at most [`ACK_DELAY`] so that they share frames.
 
 use crate::cc::{Pacer, RateControl, Report};
 use crate::crypto::{CryptoError, EntropySource, InitiatorHandshake, ReplayWindow, ResponderHello, SessionKeys, StaticKeypair};
@@ -210,6 +213,10 @@ impl std::io::Write for KcpSink {
 
 struct Conv {
     kcp: Kcp<KcpSink>,
+    /// Inner packets waiting for the pacer before they enter KCP.
+    queue: VecDeque<Vec<u8>>,
+    /// Acks owed since this time (sent within [`ACK_DELAY`] so they batch).
+    ack_owed: Option<Duration>,
     last_active: Duration,
     next_update_ms: u32,
 }
@@ -240,6 +247,8 @@ pub const CONV_CONTROL: u32 = 0;
 /// Conversation id shared by non-TCP traffic in all-KCP mode and by flows past the limit.
 pub const CONV_SHARED: u32 = 1;
 const TOMBSTONES: usize = 1024;
+/// Longest an ack waits so that acks for a burst of segments share one frame.
+pub const ACK_DELAY: Duration = Duration::from_millis(4);
 
 /// What a session needs from its node for one call.
 pub struct Ctx<'a> {
@@ -288,11 +297,16 @@ pub struct Session {
     wanted: bool,
     pending: VecDeque<Vec<u8>>,
     urgent: VecDeque<Out>,
-    /// KCP output carrying data, per conversation, served round-robin so a
-    /// bulk flow's queue never delays another flow's packets.
+    /// Packets waiting in conversation queues (sum of `Conv::queue` lengths).
+    queued: usize,
+    /// KCP output carrying data (new or retransmitted), per conversation,
+    /// released by the pacer round-robin across conversations.
     paced: BTreeMap<u32, VecDeque<Vec<u8>>>,
     paced_len: usize,
     paced_last: u32,
+    /// Last conversation served by the pacer; queues are served round-robin
+    /// so a bulk flow's backlog never delays another flow's packets.
+    rr_conv: u32,
     rx: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     sink: KcpSink,
@@ -338,9 +352,11 @@ impl Session {
             wanted: false,
             pending: VecDeque::new(),
             urgent: VecDeque::new(),
+            queued: 0,
             paced: BTreeMap::new(),
             paced_len: 0,
             paced_last: 0,
+            rr_conv: 0,
             rx: VecDeque::new(),
             events: VecDeque::new(),
             sink: KcpSink::default(),
@@ -407,7 +423,7 @@ impl Session {
 
     /// KCP segments waiting (queued or unacknowledged) over all conversations.
     pub fn kcp_backlog(&self) -> usize {
-        self.convs.values().map(|c| c.kcp.wait_snd()).sum::<usize>() + self.paced_len
+        self.convs.values().map(|c| c.kcp.wait_snd()).sum::<usize>() + self.queued + self.paced_len
     }
 
     /// Local indices this session holds (for the node's index map).
@@ -468,15 +484,13 @@ impl Session {
             Some(id) => {
                 let max_backlog = self.cfg.max_backlog;
                 let c = self.conv(now, id);
-                if c.kcp.wait_snd() >= max_backlog {
+                if c.queue.len() >= max_backlog {
                     self.stats.backlog_dropped += 1;
                     return;
                 }
-                if c.kcp.send(pkt).is_err() {
-                    self.stats.malformed += 1;
-                    return;
-                }
+                c.queue.push_back(pkt.to_vec());
                 c.last_active = now;
+                self.queued += 1;
                 self.dirty = true;
             }
         }
@@ -518,7 +532,9 @@ impl Session {
     }
 
     fn close_conv(&mut self, id: u32) {
-        self.convs.remove(&id);
+        if let Some(c) = self.convs.remove(&id) {
+            self.queued -= c.queue.len();
+        }
         self.flows.retain(|_, c| *c != id);
         if id > CONV_SHARED && self.tombstone_set.insert(id) {
             self.tombstones.push_back(id);
@@ -539,11 +555,12 @@ impl Session {
             kcp.set_nodelay(nodelay, interval as i32, resend as i32, true);
             kcp.set_rx_minrto(min_rto);
             let _ = kcp.set_mtu(cfg.plain_budget() - 1);
-            kcp.set_wndsize(64, cfg.rcv_wnd);
+            // The controller limits inflight (`window_full`); KCP only by the receiver.
+            kcp.set_wndsize(cfg.rcv_wnd, cfg.rcv_wnd);
             kcp.set_maximum_resend_times(u32::MAX);
             let ms = now.as_millis() as u32;
             let _ = kcp.update(ms);
-            Conv { kcp, last_active: now, next_update_ms: ms }
+            Conv { kcp, queue: VecDeque::new(), ack_owed: None, last_active: now, next_update_ms: ms }
         })
     }
 
@@ -666,6 +683,7 @@ impl Session {
     fn reset_convs(&mut self) {
         self.convs.clear();
         self.flows.clear();
+        self.queued = 0;
         self.paced.clear();
         self.paced_len = 0;
         self.tombstones.clear();
@@ -827,6 +845,7 @@ impl Session {
         }
         let c = self.conv(now, id);
         c.last_active = now;
+        c.ack_owed.get_or_insert(now);
         let bad_input = c.kcp.input(segs).is_err();
         let mut msgs = Vec::new();
         while let Ok(n) = c.kcp.peeksize() {
@@ -839,7 +858,6 @@ impl Session {
                 Err(_) => break,
             }
         }
-        self.dirty = true;
         if bad_input {
             self.stats.malformed += 1;
         }
@@ -885,12 +903,17 @@ impl Session {
 
     // ---------------------------------------------------------------- timers
 
+    /// The rate controller (read-only, for diagnostics and benchmarks).
+    pub fn rate_control(&self) -> &RateControl {
+        &self.cc
+    }
+
     /// Timer state, for diagnosing a stuck driver.
     pub fn debug_timers(&self) -> String {
         format!(
-            "now {:?} dirty {} hs {:?} ping {:?} fb {:?} last_rx {:?} last_tx {:?} paced {} pacer {:?} convs {:?} expiry {:?}",
+            "now {:?} dirty {} hs {:?} ping {:?} fb {:?} last_rx {:?} last_tx {:?} queued {} pacer {:?} convs {:?} expiry {:?}",
             self.now, self.dirty, self.next_handshake, self.next_ping, self.next_feedback, self.last_rx, self.last_tx,
-            self.paced_len, self.pacer.next_send(),
+            self.queued, self.pacer.next_send(),
             self.convs.iter().map(|(k, c)| (*k, c.next_update_ms)).collect::<Vec<_>>(), self.next_expiry
         )
     }
@@ -919,7 +942,10 @@ impl Session {
                 at(self.last_tx + self.cfg.keepalive);
             }
         }
-        if self.paced_len > 0 && self.current.is_some() && self.endpoint.is_some() {
+        if (self.paced_len > 0 || (self.queued > 0 && self.next_admissible().is_some()))
+            && self.current.is_some()
+            && self.endpoint.is_some()
+        {
             at(self.pacer.next_send());
         }
         if !self.convs.is_empty() {
@@ -930,6 +956,11 @@ impl Session {
                 at(Duration::from_millis((base as i64 + d.max(0) as i64) as u64));
             }
             at(self.next_expiry);
+            for c in self.convs.values() {
+                if let Some(a) = c.ack_owed {
+                    at(a + ACK_DELAY);
+                }
+            }
         }
         t
     }
@@ -939,21 +970,19 @@ impl Session {
         let now = ctx.now;
         self.now = now;
         let now_ms = now.as_millis() as u32;
-        // KCP window from the controller: 2 BDP split across busy conversations.
-        let mss = (self.cfg.plain_budget() - 1 - kcp::KCP_OVERHEAD) as f64;
-        let busy = self.convs.values().filter(|c| c.kcp.wait_snd() > 0).count().max(1) as f64;
-        let wnd = (self.cc.inflight_cap() / mss / busy).clamp(16.0, self.cfg.rcv_wnd as f64) as u16;
         let dirty = std::mem::take(&mut self.dirty);
-        for c in self.convs.values_mut() {
+        let admitted = self.admit(now);
+        for (id, c) in self.convs.iter_mut() {
             let due = (now_ms.wrapping_sub(c.next_update_ms) as i32) >= 0;
-            if due || dirty {
-                if c.kcp.snd_wnd() != wnd {
-                    c.kcp.set_wndsize(wnd, 0);
-                }
+            let fresh = admitted.contains(id);
+            let acks = c.ack_owed.is_some_and(|a| now >= a + ACK_DELAY);
+            let fresh = fresh || (dirty && *id == CONV_CONTROL);
+            if due || fresh || acks {
                 let _ = c.kcp.update(now_ms);
-                if dirty {
+                if fresh || acks {
                     let _ = c.kcp.flush();
                 }
+                c.ack_owed = None;
                 c.next_update_ms = now_ms.wrapping_add(c.kcp.check(now_ms).max(1));
             }
         }
@@ -1004,6 +1033,55 @@ impl Session {
         }
     }
 
+    /// The conversation that may send next: round-robin over those with queued
+    /// packets, each allowed while the total inflight is under the controller's
+    /// cap or its own inflight is under its fair share (so a flow stuck on
+    /// losses cannot take the whole window from the others).
+    fn next_admissible(&self) -> Option<u32> {
+        let mss = (self.cfg.plain_budget() - 1 - kcp::KCP_OVERHEAD) as f64;
+        let cap = (self.cc.inflight_cap() / mss).max(16.0);
+        let total: usize = self.convs.values().map(|c| c.kcp.wait_snd()).sum();
+        let busy = self.convs.values().filter(|c| !c.queue.is_empty() || c.kcp.wait_snd() > 0).count().max(1);
+        let share = (cap / busy as f64).max(4.0);
+        self.convs
+            .range(self.rr_conv.wrapping_add(1)..)
+            .chain(self.convs.range(..=self.rr_conv))
+            .find(|(id, c)| {
+                !c.queue.is_empty()
+                    && !self.paced.contains_key(id)
+                    && ((total as f64) < cap || (c.kcp.wait_snd() as f64) < share)
+            })
+            .map(|(id, _)| *id)
+    }
+
+    /// Move queued packets into KCP as the pacer and the window allow, one
+    /// conversation after another. Returns the conversations that got data.
+    fn admit(&mut self, now: Duration) -> BTreeSet<u32> {
+        let mut touched = BTreeSet::new();
+        if self.current.is_none() {
+            return touched;
+        }
+        let rate = self.cc.pacing_rate();
+        // A conversation with output still waiting for the pacer is skipped
+        // (`next_admissible`), so retransmissions go before its new data,
+        // while other conversations are not held back by them.
+        let mut budget = self.pacer.budget(now, rate);
+        while self.queued > 0 && budget > 0.0 {
+            let Some(id) = self.next_admissible() else { break };
+            let c = self.convs.get_mut(&id).expect("found above");
+            let pkt = c.queue.pop_front().expect("non-empty");
+            self.queued -= 1;
+            self.rr_conv = id;
+            if c.kcp.send(&pkt).is_err() {
+                self.stats.malformed += 1;
+                continue;
+            }
+            budget -= (pkt.len() + 1 + kcp::KCP_OVERHEAD + wire::DATA_OVERHEAD) as f64;
+            touched.insert(id);
+        }
+        touched
+    }
+
     fn collect_kcp(&mut self, now: Duration) {
         let out = match self.sink.0.lock() {
             Ok(mut s) => std::mem::take(&mut *s),
@@ -1035,12 +1113,17 @@ impl Session {
                         self.count_tx(now, buf.len());
                         return Some(to);
                     }
-                    Out::Plain(p) => p,
+                    Out::Plain(p) => {
+                        if p.first() == Some(&(Inner::Ip as u8)) {
+                            // Datagrams never wait, but they use the path, so KCP yields.
+                            self.pacer.on_send(now, p.len() + wire::DATA_OVERHEAD, self.cc.pacing_rate());
+                        }
+                        p
+                    }
                 }
             } else if self.paced_len > 0 && self.pacer.ready(now) && self.current.is_some() {
                 let p = self.pop_paced();
-                let rate = self.cc.pacing_rate();
-                self.pacer.on_send(now, p.len() + wire::DATA_OVERHEAD, rate);
+                self.pacer.on_send(now, p.len() + wire::DATA_OVERHEAD, self.cc.pacing_rate());
                 p
             } else {
                 return None;
