@@ -228,6 +228,44 @@ pub fn write_resp_header(out: &mut [u8], sender_index: u32, receiver_index: u32)
 /// Largest encoded control message accepted or produced.
 pub const CONTROL_CAP: usize = 16 * 1024;
 
+/// Most peers in one [`Control::PeerMapDelta`] (larger maps are sent in several).
+pub const MAX_UPSERTS: usize = 64;
+/// Most removals in one delta.
+pub const MAX_REMOVALS: usize = 256;
+/// Most addresses or endpoints in one list.
+pub const MAX_ADDRS: usize = 8;
+
+/// Deserialize a list of at most `N` items without trusting the declared length:
+/// the vector grows as items actually decode, so a forged length prefix cannot
+/// make the decoder allocate.
+fn bounded<'de, D, T, const N: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T, const N: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for V<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {N} items")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<T>, A::Error> {
+            if a.size_hint().is_some_and(|n| n > N) {
+                return Err(serde::de::Error::invalid_length(a.size_hint().unwrap_or(0), &self));
+            }
+            let mut v = Vec::new();
+            while let Some(x) = a.next_element()? {
+                if v.len() == N {
+                    return Err(serde::de::Error::invalid_length(N + 1, &self));
+                }
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(V::<T, N>(std::marker::PhantomData))
+}
+
 /// A node's long-term X25519 public key.
 pub type PublicKey = [u8; 32];
 
@@ -246,8 +284,10 @@ pub struct PeerInfo {
     /// The member's long-term public key.
     pub key: PublicKey,
     /// Overlay addresses owned by the member (IPv4 and/or IPv6).
+    #[serde(deserialize_with = "bounded::<_, _, MAX_ADDRS>")]
     pub overlay: Vec<IpNet>,
     /// UDP endpoints: the one the hub observed first, then the member's own candidates.
+    #[serde(deserialize_with = "bounded::<_, _, MAX_ADDRS>")]
     pub endpoints: Vec<SocketAddr>,
     /// Free-form name for status displays.
     pub name: String,
@@ -272,8 +312,10 @@ pub enum Control {
     /// Peer → hub: join or refresh membership.
     Register {
         /// Overlay addresses the node claims.
+        #[serde(deserialize_with = "bounded::<_, _, MAX_ADDRS>")]
         overlay: Vec<IpNet>,
         /// Local candidate endpoints (for hole punching).
+        #[serde(deserialize_with = "bounded::<_, _, MAX_ADDRS>")]
         local_endpoints: Vec<SocketAddr>,
         /// Display name.
         name: String,
@@ -300,9 +342,11 @@ pub enum Control {
         from_version: u64,
         /// Version after applying.
         to_version: u64,
-        /// Members added or changed.
+        /// Members added or changed (at most [`MAX_UPSERTS`]).
+        #[serde(deserialize_with = "bounded::<_, _, MAX_UPSERTS>")]
         upserts: Vec<PeerInfo>,
-        /// Members removed.
+        /// Members removed (at most [`MAX_REMOVALS`]).
+        #[serde(deserialize_with = "bounded::<_, _, MAX_REMOVALS>")]
         removals: Vec<PublicKey>,
     },
     /// Peer → hub or peer → peer: liveness, with the sender's peer-map version.
@@ -329,6 +373,7 @@ pub enum Control {
         /// Key of the other side.
         peer: PublicKey,
         /// Candidate endpoints to try, best first.
+        #[serde(deserialize_with = "bounded::<_, _, MAX_ADDRS>")]
         candidates: Vec<SocketAddr>,
     },
     /// RTT probe; the receiver echoes `ts_us` in a [`Control::Pong`].
@@ -398,8 +443,10 @@ impl Control {
         Ok(v)
     }
 
-    /// Decode untrusted bytes. Inputs above the cap are refused before parsing, and
-    /// decoding from a slice never allocates more than the input could describe.
+    /// Decode untrusted bytes. Inputs above the cap are refused before parsing;
+    /// lists are bounded ([`MAX_UPSERTS`], [`MAX_REMOVALS`], [`MAX_ADDRS`]) and
+    /// grow only as items decode, and strings are at most as long as the input,
+    /// so no allocation exceeds [`CONTROL_CAP`].
     pub fn decode(b: &[u8]) -> Result<Control, ControlError> {
         if b.len() > CONTROL_CAP {
             return Err(ControlError::TooLarge(b.len()));
@@ -452,6 +499,20 @@ mod tests {
             Frame::parse(&r),
             Ok(Frame::HandshakeResp { sender_index: 6, receiver_index: 7, .. })
         ));
+    }
+
+    #[test]
+    fn list_limits_just_inside_and_just_past() {
+        let delta = |n: usize| Control::PeerMapDelta {
+            from_version: 1,
+            to_version: 2,
+            upserts: Vec::new(),
+            removals: vec![[7u8; 32]; n],
+        };
+        let ok = delta(MAX_REMOVALS).encode().unwrap();
+        assert_eq!(Control::decode(&ok).unwrap(), delta(MAX_REMOVALS));
+        let past = delta(MAX_REMOVALS + 1).encode().unwrap();
+        assert!(matches!(Control::decode(&past), Err(ControlError::Decode(_))));
     }
 
     #[test]
