@@ -11,3 +11,4 @@
 pub mod bulk;
 pub mod des;
 pub mod traffic;
+pub mod turmoil_net;

@@ -1,0 +1,246 @@
+//! turmoil adapters: the transport traits over turmoil sockets, an in-memory
+//! packet device, a small async driver for a [`Node`], and a builder that puts
+//! N nodes on a turmoil network with seeded per-link impairments.
+//!
+//! turmoil provides simulated time, hosts, partitions and crashes; per-packet
+//! loss, jitter and bottlenecks come from [`Impaired`] (turmoil's `fail_rate`
+//! cuts whole links in bursts, it is not per-packet loss).
+
+use crate::des::SIM_PSK;
+use blake2::{Blake2b512, Digest};
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use transport::crypto::{EntropySource, StaticKeypair};
+use transport::impair::LinkSpec;
+use transport::wire::PublicKey;
+use transport::{Datagram, Impaired, Node, NodeConfig, PacketDevice};
+
+/// A turmoil UDP socket as a [`Datagram`].
+pub struct TurmoilUdp(pub turmoil::net::UdpSocket);
+
+impl Datagram for TurmoilUdp {
+    fn send_to(&self, buf: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send {
+        self.0.send_to(buf, to)
+    }
+    fn recv_from(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+        self.0.recv_from(buf)
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// An in-memory TUN device: the test writes packets "from applications" into
+/// `apps`, and reads what the node delivered from `delivered`.
+pub struct MemTun {
+    from_apps: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    to_apps: mpsc::Sender<Vec<u8>>,
+}
+
+/// The application side of a [`MemTun`].
+pub struct MemTunHandle {
+    /// Send packets into the device (as if an application wrote them).
+    pub apps: mpsc::Sender<Vec<u8>>,
+    /// Packets the node wrote to the device.
+    pub delivered: mpsc::Receiver<Vec<u8>>,
+}
+
+impl MemTun {
+    /// A device and its application-side handle.
+    pub fn new(capacity: usize) -> (MemTun, MemTunHandle) {
+        let (a_tx, a_rx) = mpsc::channel(capacity);
+        let (d_tx, d_rx) = mpsc::channel(capacity);
+        (MemTun { from_apps: tokio::sync::Mutex::new(a_rx), to_apps: d_tx }, MemTunHandle { apps: a_tx, delivered: d_rx })
+    }
+}
+
+impl PacketDevice for MemTun {
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
+        async move {
+            let p = self.from_apps.lock().await.recv().await.ok_or(io::ErrorKind::BrokenPipe)?;
+            let n = p.len().min(buf.len());
+            buf[..n].copy_from_slice(&p[..n]);
+            Ok(n)
+        }
+    }
+    fn send(&self, pkt: &[u8]) -> impl Future<Output = io::Result<usize>> + Send {
+        async move {
+            self.to_apps.send(pkt.to_vec()).await.map_err(|_| io::ErrorKind::BrokenPipe)?;
+            Ok(pkt.len())
+        }
+    }
+}
+
+/// Record of what a driver delivered, folded into a digest.
+#[derive(Default)]
+pub struct Trace {
+    h: Option<Blake2b512>,
+    /// Packets delivered.
+    pub delivered: u64,
+}
+
+impl Trace {
+    fn add(&mut self, now: Duration, host: &str, pkt: &[u8]) {
+        let h = self.h.get_or_insert_with(Blake2b512::new);
+        h.update((now.as_micros() as u64).to_le_bytes());
+        h.update(host.as_bytes());
+        h.update(pkt);
+        self.delivered += 1;
+    }
+
+    /// Digest of all deliveries so far.
+    pub fn digest(&self) -> [u8; 32] {
+        let d = self.h.clone().unwrap_or_default().finalize();
+        let mut o = [0u8; 32];
+        o.copy_from_slice(&d[..32]);
+        o
+    }
+}
+
+/// Drive `node` over `sock` and `dev` until the device closes: inner packets
+/// read from `dev` go to the peer whose overlay address matches their
+/// destination (`routes`); packets the node delivers go to `dev`.
+pub async fn drive<D: Datagram, P: PacketDevice>(
+    mut node: Node,
+    sock: D,
+    dev: P,
+    routes: Vec<(IpAddr, PublicKey)>,
+    host: String,
+    trace: Arc<Mutex<Trace>>,
+) -> io::Result<()> {
+    let epoch = tokio::time::Instant::now();
+    let mut buf = Vec::with_capacity(2048);
+    let mut rbuf = vec![0u8; 65_536];
+    let mut tbuf = vec![0u8; 65_536];
+    loop {
+        let now = epoch.elapsed();
+        if node.poll_timeout().is_some_and(|t| t <= now) {
+            node.handle_timeout(now);
+        }
+        while let Some(to) = node.poll_transmit(now, &mut buf) {
+            sock.send_to(&buf, to).await?;
+        }
+        while let Some((_k, p)) = node.poll_rx() {
+            if let Ok(mut t) = trace.lock() {
+                t.add(now, &host, &p);
+            }
+            dev.send(&p).await?;
+        }
+        let deadline = node.poll_timeout().map(|t| epoch + t.max(now));
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            r = sock.recv_from(&mut rbuf) => {
+                let (n, from) = r?;
+                node.handle_datagram(epoch.elapsed(), from, &mut rbuf[..n]);
+            }
+            r = dev.recv(&mut tbuf) => {
+                let n = match r { Ok(n) => n, Err(_) => return Ok(()) };
+                if let Some(info) = transport::ip::parse(&tbuf[..n]) {
+                    if let Some((_, k)) = routes.iter().find(|(a, _)| *a == info.dst) {
+                        let _ = node.send_ip(epoch.elapsed(), k, &tbuf[..n]);
+                    }
+                }
+            }
+            _ = sleep => {}
+        }
+    }
+}
+
+/// One node of a [`Mesh`].
+pub struct MeshNode {
+    /// turmoil host name.
+    pub host: String,
+    /// Overlay address.
+    pub overlay: IpAddr,
+    /// Key seed (the key pair is derived from it).
+    pub key_seed: u64,
+}
+
+/// N nodes that all know each other, on a turmoil network whose links impair
+/// per packet with `spec` (seeded).
+pub struct Mesh {
+    /// The nodes.
+    pub nodes: Vec<MeshNode>,
+    /// Impairment applied to every datagram a node receives.
+    pub spec: LinkSpec,
+    /// Seed for impairments and handshakes.
+    pub seed: u64,
+    /// Trace of deliveries on all hosts.
+    pub trace: Arc<Mutex<Trace>>,
+}
+
+/// UDP port every mesh node listens on.
+pub const PORT: u16 = 4000;
+
+impl Mesh {
+    /// `n` nodes named `node0..` with overlay addresses 10.77.0.1.. .
+    pub fn new(n: usize, spec: LinkSpec, seed: u64) -> Mesh {
+        let nodes = (0..n)
+            .map(|i| MeshNode {
+                host: format!("node{i}"),
+                overlay: IpAddr::from([10, 77, 0, i as u8 + 1]),
+                key_seed: i as u64 + 1,
+            })
+            .collect();
+        Mesh { nodes, spec, seed, trace: Arc::default() }
+    }
+
+    /// Register every node as a turmoil host. `devices[i]` becomes node i's TUN.
+    pub fn build(&self, sim: &mut turmoil::Sim<'_>, devices: Vec<MemTun>) {
+        let keys: Vec<PublicKey> = self.nodes.iter().map(|n| StaticKeypair::from_seed(n.key_seed).public).collect();
+        let devices: Vec<Arc<Mutex<Option<MemTun>>>> = devices.into_iter().map(|d| Arc::new(Mutex::new(Some(d)))).collect();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let host = n.host.clone();
+            let spec = self.spec.clone();
+            let seed = self.seed.wrapping_add(i as u64);
+            let key_seed = n.key_seed;
+            let peers: Vec<(String, IpAddr, PublicKey)> = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, m)| (m.host.clone(), m.overlay, keys[j]))
+                .collect();
+            let dev = devices[i].clone();
+            let trace = self.trace.clone();
+            sim.host(host.clone(), move || {
+                let host = host.clone();
+                let spec = spec.clone();
+                let peers = peers.clone();
+                let dev = dev.clone();
+                let trace = trace.clone();
+                async move {
+                    let sock = turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), PORT)).await?;
+                    let sock = Impaired::new(TurmoilUdp(sock), spec, seed);
+                    let mut node = Node::new(
+                        NodeConfig::default(),
+                        StaticKeypair::from_seed(key_seed),
+                        SIM_PSK,
+                        1_700_000_000_000,
+                        EntropySource::seeded(seed),
+                    );
+                    let mut routes = Vec::new();
+                    for (h, ov, k) in peers {
+                        node.add_peer(k, Some(SocketAddr::new(turmoil::lookup(h.as_str()), PORT)));
+                        routes.push((ov, k));
+                    }
+                    let Some(dev) = dev.lock().ok().and_then(|mut d| d.take()) else {
+                        return Err("device already taken (host restarted)".into());
+                    };
+                    drive(node, sock, dev, routes, host, trace).await?;
+                    Ok(())
+                }
+            });
+        }
+    }
+}
