@@ -299,6 +299,8 @@ pub struct Session {
     urgent: VecDeque<Out>,
     /// Packets waiting in conversation queues (sum of `Conv::queue` lengths).
     queued: usize,
+    /// Running average size of packets admitted into KCP (bytes, for the inflight cap).
+    avg_seg: f64,
     /// KCP output carrying data (new or retransmitted), per conversation,
     /// released by the pacer round-robin across conversations.
     paced: BTreeMap<u32, VecDeque<Vec<u8>>>,
@@ -353,6 +355,7 @@ impl Session {
             pending: VecDeque::new(),
             urgent: VecDeque::new(),
             queued: 0,
+            avg_seg: 1000.0,
             paced: BTreeMap::new(),
             paced_len: 0,
             paced_last: 0,
@@ -1038,8 +1041,9 @@ impl Session {
     /// cap or its own inflight is under its fair share (so a flow stuck on
     /// losses cannot take the whole window from the others).
     fn next_admissible(&self) -> Option<u32> {
-        let mss = (self.cfg.plain_budget() - 1 - kcp::KCP_OVERHEAD) as f64;
-        let cap = (self.cc.inflight_cap() / mss).max(16.0);
+        // The cap is in bytes; KCP counts segments, so convert with the
+        // average size of what was admitted (small packets => more segments).
+        let cap = (self.cc.inflight_cap() / self.avg_seg).max(32.0);
         let total: usize = self.convs.values().map(|c| c.kcp.wait_snd()).sum();
         let busy = self.convs.values().filter(|c| !c.queue.is_empty() || c.kcp.wait_snd() > 0).count().max(1);
         let share = (cap / busy as f64).max(4.0);
@@ -1076,7 +1080,9 @@ impl Session {
                 self.stats.malformed += 1;
                 continue;
             }
-            budget -= (pkt.len() + 1 + kcp::KCP_OVERHEAD + wire::DATA_OVERHEAD) as f64;
+            let seg = (pkt.len() + 1 + kcp::KCP_OVERHEAD + wire::DATA_OVERHEAD) as f64;
+            self.avg_seg = self.avg_seg * 0.95 + seg * 0.05;
+            budget -= seg;
             touched.insert(id);
         }
         touched
