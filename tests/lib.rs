@@ -15,7 +15,14 @@ pub fn overlay(i: usize) -> Ipv4Addr {
 /// Schedule `n` tagged packets from host 0 to `to` over `span` from now: `tcp_flows`
 /// TCP flows and one UDP flow (every fourth packet), sizes cycling through
 /// 40..=1400 bytes driven by `seed`. Returns how many packets each TCP flow got.
-pub fn schedule_mixed(net: &mut Net, to: PublicKey, n: u32, span: Duration, tcp_flows: u16, seed: u64) -> BTreeMap<u16, u32> {
+pub fn schedule_mixed(
+    net: &mut Net,
+    to: PublicKey,
+    n: u32,
+    span: Duration,
+    tcp_flows: u16,
+    seed: u64,
+) -> BTreeMap<u16, u32> {
     let mut counts: BTreeMap<u16, u32> = BTreeMap::new();
     let mut udp_seq = 0u32;
     let mut x = seed | 1;

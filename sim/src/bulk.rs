@@ -20,7 +20,13 @@ pub struct BulkResult {
 
 /// Send 1 TCP flow of `pkt_len`-byte packets from host 0 to host 1 for `warmup + measure`,
 /// keeping `backlog` packets queued. Measures over the last `measure`.
-pub fn run(net: &mut Net, pkt_len: usize, backlog: usize, warmup: Duration, measure: Duration) -> BulkResult {
+pub fn run(
+    net: &mut Net,
+    pkt_len: usize,
+    backlog: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> BulkResult {
     let to = *net.node(1).node.public_key();
     let (src, dst) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
     let step = Duration::from_millis(1);
@@ -36,13 +42,21 @@ pub fn run(net: &mut Net, pkt_len: usize, backlog: usize, warmup: Duration, meas
         let now = net.now();
         let queued = net.node(0).node.kcp_backlog(&to);
         for _ in queued..backlog {
-            net.send_at(now, 0, to, traffic::packet(src, dst, Kind::Tcp, 1, seq, pkt_len));
+            net.send_at(
+                now,
+                0,
+                to,
+                traffic::packet(src, dst, Kind::Tcp, 1, seq, pkt_len),
+            );
             seq += 1;
         }
         net.run_for(step);
     }
     let (rx0, fb, fp, rb, rp) = base.expect("measurement window reached");
-    let delivered: u64 = net.node(1).rx[rx0..].iter().map(|d| d.pkt.len() as u64).sum();
+    let delivered: u64 = net.node(1).rx[rx0..]
+        .iter()
+        .map(|d| d.pkt.len() as u64)
+        .sum();
     let (f, r) = (net.wire(0, 1), net.wire(1, 0));
     let wire = (f.bytes - fb) + 28 * (f.packets - fp) + (r.bytes - rb) + 28 * (r.packets - rp);
     BulkResult {

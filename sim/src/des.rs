@@ -152,13 +152,27 @@ impl Net {
 
     /// A node keyed from `key_seed`, with handshake randomness from the net's seed.
     pub fn make_node(&self, cfg: NodeConfig, key_seed: u64, psk: [u8; 32]) -> Node {
-        let entropy = EntropySource::seeded(self.seed ^ key_seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ self.now.as_nanos() as u64);
-        Node::new(cfg, StaticKeypair::from_seed(key_seed), psk, WALL_BASE_MS + self.now.as_millis() as u64, entropy)
+        let entropy = EntropySource::seeded(
+            self.seed ^ key_seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ self.now.as_nanos() as u64,
+        );
+        Node::new(
+            cfg,
+            StaticKeypair::from_seed(key_seed),
+            psk,
+            WALL_BASE_MS + self.now.as_millis() as u64,
+            entropy,
+        )
     }
 
     /// Add a host at `addr`; returns its index.
     pub fn add(&mut self, node: Node, addr: SocketAddr) -> usize {
-        self.nodes.push(SimNode { node, addr, rx: Vec::new(), events: Vec::new(), up: true });
+        self.nodes.push(SimNode {
+            node,
+            addr,
+            rx: Vec::new(),
+            events: Vec::new(),
+            up: true,
+        });
         self.nodes.len() - 1
     }
 
@@ -204,7 +218,13 @@ impl Net {
     pub fn inject(&mut self, at: Duration, from: SocketAddr, to: usize, bytes: Vec<u8>) {
         self.seq += 1;
         let to = self.nodes[to].addr;
-        self.inflight.push(Arrival { at, seq: self.seq, to, from, data: bytes });
+        self.inflight.push(Arrival {
+            at,
+            seq: self.seq,
+            to,
+            from,
+            data: bytes,
+        });
     }
 
     /// Host `i`.
@@ -230,7 +250,13 @@ impl Net {
     /// Schedule host `from` to send inner packet `pkt` to peer key `to` at `at`.
     pub fn send_at(&mut self, at: Duration, from: usize, to: PublicKey, pkt: Vec<u8>) {
         self.seq += 1;
-        self.apps.push(AppSend { at, seq: self.seq, node: from, peer: to, pkt });
+        self.apps.push(AppSend {
+            at,
+            seq: self.seq,
+            node: from,
+            peer: to,
+            pkt,
+        });
     }
 
     /// Digest of every delivery and event so far.
@@ -266,15 +292,20 @@ impl Net {
                 }
                 let seed = self.seed;
                 let spec = self.specs.get(&(i, j)).unwrap_or(&self.default_spec);
-                let link = self
-                    .links
-                    .entry((i, j))
-                    .or_insert_with(|| spec.build(seed ^ ((i as u64) << 32 | j as u64).wrapping_mul(0x9e37_79b9)));
+                let link = self.links.entry((i, j)).or_insert_with(|| {
+                    spec.build(seed ^ ((i as u64) << 32 | j as u64).wrapping_mul(0x9e37_79b9))
+                });
                 self.times.clear();
                 link.apply(self.now, self.buf.len(), &mut self.times);
                 for &at in &self.times {
                     self.seq += 1;
-                    self.inflight.push(Arrival { at, seq: self.seq, to, from: from_addr, data: self.buf.clone() });
+                    self.inflight.push(Arrival {
+                        at,
+                        seq: self.seq,
+                        to,
+                        from: from_addr,
+                        data: self.buf.clone(),
+                    });
                 }
             }
         }
@@ -283,14 +314,20 @@ impl Net {
     fn collect(&mut self) {
         for (i, n) in self.nodes.iter_mut().enumerate() {
             while let Some((from, pkt)) = n.node.poll_rx() {
-                self.trace.update((self.now.as_micros() as u64).to_le_bytes());
+                self.trace
+                    .update((self.now.as_micros() as u64).to_le_bytes());
                 self.trace.update([0, i as u8]);
                 self.trace.update(&from[..4]);
                 self.trace.update(&pkt);
-                n.rx.push(Delivery { at: self.now, from, pkt });
+                n.rx.push(Delivery {
+                    at: self.now,
+                    from,
+                    pkt,
+                });
             }
             while let Some((k, e)) = n.node.poll_event() {
-                self.trace.update((self.now.as_micros() as u64).to_le_bytes());
+                self.trace
+                    .update((self.now.as_micros() as u64).to_le_bytes());
                 self.trace.update([1, i as u8]);
                 self.trace.update(&k[..4]);
                 self.trace.update(format!("{e:?}").as_bytes());
@@ -348,7 +385,9 @@ impl Net {
                 let mut a = self.inflight.pop().expect("peeked");
                 if let Some(j) = self.index_of(a.to) {
                     if self.nodes[j].up {
-                        self.nodes[j].node.handle_datagram(self.now, a.from, &mut a.data);
+                        self.nodes[j]
+                            .node
+                            .handle_datagram(self.now, a.from, &mut a.data);
                     }
                 }
             }
@@ -378,11 +417,22 @@ impl Net {
 /// Returns the net and the two keys.
 pub fn pair(seed: u64, cfg: NodeConfig, spec: LinkSpec) -> (Net, PublicKey, PublicKey) {
     let (mut net, ka, kb) = pair_idle(seed, cfg, spec);
-    net.node_mut(0).node.connect(Duration::ZERO, &kb).expect("known peer");
+    net.node_mut(0)
+        .node
+        .connect(Duration::ZERO, &kb)
+        .expect("known peer");
     let limit = Duration::from_secs(120);
     while net.now() < limit
-        && !(net.node(0).node.session(&kb).is_some_and(|s| s.is_established())
-            && net.node(1).node.session(&ka).is_some_and(|s| s.is_established()))
+        && !(net
+            .node(0)
+            .node
+            .session(&kb)
+            .is_some_and(|s| s.is_established())
+            && net
+                .node(1)
+                .node
+                .session(&ka)
+                .is_some_and(|s| s.is_established()))
     {
         net.run_for(Duration::from_millis(10));
     }

@@ -20,9 +20,20 @@ pub const TAG_AT: usize = 28;
 pub const MIN_LEN: usize = TAG_AT + 12;
 
 /// Build a tagged IPv4 packet of `len` bytes from `src` to `dst`.
-pub fn packet(src: Ipv4Addr, dst: Ipv4Addr, kind: Kind, flow: u16, seq: u32, len: usize) -> Vec<u8> {
+pub fn packet(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: Kind,
+    flow: u16,
+    seq: u32,
+    len: usize,
+) -> Vec<u8> {
     let len = len.max(MIN_LEN);
-    let proto = if kind == Kind::Tcp { PROTO_TCP } else { PROTO_UDP };
+    let proto = if kind == Kind::Tcp {
+        PROTO_TCP
+    } else {
+        PROTO_UDP
+    };
     let mut p = ip::build_v4(src, dst, proto, 10_000 + flow, 80, &[], len);
     p[TAG_AT..TAG_AT + 2].copy_from_slice(&flow.to_le_bytes());
     p[TAG_AT + 2..TAG_AT + 6].copy_from_slice(&seq.to_le_bytes());
@@ -43,7 +54,9 @@ fn fill(b: &mut [u8], flow: u16, seq: u32) {
 }
 
 fn checksum(b: &[u8]) -> u32 {
-    b.iter().fold(0x811c_9dc5u32, |h, &v| (h ^ v as u32).wrapping_mul(0x0100_0193))
+    b.iter().fold(0x811c_9dc5u32, |h, &v| {
+        (h ^ v as u32).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// What a tagged packet says about itself, if intact.
@@ -93,7 +106,10 @@ pub fn verify(
             Kind::Tcp => {
                 let n = next.entry(t.flow).or_insert(0);
                 if t.seq != *n {
-                    return Err(format!("tcp flow {} expected seq {} got {}", t.flow, n, t.seq));
+                    return Err(format!(
+                        "tcp flow {} expected seq {} got {}",
+                        t.flow, n, t.seq
+                    ));
                 }
                 *n += 1;
                 s.tcp += 1;

@@ -23,10 +23,17 @@ use transport::{Datagram, Impaired, Node, NodeConfig, PacketDevice};
 pub struct TurmoilUdp(pub turmoil::net::UdpSocket);
 
 impl Datagram for TurmoilUdp {
-    fn send_to(&self, buf: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send {
+    fn send_to(
+        &self,
+        buf: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
         self.0.send_to(buf, to)
     }
-    fn recv_from(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
         self.0.recv_from(buf)
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -54,14 +61,29 @@ impl MemTun {
     pub fn new(capacity: usize) -> (MemTun, MemTunHandle) {
         let (a_tx, a_rx) = mpsc::channel(capacity);
         let (d_tx, d_rx) = mpsc::channel(capacity);
-        (MemTun { from_apps: tokio::sync::Mutex::new(a_rx), to_apps: d_tx }, MemTunHandle { apps: a_tx, delivered: d_rx })
+        (
+            MemTun {
+                from_apps: tokio::sync::Mutex::new(a_rx),
+                to_apps: d_tx,
+            },
+            MemTunHandle {
+                apps: a_tx,
+                delivered: d_rx,
+            },
+        )
     }
 }
 
 impl PacketDevice for MemTun {
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
         async move {
-            let p = self.from_apps.lock().await.recv().await.ok_or(io::ErrorKind::BrokenPipe)?;
+            let p = self
+                .from_apps
+                .lock()
+                .await
+                .recv()
+                .await
+                .ok_or(io::ErrorKind::BrokenPipe)?;
             let n = p.len().min(buf.len());
             buf[..n].copy_from_slice(&p[..n]);
             Ok(n)
@@ -69,7 +91,10 @@ impl PacketDevice for MemTun {
     }
     fn send(&self, pkt: &[u8]) -> impl Future<Output = io::Result<usize>> + Send {
         async move {
-            self.to_apps.send(pkt.to_vec()).await.map_err(|_| io::ErrorKind::BrokenPipe)?;
+            self.to_apps
+                .send(pkt.to_vec())
+                .await
+                .map_err(|_| io::ErrorKind::BrokenPipe)?;
             Ok(pkt.len())
         }
     }
@@ -192,13 +217,25 @@ impl Mesh {
                 key_seed: i as u64 + 1,
             })
             .collect();
-        Mesh { nodes, spec, seed, trace: Arc::default() }
+        Mesh {
+            nodes,
+            spec,
+            seed,
+            trace: Arc::default(),
+        }
     }
 
     /// Register every node as a turmoil host. `devices[i]` becomes node i's TUN.
     pub fn build(&self, sim: &mut turmoil::Sim<'_>, devices: Vec<MemTun>) {
-        let keys: Vec<PublicKey> = self.nodes.iter().map(|n| StaticKeypair::from_seed(n.key_seed).public).collect();
-        let devices: Vec<Arc<Mutex<Option<MemTun>>>> = devices.into_iter().map(|d| Arc::new(Mutex::new(Some(d)))).collect();
+        let keys: Vec<PublicKey> = self
+            .nodes
+            .iter()
+            .map(|n| StaticKeypair::from_seed(n.key_seed).public)
+            .collect();
+        let devices: Vec<Arc<Mutex<Option<MemTun>>>> = devices
+            .into_iter()
+            .map(|d| Arc::new(Mutex::new(Some(d))))
+            .collect();
         for (i, n) in self.nodes.iter().enumerate() {
             let host = n.host.clone();
             let spec = self.spec.clone();
@@ -220,7 +257,8 @@ impl Mesh {
                 let dev = dev.clone();
                 let trace = trace.clone();
                 async move {
-                    let sock = turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), PORT)).await?;
+                    let sock =
+                        turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), PORT)).await?;
                     let sock = Impaired::new(TurmoilUdp(sock), spec, seed);
                     let mut node = Node::new(
                         NodeConfig::default(),

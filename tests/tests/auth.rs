@@ -1,5 +1,6 @@
 //! Authentication: network key, static keys, tampering, replay; and link death.
 
+use fastmesh_tests::overlay;
 use sim::des::{pair, pair_idle, Net, SIM_PSK};
 use sim::traffic::{self, Kind};
 use std::cell::RefCell;
@@ -9,7 +10,6 @@ use std::time::Duration;
 use transport::impair::LinkSpec;
 use transport::session::Event;
 use transport::{Admission, NodeConfig};
-use fastmesh_tests::overlay;
 
 fn ms(x: u64) -> Duration {
     Duration::from_millis(x)
@@ -22,8 +22,12 @@ fn udp(seq: u32) -> Vec<u8> {
 #[test]
 fn wrong_network_key_cannot_handshake() {
     let mut net = Net::new(1, LinkSpec::latency(ms(5)));
-    let (aa, ba): (SocketAddr, SocketAddr) = ("10.0.0.1:1".parse().unwrap(), "10.0.0.2:1".parse().unwrap());
-    let hub_cfg = NodeConfig { admission: Admission::AnyWithNetworkKey, ..NodeConfig::default() };
+    let (aa, ba): (SocketAddr, SocketAddr) =
+        ("10.0.0.1:1".parse().unwrap(), "10.0.0.2:1".parse().unwrap());
+    let hub_cfg = NodeConfig {
+        admission: Admission::AnyWithNetworkKey,
+        ..NodeConfig::default()
+    };
     let mut a = net.make_node(NodeConfig::default(), 1, [9u8; 32]); // wrong key
     let b = net.make_node(hub_cfg, 2, SIM_PSK);
     let kb = *b.public_key();
@@ -100,7 +104,12 @@ fn short_partition_heals_without_a_new_handshake() {
     let (mut net, ka, kb) = pair(4, NodeConfig::default(), LinkSpec::latency(ms(20)));
     let t0 = net.now();
     for i in 0..300u32 {
-        net.send_at(t0 + ms(i as u64 * 20), 0, kb, traffic::packet(overlay(0), overlay(1), Kind::Tcp, 1, i, 500));
+        net.send_at(
+            t0 + ms(i as u64 * 20),
+            0,
+            kb,
+            traffic::packet(overlay(0), overlay(1), Kind::Tcp, 1, i, 500),
+        );
     }
     net.run_for(ms(1000));
     net.partition(0, 1, true);
@@ -109,7 +118,11 @@ fn short_partition_heals_without_a_new_handshake() {
     net.run_for(Duration::from_secs(10));
     let rx: Vec<Vec<u8>> = net.node(1).rx.iter().map(|d| d.pkt.clone()).collect();
     traffic::verify(rx, &[(1u16, 300u32)].into_iter().collect()).expect("all delivered in order");
-    assert_eq!(net.node(0).node.peer_stats(&kb).unwrap().handshakes, 1, "no new handshake");
+    assert_eq!(
+        net.node(0).node.peer_stats(&kb).unwrap().handshakes,
+        1,
+        "no new handshake"
+    );
     assert!(!net.node(0).events.iter().any(|e| e.2 == Event::DeadLink));
     let _ = ka;
 }
@@ -119,7 +132,12 @@ fn long_partition_raises_dead_link_then_recovers() {
     let (mut net, _ka, kb) = pair(5, NodeConfig::default(), LinkSpec::latency(ms(20)));
     net.partition(0, 1, true);
     net.run_for(Duration::from_secs(30));
-    let dead: Vec<_> = net.node(0).events.iter().filter(|e| e.2 == Event::DeadLink).collect();
+    let dead: Vec<_> = net
+        .node(0)
+        .events
+        .iter()
+        .filter(|e| e.2 == Event::DeadLink)
+        .collect();
     assert_eq!(dead.len(), 1, "{:?}", net.node(0).events);
     assert!(net.node(0).node.session(&kb).unwrap().is_dead());
     net.partition(0, 1, false);

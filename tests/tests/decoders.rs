@@ -3,8 +3,8 @@
 
 use proptest::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::net::SocketAddr;
 use std::cell::Cell;
+use std::net::SocketAddr;
 use std::time::Duration;
 use transport::crypto::{EntropySource, StaticKeypair};
 use transport::wire::{Control, ErrorCode, Frame, IpNet, PeerInfo, CONTROL_CAP};
@@ -57,33 +57,86 @@ fn addr() -> impl Strategy<Value = SocketAddr> {
 }
 
 fn ipnet() -> impl Strategy<Value = IpNet> {
-    (any::<[u8; 4]>(), 0u8..=32).prop_map(|(ip, prefix)| IpNet { addr: std::net::IpAddr::from(ip), prefix })
+    (any::<[u8; 4]>(), 0u8..=32).prop_map(|(ip, prefix)| IpNet {
+        addr: std::net::IpAddr::from(ip),
+        prefix,
+    })
 }
 
 fn peer() -> impl Strategy<Value = PeerInfo> {
-    (any::<[u8; 32]>(), prop::collection::vec(ipnet(), 0..3), prop::collection::vec(addr(), 0..4), "[a-z0-9-]{0,20}")
-        .prop_map(|(key, overlay, endpoints, name)| PeerInfo { key, overlay, endpoints, name })
+    (
+        any::<[u8; 32]>(),
+        prop::collection::vec(ipnet(), 0..3),
+        prop::collection::vec(addr(), 0..4),
+        "[a-z0-9-]{0,20}",
+    )
+        .prop_map(|(key, overlay, endpoints, name)| PeerInfo {
+            key,
+            overlay,
+            endpoints,
+            name,
+        })
 }
 
 fn code() -> impl Strategy<Value = ErrorCode> {
-    prop_oneof![Just(ErrorCode::AddressInUse), Just(ErrorCode::NotAllowed), Just(ErrorCode::BadRequest), Just(ErrorCode::Busy)]
+    prop_oneof![
+        Just(ErrorCode::AddressInUse),
+        Just(ErrorCode::NotAllowed),
+        Just(ErrorCode::BadRequest),
+        Just(ErrorCode::Busy)
+    ]
 }
 
 fn control() -> impl Strategy<Value = Control> {
     prop_oneof![
-        (prop::collection::vec(ipnet(), 0..3), prop::collection::vec(addr(), 0..4), ".{0,30}", any::<u64>())
-            .prop_map(|(overlay, local_endpoints, name, have_version)| Control::Register { overlay, local_endpoints, name, have_version }),
-        (addr(), any::<u32>()).prop_map(|(observed, heartbeat_ms)| Control::RegisterAck { observed, heartbeat_ms }),
+        (
+            prop::collection::vec(ipnet(), 0..3),
+            prop::collection::vec(addr(), 0..4),
+            ".{0,30}",
+            any::<u64>()
+        )
+            .prop_map(
+                |(overlay, local_endpoints, name, have_version)| Control::Register {
+                    overlay,
+                    local_endpoints,
+                    name,
+                    have_version
+                }
+            ),
+        (addr(), any::<u32>()).prop_map(|(observed, heartbeat_ms)| Control::RegisterAck {
+            observed,
+            heartbeat_ms
+        }),
         (code(), ".{0,40}").prop_map(|(code, message)| Control::Nack { code, message }),
-        (any::<u64>(), any::<u64>(), prop::collection::vec(peer(), 0..5), prop::collection::vec(any::<[u8; 32]>(), 0..5))
-            .prop_map(|(from_version, to_version, upserts, removals)| Control::PeerMapDelta { from_version, to_version, upserts, removals }),
-        (any::<u64>(), any::<u64>()).prop_map(|(seq, map_version)| Control::Heartbeat { seq, map_version }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(peer(), 0..5),
+            prop::collection::vec(any::<[u8; 32]>(), 0..5)
+        )
+            .prop_map(|(from_version, to_version, upserts, removals)| {
+                Control::PeerMapDelta {
+                    from_version,
+                    to_version,
+                    upserts,
+                    removals,
+                }
+            }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(seq, map_version)| Control::Heartbeat { seq, map_version }),
         (any::<u64>(), addr()).prop_map(|(seq, observed)| Control::HeartbeatAck { seq, observed }),
         any::<[u8; 32]>().prop_map(|target| Control::PunchRequest { target }),
-        (any::<[u8; 32]>(), prop::collection::vec(addr(), 0..4)).prop_map(|(peer, candidates)| Control::PunchNotify { peer, candidates }),
+        (any::<[u8; 32]>(), prop::collection::vec(addr(), 0..4))
+            .prop_map(|(peer, candidates)| Control::PunchNotify { peer, candidates }),
         any::<u64>().prop_map(|ts_us| Control::Ping { ts_us }),
         any::<u64>().prop_map(|ts_us| Control::Pong { ts_us }),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(frames, highest, bytes)| Control::Feedback { frames, highest, bytes }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(frames, highest, bytes)| {
+            Control::Feedback {
+                frames,
+                highest,
+                bytes,
+            }
+        }),
         any::<u32>().prop_map(|conv| Control::ConvReset { conv }),
         (code(), ".{0,40}").prop_map(|(code, message)| Control::Error { code, message }),
     ]

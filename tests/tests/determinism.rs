@@ -10,7 +10,9 @@ use transport::impair::LinkSpec;
 use transport::NodeConfig;
 
 fn des_digest(seed: u64) -> ([u8; 32], usize) {
-    let spec = LinkSpec::latency(Duration::from_millis(40)).with_loss(0.1).with_jitter(Duration::from_millis(10));
+    let spec = LinkSpec::latency(Duration::from_millis(40))
+        .with_loss(0.1)
+        .with_jitter(Duration::from_millis(10));
     let (mut net, _ka, kb) = pair(seed, NodeConfig::default(), spec);
     schedule_mixed(&mut net, kb, 500, Duration::from_secs(2), 3, 99);
     net.run_for(Duration::from_secs(20));
@@ -28,7 +30,9 @@ fn des_same_seed_same_digest() {
 /// Two turmoil hosts over 10% loss and 30 ms +- 10 ms; 200 packets from node0's
 /// applications to node1's. Returns the delivery digest and count.
 fn turmoil_digest(seed: u64) -> ([u8; 32], u64) {
-    let spec = LinkSpec::latency(Duration::from_millis(30)).with_loss(0.1).with_jitter(Duration::from_millis(10));
+    let spec = LinkSpec::latency(Duration::from_millis(30))
+        .with_loss(0.1)
+        .with_jitter(Duration::from_millis(10));
     let mesh = Mesh::new(2, spec, seed);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -40,12 +44,23 @@ fn turmoil_digest(seed: u64) -> ([u8; 32], u64) {
     sim.client("apps", async move {
         for i in 0..200u32 {
             let kind = if i % 3 == 0 { Kind::Udp } else { Kind::Tcp };
-            h0.apps.send(traffic::packet(overlay(0), overlay(1), kind, 1, i, 100 + (i as usize * 7) % 1200)).await?;
+            h0.apps
+                .send(traffic::packet(
+                    overlay(0),
+                    overlay(1),
+                    kind,
+                    1,
+                    i,
+                    100 + (i as usize * 7) % 1200,
+                ))
+                .await?;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut tcp = 0;
         while tcp < 133 {
-            let p = tokio::time::timeout(Duration::from_secs(60), h1.delivered.recv()).await?.ok_or("closed")?;
+            let p = tokio::time::timeout(Duration::from_secs(60), h1.delivered.recv())
+                .await?
+                .ok_or("closed")?;
             if traffic::read(&p).is_some_and(|t| t.kind == Kind::Tcp) {
                 tcp += 1;
             }

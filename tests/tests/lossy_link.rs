@@ -14,10 +14,15 @@ fn ten_thousand_packets_over_20_percent_loss_and_200ms_rtt() {
     let (mut net, _ka, kb) = pair(7, NodeConfig::default(), spec);
     let expect = schedule_mixed(&mut net, kb, 10_000, Duration::from_secs(20), 8, 7);
     net.run_for(Duration::from_secs(60));
-    let s = traffic::verify(delivered(&net, 1), &expect).expect("tcp complete and in order, nothing corrupt");
+    let s = traffic::verify(delivered(&net, 1), &expect)
+        .expect("tcp complete and in order, nothing corrupt");
     assert_eq!(s.tcp, expect.values().map(|&n| n as u64).sum::<u64>());
     // UDP rides as datagrams: about 80% arrive, none twice (verify checks duplicates).
-    assert!(s.udp > 2500 * 70 / 100 && s.udp < 2500 * 90 / 100, "udp delivered {}", s.udp);
+    assert!(
+        s.udp > 2500 * 70 / 100 && s.udp < 2500 * 90 / 100,
+        "udp delivered {}",
+        s.udp
+    );
 }
 
 proptest! {

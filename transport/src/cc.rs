@@ -94,7 +94,9 @@ impl RateControl {
 
     /// Smallest RTT seen in the last 10 s (default 100 ms before any sample).
     pub fn min_rtt(&self) -> Duration {
-        self.min_rtt.map(|(r, _)| r).unwrap_or(Duration::from_millis(100))
+        self.min_rtt
+            .map(|(r, _)| r)
+            .unwrap_or(Duration::from_millis(100))
     }
 
     /// Estimated path loss rate (0..1) from counter gaps.
@@ -164,7 +166,12 @@ impl RateControl {
                 break;
             }
         }
-        self.btl_bw = self.bw_samples.iter().map(|(_, r)| *r).fold(0.0, f64::max).min(self.max_rate);
+        self.btl_bw = self
+            .bw_samples
+            .iter()
+            .map(|(_, r)| *r)
+            .fold(0.0, f64::max)
+            .min(self.max_rate);
         self.advance(now);
     }
 
@@ -207,14 +214,20 @@ impl RateControl {
             // delivered rate can still exceed the estimate by 25%. Delivery
             // can never exceed the bottleneck, so this cannot inflate the
             // estimate past it; the cruising rounds then pace at the estimate.
-            Phase::ProbeBw(i) if CYCLE[i] > 1.0 => CYCLE[i] / (1.0 - self.loss.min(MAX_LOSS_COMPENSATION)),
+            Phase::ProbeBw(i) if CYCLE[i] > 1.0 => {
+                CYCLE[i] / (1.0 - self.loss.min(MAX_LOSS_COMPENSATION))
+            }
             Phase::ProbeBw(i) => CYCLE[i],
         }
     }
 
     /// Pacing rate for KCP data in bytes/s.
     pub fn pacing_rate(&self) -> f64 {
-        let base = if self.btl_bw > 0.0 { self.btl_bw } else { self.initial_rate };
+        let base = if self.btl_bw > 0.0 {
+            self.btl_bw
+        } else {
+            self.initial_rate
+        };
         let r = match self.phase {
             // In startup never pace below the initial rate.
             Phase::Startup => (base * self.gain()).max(self.initial_rate),
@@ -225,9 +238,18 @@ impl RateControl {
 
     /// Bytes allowed in flight: twice the bandwidth-delay product (with startup headroom).
     pub fn inflight_cap(&self) -> f64 {
-        let base = if self.btl_bw > 0.0 { self.btl_bw } else { self.initial_rate };
-        let gain = if self.phase == Phase::Startup { STARTUP_GAIN } else { 2.0 };
-        base * gain * self.min_rtt().as_secs_f64().max(0.01) / (1.0 - self.loss.min(MAX_LOSS_COMPENSATION))
+        let base = if self.btl_bw > 0.0 {
+            self.btl_bw
+        } else {
+            self.initial_rate
+        };
+        let gain = if self.phase == Phase::Startup {
+            STARTUP_GAIN
+        } else {
+            2.0
+        };
+        base * gain * self.min_rtt().as_secs_f64().max(0.01)
+            / (1.0 - self.loss.min(MAX_LOSS_COMPENSATION))
     }
 }
 
@@ -240,7 +262,10 @@ pub struct Pacer {
 
 impl Default for Pacer {
     fn default() -> Self {
-        Pacer { next: Duration::ZERO, burst: Duration::from_millis(2) }
+        Pacer {
+            next: Duration::ZERO,
+            burst: Duration::from_millis(2),
+        }
     }
 }
 
@@ -299,7 +324,11 @@ mod tests {
         let mut c = RateControl::new(100_000.0, 1e9);
         c.on_rtt(ms(0), ms(50));
         // 1 MB/s delivered, 10% of frames missing.
-        let mut r = Report { frames: 0, highest: 0, bytes: 0 };
+        let mut r = Report {
+            frames: 0,
+            highest: 0,
+            bytes: 0,
+        };
         for i in 1..=100u64 {
             r.frames += 90;
             r.highest += 100;
@@ -307,7 +336,11 @@ mod tests {
             c.on_report(ms(i * 25), r);
         }
         assert!((c.loss() - 0.1).abs() < 0.01, "{}", c.loss());
-        assert!((c.btl_bw() - 1_000_000.0).abs() < 30_000.0, "{}", c.btl_bw());
+        assert!(
+            (c.btl_bw() - 1_000_000.0).abs() < 30_000.0,
+            "{}",
+            c.btl_bw()
+        );
         assert!(c.inflight_cap() > 0.0);
     }
 
@@ -315,7 +348,11 @@ mod tests {
     fn pacing_never_far_above_what_the_path_delivered() {
         let mut c = RateControl::new(100_000.0, 1e9);
         c.on_rtt(ms(0), ms(50));
-        let mut r = Report { frames: 0, highest: 0, bytes: 0 };
+        let mut r = Report {
+            frames: 0,
+            highest: 0,
+            bytes: 0,
+        };
         for i in 1..=400u64 {
             r.frames += 90;
             r.highest += 100;
@@ -323,7 +360,11 @@ mod tests {
             c.on_report(ms(i * 25), r);
             if i > 100 {
                 // At most the loss-compensated probing gain above the delivered 1 MB/s.
-                assert!(c.pacing_rate() <= 1_000_000.0 * 1.25 / 0.9 + 1.0, "{}", c.pacing_rate());
+                assert!(
+                    c.pacing_rate() <= 1_000_000.0 * 1.25 / 0.9 + 1.0,
+                    "{}",
+                    c.pacing_rate()
+                );
             }
         }
     }

@@ -63,7 +63,9 @@ pub fn short_key(k: &[u8; 32]) -> String {
 impl StaticKeypair {
     /// Derive the public key from a private key.
     pub fn from_private(private: [u8; 32]) -> StaticKeypair {
-        let mut dh = DefaultResolver.resolve_dh(&DHChoice::Curve25519).expect("x25519 available");
+        let mut dh = DefaultResolver
+            .resolve_dh(&DHChoice::Curve25519)
+            .expect("x25519 available");
         dh.set(&private);
         let mut public = [0u8; 32];
         public.copy_from_slice(dh.pubkey());
@@ -140,7 +142,11 @@ struct Resolver(std::sync::Mutex<Option<Box<dyn Random>>>);
 
 impl CryptoResolver for Resolver {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
-        self.0.lock().ok()?.take().or_else(|| DefaultResolver.resolve_rng())
+        self.0
+            .lock()
+            .ok()?
+            .take()
+            .or_else(|| DefaultResolver.resolve_rng())
     }
     fn resolve_dh(&self, c: &DHChoice) -> Option<Box<dyn Dh>> {
         DefaultResolver.resolve_dh(c)
@@ -155,7 +161,10 @@ impl CryptoResolver for Resolver {
 
 fn builder<'a>(entropy: &mut EntropySource) -> snow::Builder<'a> {
     let params: NoiseParams = NOISE_PARAMS.parse().expect("valid noise params");
-    snow::Builder::with_resolver(params, Box::new(Resolver(std::sync::Mutex::new(Some(entropy.fork())))))
+    snow::Builder::with_resolver(
+        params,
+        Box::new(Resolver(std::sync::Mutex::new(Some(entropy.fork())))),
+    )
 }
 
 fn herr(e: snow::Error) -> CryptoError {
@@ -179,7 +188,12 @@ impl SessionKeys {
     }
 
     /// Encrypt `buf` in place with `header` as associated data; returns the tag to append.
-    pub fn seal(&self, counter: u64, header: &[u8], buf: &mut [u8]) -> Result<[u8; 16], CryptoError> {
+    pub fn seal(
+        &self,
+        counter: u64,
+        header: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; 16], CryptoError> {
         if counter >= REJECT_AFTER_MESSAGES {
             return Err(CryptoError::Exhausted);
         }
@@ -191,7 +205,13 @@ impl SessionKeys {
     }
 
     /// Decrypt `buf` (ciphertext without tag) in place; fails if the tag does not verify.
-    pub fn open(&self, counter: u64, header: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), CryptoError> {
+    pub fn open(
+        &self,
+        counter: u64,
+        header: &[u8],
+        buf: &mut [u8],
+        tag: &[u8],
+    ) -> Result<(), CryptoError> {
         if tag.len() != 16 {
             return Err(CryptoError::Auth);
         }
@@ -248,7 +268,10 @@ impl InitiatorHandshake {
         }
         let mut inc = [0u8; 8];
         inc.copy_from_slice(&payload[..8]);
-        Ok((SessionKeys::from_split(true, self.hs.dangerously_get_raw_split()), u64::from_le_bytes(inc)))
+        Ok((
+            SessionKeys::from_split(true, self.hs.dangerously_get_raw_split()),
+            u64::from_le_bytes(inc),
+        ))
     }
 }
 
@@ -291,13 +314,28 @@ impl ResponderHello {
         ts.copy_from_slice(&payload[..8]);
         let mut inc = [0u8; 8];
         inc.copy_from_slice(&payload[8..16]);
-        Ok(ResponderHello { hs, remote, timestamp: u64::from_le_bytes(ts), incarnation: u64::from_le_bytes(inc) })
+        Ok(ResponderHello {
+            hs,
+            remote,
+            timestamp: u64::from_le_bytes(ts),
+            incarnation: u64::from_le_bytes(inc),
+        })
     }
 
     /// Accept: write message 2 (carrying our `incarnation`) into `out` and derive the session keys.
-    pub fn accept(mut self, incarnation: u64, out: &mut [u8]) -> Result<(SessionKeys, usize), CryptoError> {
-        let n = self.hs.write_message(&incarnation.to_le_bytes(), out).map_err(herr)?;
-        Ok((SessionKeys::from_split(false, self.hs.dangerously_get_raw_split()), n))
+    pub fn accept(
+        mut self,
+        incarnation: u64,
+        out: &mut [u8],
+    ) -> Result<(SessionKeys, usize), CryptoError> {
+        let n = self
+            .hs
+            .write_message(&incarnation.to_le_bytes(), out)
+            .map_err(herr)?;
+        Ok((
+            SessionKeys::from_split(false, self.hs.dangerously_get_raw_split()),
+            n,
+        ))
     }
 }
 
@@ -316,7 +354,10 @@ pub struct ReplayWindow {
 
 impl Default for ReplayWindow {
     fn default() -> Self {
-        ReplayWindow { top: None, bits: [0; BLOCKS] }
+        ReplayWindow {
+            top: None,
+            bits: [0; BLOCKS],
+        }
     }
 }
 
@@ -372,7 +413,8 @@ mod tests {
         let mut ea = EntropySource::seeded(1);
         let mut eb = EntropySource::seeded(2);
         let mut m1 = [0u8; 256];
-        let (init, n1) = InitiatorHandshake::start(&a, &b.public, &psk, 42, 9, &mut ea, &mut m1).unwrap();
+        let (init, n1) =
+            InitiatorHandshake::start(&a, &b.public, &psk, 42, 9, &mut ea, &mut m1).unwrap();
         assert_eq!(n1, crate::wire::NOISE_INIT_LEN);
         let hello = ResponderHello::read(&b, &psk, &m1[..n1], &mut eb).unwrap();
         assert_eq!(hello.remote, a.public);
@@ -394,7 +436,10 @@ mod tests {
         let mut copy = msg;
         assert_eq!(ka.open(7, &hdr, &mut copy, &tag), Err(CryptoError::Auth));
         let mut copy = msg;
-        assert_eq!(ka.open(6, &[2u8; 16], &mut copy, &tag), Err(CryptoError::Auth));
+        assert_eq!(
+            ka.open(6, &[2u8; 16], &mut copy, &tag),
+            Err(CryptoError::Auth)
+        );
     }
 
     #[test]
@@ -402,7 +447,8 @@ mod tests {
         let (a, b) = pair();
         let mut e = EntropySource::seeded(3);
         let mut m1 = [0u8; 256];
-        let (_i, n1) = InitiatorHandshake::start(&a, &b.public, &[1; 32], 0, 0, &mut e, &mut m1).unwrap();
+        let (_i, n1) =
+            InitiatorHandshake::start(&a, &b.public, &[1; 32], 0, 0, &mut e, &mut m1).unwrap();
         assert!(ResponderHello::read(&b, &[2; 32], &m1[..n1], &mut e).is_err());
     }
 

@@ -31,7 +31,11 @@ pub struct Loss {
 impl Loss {
     /// Loss probability `p` in `[0, 1]`.
     pub fn new(p: f64, seed: u64) -> Loss {
-        Loss { p: p.clamp(0.0, 1.0), rng: ChaCha8Rng::seed_from_u64(seed), dropped: 0 }
+        Loss {
+            p: p.clamp(0.0, 1.0),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            dropped: 0,
+        }
     }
 }
 
@@ -80,17 +84,30 @@ pub struct BurstLoss {
 impl BurstLoss {
     /// Start in the good state.
     pub fn new(m: GilbertElliott, seed: u64) -> BurstLoss {
-        BurstLoss { m, bad: false, rng: ChaCha8Rng::seed_from_u64(seed), dropped: 0 }
+        BurstLoss {
+            m,
+            bad: false,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            dropped: 0,
+        }
     }
 }
 
 impl Stage for BurstLoss {
     fn apply(&mut self, at: Duration, _len: usize, out: &mut Vec<Duration>) {
-        let flip = if self.bad { self.m.p_bad_to_good } else { self.m.p_good_to_bad };
+        let flip = if self.bad {
+            self.m.p_bad_to_good
+        } else {
+            self.m.p_good_to_bad
+        };
         if self.rng.random::<f64>() < flip {
             self.bad = !self.bad;
         }
-        let p = if self.bad { self.m.loss_bad } else { self.m.loss_good };
+        let p = if self.bad {
+            self.m.loss_bad
+        } else {
+            self.m.loss_good
+        };
         if self.rng.random::<f64>() < p {
             self.dropped += 1;
         } else {
@@ -112,7 +129,11 @@ pub struct Delay {
 impl Delay {
     /// One-way `base` latency with up to `jitter` extra.
     pub fn new(base: Duration, jitter: Duration, seed: u64) -> Delay {
-        Delay { base, jitter, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Delay {
+            base,
+            jitter,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 }
 
@@ -137,7 +158,11 @@ pub struct Reorder {
 impl Reorder {
     /// Reorder a fraction `p` of packets by `extra`.
     pub fn new(p: f64, extra: Duration, seed: u64) -> Reorder {
-        Reorder { p, extra, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Reorder {
+            p,
+            extra,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 }
 
@@ -160,7 +185,10 @@ pub struct Duplicate {
 impl Duplicate {
     /// Duplicate a fraction `p` of packets.
     pub fn new(p: f64, seed: u64) -> Duplicate {
-        Duplicate { p, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Duplicate {
+            p,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 }
 
@@ -188,7 +216,13 @@ pub struct RateLimit {
 impl RateLimit {
     /// A link of `bits_per_sec` with a `queue_bytes` buffer.
     pub fn new(bits_per_sec: u64, queue_bytes: usize) -> RateLimit {
-        RateLimit { bps: bits_per_sec.max(1), queue_bytes, overhead: 28, busy_until: Duration::ZERO, dropped: 0 }
+        RateLimit {
+            bps: bits_per_sec.max(1),
+            queue_bytes,
+            overhead: 28,
+            busy_until: Duration::ZERO,
+            dropped: 0,
+        }
     }
 
     fn tx_time(&self, bytes: usize) -> Duration {
@@ -243,7 +277,10 @@ pub struct LinkSpec {
 impl LinkSpec {
     /// A clean link with one-way `latency`.
     pub fn latency(latency: Duration) -> LinkSpec {
-        LinkSpec { latency, ..LinkSpec::default() }
+        LinkSpec {
+            latency,
+            ..LinkSpec::default()
+        }
     }
 
     /// Set i.i.d. loss.
@@ -287,7 +324,11 @@ impl LinkSpec {
         if self.duplicate > 0.0 {
             stages.push(Box::new(Duplicate::new(self.duplicate, s(5))));
         }
-        Pipeline { stages, a: Vec::new(), b: Vec::new() }
+        Pipeline {
+            stages,
+            a: Vec::new(),
+            b: Vec::new(),
+        }
     }
 }
 
@@ -301,7 +342,11 @@ pub struct Pipeline {
 impl Pipeline {
     /// A pipeline of explicit stages.
     pub fn new(stages: Vec<Box<dyn Stage>>) -> Pipeline {
-        Pipeline { stages, a: Vec::new(), b: Vec::new() }
+        Pipeline {
+            stages,
+            a: Vec::new(),
+            b: Vec::new(),
+        }
     }
 
     /// Push the departure times of a packet of `len` bytes entering at `at` into `out`.
@@ -346,7 +391,12 @@ mod tests {
     fn same_seed_same_behaviour() {
         let spec = LinkSpec {
             loss: 0.1,
-            burst: Some(GilbertElliott { p_good_to_bad: 0.01, p_bad_to_good: 0.3, loss_good: 0.0, loss_bad: 0.5 }),
+            burst: Some(GilbertElliott {
+                p_good_to_bad: 0.01,
+                p_bad_to_good: 0.3,
+                loss_good: 0.0,
+                loss_bad: 0.5,
+            }),
             latency: Duration::from_millis(30),
             jitter: Duration::from_millis(5),
             reorder: 0.05,
@@ -368,16 +418,32 @@ mod tests {
 
     #[test]
     fn burst_loss_is_bursty_with_expected_mean() {
-        let ge = GilbertElliott { p_good_to_bad: 0.02, p_bad_to_good: 0.25, loss_good: 0.0, loss_bad: 0.8 };
-        let spec = LinkSpec { burst: Some(ge), ..LinkSpec::default() };
+        let ge = GilbertElliott {
+            p_good_to_bad: 0.02,
+            p_bad_to_good: 0.25,
+            loss_good: 0.0,
+            loss_bad: 0.8,
+        };
+        let spec = LinkSpec {
+            burst: Some(ge),
+            ..LinkSpec::default()
+        };
         let out = run(&spec, 2, 50_000);
         let lost: Vec<bool> = out.iter().map(|o| o.is_empty()).collect();
         let rate = lost.iter().filter(|l| **l).count() as f64 / lost.len() as f64;
-        assert!((rate - ge.mean_loss()).abs() < 0.02, "rate {rate} mean {}", ge.mean_loss());
+        assert!(
+            (rate - ge.mean_loss()).abs() < 0.02,
+            "rate {rate} mean {}",
+            ge.mean_loss()
+        );
         // P(loss | previous lost) far above the mean: losses cluster.
         let pairs = lost.windows(2).filter(|w| w[0]).count() as f64;
         let both = lost.windows(2).filter(|w| w[0] && w[1]).count() as f64;
-        assert!(both / pairs > 2.0 * rate, "conditional {} vs {rate}", both / pairs);
+        assert!(
+            both / pairs > 2.0 * rate,
+            "conditional {} vs {rate}",
+            both / pairs
+        );
     }
 
     #[test]
@@ -401,11 +467,17 @@ mod tests {
 
     #[test]
     fn delay_jitter_bounds_and_duplicates() {
-        let spec = LinkSpec { duplicate: 1.0, ..LinkSpec::latency(Duration::from_millis(10)).with_jitter(Duration::from_millis(2)) };
+        let spec = LinkSpec {
+            duplicate: 1.0,
+            ..LinkSpec::latency(Duration::from_millis(10)).with_jitter(Duration::from_millis(2))
+        };
         for (i, o) in run(&spec, 3, 1000).into_iter().enumerate() {
             assert_eq!(o.len(), 2);
             let sent = Duration::from_micros(i as u64 * 100);
-            assert!(o[0] >= sent + Duration::from_millis(10) && o[0] <= sent + Duration::from_millis(12));
+            assert!(
+                o[0] >= sent + Duration::from_millis(10)
+                    && o[0] <= sent + Duration::from_millis(12)
+            );
         }
     }
 }

@@ -12,9 +12,13 @@ use std::time::Duration;
 /// An unreliable datagram socket: UDP, a turmoil socket, or a wrapper around one.
 pub trait Datagram: Send + Sync {
     /// Send one datagram to `to`.
-    fn send_to(&self, buf: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send;
+    fn send_to(&self, buf: &[u8], to: SocketAddr)
+        -> impl Future<Output = io::Result<usize>> + Send;
     /// Receive one datagram; returns its length and sender.
-    fn recv_from(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
     /// The bound local address.
     fn local_addr(&self) -> io::Result<SocketAddr>;
     /// Send several datagrams; returns how many were sent. Implementations with
@@ -33,10 +37,17 @@ pub trait Datagram: Send + Sync {
 }
 
 impl Datagram for tokio::net::UdpSocket {
-    fn send_to(&self, buf: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send {
+    fn send_to(
+        &self,
+        buf: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
         tokio::net::UdpSocket::send_to(self, buf, to)
     }
-    fn recv_from(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
         tokio::net::UdpSocket::recv_from(self, buf)
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -140,7 +151,10 @@ impl<D: Datagram> Impaired<D> {
 
     /// Datagrams dropped so far by all links.
     pub fn dropped(&self) -> u64 {
-        self.state.lock().map(|s| s.links.values().map(|p| p.dropped()).sum()).unwrap_or(0)
+        self.state
+            .lock()
+            .map(|s| s.links.values().map(|p| p.dropped()).sum())
+            .unwrap_or(0)
     }
 
     fn now(&self) -> Duration {
@@ -167,14 +181,22 @@ impl<D: Datagram> Impaired<D> {
         let st = &mut *guard;
         let now = self.now();
         let seed = self.seed ^ addr_seed(from);
-        let link = st.links.entry(from).or_insert_with(|| (self.spec)(from).build(seed));
+        let link = st
+            .links
+            .entry(from)
+            .or_insert_with(|| (self.spec)(from).build(seed));
         st.scratch.clear();
         link.apply(now, data.len(), &mut st.scratch);
         for i in 0..st.scratch.len() {
             let at = st.scratch[i];
             st.seq += 1;
             let seq = st.seq;
-            st.held.push(Held { at, seq, from, data: data.to_vec() });
+            st.held.push(Held {
+                at,
+                seq,
+                from,
+                data: data.to_vec(),
+            });
         }
     }
 }
@@ -188,11 +210,18 @@ fn addr_seed(a: SocketAddr) -> u64 {
 }
 
 impl<D: Datagram> Datagram for Impaired<D> {
-    fn send_to(&self, buf: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send {
+    fn send_to(
+        &self,
+        buf: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
         self.inner.send_to(buf, to)
     }
 
-    fn recv_from(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
         async move {
             let mut tmp = vec![0u8; 65_536];
             loop {

@@ -39,7 +39,12 @@ pub fn parse(p: &[u8]) -> Option<IpInfo> {
             let src = IpAddr::V4(Ipv4Addr::new(p[12], p[13], p[14], p[15]));
             let dst = IpAddr::V4(Ipv4Addr::new(p[16], p[17], p[18], p[19]));
             let ports = ports(proto, first_and_only, &p[ihl..total]);
-            Some(IpInfo { src, dst, proto, ports })
+            Some(IpInfo {
+                src,
+                dst,
+                proto,
+                ports,
+            })
         }
         6 => {
             if p.len() < 40 {
@@ -55,7 +60,12 @@ pub fn parse(p: &[u8]) -> Option<IpInfo> {
             let mut d = [0u8; 16];
             d.copy_from_slice(&p[24..40]);
             let ports = ports(proto, true, &p[40..40 + plen]);
-            Some(IpInfo { src: IpAddr::V6(Ipv6Addr::from(s)), dst: IpAddr::V6(Ipv6Addr::from(d)), proto, ports })
+            Some(IpInfo {
+                src: IpAddr::V6(Ipv6Addr::from(s)),
+                dst: IpAddr::V6(Ipv6Addr::from(d)),
+                proto,
+                ports,
+            })
         }
         _ => None,
     }
@@ -63,7 +73,10 @@ pub fn parse(p: &[u8]) -> Option<IpInfo> {
 
 fn ports(proto: u8, whole: bool, l4: &[u8]) -> Option<(u16, u16)> {
     if whole && (proto == PROTO_TCP || proto == PROTO_UDP) && l4.len() >= 4 {
-        Some((u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])))
+        Some((
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ))
     } else {
         None
     }
@@ -88,13 +101,25 @@ impl IpInfo {
         let x = (self.src, sp);
         let y = (self.dst, dp);
         let (a, b) = if x <= y { (x, y) } else { (y, x) };
-        Some(FlowKey { proto: self.proto, a, b })
+        Some(FlowKey {
+            proto: self.proto,
+            a,
+            b,
+        })
     }
 }
 
 /// Build a minimal IPv4 packet (for tests, simulations and benchmarks): a 20-byte
 /// header and an L4 header carrying the ports, padded with `payload` to `total` bytes.
-pub fn build_v4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16, payload: &[u8], total: usize) -> Vec<u8> {
+pub fn build_v4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    total: usize,
+) -> Vec<u8> {
     let total = total.max(28);
     let mut p = vec![0u8; total];
     p[0] = 0x45;
@@ -123,7 +148,12 @@ mod tests {
         let (ip, iq) = (parse(&p).unwrap(), parse(&q).unwrap());
         assert_eq!(ip.dst, IpAddr::V4(b));
         assert_eq!(ip.flow(), iq.flow());
-        assert_ne!(ip.flow(), parse(&build_v4(a, b, PROTO_TCP, 4001, 80, b"", 60)).unwrap().flow());
+        assert_ne!(
+            ip.flow(),
+            parse(&build_v4(a, b, PROTO_TCP, 4001, 80, b"", 60))
+                .unwrap()
+                .flow()
+        );
     }
 
     #[test]

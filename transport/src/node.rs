@@ -35,7 +35,10 @@ pub struct NodeConfig {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { session: SessionConfig::default(), admission: Admission::KnownPeers }
+        NodeConfig {
+            session: SessionConfig::default(),
+            admission: Admission::KnownPeers,
+        }
     }
 }
 
@@ -90,7 +93,13 @@ impl Node {
     /// A node with key pair `local` in the network keyed by `psk`.
     /// `wall_base_ms` is the wall clock (ms since the Unix epoch) at time zero of
     /// the `now` values passed later; it only orders handshake initiations.
-    pub fn new(cfg: NodeConfig, local: StaticKeypair, psk: [u8; 32], wall_base_ms: u64, mut entropy: EntropySource) -> Node {
+    pub fn new(
+        cfg: NodeConfig,
+        local: StaticKeypair,
+        psk: [u8; 32],
+        wall_base_ms: u64,
+        mut entropy: EntropySource,
+    ) -> Node {
         let mut inc = [0u8; 8];
         entropy.fill(&mut inc);
         Node {
@@ -146,7 +155,10 @@ impl Node {
     pub fn add_peer(&mut self, key: PublicKey, endpoint: Option<SocketAddr>) {
         let cfg = self.cfg.clone();
         let local = self.local.public;
-        let s = self.sessions.entry(key).or_insert_with(|| Session::new(cfg, &local, key, endpoint));
+        let s = self
+            .sessions
+            .entry(key)
+            .or_insert_with(|| Session::new(cfg, &local, key, endpoint));
         if let Some(ep) = endpoint {
             s.set_endpoint(ep);
         }
@@ -186,7 +198,12 @@ impl Node {
     }
 
     /// Send an inner IP packet to `peer`.
-    pub fn send_ip(&mut self, now: Duration, peer: &PublicKey, pkt: &[u8]) -> Result<(), SendError> {
+    pub fn send_ip(
+        &mut self,
+        now: Duration,
+        peer: &PublicKey,
+        pkt: &[u8],
+    ) -> Result<(), SendError> {
         let (mut ctx, sessions) = self.ctx(now);
         let Some(s) = sessions.get_mut(peer) else {
             self.stats.no_route += 1;
@@ -199,7 +216,10 @@ impl Node {
 
     /// Send a control message to `peer` as a datagram; false if no session yet.
     pub fn send_control(&mut self, peer: &PublicKey, msg: &Control) -> bool {
-        let ok = self.sessions.get_mut(peer).is_some_and(|s| s.send_control(msg));
+        let ok = self
+            .sessions
+            .get_mut(peer)
+            .is_some_and(|s| s.send_control(msg));
         if ok {
             self.ready.insert(*peer);
         }
@@ -207,8 +227,16 @@ impl Node {
     }
 
     /// Send a control message to `peer` reliably and in order.
-    pub fn send_control_reliable(&mut self, now: Duration, peer: &PublicKey, msg: &Control) -> bool {
-        let ok = self.sessions.get_mut(peer).is_some_and(|s| s.send_control_reliable(now, msg));
+    pub fn send_control_reliable(
+        &mut self,
+        now: Duration,
+        peer: &PublicKey,
+        msg: &Control,
+    ) -> bool {
+        let ok = self
+            .sessions
+            .get_mut(peer)
+            .is_some_and(|s| s.send_control_reliable(now, msg));
         if ok {
             self.ready.insert(*peer);
         }
@@ -239,11 +267,18 @@ impl Node {
             }
         };
         match frame {
-            Frame::HandshakeInit { sender_index, noise } => {
+            Frame::HandshakeInit {
+                sender_index,
+                noise,
+            } => {
                 let noise = noise.to_vec();
                 self.on_init(now, from, sender_index, &noise)
             }
-            Frame::HandshakeResp { sender_index, receiver_index, noise } => {
+            Frame::HandshakeResp {
+                sender_index,
+                receiver_index,
+                noise,
+            } => {
                 let noise = noise.to_vec();
                 let Some(key) = self.indices.get(&receiver_index).copied() else {
                     self.stats.unknown_index += 1;
@@ -251,13 +286,19 @@ impl Node {
                 };
                 let (mut ctx, sessions) = self.ctx(now);
                 if let Some(s) = sessions.get_mut(&key) {
-                    if s.on_resp(&mut ctx, sender_index, receiver_index, &noise, from).is_err() {
+                    if s.on_resp(&mut ctx, sender_index, receiver_index, &noise, from)
+                        .is_err()
+                    {
                         self.stats.handshake_failed += 1;
                     }
                     self.ready.insert(key);
                 }
             }
-            Frame::Data { receiver_index, counter, .. } => {
+            Frame::Data {
+                receiver_index,
+                counter,
+                ..
+            } => {
                 let Some(key) = self.indices.get(&receiver_index).copied() else {
                     self.stats.unknown_index += 1;
                     return;
@@ -265,7 +306,9 @@ impl Node {
                 let (mut ctx, sessions) = self.ctx(now);
                 if let Some(s) = sessions.get_mut(&key) {
                     let before = s.stats();
-                    if s.on_data(&mut ctx, receiver_index, counter, buf, from).is_err() {
+                    if s.on_data(&mut ctx, receiver_index, counter, buf, from)
+                        .is_err()
+                    {
                         let after = s.stats();
                         self.stats.auth_failed += after.auth_failed - before.auth_failed;
                         self.stats.replayed += after.replayed - before.replayed;
@@ -307,7 +350,10 @@ impl Node {
         if !self.ready.is_empty() {
             return Some(self.now);
         }
-        self.sessions.values().filter_map(|s| s.poll_timeout()).min()
+        self.sessions
+            .values()
+            .filter_map(|s| s.poll_timeout())
+            .min()
     }
 
     /// Run due timers of all sessions.
@@ -332,13 +378,24 @@ impl Node {
         if n == 0 {
             return None;
         }
-        let start = self.rr.and_then(|k| self.sessions.range(k..).nth(1).map(|(k, _)| *k));
+        let start = self
+            .rr
+            .and_then(|k| self.sessions.range(k..).nth(1).map(|(k, _)| *k));
         let keys: Vec<PublicKey> = match start {
-            Some(s) => self.sessions.range(s..).chain(self.sessions.range(..s)).map(|(k, _)| *k).collect(),
+            Some(s) => self
+                .sessions
+                .range(s..)
+                .chain(self.sessions.range(..s))
+                .map(|(k, _)| *k)
+                .collect(),
             None => self.sessions.keys().copied().collect(),
         };
         for k in keys {
-            if let Some(to) = self.sessions.get_mut(&k).and_then(|s| s.poll_transmit(now, buf)) {
+            if let Some(to) = self
+                .sessions
+                .get_mut(&k)
+                .and_then(|s| s.poll_transmit(now, buf))
+            {
                 self.rr = Some(k);
                 return Some(to);
             }
@@ -371,5 +428,9 @@ impl Node {
 
 /// The frame overhead a peer's TUN MTU must leave room for on a `path_mtu` path.
 pub fn tun_mtu_for(path_mtu: usize) -> usize {
-    SessionConfig { path_mtu, ..SessionConfig::default() }.tun_mtu()
+    SessionConfig {
+        path_mtu,
+        ..SessionConfig::default()
+    }
+    .tun_mtu()
 }

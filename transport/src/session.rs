@@ -20,7 +20,10 @@
 //! acks wait at most [`ACK_DELAY`] so that they share frames.
 
 use crate::cc::{Pacer, RateControl, Report};
-use crate::crypto::{CryptoError, EntropySource, InitiatorHandshake, ReplayWindow, ResponderHello, SessionKeys, StaticKeypair};
+use crate::crypto::{
+    CryptoError, EntropySource, InitiatorHandshake, ReplayWindow, ResponderHello, SessionKeys,
+    StaticKeypair,
+};
 use crate::ip;
 use crate::wire::{self, Control, Inner, PublicKey};
 use kcp::Kcp;
@@ -203,7 +206,10 @@ impl std::io::Write for KcpSink {
         let mut v = Vec::with_capacity(buf.len() + 1);
         v.push(Inner::Kcp as u8);
         v.extend_from_slice(buf);
-        self.0.lock().map_err(|_| std::io::ErrorKind::Other)?.push(v);
+        self.0
+            .lock()
+            .map_err(|_| std::io::ErrorKind::Other)?
+            .push(v);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -335,7 +341,12 @@ pub struct Session {
 
 impl Session {
     /// A session with `remote`, reachable at `endpoint` if known.
-    pub fn new(cfg: Arc<SessionConfig>, local: &PublicKey, remote: PublicKey, endpoint: Option<SocketAddr>) -> Session {
+    pub fn new(
+        cfg: Arc<SessionConfig>,
+        local: &PublicKey,
+        remote: PublicKey,
+        endpoint: Option<SocketAddr>,
+    ) -> Session {
         let initial_rate = 64.0 * 1400.0 / 0.1;
         let max_rate = cfg.max_rate;
         Session {
@@ -432,7 +443,10 @@ impl Session {
     /// Local indices this session holds (for the node's index map).
     pub fn indices(&self) -> Vec<u32> {
         let mut v = Vec::new();
-        for k in [&self.current, &self.previous, &self.next].into_iter().flatten() {
+        for k in [&self.current, &self.previous, &self.next]
+            .into_iter()
+            .flatten()
+        {
             v.push(k.local_index);
         }
         if let Some(p) = &self.pending_init {
@@ -500,13 +514,19 @@ impl Session {
     }
 
     fn conv_for_flow(&mut self, now: Duration, info: &ip::IpInfo) -> u32 {
-        let Some(key) = info.flow() else { return CONV_SHARED };
+        let Some(key) = info.flow() else {
+            return CONV_SHARED;
+        };
         if let Some(&c) = self.flows.get(&key) {
             if self.convs.contains_key(&c) {
                 return c;
             }
         }
-        let mine = self.convs.keys().filter(|&&c| c > CONV_SHARED && c & 1 == self.my_bit).count();
+        let mine = self
+            .convs
+            .keys()
+            .filter(|&&c| c > CONV_SHARED && c & 1 == self.my_bit)
+            .count();
         if mine >= self.cfg.max_convs && !self.evict_idle(now) {
             return CONV_SHARED;
         }
@@ -563,7 +583,13 @@ impl Session {
             kcp.set_maximum_resend_times(u32::MAX);
             let ms = now.as_millis() as u32;
             let _ = kcp.update(ms);
-            Conv { kcp, queue: VecDeque::new(), ack_owed: None, last_active: now, next_update_ms: ms }
+            Conv {
+                kcp,
+                queue: VecDeque::new(),
+                ack_owed: None,
+                last_active: now,
+                next_update_ms: ms,
+            }
         })
     }
 
@@ -618,7 +644,10 @@ impl Session {
             &mut frame[wire::INIT_HEADER_LEN..],
         ) {
             Ok((hs, _)) => {
-                self.pending_init = Some(PendingInit { hs, local_index: idx });
+                self.pending_init = Some(PendingInit {
+                    hs,
+                    local_index: idx,
+                });
                 self.urgent.push_back(Out::Raw(frame));
                 let backoff = 1u32 << self.handshake_attempts.min(3);
                 self.handshake_attempts += 1;
@@ -631,9 +660,17 @@ impl Session {
     }
 
     /// A valid handshake initiation from this session's remote arrived.
-    pub fn on_init(&mut self, ctx: &mut Ctx, hello: ResponderHello, sender_index: u32, from: SocketAddr) -> bool {
+    pub fn on_init(
+        &mut self,
+        ctx: &mut Ctx,
+        hello: ResponderHello,
+        sender_index: u32,
+        from: SocketAddr,
+    ) -> bool {
         self.now = ctx.now;
-        if hello.timestamp <= self.last_init_ts && self.remote_incarnation == Some(hello.incarnation) {
+        if hello.timestamp <= self.last_init_ts
+            && self.remote_incarnation == Some(hello.incarnation)
+        {
             return false; // replayed initiation
         }
         if self.pending_init.is_some() && self.my_bit == 1 {
@@ -665,7 +702,11 @@ impl Session {
             remote_index: sender_index,
             send_counter: 0,
             replay: ReplayWindow::default(),
-            rx: Report { frames: 0, highest: 0, bytes: 0 },
+            rx: Report {
+                frames: 0,
+                highest: 0,
+                bytes: 0,
+            },
         });
         self.endpoint = Some(from);
         self.urgent.push_back(Out::Raw(frame));
@@ -697,10 +738,22 @@ impl Session {
     }
 
     /// A handshake response addressed to `receiver_index` arrived.
-    pub fn on_resp(&mut self, ctx: &mut Ctx, sender_index: u32, receiver_index: u32, noise: &[u8], from: SocketAddr) -> Result<(), CryptoError> {
+    pub fn on_resp(
+        &mut self,
+        ctx: &mut Ctx,
+        sender_index: u32,
+        receiver_index: u32,
+        noise: &[u8],
+        from: SocketAddr,
+    ) -> Result<(), CryptoError> {
         self.now = ctx.now;
-        let Some(p) = self.pending_init.take_if(|p| p.local_index == receiver_index) else {
-            return Err(CryptoError::Handshake("no handshake pending for that index".into()));
+        let Some(p) = self
+            .pending_init
+            .take_if(|p| p.local_index == receiver_index)
+        else {
+            return Err(CryptoError::Handshake(
+                "no handshake pending for that index".into(),
+            ));
         };
         let local_index = p.local_index;
         let (keys, incarnation) = match p.hs.finish(noise) {
@@ -720,12 +773,17 @@ impl Session {
                 remote_index: sender_index,
                 send_counter: 0,
                 replay: ReplayWindow::default(),
-                rx: Report { frames: 0, highest: 0, bytes: 0 },
+                rx: Report {
+                    frames: 0,
+                    highest: 0,
+                    bytes: 0,
+                },
             },
         );
         self.endpoint = Some(from);
         // Confirm to the responder at once; it will not send on the new key before.
-        self.urgent.push_back(Out::Plain(vec![Inner::Keepalive as u8]));
+        self.urgent
+            .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
         Ok(())
     }
 
@@ -753,13 +811,22 @@ impl Session {
 
     /// An encrypted data frame for one of this session's indices arrived.
     /// `buf` holds the whole frame and is decrypted in place.
-    pub fn on_data(&mut self, ctx: &mut Ctx, receiver_index: u32, counter: u64, buf: &mut [u8], from: SocketAddr) -> Result<(), CryptoError> {
+    pub fn on_data(
+        &mut self,
+        ctx: &mut Ctx,
+        receiver_index: u32,
+        counter: u64,
+        buf: &mut [u8],
+        from: SocketAddr,
+    ) -> Result<(), CryptoError> {
         self.now = ctx.now;
         let wire_len = buf.len();
         let which = [&self.current, &self.previous, &self.next]
             .iter()
             .position(|k| k.as_ref().is_some_and(|k| k.local_index == receiver_index));
-        let Some(which) = which else { return Err(CryptoError::Handshake("unknown index".into())) };
+        let Some(which) = which else {
+            return Err(CryptoError::Handshake("unknown index".into()));
+        };
         let kp = match which {
             0 => self.current.as_mut(),
             1 => self.previous.as_mut(),
@@ -802,7 +869,9 @@ impl Session {
     }
 
     fn dispatch(&mut self, now: Duration, plain: &[u8]) {
-        let Some((&kind, body)) = plain.split_first() else { return };
+        let Some((&kind, body)) = plain.split_first() else {
+            return;
+        };
         match Inner::from_u8(kind) {
             Some(Inner::Ip) => self.deliver(now, body, None),
             Some(Inner::Kcp) => self.on_kcp(now, body),
@@ -838,9 +907,15 @@ impl Session {
         let id = kcp::get_conv(segs);
         if !self.convs.contains_key(&id) {
             let remote_made = id > CONV_SHARED && id & 1 != self.my_bit;
-            let remote_count = self.convs.keys().filter(|&&c| c > CONV_SHARED && c & 1 != self.my_bit).count();
+            let remote_count = self
+                .convs
+                .keys()
+                .filter(|&&c| c > CONV_SHARED && c & 1 != self.my_bit)
+                .count();
             let acceptable = id <= CONV_SHARED
-                || (remote_made && !self.tombstone_set.contains(&id) && remote_count < 2 * self.cfg.max_convs);
+                || (remote_made
+                    && !self.tombstone_set.contains(&id)
+                    && remote_count < 2 * self.cfg.max_convs);
             if !acceptable {
                 self.send_control(&Control::ConvReset { conv: id });
                 return;
@@ -892,8 +967,19 @@ impl Session {
                     self.cc.on_rtt(now, rtt);
                 }
             }
-            Control::Feedback { frames, highest, bytes } => {
-                self.cc.on_report(now, Report { frames, highest, bytes });
+            Control::Feedback {
+                frames,
+                highest,
+                bytes,
+            } => {
+                self.cc.on_report(
+                    now,
+                    Report {
+                        frames,
+                        highest,
+                        bytes,
+                    },
+                );
             }
             Control::ConvReset { conv } => {
                 if self.convs.contains_key(&conv) {
@@ -935,7 +1021,11 @@ impl Session {
         }
         if self.current.is_some() {
             at(self.next_ping);
-            if self.current.as_ref().is_some_and(|k| k.rx.frames > self.reported) {
+            if self
+                .current
+                .as_ref()
+                .is_some_and(|k| k.rx.frames > self.reported)
+            {
                 at(self.next_feedback);
             }
             if !self.dead {
@@ -956,7 +1046,9 @@ impl Session {
             let now_ms = base as u32;
             for c in self.convs.values() {
                 let d = c.next_update_ms.wrapping_sub(now_ms) as i32;
-                at(Duration::from_millis((base as i64 + d.max(0) as i64) as u64));
+                at(Duration::from_millis(
+                    (base as i64 + d.max(0) as i64) as u64,
+                ));
             }
             at(self.next_expiry);
             for c in self.convs.values() {
@@ -996,7 +1088,11 @@ impl Session {
             let expired: Vec<u32> = self
                 .convs
                 .iter()
-                .filter(|(&id, c)| id > CONV_SHARED && c.kcp.wait_snd() == 0 && now.saturating_sub(c.last_active) >= idle)
+                .filter(|(&id, c)| {
+                    id > CONV_SHARED
+                        && c.kcp.wait_snd() == 0
+                        && now.saturating_sub(c.last_active) >= idle
+                })
                 .map(|(&id, _)| id)
                 .collect();
             for id in expired {
@@ -1021,17 +1117,29 @@ impl Session {
             }
             if now >= self.next_ping {
                 let active = now.saturating_sub(self.last_kcp_tx) < Duration::from_secs(1);
-                self.send_control(&Control::Ping { ts_us: now.as_micros() as u64 });
-                self.next_ping = now + if active { Duration::from_millis(50) } else { self.cfg.keepalive };
+                self.send_control(&Control::Ping {
+                    ts_us: now.as_micros() as u64,
+                });
+                self.next_ping = now
+                    + if active {
+                        Duration::from_millis(50)
+                    } else {
+                        self.cfg.keepalive
+                    };
             }
             let rx = self.current.as_ref().map(|k| k.rx).expect("current");
             if rx.frames > self.reported && now >= self.next_feedback {
                 self.reported = rx.frames;
-                self.send_control(&Control::Feedback { frames: rx.frames, highest: rx.highest, bytes: rx.bytes });
+                self.send_control(&Control::Feedback {
+                    frames: rx.frames,
+                    highest: rx.highest,
+                    bytes: rx.bytes,
+                });
                 self.next_feedback = now + Duration::from_millis(20);
             }
             if now.saturating_sub(self.last_tx) >= self.cfg.keepalive && self.urgent.is_empty() {
-                self.urgent.push_back(Out::Plain(vec![Inner::Keepalive as u8]));
+                self.urgent
+                    .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
             }
         }
     }
@@ -1045,7 +1153,12 @@ impl Session {
         // average size of what was admitted (small packets => more segments).
         let cap = (self.cc.inflight_cap() / self.avg_seg).max(32.0);
         let total: usize = self.convs.values().map(|c| c.kcp.wait_snd()).sum();
-        let busy = self.convs.values().filter(|c| !c.queue.is_empty() || c.kcp.wait_snd() > 0).count().max(1);
+        let busy = self
+            .convs
+            .values()
+            .filter(|c| !c.queue.is_empty() || c.kcp.wait_snd() > 0)
+            .count()
+            .max(1);
         let share = (cap / busy as f64).max(4.0);
         self.convs
             .range(self.rr_conv.wrapping_add(1)..)
@@ -1071,7 +1184,9 @@ impl Session {
         // while other conversations are not held back by them.
         let mut budget = self.pacer.budget(now, rate);
         while self.queued > 0 && budget > 0.0 {
-            let Some(id) = self.next_admissible() else { break };
+            let Some(id) = self.next_admissible() else {
+                break;
+            };
             let c = self.convs.get_mut(&id).expect("found above");
             let pkt = c.queue.pop_front().expect("non-empty");
             self.queued -= 1;
@@ -1122,14 +1237,19 @@ impl Session {
                     Out::Plain(p) => {
                         if p.first() == Some(&(Inner::Ip as u8)) {
                             // Datagrams never wait, but they use the path, so KCP yields.
-                            self.pacer.on_send(now, p.len() + wire::DATA_OVERHEAD, self.cc.pacing_rate());
+                            self.pacer.on_send(
+                                now,
+                                p.len() + wire::DATA_OVERHEAD,
+                                self.cc.pacing_rate(),
+                            );
                         }
                         p
                     }
                 }
             } else if self.paced_len > 0 && self.pacer.ready(now) && self.current.is_some() {
                 let p = self.pop_paced();
-                self.pacer.on_send(now, p.len() + wire::DATA_OVERHEAD, self.cc.pacing_rate());
+                self.pacer
+                    .on_send(now, p.len() + wire::DATA_OVERHEAD, self.cc.pacing_rate());
                 p
             } else {
                 return None;
@@ -1166,7 +1286,9 @@ impl Session {
     }
 
     fn seal(&mut self, plain: &[u8], buf: &mut Vec<u8>) -> bool {
-        let Some(kp) = self.current.as_mut() else { return false };
+        let Some(kp) = self.current.as_mut() else {
+            return false;
+        };
         let n = plain.len();
         buf.clear();
         buf.resize(wire::DATA_HEADER_LEN + n + wire::TAG_LEN, 0);

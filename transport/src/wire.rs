@@ -156,7 +156,10 @@ impl<'a> Frame<'a> {
                 if b[2] != 0 || b[3] != 0 {
                     return Err(FrameError::Reserved);
                 }
-                Ok(Frame::HandshakeInit { sender_index: u32_at(b, 4), noise: &b[INIT_HEADER_LEN..] })
+                Ok(Frame::HandshakeInit {
+                    sender_index: u32_at(b, 4),
+                    noise: &b[INIT_HEADER_LEN..],
+                })
             }
             TYPE_HANDSHAKE_RESP => {
                 if b.len() != RESP_FRAME_LEN {
@@ -251,7 +254,10 @@ where
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<T>, A::Error> {
             if a.size_hint().is_some_and(|n| n > N) {
-                return Err(serde::de::Error::invalid_length(a.size_hint().unwrap_or(0), &self));
+                return Err(serde::de::Error::invalid_length(
+                    a.size_hint().unwrap_or(0),
+                    &self,
+                ));
             }
             let mut v = Vec::new();
             while let Some(x) = a.next_element()? {
@@ -464,7 +470,12 @@ mod tests {
         let mut b = vec![0u8; DATA_HEADER_LEN + TAG_LEN + 5];
         write_data_header(&mut b, 0xdead_beef, 77);
         match Frame::parse(&b).unwrap() {
-            Frame::Data { receiver_index, counter, header, ciphertext } => {
+            Frame::Data {
+                receiver_index,
+                counter,
+                header,
+                ciphertext,
+            } => {
                 assert_eq!(receiver_index, 0xdead_beef);
                 assert_eq!(counter, 77);
                 assert_eq!(header.len(), DATA_HEADER_LEN);
@@ -483,21 +494,37 @@ mod tests {
         write_data_header(&mut b, 1, 1);
         b[2] = 1;
         assert_eq!(Frame::parse(&b), Err(FrameError::Reserved));
-        assert_eq!(Frame::parse(&b[..DATA_HEADER_LEN + TAG_LEN - 1]), Err(FrameError::Truncated(31)));
+        assert_eq!(
+            Frame::parse(&b[..DATA_HEADER_LEN + TAG_LEN - 1]),
+            Err(FrameError::Truncated(31))
+        );
     }
 
     #[test]
     fn handshake_lengths_are_exact() {
         let mut b = vec![0u8; INIT_FRAME_LEN];
         write_init_header(&mut b, 5);
-        assert!(matches!(Frame::parse(&b), Ok(Frame::HandshakeInit { sender_index: 5, .. })));
+        assert!(matches!(
+            Frame::parse(&b),
+            Ok(Frame::HandshakeInit {
+                sender_index: 5,
+                ..
+            })
+        ));
         b.push(0);
-        assert_eq!(Frame::parse(&b), Err(FrameError::HandshakeLength(INIT_FRAME_LEN + 1)));
+        assert_eq!(
+            Frame::parse(&b),
+            Err(FrameError::HandshakeLength(INIT_FRAME_LEN + 1))
+        );
         let mut r = vec![0u8; RESP_FRAME_LEN];
         write_resp_header(&mut r, 6, 7);
         assert!(matches!(
             Frame::parse(&r),
-            Ok(Frame::HandshakeResp { sender_index: 6, receiver_index: 7, .. })
+            Ok(Frame::HandshakeResp {
+                sender_index: 6,
+                receiver_index: 7,
+                ..
+            })
         ));
     }
 
@@ -512,16 +539,28 @@ mod tests {
         let ok = delta(MAX_REMOVALS).encode().unwrap();
         assert_eq!(Control::decode(&ok).unwrap(), delta(MAX_REMOVALS));
         let past = delta(MAX_REMOVALS + 1).encode().unwrap();
-        assert!(matches!(Control::decode(&past), Err(ControlError::Decode(_))));
+        assert!(matches!(
+            Control::decode(&past),
+            Err(ControlError::Decode(_))
+        ));
     }
 
     #[test]
     fn control_cap_enforced_both_ways() {
-        let big = Control::Error { code: ErrorCode::BadRequest, message: "x".repeat(CONTROL_CAP) };
+        let big = Control::Error {
+            code: ErrorCode::BadRequest,
+            message: "x".repeat(CONTROL_CAP),
+        };
         assert!(matches!(big.encode(), Err(ControlError::TooLarge(_))));
-        let just_inside = Control::Error { code: ErrorCode::BadRequest, message: "x".repeat(CONTROL_CAP - 64) };
+        let just_inside = Control::Error {
+            code: ErrorCode::BadRequest,
+            message: "x".repeat(CONTROL_CAP - 64),
+        };
         let enc = just_inside.encode().unwrap();
         assert_eq!(Control::decode(&enc).unwrap(), just_inside);
-        assert!(matches!(Control::decode(&vec![0u8; CONTROL_CAP + 1]), Err(ControlError::TooLarge(_))));
+        assert!(matches!(
+            Control::decode(&vec![0u8; CONTROL_CAP + 1]),
+            Err(ControlError::TooLarge(_))
+        ));
     }
 }

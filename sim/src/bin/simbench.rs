@@ -29,10 +29,19 @@ impl Mode {
     }
     fn cfg(self) -> NodeConfig {
         let session = match self {
-            Mode::Kcp(p) => SessionConfig { profile: p, ..SessionConfig::default() },
-            Mode::Datagram => SessionConfig { flow_mode: FlowMode::AllDatagram, ..SessionConfig::default() },
+            Mode::Kcp(p) => SessionConfig {
+                profile: p,
+                ..SessionConfig::default()
+            },
+            Mode::Datagram => SessionConfig {
+                flow_mode: FlowMode::AllDatagram,
+                ..SessionConfig::default()
+            },
         };
-        NodeConfig { session, ..NodeConfig::default() }
+        NodeConfig {
+            session,
+            ..NodeConfig::default()
+        }
     }
 }
 
@@ -54,12 +63,34 @@ fn latency(mode: Mode, loss: f64, rtt_ms: u64, seed: u64) -> (Duration, Duration
     for i in 0..n {
         let at = t0 + Duration::from_millis(i as u64 * 5);
         sent.insert(i, at);
-        net.send_at(at, 0, kb, traffic::packet(Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2), Kind::Tcp, 1, i, 500));
+        net.send_at(
+            at,
+            0,
+            kb,
+            traffic::packet(
+                Ipv4Addr::new(10, 77, 0, 1),
+                Ipv4Addr::new(10, 77, 0, 2),
+                Kind::Tcp,
+                1,
+                i,
+                500,
+            ),
+        );
     }
     net.run_for(Duration::from_secs(60));
-    let mut d: Vec<Duration> = net.node(1).rx.iter().filter_map(|r| traffic::read(&r.pkt).map(|t| r.at - sent[&t.seq])).collect();
+    let mut d: Vec<Duration> = net
+        .node(1)
+        .rx
+        .iter()
+        .filter_map(|r| traffic::read(&r.pkt).map(|t| r.at - sent[&t.seq]))
+        .collect();
     let delivered = d.len() as f64 / n as f64;
-    (pct(&mut d, 0.5), pct(&mut d, 0.99), pct(&mut d, 1.0), delivered)
+    (
+        pct(&mut d, 0.5),
+        pct(&mut d, 0.99),
+        pct(&mut d, 1.0),
+        delivered,
+    )
 }
 
 /// Bulk over a 100 Mbit/s bottleneck (queue 1/2 BDP, min 64 KiB) with `loss` after it.
@@ -67,7 +98,9 @@ fn goodput(mode: Mode, loss: f64, rtt_ms: u64, seed: u64, measure: Duration) -> 
     let rate = 100_000_000u64;
     let bdp = (rate / 8) as usize * rtt_ms as usize / 1000;
     let q = (bdp / 2).max(64 * 1024);
-    let fwd = LinkSpec::latency(Duration::from_millis(rtt_ms / 2)).with_loss(loss).with_rate(rate, q);
+    let fwd = LinkSpec::latency(Duration::from_millis(rtt_ms / 2))
+        .with_loss(loss)
+        .with_rate(rate, q);
     let rev = LinkSpec::latency(Duration::from_millis(rtt_ms / 2)).with_loss(loss);
     let (mut net, _ka, _kb) = pair(seed, mode.cfg(), fwd);
     net.set_link(1, 0, rev);
@@ -88,26 +121,56 @@ fn goodput(mode: Mode, loss: f64, rtt_ms: u64, seed: u64, measure: Duration) -> 
             let steps = total.as_millis() as u64;
             for ms in 0..steps {
                 for _ in 0..per_ms {
-                    net.send_at(t0 + Duration::from_millis(ms), 0, to, traffic::packet(Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2), Kind::Udp, 1, seq, mtu));
+                    net.send_at(
+                        t0 + Duration::from_millis(ms),
+                        0,
+                        to,
+                        traffic::packet(
+                            Ipv4Addr::new(10, 77, 0, 1),
+                            Ipv4Addr::new(10, 77, 0, 2),
+                            Kind::Udp,
+                            1,
+                            seq,
+                            mtu,
+                        ),
+                    );
                     seq += 1;
                 }
             }
             net.run_until(t0 + warmup);
             let (rx0, w0, r0) = (net.node(1).rx.len(), net.wire(0, 1), net.wire(1, 0));
             net.run_until(t0 + total);
-            let got: u64 = net.node(1).rx[rx0..].iter().map(|d| d.pkt.len() as u64).sum();
+            let got: u64 = net.node(1).rx[rx0..]
+                .iter()
+                .map(|d| d.pkt.len() as u64)
+                .sum();
             let (w1, r1) = (net.wire(0, 1), net.wire(1, 0));
-            let wire = (w1.bytes - w0.bytes) + 28 * (w1.packets - w0.packets) + (r1.bytes - r0.bytes) + 28 * (r1.packets - r0.packets);
-            (got as f64 * 8.0 / measure.as_secs_f64(), wire as f64 / got.max(1) as f64)
+            let wire = (w1.bytes - w0.bytes)
+                + 28 * (w1.packets - w0.packets)
+                + (r1.bytes - r0.bytes)
+                + 28 * (r1.packets - r0.packets);
+            (
+                got as f64 * 8.0 / measure.as_secs_f64(),
+                wire as f64 / got.max(1) as f64,
+            )
         }
     }
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let losses: &[f64] = if quick { &[0.0, 0.05] } else { &[0.0, 0.01, 0.05, 0.10, 0.20] };
+    let losses: &[f64] = if quick {
+        &[0.0, 0.05]
+    } else {
+        &[0.0, 0.01, 0.05, 0.10, 0.20]
+    };
     let rtts: &[u64] = if quick { &[20, 100] } else { &[20, 100, 300] };
-    let modes = [Mode::Kcp(KcpProfile::Normal), Mode::Kcp(KcpProfile::Fast), Mode::Kcp(KcpProfile::Turbo), Mode::Datagram];
+    let modes = [
+        Mode::Kcp(KcpProfile::Normal),
+        Mode::Kcp(KcpProfile::Fast),
+        Mode::Kcp(KcpProfile::Turbo),
+        Mode::Datagram,
+    ];
     let measure = Duration::from_secs(if quick { 3 } else { 5 });
     println!("| loss | RTT ms | mode | p50 ms | p99 ms | max ms | delivered | goodput Mbit/s (100 Mbit/s link) | wire/payload |");
     println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");
@@ -129,7 +192,11 @@ fn main() {
                     gp / 1e6,
                     oh
                 );
-                eprintln!("  ({} loss {loss} rtt {rtt}: {:.1}s wall)", m.name(), started.elapsed().as_secs_f64());
+                eprintln!(
+                    "  ({} loss {loss} rtt {rtt}: {:.1}s wall)",
+                    m.name(),
+                    started.elapsed().as_secs_f64()
+                );
             }
         }
     }
