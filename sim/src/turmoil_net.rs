@@ -8,6 +8,7 @@
 
 use crate::des::SIM_PSK;
 use blake2::{Blake2b512, Digest};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -39,35 +40,92 @@ impl Datagram for TurmoilUdp {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.local_addr()
     }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.0.readable()
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.0.try_recv_from(buf)
+    }
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.0.try_send_to(buf, to)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.0.writable()
+    }
 }
 
 /// An in-memory TUN device: the test writes packets "from applications" into
 /// `apps`, and reads what the node delivered from `delivered`.
 pub struct MemTun {
-    from_apps: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    from_apps: Arc<MemQueue>,
     to_apps: mpsc::Sender<Vec<u8>>,
+}
+
+/// A bounded queue with async readiness (the application-to-node direction).
+#[derive(Default)]
+pub struct MemQueue {
+    q: Mutex<VecDeque<Vec<u8>>>,
+    notify: tokio::sync::Notify,
+    cap: usize,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// The application side of a [`MemTun`].
 pub struct MemTunHandle {
-    /// Send packets into the device (as if an application wrote them).
-    pub apps: mpsc::Sender<Vec<u8>>,
+    /// Packets into the device (as if an application wrote them).
+    pub apps: AppSender,
     /// Packets the node wrote to the device.
     pub delivered: mpsc::Receiver<Vec<u8>>,
+}
+
+/// Writes packets into a [`MemTun`] as applications would; full queue drops (like a real TUN).
+#[derive(Clone)]
+pub struct AppSender(Arc<MemQueue>);
+
+impl AppSender {
+    /// Queue one packet; false if the device queue is full (the packet is dropped).
+    pub fn send(&self, pkt: Vec<u8>) -> bool {
+        let Ok(mut q) = self.0.q.lock() else {
+            return false;
+        };
+        if q.len() >= self.0.cap {
+            return false;
+        }
+        q.push_back(pkt);
+        drop(q);
+        self.0.notify.notify_one();
+        true
+    }
+
+    /// Packets waiting to be read by the node.
+    pub fn queued(&self) -> usize {
+        self.0.q.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
+    /// Close the device: the node's reads fail from now on.
+    pub fn close(&self) {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify.notify_one();
+    }
 }
 
 impl MemTun {
     /// A device and its application-side handle.
     pub fn new(capacity: usize) -> (MemTun, MemTunHandle) {
-        let (a_tx, a_rx) = mpsc::channel(capacity);
+        let q = Arc::new(MemQueue {
+            cap: capacity,
+            ..MemQueue::default()
+        });
         let (d_tx, d_rx) = mpsc::channel(capacity);
         (
             MemTun {
-                from_apps: tokio::sync::Mutex::new(a_rx),
+                from_apps: q.clone(),
                 to_apps: d_tx,
             },
             MemTunHandle {
-                apps: a_tx,
+                apps: AppSender(q),
                 delivered: d_rx,
             },
         )
@@ -77,16 +135,13 @@ impl MemTun {
 impl PacketDevice for MemTun {
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
         async move {
-            let p = self
-                .from_apps
-                .lock()
-                .await
-                .recv()
-                .await
-                .ok_or(io::ErrorKind::BrokenPipe)?;
-            let n = p.len().min(buf.len());
-            buf[..n].copy_from_slice(&p[..n]);
-            Ok(n)
+            loop {
+                self.readable().await?;
+                match self.try_recv(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            }
         }
     }
     fn send(&self, pkt: &[u8]) -> impl Future<Output = io::Result<usize>> + Send {
@@ -96,6 +151,56 @@ impl PacketDevice for MemTun {
                 .await
                 .map_err(|_| io::ErrorKind::BrokenPipe)?;
             Ok(pkt.len())
+        }
+    }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            loop {
+                let notified = self.from_apps.notify.notified();
+                if self
+                    .from_apps
+                    .closed
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                }
+                if self
+                    .from_apps
+                    .q
+                    .lock()
+                    .map(|q| !q.is_empty())
+                    .unwrap_or(false)
+                {
+                    return Ok(());
+                }
+                notified.await;
+            }
+        }
+    }
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if self
+            .from_apps
+            .closed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let p = self
+            .from_apps
+            .q
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .pop_front()
+            .ok_or(io::ErrorKind::WouldBlock)?;
+        let n = p.len().min(buf.len());
+        buf[..n].copy_from_slice(&p[..n]);
+        Ok(n)
+    }
+    fn try_send(&self, pkt: &[u8]) -> io::Result<usize> {
+        match self.to_apps.try_send(pkt.to_vec()) {
+            Ok(()) => Ok(pkt.len()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(io::ErrorKind::BrokenPipe.into()),
         }
     }
 }

@@ -138,6 +138,7 @@ fn control() -> impl Strategy<Value = Control> {
             }
         }),
         any::<u32>().prop_map(|conv| Control::ConvReset { conv }),
+        Just(Control::Leave),
         (code(), ".{0,40}").prop_map(|(code, message)| Control::Error { code, message }),
     ]
 }

@@ -21,6 +21,15 @@ pub trait Datagram: Send + Sync {
     ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
     /// The bound local address.
     fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Wait until [`Datagram::try_recv_from`] may succeed (it can still return
+    /// `WouldBlock`; readiness is cleared by that).
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Receive one datagram without waiting (`WouldBlock` if none).
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)>;
+    /// Send one datagram without waiting (`WouldBlock` if the socket is full).
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize>;
+    /// Wait until [`Datagram::try_send_to`] may succeed.
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Send several datagrams; returns how many were sent. Implementations with
     /// `sendmmsg` or GSO can do this in one system call.
     fn send_batch<'a>(
@@ -53,6 +62,18 @@ impl Datagram for tokio::net::UdpSocket {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         tokio::net::UdpSocket::local_addr(self)
     }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::UdpSocket::readable(self)
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        tokio::net::UdpSocket::try_recv_from(self, buf)
+    }
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        tokio::net::UdpSocket::try_send_to(self, buf, to)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::UdpSocket::writable(self)
+    }
 }
 
 /// A device that reads and writes whole IP packets: a TUN device or an in-memory one.
@@ -61,6 +82,12 @@ pub trait PacketDevice: Send + Sync {
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
     /// Write one IP packet.
     fn send(&self, pkt: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Wait until [`PacketDevice::try_recv`] may succeed.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Read one IP packet without waiting (`WouldBlock` if none).
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Write one IP packet without waiting (`WouldBlock` if the device queue is full).
+    fn try_send(&self, pkt: &[u8]) -> io::Result<usize>;
 }
 
 impl PacketDevice for tun_rs::AsyncDevice {
@@ -69,6 +96,15 @@ impl PacketDevice for tun_rs::AsyncDevice {
     }
     fn send(&self, pkt: &[u8]) -> impl Future<Output = io::Result<usize>> + Send {
         tun_rs::AsyncDevice::send(self, pkt)
+    }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tun_rs::AsyncDevice::readable(self)
+    }
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        tun_rs::AsyncDevice::try_recv(self, buf)
+    }
+    fn try_send(&self, pkt: &[u8]) -> io::Result<usize> {
+        tun_rs::AsyncDevice::try_send(self, pkt)
     }
 }
 
@@ -201,6 +237,20 @@ impl<D: Datagram> Impaired<D> {
     }
 }
 
+impl<D: Datagram> Impaired<D> {
+    /// Admit every datagram the inner socket has ready, without waiting.
+    fn pull_inner(&self) -> io::Result<()> {
+        let mut tmp = [0u8; 65_536];
+        loop {
+            match self.inner.try_recv_from(&mut tmp) {
+                Ok((n, from)) => self.admit(&tmp[..n], from),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 fn addr_seed(a: SocketAddr) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in a.to_string().bytes() {
@@ -250,5 +300,51 @@ impl<D: Datagram> Datagram for Impaired<D> {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
+    }
+
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            loop {
+                let next = match self.state.lock() {
+                    Ok(st) => st.held.peek().map(|h| h.at),
+                    Err(_) => None,
+                };
+                if next.is_some_and(|at| at <= self.now()) {
+                    return Ok(());
+                }
+                let sleep = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(self.epoch + at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    r = self.inner.readable() => {
+                        r?;
+                        // Move what arrived into the impairment pipeline; it may
+                        // all be dropped or delayed, so look again.
+                        self.pull_inner()?;
+                    }
+                    _ = sleep => return Ok(()),
+                }
+            }
+        }
+    }
+
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.pull_inner()?;
+        match self.take_ready(buf) {
+            Ok(Some(r)) => Ok(r),
+            _ => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.inner.try_send_to(buf, to)
+    }
+
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.inner.writable()
     }
 }

@@ -406,6 +406,8 @@ pub enum Control {
         /// The KCP conversation id.
         conv: u32,
     },
+    /// Peer → hub: the node is shutting down; drop it from the map now.
+    Leave,
     /// Generic error notice.
     Error {
         /// Why.

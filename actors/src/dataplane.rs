@@ -1,0 +1,619 @@
+//! The data plane: the actor that owns the UDP socket and every peer's session
+//! (through [`Node`]), and the TUN reader actor that feeds it.
+//!
+//! Design for speed: the socket is driven by readiness, not by messages. When
+//! it becomes readable the actor drains up to [`RX_BURST`] datagrams into one
+//! reused buffer, decrypts them in place, and writes what they carry straight
+//! to the TUN device: no mailbox hop and no allocation per datagram on the way
+//! in other than KCP's reassembly. In the other direction the [`TunReader`]
+//! reads up to a batch of packets into one recycled buffer and sends the batch
+//! in one message, so the mailbox hop is paid per batch, not per packet, and
+//! the buffers cycle through a fixed pool (the pool also bounds how far the
+//! reader can run ahead of the sessions).
+
+use crate::peermap::Router;
+use actix::prelude::*;
+use futures_util::Stream;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context as TaskCx, Poll, Waker};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use transport::wire::{Control, PublicKey};
+use transport::{Datagram, Event, Node, NodeStats, PacketDevice, SessionStats};
+
+/// Datagrams handled per readiness event before other work gets a turn.
+pub const RX_BURST: usize = 256;
+/// Packets per TUN batch.
+pub const BATCH_SLOTS: usize = 64;
+/// Batches in the TUN reader's pool.
+pub const BATCH_POOL: usize = 8;
+
+/// A device that is never readable (the hub has no TUN).
+pub struct NoDevice;
+
+impl PacketDevice for NoDevice {
+    async fn recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
+        std::future::pending().await
+    }
+    async fn send(&self, _pkt: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    async fn readable(&self) -> io::Result<()> {
+        std::future::pending().await
+    }
+    fn try_recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    fn try_send(&self, _pkt: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Something happened on a session (handshake, dead link, control message).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct NetEvent {
+    /// The peer.
+    pub peer: PublicKey,
+    /// Where the peer was last seen.
+    pub endpoint: Option<SocketAddr>,
+    /// What happened.
+    pub event: Event,
+}
+
+/// Commands for the data plane.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub enum Cmd {
+    /// Admit a peer (and send to it at `endpoint`).
+    AddPeer {
+        /// Peer key.
+        key: PublicKey,
+        /// Where to reach it.
+        endpoint: Option<SocketAddr>,
+    },
+    /// Forget a peer; its keys are dropped.
+    RemovePeer(PublicKey),
+    /// Tear a failed session down and start a new handshake.
+    RestartPeer(PublicKey),
+    /// Start a handshake now.
+    Connect(PublicKey),
+    /// Replace the routing table.
+    SetRouter(Router),
+    /// Send a control message.
+    Send {
+        /// Peer.
+        to: PublicKey,
+        /// Message.
+        msg: Control,
+        /// Reliable and ordered (KCP conversation 0) or a single datagram.
+        reliable: bool,
+    },
+}
+
+/// Ask for the counters.
+#[derive(Debug, Message)]
+#[rtype(result = "Snapshot")]
+pub struct GetSnapshot;
+
+/// One peer's session as the data plane sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSnapshot {
+    /// Key.
+    pub key: PublicKey,
+    /// Current endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Handshake done.
+    pub established: bool,
+    /// Nothing authenticated arrived for the dead-link time.
+    pub dead: bool,
+    /// Time since the last authenticated frame.
+    pub idle: Duration,
+    /// Session counters.
+    pub stats: SessionStats,
+}
+
+/// Counters of the data plane itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlaneStats {
+    /// Packets read from TUN.
+    pub tun_read: u64,
+    /// Packets written to TUN.
+    pub tun_written: u64,
+    /// TUN packets with no route (unknown destination, or not IP).
+    pub no_route: u64,
+    /// Inbound packets dropped: source address not owned by the sending peer.
+    pub bad_source: u64,
+    /// Inbound packets dropped: the TUN queue was full or failed.
+    pub tun_write_failed: u64,
+    /// UDP sends that failed (other than a full socket buffer).
+    pub udp_send_failed: u64,
+    /// Datagrams received.
+    pub udp_rx: u64,
+    /// Datagrams sent.
+    pub udp_tx: u64,
+    /// Batches from the TUN reader.
+    pub batches: u64,
+}
+
+/// Everything the data plane counts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Data-plane counters.
+    pub plane: PlaneStats,
+    /// Node (drop) counters.
+    pub node: NodeStats,
+    /// Every peer.
+    pub peers: Vec<PeerSnapshot>,
+}
+
+/// A batch of packets read from TUN, packed in one buffer.
+#[derive(Debug)]
+pub struct Batch {
+    buf: Vec<u8>,
+    lens: Vec<u16>,
+    slot: usize,
+}
+
+impl Batch {
+    fn new(slot: usize) -> Batch {
+        Batch {
+            buf: vec![0; slot * BATCH_SLOTS],
+            lens: Vec::with_capacity(BATCH_SLOTS),
+            slot,
+        }
+    }
+
+    /// The packets.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.lens
+            .iter()
+            .enumerate()
+            .map(|(i, n)| &self.buf[i * self.slot..i * self.slot + *n as usize])
+    }
+}
+
+/// A batch of TUN packets for the data plane.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct TunBatch(pub Batch);
+
+/// A deadline the actor moves; its stream fires when the deadline passes.
+#[derive(Default)]
+struct AlarmShared {
+    deadline: Cell<Option<Instant>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+struct AlarmStream {
+    shared: Rc<AlarmShared>,
+    sleep: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct AlarmFired;
+
+impl Stream for AlarmStream {
+    type Item = AlarmFired;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Option<AlarmFired>> {
+        let this = self.get_mut();
+        {
+            let mut w = this.shared.waker.borrow_mut();
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        let d = this.shared.deadline.get();
+        if d != this.armed {
+            if let Some(d) = d {
+                this.sleep.as_mut().reset(d);
+            }
+            this.armed = d;
+        }
+        if this.armed.is_none() {
+            return Poll::Pending;
+        }
+        match this.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                this.armed = None;
+                this.shared.deadline.set(None);
+                Poll::Ready(Some(AlarmFired))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn alarm_set(a: &AlarmShared, d: Option<Instant>) {
+    if a.deadline.get() != d {
+        a.deadline.set(d);
+        if let Some(w) = a.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SockReady(Option<io::ErrorKind>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SockWritable;
+
+fn readiness<D: Datagram + 'static>(sock: Arc<D>) -> impl Stream<Item = SockReady> {
+    futures_util::stream::unfold(sock, |s| async move {
+        let r = s.readable().await;
+        Some((SockReady(r.err().map(|e| e.kind())), s))
+    })
+}
+
+/// The data-plane actor.
+pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
+    node: Node,
+    sock: Arc<D>,
+    tun: Option<Arc<P>>,
+    router: Router,
+    events: Recipient<NetEvent>,
+    recycle: Option<mpsc::Sender<Batch>>,
+    epoch: Instant,
+    alarm: Rc<AlarmShared>,
+    txbuf: Vec<u8>,
+    rxbuf: Vec<u8>,
+    pending: Option<SocketAddr>,
+    stats: PlaneStats,
+}
+
+impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
+    /// A data plane for `node` over `sock`, writing received packets to `tun`
+    /// (None on a hub), reporting events to `events`. Batches from a
+    /// [`TunReader`] go back to it through `recycle`.
+    pub fn new(
+        node: Node,
+        sock: Arc<D>,
+        tun: Option<Arc<P>>,
+        events: Recipient<NetEvent>,
+        recycle: Option<mpsc::Sender<Batch>>,
+    ) -> Self {
+        Dataplane {
+            node,
+            sock,
+            tun,
+            router: Router::default(),
+            events,
+            recycle,
+            epoch: Instant::now(),
+            alarm: Rc::default(),
+            txbuf: Vec::with_capacity(2048),
+            rxbuf: vec![0; 65_536],
+            pending: None,
+            stats: PlaneStats::default(),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// Run timers, send what is ready, deliver what arrived, report events,
+    /// and set the alarm for the next timer.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        let now = self.now();
+        if self.node.poll_timeout().is_some_and(|t| t <= now) {
+            self.node.handle_timeout(now);
+        }
+        if self.pending.is_none() {
+            while let Some(to) = self.node.poll_transmit(now, &mut self.txbuf) {
+                match self.sock.try_send_to(&self.txbuf, to) {
+                    Ok(_) => self.stats.udp_tx += 1,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.pending = Some(to);
+                        let sock = self.sock.clone();
+                        ctx.add_stream(futures_util::stream::once(async move {
+                            let _ = sock.writable().await;
+                            SockWritable
+                        }));
+                        break;
+                    }
+                    Err(_) => self.stats.udp_send_failed += 1,
+                }
+            }
+        }
+        while let Some((from, pkt)) = self.node.poll_rx() {
+            self.deliver(&from, &pkt);
+        }
+        while let Some((peer, event)) = self.node.poll_event() {
+            let endpoint = self.node.session(&peer).and_then(|s| s.endpoint());
+            self.events.do_send(NetEvent {
+                peer,
+                endpoint,
+                event,
+            });
+        }
+        let next = self.node.poll_timeout().map(|t| self.epoch + t.max(now));
+        alarm_set(&self.alarm, next);
+    }
+
+    fn deliver(&mut self, from: &PublicKey, pkt: &[u8]) {
+        let Some(tun) = &self.tun else {
+            return;
+        };
+        let ok = transport::ip::parse(pkt).is_some_and(|i| self.router.owns(from, &i.src));
+        if !ok {
+            self.stats.bad_source += 1;
+            return;
+        }
+        match tun.try_send(pkt) {
+            Ok(_) => self.stats.tun_written += 1,
+            Err(_) => self.stats.tun_write_failed += 1,
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let now = self.now();
+        let peers = self
+            .node
+            .peers()
+            .filter_map(|k| self.node.session(k).map(|s| (k, s)))
+            .map(|(k, s)| PeerSnapshot {
+                key: *k,
+                endpoint: s.endpoint(),
+                established: s.is_established(),
+                dead: s.is_dead(),
+                idle: now.saturating_sub(s.last_rx()),
+                stats: s.stats(),
+            })
+            .collect();
+        Snapshot {
+            plane: self.stats.clone(),
+            node: self.node.stats().clone(),
+            peers,
+        }
+    }
+}
+
+impl<D: Datagram + 'static, P: PacketDevice + 'static> Actor for Dataplane<D, P> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Control traffic must not wait behind a flood of packets.
+        ctx.set_mailbox_capacity(1024);
+        ctx.add_stream(readiness(self.sock.clone()));
+        let sleep = Box::pin(tokio::time::sleep_until(self.epoch));
+        ctx.add_stream(AlarmStream {
+            shared: self.alarm.clone(),
+            sleep,
+            armed: None,
+        });
+    }
+}
+
+impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
+    for Dataplane<D, P>
+{
+    fn handle(&mut self, r: SockReady, ctx: &mut Context<Self>) {
+        if let Some(kind) = r.0 {
+            tracing::warn!(?kind, "socket readiness failed");
+            return;
+        }
+        for _ in 0..RX_BURST {
+            match self.sock.try_recv_from(&mut self.rxbuf) {
+                Ok((n, from)) => {
+                    self.stats.udp_rx += 1;
+                    let now = self.now();
+                    self.node.handle_datagram(now, from, &mut self.rxbuf[..n]);
+                    // Hand decrypted packets to TUN as they come, so the
+                    // reassembly queues stay short.
+                    while let Some((from, pkt)) = self.node.poll_rx() {
+                        self.deliver(&from, &pkt);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP errors (port unreachable) surface here on Linux; skip them.
+                Err(_) => continue,
+            }
+        }
+        self.pump(ctx);
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
+}
+
+impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockWritable>
+    for Dataplane<D, P>
+{
+    fn handle(&mut self, _: SockWritable, ctx: &mut Context<Self>) {
+        if let Some(to) = self.pending {
+            match self.sock.try_send_to(&self.txbuf, to) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let sock = self.sock.clone();
+                    ctx.add_stream(futures_util::stream::once(async move {
+                        let _ = sock.writable().await;
+                        SockWritable
+                    }));
+                    return;
+                }
+                Ok(_) => self.stats.udp_tx += 1,
+                Err(_) => self.stats.udp_send_failed += 1,
+            }
+            self.pending = None;
+        }
+        self.pump(ctx);
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
+}
+
+impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<AlarmFired>
+    for Dataplane<D, P>
+{
+    fn handle(&mut self, _: AlarmFired, ctx: &mut Context<Self>) {
+        self.pump(ctx);
+    }
+}
+
+impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<TunBatch> for Dataplane<D, P> {
+    type Result = ();
+    fn handle(&mut self, b: TunBatch, ctx: &mut Context<Self>) {
+        let batch = b.0;
+        self.stats.batches += 1;
+        let now = self.now();
+        for pkt in batch.packets() {
+            self.stats.tun_read += 1;
+            let dst = transport::ip::parse(pkt).map(|i| i.dst);
+            match dst.and_then(|d| self.router.route(&d)) {
+                Some(k) => {
+                    if self.node.send_ip(now, k, pkt).is_err() {
+                        self.stats.no_route += 1;
+                    }
+                }
+                None => self.stats.no_route += 1,
+            }
+        }
+        if let Some(r) = &self.recycle {
+            let _ = r.try_send(batch);
+        }
+        self.pump(ctx);
+    }
+}
+
+impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplane<D, P> {
+    type Result = ();
+    fn handle(&mut self, cmd: Cmd, ctx: &mut Context<Self>) {
+        let now = self.now();
+        match cmd {
+            Cmd::AddPeer { key, endpoint } => self.node.add_peer(key, endpoint),
+            Cmd::RemovePeer(key) => self.node.remove_peer(&key),
+            Cmd::RestartPeer(key) => {
+                let ep = self.node.session(&key).and_then(|s| s.endpoint());
+                self.node.remove_peer(&key);
+                self.node.add_peer(key, ep);
+                let _ = self.node.connect(now, &key);
+            }
+            Cmd::Connect(key) => {
+                let _ = self.node.connect(now, &key);
+            }
+            Cmd::SetRouter(r) => self.router = r,
+            Cmd::Send { to, msg, reliable } => {
+                let sent = if reliable {
+                    self.node.send_control_reliable(now, &to, &msg)
+                } else {
+                    self.node.send_control(&to, &msg)
+                };
+                if !sent && !reliable {
+                    // No session yet: start one; the caller retries on its schedule.
+                    let _ = self.node.connect(now, &to);
+                }
+            }
+        }
+        self.pump(ctx);
+    }
+}
+
+impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<GetSnapshot> for Dataplane<D, P> {
+    type Result = MessageResult<GetSnapshot>;
+    fn handle(&mut self, _: GetSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.snapshot())
+    }
+}
+
+/// Reads IP packets from the TUN device in batches and hands them to the data plane.
+pub struct TunReader<P: PacketDevice + 'static> {
+    dev: Arc<P>,
+    to: Recipient<TunBatch>,
+    free: Option<mpsc::Receiver<Batch>>,
+    /// Packets truncated or unreadable.
+    pub errors: u64,
+}
+
+impl<P: PacketDevice + 'static> TunReader<P> {
+    /// A reader of `dev` with a pool of batches sized for packets up to
+    /// `max_packet` bytes. Returns the reader and the channel batches go back
+    /// through (give it to [`Dataplane::new`]).
+    pub fn new(
+        dev: Arc<P>,
+        to: Recipient<TunBatch>,
+        max_packet: usize,
+    ) -> (TunReader<P>, mpsc::Sender<Batch>) {
+        let (tx, rx) = mpsc::channel(BATCH_POOL);
+        let slot = max_packet.clamp(576, 65_535);
+        for _ in 0..BATCH_POOL {
+            let _ = tx.try_send(Batch::new(slot));
+        }
+        (
+            TunReader {
+                dev,
+                to,
+                free: Some(rx),
+                errors: 0,
+            },
+            tx,
+        )
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Fillable(Batch);
+
+impl<P: PacketDevice + 'static> Actor for TunReader<P> {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let Some(free) = self.free.take() else {
+            return;
+        };
+        // A batch is read only when a free buffer exists: the pool is the
+        // back-pressure between TUN and the sessions.
+        let s =
+            futures_util::stream::unfold((free, self.dev.clone()), |(mut free, dev)| async move {
+                let b = free.recv().await?;
+                dev.readable().await.ok()?;
+                Some((Fillable(b), (free, dev)))
+            });
+        ctx.add_stream(s);
+    }
+}
+
+impl<P: PacketDevice + 'static> StreamHandler<Fillable> for TunReader<P> {
+    fn handle(&mut self, f: Fillable, ctx: &mut Context<Self>) {
+        let mut b = f.0;
+        b.lens.clear();
+        for i in 0..BATCH_SLOTS {
+            let slot = b.slot;
+            match self.dev.try_recv(&mut b.buf[i * slot..(i + 1) * slot]) {
+                Ok(n) if n > 0 => b.lens.push(n as u16),
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    ctx.stop();
+                    break;
+                }
+                Err(_) => {
+                    self.errors += 1;
+                    break;
+                }
+            }
+        }
+        // Even an empty batch goes through, so the buffer returns to the pool.
+        self.to.do_send(TunBatch(b));
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+/// Convenience: per-peer stats keyed by peer, from a snapshot.
+pub fn by_peer(s: &Snapshot) -> BTreeMap<PublicKey, &PeerSnapshot> {
+    s.peers.iter().map(|p| (p.key, p)).collect()
+}

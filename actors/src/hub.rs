@@ -1,0 +1,207 @@
+//! The hub's registry actor: the pure [`Registry`] plus the durable owner
+//! table. Control messages arrive from the hub's data plane as [`NetEvent`]s;
+//! replies go back as [`Cmd::Send`].
+
+use crate::dataplane::{Cmd, NetEvent};
+use crate::registry::{short_key, Registered, Registry, RegistryConfig, Reply};
+use crate::store::OwnerStore;
+use actix::prelude::*;
+use serde::Serialize;
+use std::time::Duration;
+use tokio::time::Instant;
+use transport::wire::{Control, ErrorCode};
+use transport::Event;
+
+/// One member, for the hub's status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemberStatus {
+    /// Name.
+    pub name: String,
+    /// Key (short hex).
+    pub key: String,
+    /// Overlay addresses.
+    pub overlay: Vec<String>,
+    /// Endpoints (observed first).
+    pub endpoints: Vec<String>,
+    /// Seconds since last heard.
+    pub last_seen_s: f64,
+}
+
+/// The hub's status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HubStatus {
+    /// Map version.
+    pub map_version: u64,
+    /// Online members.
+    pub members: Vec<MemberStatus>,
+    /// Addresses owned (online or not).
+    pub owned_addresses: usize,
+}
+
+/// Ask for the hub's status.
+#[derive(Debug, Message)]
+#[rtype(result = "HubStatus")]
+pub struct GetHubStatus;
+
+/// The registry actor.
+pub struct RegistryActor {
+    reg: Registry,
+    store: Option<OwnerStore>,
+    plane: Recipient<Cmd>,
+    epoch: Instant,
+}
+
+impl RegistryActor {
+    /// A registry answering through `plane`, persisting ownership to `store`
+    /// (None: memory only, for tests that model a disk loss).
+    pub fn new(reg: Registry, store: Option<OwnerStore>, plane: Recipient<Cmd>) -> RegistryActor {
+        RegistryActor {
+            reg,
+            store,
+            plane,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// A registry with config `cfg` whose ownership table is loaded from `store`.
+    pub fn open(
+        cfg: RegistryConfig,
+        store: OwnerStore,
+        base_version: u64,
+        plane: Recipient<Cmd>,
+    ) -> Result<RegistryActor, crate::store::StoreError> {
+        let owners = store.load()?;
+        Ok(RegistryActor::new(
+            Registry::new(cfg, owners, base_version),
+            Some(store),
+            plane,
+        ))
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    fn flush(&self, out: Vec<Reply>) {
+        for r in out {
+            // Acks of unreliable heartbeats go as datagrams; everything that
+            // must arrive in order (acks, deltas, refusals) goes reliably.
+            let reliable = !matches!(r.msg, Control::HeartbeatAck { .. });
+            self.plane.do_send(Cmd::Send {
+                to: r.to,
+                msg: r.msg,
+                reliable,
+            });
+        }
+    }
+}
+
+impl Actor for RegistryActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let step = (self.reg.config().heartbeat / 2).max(Duration::from_millis(20));
+        ctx.run_interval(step, |act, _| {
+            let mut out = Vec::new();
+            let gone = act.reg.expire(act.now(), &mut out);
+            for k in gone {
+                tracing::info!(key = %short_key(&k), "member expired");
+                act.plane.do_send(Cmd::RemovePeer(k));
+            }
+            act.flush(out);
+        });
+    }
+}
+
+impl Handler<NetEvent> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, ev: NetEvent, _ctx: &mut Context<Self>) {
+        let now = self.now();
+        let mut out = Vec::new();
+        let key = ev.peer;
+        let Event::Control(msg) = ev.event else {
+            self.reg.seen(now, &key);
+            return;
+        };
+        let Some(observed) = ev.endpoint else {
+            return;
+        };
+        match msg {
+            Control::Register {
+                overlay,
+                local_endpoints,
+                name,
+                have_version,
+            } => {
+                let res = self.reg.register(
+                    now,
+                    key,
+                    observed,
+                    overlay,
+                    local_endpoints,
+                    name.clone(),
+                    have_version,
+                    &mut out,
+                );
+                match res {
+                    Registered::Accepted { owners_changed } => {
+                        if owners_changed {
+                            if let Some(store) = &self.store {
+                                if let Err(e) = store.save(self.reg.owners()) {
+                                    // Not durable: refuse rather than promise an
+                                    // address we might forget.
+                                    tracing::error!(%e, "cannot persist owners");
+                                    self.reg.leave(&key, &mut Vec::new());
+                                    out = vec![Reply {
+                                        to: key,
+                                        msg: Control::Nack {
+                                            code: ErrorCode::Busy,
+                                            message: format!("hub cannot store membership: {e}"),
+                                        },
+                                    }];
+                                }
+                            }
+                        }
+                        tracing::info!(%name, key = %short_key(&key), %observed, "member registered");
+                    }
+                    Registered::Refused => {
+                        tracing::warn!(%name, key = %short_key(&key), "registration refused");
+                    }
+                }
+            }
+            Control::Heartbeat { seq, map_version } => {
+                self.reg
+                    .heartbeat(now, key, observed, seq, map_version, &mut out);
+            }
+            Control::Leave => {
+                if self.reg.leave(&key, &mut out) {
+                    tracing::info!(key = %short_key(&key), "member left");
+                }
+                self.plane.do_send(Cmd::RemovePeer(key));
+            }
+            _ => self.reg.seen(now, &key),
+        }
+        self.flush(out);
+    }
+}
+
+impl Handler<GetHubStatus> for RegistryActor {
+    type Result = MessageResult<GetHubStatus>;
+    fn handle(&mut self, _: GetHubStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.now();
+        MessageResult(HubStatus {
+            map_version: self.reg.version(),
+            members: self
+                .reg
+                .members()
+                .map(|(k, m)| MemberStatus {
+                    name: m.info.name.clone(),
+                    key: short_key(k),
+                    overlay: m.info.overlay.iter().map(|n| n.addr.to_string()).collect(),
+                    endpoints: m.info.endpoints.iter().map(|e| e.to_string()).collect(),
+                    last_seen_s: now.saturating_sub(m.last_seen).as_secs_f64(),
+                })
+                .collect(),
+            owned_addresses: self.reg.owners().len(),
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! One actor per remote peer: its record from the hub, its path state, and its
+//! statistics over time (rates, loss, RTT), fed by samples of the data plane's
+//! counters. The session's packets never pass through here.
+
+use crate::dataplane::PeerSnapshot;
+use crate::registry::short_key;
+use actix::prelude::*;
+use serde::Serialize;
+use std::time::Duration;
+use transport::wire::PeerInfo;
+
+/// State of the path to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathState {
+    /// No session yet (handshaking).
+    Connecting,
+    /// Session up, traffic or heartbeats arriving.
+    Up,
+    /// Nothing arrived for the dead-link time.
+    Dead,
+}
+
+/// What `status` shows for one peer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerStatus {
+    /// Display name.
+    pub name: String,
+    /// Key (short hex).
+    pub key: String,
+    /// Overlay addresses.
+    pub overlay: Vec<String>,
+    /// Endpoint in use.
+    pub endpoint: Option<String>,
+    /// Path state.
+    pub state: PathState,
+    /// How packets get there.
+    pub path: &'static str,
+    /// Heartbeat / ping round-trip time in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Path loss estimate (percent).
+    pub loss_pct: f64,
+    /// Bytes sent to / received from the peer (UDP payload).
+    pub tx_bytes: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Inner packets each way.
+    pub tx_packets: u64,
+    /// Inner packets received.
+    pub rx_packets: u64,
+    /// Send rate over the last sample interval (bit/s).
+    pub tx_bps: f64,
+    /// Receive rate (bit/s).
+    pub rx_bps: f64,
+    /// Seconds since the last heartbeat ack, if any.
+    pub last_heartbeat_s: Option<f64>,
+    /// Times the session was restarted by the supervisor.
+    pub restarts: u64,
+    /// Open KCP conversations.
+    pub convs: usize,
+}
+
+/// A fresh sample of the peer's counters.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Sample {
+    /// Data-plane view of the session.
+    pub snap: PeerSnapshot,
+    /// When it was taken.
+    pub at: Duration,
+    /// Heartbeat RTT and last ack from the supervisor.
+    pub hb_rtt: Option<Duration>,
+    /// When the last heartbeat ack came.
+    pub last_ack: Option<Duration>,
+}
+
+/// The hub changed the peer's record.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Update(pub PeerInfo);
+
+/// Ask for the status line.
+#[derive(Debug, Message)]
+#[rtype(result = "PeerStatus")]
+pub struct GetStatus;
+
+/// The per-peer actor.
+pub struct PeerActor {
+    info: PeerInfo,
+    restarts: u64,
+    last: Option<Sample>,
+    tx_bps: f64,
+    rx_bps: f64,
+}
+
+impl PeerActor {
+    /// An actor for `info`; `restarts` carries over from a failed predecessor.
+    pub fn new(info: PeerInfo, restarts: u64) -> PeerActor {
+        PeerActor {
+            info,
+            restarts,
+            last: None,
+            tx_bps: 0.0,
+            rx_bps: 0.0,
+        }
+    }
+
+    fn status(&self) -> PeerStatus {
+        let s = self.last.as_ref();
+        let st = s.map(|s| &s.snap.stats);
+        let state = match s {
+            Some(s) if s.snap.dead => PathState::Dead,
+            Some(s) if s.snap.established => PathState::Up,
+            _ => PathState::Connecting,
+        };
+        let rtt = s
+            .and_then(|s| s.snap.stats.srtt.or(s.hb_rtt))
+            .map(|d| d.as_secs_f64() * 1e3);
+        PeerStatus {
+            name: self.info.name.clone(),
+            key: short_key(&self.info.key),
+            overlay: self
+                .info
+                .overlay
+                .iter()
+                .map(|n| n.addr.to_string())
+                .collect(),
+            endpoint: s
+                .and_then(|s| s.snap.endpoint)
+                .or(self.info.endpoints.first().copied())
+                .map(|e| e.to_string()),
+            state,
+            path: "direct",
+            rtt_ms: rtt,
+            loss_pct: st.map_or(0.0, |s| s.loss * 100.0),
+            tx_bytes: st.map_or(0, |s| s.tx_bytes),
+            rx_bytes: st.map_or(0, |s| s.rx_bytes),
+            tx_packets: st.map_or(0, |s| s.ip_tx),
+            rx_packets: st.map_or(0, |s| s.ip_rx),
+            tx_bps: self.tx_bps,
+            rx_bps: self.rx_bps,
+            last_heartbeat_s: s
+                .and_then(|s| s.last_ack.map(|a| s.at.saturating_sub(a).as_secs_f64())),
+            restarts: self.restarts,
+            convs: st.map_or(0, |s| s.convs),
+        }
+    }
+}
+
+impl Actor for PeerActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Sample> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, s: Sample, _ctx: &mut Context<Self>) {
+        if let Some(prev) = &self.last {
+            let dt = s.at.saturating_sub(prev.at).as_secs_f64();
+            if dt > 0.0 {
+                let d = |a: u64, b: u64| a.saturating_sub(b) as f64 * 8.0 / dt;
+                self.tx_bps = d(s.snap.stats.tx_bytes, prev.snap.stats.tx_bytes);
+                self.rx_bps = d(s.snap.stats.rx_bytes, prev.snap.stats.rx_bytes);
+            }
+        }
+        self.last = Some(s);
+    }
+}
+
+impl Handler<Update> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, u: Update, _ctx: &mut Context<Self>) {
+        self.info = u.0;
+    }
+}
+
+impl Handler<GetStatus> for PeerActor {
+    type Result = MessageResult<GetStatus>;
+    fn handle(&mut self, _: GetStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.status())
+    }
+}

@@ -1,0 +1,229 @@
+//! The peer's view of the network (pure): the member map built from the hub's
+//! deltas, and the routing table derived from it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use transport::wire::{PeerInfo, PublicKey};
+
+/// A delta that does not apply to the version held.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("delta from version {from} does not apply to version {have}")]
+pub struct Stale {
+    /// The delta's base.
+    pub from: u64,
+    /// What the map holds.
+    pub have: u64,
+}
+
+/// What applying a delta changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapChange {
+    /// A new member.
+    Added(PeerInfo),
+    /// A member's record changed (endpoint, addresses, name).
+    Changed(PeerInfo),
+    /// A member left or expired.
+    Removed(PublicKey),
+}
+
+/// Members other than ourselves, as the hub last described them.
+#[derive(Debug, Clone)]
+pub struct PeerMap {
+    me: PublicKey,
+    version: u64,
+    peers: BTreeMap<PublicKey, PeerInfo>,
+}
+
+impl PeerMap {
+    /// An empty map for the node with key `me`.
+    pub fn new(me: PublicKey) -> PeerMap {
+        PeerMap {
+            me,
+            version: 0,
+            peers: BTreeMap::new(),
+        }
+    }
+
+    /// Version held (0 = nothing yet).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Number of members known (ourselves excluded).
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// True if no member is known.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// One member.
+    pub fn get(&self, k: &PublicKey) -> Option<&PeerInfo> {
+        self.peers.get(k)
+    }
+
+    /// All members, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &PeerInfo> {
+        self.peers.values()
+    }
+
+    /// Forget the version (e.g. after re-registering with a restarted hub), so
+    /// the next delta is a snapshot. Members stay until the snapshot replaces them.
+    pub fn reset_version(&mut self) {
+        self.version = 0;
+    }
+
+    /// Apply a delta. `from == 0` is a snapshot that replaces the map; any other
+    /// `from` must equal the version held.
+    pub fn apply(
+        &mut self,
+        from: u64,
+        to: u64,
+        upserts: &[PeerInfo],
+        removals: &[PublicKey],
+    ) -> Result<Vec<MapChange>, Stale> {
+        let mut changes = Vec::new();
+        let mut keep: Option<BTreeMap<PublicKey, PeerInfo>> = None;
+        if from == 0 {
+            keep = Some(std::mem::take(&mut self.peers));
+        } else if from != self.version {
+            return Err(Stale {
+                from,
+                have: self.version,
+            });
+        }
+        let mut old = keep.unwrap_or_default();
+        for p in upserts {
+            if p.key == self.me {
+                continue;
+            }
+            let prev = self
+                .peers
+                .insert(p.key, p.clone())
+                .or_else(|| old.remove(&p.key));
+            match prev {
+                None => changes.push(MapChange::Added(p.clone())),
+                Some(q) if q != *p => changes.push(MapChange::Changed(p.clone())),
+                Some(_) => {}
+            }
+        }
+        for k in removals {
+            if self.peers.remove(k).is_some() {
+                changes.push(MapChange::Removed(*k));
+            }
+        }
+        // Members missing from a snapshot are gone.
+        for k in old.into_keys() {
+            changes.push(MapChange::Removed(k));
+        }
+        self.version = to;
+        Ok(changes)
+    }
+
+    /// The routing table for the current map.
+    pub fn router(&self) -> Router {
+        let mut r = Router::default();
+        for p in self.peers.values() {
+            for n in &p.overlay {
+                r.routes.insert(n.addr, p.key);
+            }
+        }
+        r
+    }
+}
+
+/// Overlay address → owning peer. Each member owns host addresses; a packet is
+/// routed by exact destination match, and an inbound packet is accepted only if
+/// its source is owned by the peer that sent it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Router {
+    routes: BTreeMap<IpAddr, PublicKey>,
+}
+
+impl Router {
+    /// The peer owning `dst`.
+    pub fn route(&self, dst: &IpAddr) -> Option<&PublicKey> {
+        self.routes.get(dst)
+    }
+
+    /// True if `from` owns `src`.
+    pub fn owns(&self, from: &PublicKey, src: &IpAddr) -> bool {
+        self.routes.get(src) == Some(from)
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// True if there are none.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Add one route (tests and static setups).
+    pub fn insert(&mut self, addr: IpAddr, key: PublicKey) {
+        self.routes.insert(addr, key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transport::wire::IpNet;
+
+    fn info(i: u8, port: u16) -> PeerInfo {
+        PeerInfo {
+            key: [i; 32],
+            overlay: vec![
+                IpNet {
+                    addr: IpAddr::from([10, 0, 0, i]),
+                    prefix: 24,
+                },
+                IpNet {
+                    addr: format!("fd00::{i}").parse().unwrap(),
+                    prefix: 64,
+                },
+            ],
+            endpoints: vec![([192, 0, 2, i], port).into()],
+            name: String::new(),
+        }
+    }
+
+    #[test]
+    fn deltas_apply_in_order_and_stale_ones_are_refused() {
+        let mut m = PeerMap::new([1; 32]);
+        let c = m
+            .apply(0, 5, &[info(1, 1), info(2, 1), info(3, 1)], &[])
+            .unwrap();
+        assert_eq!(c.len(), 2, "self is skipped");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.apply(4, 6, &[], &[]), Err(Stale { from: 4, have: 5 }));
+        let c = m.apply(5, 6, &[info(2, 9)], &[[3; 32]]).unwrap();
+        assert_eq!(
+            c,
+            vec![MapChange::Changed(info(2, 9)), MapChange::Removed([3; 32])]
+        );
+        // A snapshot replaces: 2 missing means removed, 4 new.
+        let c = m.apply(0, 9, &[info(4, 1)], &[]).unwrap();
+        assert_eq!(
+            c,
+            vec![MapChange::Added(info(4, 1)), MapChange::Removed([2; 32])]
+        );
+        assert_eq!(m.version(), 9);
+    }
+
+    #[test]
+    fn router_routes_v4_and_v6_and_checks_sources() {
+        let mut m = PeerMap::new([1; 32]);
+        m.apply(0, 1, &[info(2, 1), info(3, 1)], &[]).unwrap();
+        let r = m.router();
+        assert_eq!(r.route(&IpAddr::from([10, 0, 0, 2])), Some(&[2; 32]));
+        assert_eq!(r.route(&"fd00::3".parse().unwrap()), Some(&[3; 32]));
+        assert_eq!(r.route(&IpAddr::from([10, 0, 0, 9])), None);
+        assert!(r.owns(&[2; 32], &IpAddr::from([10, 0, 0, 2])));
+        assert!(!r.owns(&[2; 32], &IpAddr::from([10, 0, 0, 3])));
+    }
+}

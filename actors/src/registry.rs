@@ -1,0 +1,657 @@
+//! The hub's registry as a pure state machine: who is in the network, which key
+//! owns which overlay address, where each member was seen, and which peer-map
+//! changes each member still has to hear about. No IO, no clock: the caller
+//! passes `now` and carries out the returned [`Reply`]s.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use transport::wire::{Control, ErrorCode, IpNet, PeerInfo, PublicKey, MAX_ADDRS, MAX_UPSERTS};
+
+/// Registry settings.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Heartbeat interval members are told to keep.
+    pub heartbeat: Duration,
+    /// A member silent for this many heartbeat intervals is dropped from the map.
+    pub expire_beats: u32,
+    /// How many past changes are kept for deltas; an older version gets a snapshot.
+    pub log_len: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            heartbeat: Duration::from_secs(5),
+            expire_beats: 3,
+            log_len: 1024,
+        }
+    }
+}
+
+/// An online member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// What peers are told about it.
+    pub info: PeerInfo,
+    /// When it was last heard from.
+    pub last_seen: Duration,
+    /// Map version this member is known to hold (reported or sent).
+    pub version: u64,
+}
+
+/// A control message the hub must send to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Recipient.
+    pub to: PublicKey,
+    /// The message (sent reliably: deltas must arrive in order).
+    pub msg: Control,
+}
+
+/// Result of a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// Accepted; `owners_changed` says the ownership table must be persisted
+    /// before the replies go out.
+    Accepted {
+        /// The key ↔ address table changed.
+        owners_changed: bool,
+    },
+    /// Refused; the reply carries the reason.
+    Refused,
+}
+
+/// Why an address claim was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// The address belongs to another key.
+    #[error("overlay address {addr} is owned by another node (key {owner})")]
+    InUse {
+        /// The contested address.
+        addr: IpAddr,
+        /// Short hex of the owner's key.
+        owner: String,
+    },
+    /// The registration carried no address or an unusable one.
+    #[error("bad overlay address claim: {0}")]
+    Bad(String),
+}
+
+/// The registry.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    cfg: RegistryConfig,
+    owners: BTreeMap<IpAddr, PublicKey>,
+    members: BTreeMap<PublicKey, Member>,
+    version: u64,
+    /// (version, key) for each change, oldest first.
+    log: VecDeque<(u64, PublicKey)>,
+}
+
+/// Short hex form of a key for logs and messages.
+pub fn short_key(k: &PublicKey) -> String {
+    k[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Registry {
+    /// An empty registry that already knows the persisted `owners`. Map
+    /// versions start after `base_version`; a restarted hub passes a larger base
+    /// (e.g. derived from the wall clock) so members' old versions are never
+    /// mistaken for current ones.
+    pub fn new(
+        cfg: RegistryConfig,
+        owners: BTreeMap<IpAddr, PublicKey>,
+        base_version: u64,
+    ) -> Registry {
+        Registry {
+            cfg,
+            owners,
+            members: BTreeMap::new(),
+            version: base_version,
+            log: VecDeque::new(),
+        }
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.cfg
+    }
+
+    /// Current map version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The key ↔ address table (what must survive restarts).
+    pub fn owners(&self) -> &BTreeMap<IpAddr, PublicKey> {
+        &self.owners
+    }
+
+    /// Online members.
+    pub fn members(&self) -> impl Iterator<Item = (&PublicKey, &Member)> {
+        self.members.iter()
+    }
+
+    /// The member that owns overlay address `ip`, if online.
+    pub fn lookup(&self, ip: IpAddr) -> Option<&Member> {
+        self.owners.get(&ip).and_then(|k| self.members.get(k))
+    }
+
+    /// The member with key `key`, if online.
+    pub fn member(&self, key: &PublicKey) -> Option<&Member> {
+        self.members.get(key)
+    }
+
+    /// Check a claim of `overlay` by `key` without changing anything.
+    pub fn check_claim(&self, key: &PublicKey, overlay: &[IpNet]) -> Result<(), ClaimError> {
+        if overlay.is_empty() || overlay.len() > MAX_ADDRS {
+            return Err(ClaimError::Bad(format!("{} addresses", overlay.len())));
+        }
+        for n in overlay {
+            let max = if n.addr.is_ipv4() { 32 } else { 128 };
+            if n.prefix > max || n.addr.is_unspecified() || n.addr.is_multicast() {
+                return Err(ClaimError::Bad(format!("{}/{}", n.addr, n.prefix)));
+            }
+            if let Some(owner) = self.owners.get(&n.addr) {
+                if owner != key {
+                    return Err(ClaimError::InUse {
+                        addr: n.addr,
+                        owner: short_key(owner),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A `Register` from `key`, seen at `observed`. Returns the replies to send.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        &mut self,
+        now: Duration,
+        key: PublicKey,
+        observed: SocketAddr,
+        overlay: Vec<IpNet>,
+        local_endpoints: Vec<SocketAddr>,
+        name: String,
+        have_version: u64,
+        out: &mut Vec<Reply>,
+    ) -> Registered {
+        if let Err(e) = self.check_claim(&key, &overlay) {
+            let code = match e {
+                ClaimError::InUse { .. } => ErrorCode::AddressInUse,
+                ClaimError::Bad(_) => ErrorCode::BadRequest,
+            };
+            out.push(Reply {
+                to: key,
+                msg: Control::Nack {
+                    code,
+                    message: e.to_string(),
+                },
+            });
+            return Registered::Refused;
+        }
+        // Ownership: the key's addresses are exactly what it claims now.
+        let claimed: BTreeSet<IpAddr> = overlay.iter().map(|n| n.addr).collect();
+        let before = self.owners.len();
+        let mut owners_changed = false;
+        self.owners.retain(|a, k| {
+            let keep = *k != key || claimed.contains(a);
+            owners_changed |= !keep;
+            keep
+        });
+        for a in &claimed {
+            if self.owners.insert(*a, key).is_none() {
+                owners_changed = true;
+            }
+        }
+        owners_changed |= before != self.owners.len();
+
+        let mut endpoints = vec![observed];
+        for e in local_endpoints {
+            if endpoints.len() >= MAX_ADDRS {
+                break;
+            }
+            if !endpoints.contains(&e) {
+                endpoints.push(e);
+            }
+        }
+        let info = PeerInfo {
+            key,
+            overlay,
+            endpoints,
+            name,
+        };
+        let changed = self.members.get(&key).is_none_or(|m| m.info != info);
+        let m = self.members.entry(key).or_insert(Member {
+            info: info.clone(),
+            last_seen: now,
+            version: have_version,
+        });
+        m.info = info;
+        m.last_seen = now;
+        m.version = have_version;
+        out.push(Reply {
+            to: key,
+            msg: Control::RegisterAck {
+                observed,
+                heartbeat_ms: self.cfg.heartbeat.as_millis() as u32,
+            },
+        });
+        if changed {
+            self.bump(key);
+            self.push_all(out);
+        } else {
+            self.push_to(&key, out);
+        }
+        Registered::Accepted { owners_changed }
+    }
+
+    /// A heartbeat from `key` at `observed`. A non-member gets a `Nack` so it re-registers.
+    pub fn heartbeat(
+        &mut self,
+        now: Duration,
+        key: PublicKey,
+        observed: SocketAddr,
+        seq: u64,
+        map_version: u64,
+        out: &mut Vec<Reply>,
+    ) {
+        let Some(m) = self.members.get_mut(&key) else {
+            out.push(Reply {
+                to: key,
+                msg: Control::Nack {
+                    code: ErrorCode::NotAllowed,
+                    message: "not registered".into(),
+                },
+            });
+            return;
+        };
+        m.last_seen = now;
+        out.push(Reply {
+            to: key,
+            msg: Control::HeartbeatAck { seq, observed },
+        });
+        // NAT rebinding: the first endpoint is the observed one.
+        if m.info.endpoints.first() != Some(&observed) {
+            m.info.endpoints.retain(|e| *e != observed);
+            m.info.endpoints.insert(0, observed);
+            m.info.endpoints.truncate(MAX_ADDRS);
+            // The member reported its version; deltas resume from there.
+            m.version = map_version;
+            self.bump(key);
+            self.push_all(out);
+        } else if map_version != self.version {
+            // It missed something (or restarted): resend from what it has.
+            m.version = map_version;
+            self.push_to(&key, out);
+        }
+    }
+
+    /// Traffic of any kind from `key` (keeps it alive between heartbeats).
+    pub fn seen(&mut self, now: Duration, key: &PublicKey) {
+        if let Some(m) = self.members.get_mut(key) {
+            m.last_seen = now;
+        }
+    }
+
+    /// `key` leaves (shutdown). Its address ownership stays.
+    pub fn leave(&mut self, key: &PublicKey, out: &mut Vec<Reply>) -> bool {
+        if self.members.remove(key).is_none() {
+            return false;
+        }
+        self.bump(*key);
+        self.push_all(out);
+        true
+    }
+
+    /// Drop members silent for `expire_beats` heartbeats; returns their keys.
+    pub fn expire(&mut self, now: Duration, out: &mut Vec<Reply>) -> Vec<PublicKey> {
+        let limit = self.cfg.heartbeat * self.cfg.expire_beats;
+        let dead: Vec<PublicKey> = self
+            .members
+            .iter()
+            .filter(|(_, m)| now.saturating_sub(m.last_seen) > limit)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &dead {
+            self.members.remove(k);
+            self.bump(*k);
+        }
+        if !dead.is_empty() {
+            self.push_all(out);
+        }
+        dead
+    }
+
+    /// Forget `key` entirely, ownership included (revocation).
+    pub fn revoke(&mut self, key: &PublicKey, out: &mut Vec<Reply>) -> bool {
+        let had = self.owners.len();
+        self.owners.retain(|_, k| k != key);
+        let removed = self.members.remove(key).is_some();
+        if removed {
+            self.bump(*key);
+            self.push_all(out);
+        }
+        removed || had != self.owners.len()
+    }
+
+    fn bump(&mut self, key: PublicKey) {
+        self.version += 1;
+        self.log.push_back((self.version, key));
+        while self.log.len() > self.cfg.log_len {
+            self.log.pop_front();
+        }
+    }
+
+    fn push_all(&mut self, out: &mut Vec<Reply>) {
+        let keys: Vec<PublicKey> = self.members.keys().copied().collect();
+        for k in keys {
+            self.push_to(&k, out);
+        }
+    }
+
+    /// Send `key` what changed since the version it holds.
+    fn push_to(&mut self, key: &PublicKey, out: &mut Vec<Reply>) {
+        let Some(have) = self.members.get(key).map(|m| m.version) else {
+            return;
+        };
+        if have == self.version {
+            return;
+        }
+        let oldest = self.log.front().map_or(self.version + 1, |(v, _)| *v);
+        let snapshot = have == 0 || have > self.version || have + 1 < oldest;
+        let (from, changed): (u64, BTreeSet<PublicKey>) = if snapshot {
+            (0, self.members.keys().copied().collect())
+        } else {
+            (
+                have,
+                self.log
+                    .iter()
+                    .filter(|(v, _)| *v > have)
+                    .map(|(_, k)| *k)
+                    .collect(),
+            )
+        };
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for k in changed {
+            if k == *key {
+                continue; // a member is not told about itself
+            }
+            match self.members.get(&k) {
+                Some(m) => upserts.push(m.info.clone()),
+                None if !snapshot => removals.push(k),
+                None => {}
+            }
+        }
+        delta_messages(*key, from, self.version, upserts, removals, out);
+        if let Some(m) = self.members.get_mut(key) {
+            m.version = self.version;
+        }
+    }
+}
+
+/// Split one delta into messages within the wire limits. The first carries
+/// `from`; the rest apply on top (`from == to`).
+fn delta_messages(
+    to: PublicKey,
+    from: u64,
+    version: u64,
+    upserts: Vec<PeerInfo>,
+    removals: Vec<PublicKey>,
+    out: &mut Vec<Reply>,
+) {
+    let mut up = upserts.chunks(MAX_UPSERTS).peekable();
+    let mut rm = removals.chunks(transport::wire::MAX_REMOVALS).peekable();
+    let mut first = true;
+    while first || up.peek().is_some() || rm.peek().is_some() {
+        out.push(Reply {
+            to,
+            msg: Control::PeerMapDelta {
+                from_version: if first { from } else { version },
+                to_version: version,
+                upserts: up.next().map(|c| c.to_vec()).unwrap_or_default(),
+                removals: rm.next().map(|c| c.to_vec()).unwrap_or_default(),
+            },
+        });
+        first = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peermap::PeerMap;
+
+    fn key(i: u8) -> PublicKey {
+        [i; 32]
+    }
+    fn ep(i: u8) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, i], 4000))
+    }
+    fn net(i: u8) -> Vec<IpNet> {
+        vec![IpNet {
+            addr: IpAddr::from([10, 0, 0, i]),
+            prefix: 24,
+        }]
+    }
+    fn reg(r: &mut Registry, now: u64, i: u8, have: u64, out: &mut Vec<Reply>) -> Registered {
+        r.register(
+            Duration::from_secs(now),
+            key(i),
+            ep(i),
+            net(i),
+            vec![],
+            format!("n{i}"),
+            have,
+            out,
+        )
+    }
+
+    /// Feed the replies for `who` into its peer map.
+    fn deliver(out: &[Reply], who: u8, map: &mut PeerMap) {
+        for r in out.iter().filter(|r| r.to == key(who)) {
+            if let Control::PeerMapDelta {
+                from_version,
+                to_version,
+                upserts,
+                removals,
+            } = &r.msg
+            {
+                map.apply(*from_version, *to_version, upserts, removals)
+                    .expect("in order");
+            }
+        }
+    }
+
+    #[test]
+    fn members_learn_each_other_through_deltas() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut maps: Vec<PeerMap> = (0..4).map(|i| PeerMap::new(key(i + 1))).collect();
+        for i in 1..=4u8 {
+            let mut out = vec![];
+            let have = maps[i as usize - 1].version();
+            assert_eq!(
+                reg(&mut r, 0, i, have, &mut out),
+                Registered::Accepted {
+                    owners_changed: true
+                }
+            );
+            for j in 1..=4u8 {
+                deliver(&out, j, &mut maps[j as usize - 1]);
+            }
+        }
+        for (i, m) in maps.iter().enumerate() {
+            assert_eq!(m.len(), 3, "map of node {}", i + 1);
+            assert_eq!(m.version(), r.version());
+        }
+        // The last joiner's registration sent only one upsert to the others.
+        let mut out = vec![];
+        reg(&mut r, 1, 5, 0, &mut out);
+        let to1: Vec<_> = out.iter().filter(|x| x.to == key(1)).collect();
+        assert_eq!(to1.len(), 1);
+        match &to1[0].msg {
+            Control::PeerMapDelta {
+                upserts, removals, ..
+            } => {
+                assert_eq!(upserts.len(), 1);
+                assert!(removals.is_empty());
+            }
+            m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn address_conflict_is_refused_and_ownership_survives() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        reg(&mut r, 0, 1, 0, &mut out);
+        out.clear();
+        // Key 2 claims key 1's address.
+        let res = r.register(
+            Duration::ZERO,
+            key(2),
+            ep(2),
+            net(1),
+            vec![],
+            "thief".into(),
+            0,
+            &mut out,
+        );
+        assert_eq!(res, Registered::Refused);
+        assert!(matches!(
+            &out[0].msg,
+            Control::Nack {
+                code: ErrorCode::AddressInUse,
+                ..
+            }
+        ));
+        // A restarted hub with the persisted table refuses too, even while key 1 is offline.
+        let mut r2 = Registry::new(RegistryConfig::default(), r.owners().clone(), 1000);
+        out.clear();
+        assert_eq!(
+            r2.register(
+                Duration::ZERO,
+                key(2),
+                ep(2),
+                net(1),
+                vec![],
+                "thief".into(),
+                0,
+                &mut out
+            ),
+            Registered::Refused
+        );
+        // The owner itself is welcome.
+        assert!(matches!(
+            reg(&mut r2, 0, 1, 0, &mut out),
+            Registered::Accepted {
+                owners_changed: false
+            }
+        ));
+    }
+
+    #[test]
+    fn silent_members_expire_after_configured_beats() {
+        let cfg = RegistryConfig {
+            heartbeat: Duration::from_secs(1),
+            expire_beats: 3,
+            ..RegistryConfig::default()
+        };
+        let mut r = Registry::new(cfg, BTreeMap::new(), 0);
+        let mut out = vec![];
+        let mut m1 = PeerMap::new(key(1));
+        reg(&mut r, 0, 1, 0, &mut out);
+        reg(&mut r, 0, 2, 0, &mut out);
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.len(), 1);
+        for t in 1..=5 {
+            out.clear();
+            r.heartbeat(
+                Duration::from_secs(t),
+                key(1),
+                ep(1),
+                t,
+                m1.version(),
+                &mut out,
+            );
+            let gone = r.expire(Duration::from_secs(t), &mut out);
+            deliver(&out, 1, &mut m1);
+            if t <= 3 {
+                assert!(gone.is_empty(), "t={t}");
+                assert_eq!(m1.len(), 1);
+            } else if t == 4 {
+                assert_eq!(gone, vec![key(2)]);
+                assert_eq!(m1.len(), 0, "removal pushed");
+            }
+        }
+        assert!(r.member(&key(1)).is_some());
+        // Its address stays owned.
+        assert_eq!(r.owners().get(&IpAddr::from([10, 0, 0, 2])), Some(&key(2)));
+    }
+
+    #[test]
+    fn endpoint_change_is_pushed_and_lagging_members_catch_up() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        let mut m1 = PeerMap::new(key(1));
+        reg(&mut r, 0, 1, 0, &mut out);
+        reg(&mut r, 0, 2, 0, &mut out);
+        deliver(&out, 1, &mut m1);
+        out.clear();
+        let new_ep = SocketAddr::from(([198, 51, 100, 7], 999));
+        r.heartbeat(Duration::from_secs(1), key(2), new_ep, 1, 2, &mut out);
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.get(&key(2)).unwrap().endpoints[0], new_ep);
+        // A member that lost its map (restart) reports version 0 and gets a snapshot.
+        out.clear();
+        let mut fresh = PeerMap::new(key(1));
+        r.heartbeat(Duration::from_secs(2), key(1), ep(1), 2, 0, &mut out);
+        deliver(&out, 1, &mut fresh);
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(fresh.version(), r.version());
+    }
+
+    #[test]
+    fn unknown_heartbeat_is_told_to_register_and_leave_removes() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        r.heartbeat(Duration::ZERO, key(9), ep(9), 1, 0, &mut out);
+        assert!(matches!(
+            out[0].msg,
+            Control::Nack {
+                code: ErrorCode::NotAllowed,
+                ..
+            }
+        ));
+        let mut m1 = PeerMap::new(key(1));
+        out.clear();
+        reg(&mut r, 0, 1, 0, &mut out);
+        reg(&mut r, 0, 2, 0, &mut out);
+        deliver(&out, 1, &mut m1);
+        out.clear();
+        assert!(r.leave(&key(2), &mut out));
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.len(), 0);
+    }
+
+    #[test]
+    fn large_maps_are_split_within_wire_limits() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        for i in 1..=200u8 {
+            reg(&mut r, 0, i, 0, &mut out);
+        }
+        out.clear();
+        let mut m = PeerMap::new(key(1));
+        r.heartbeat(Duration::from_secs(1), key(1), ep(1), 1, 0, &mut out);
+        for x in &out {
+            let enc = x.msg.encode().expect("fits the control cap");
+            assert!(enc.len() < transport::wire::CONTROL_CAP);
+        }
+        deliver(&out, 1, &mut m);
+        assert_eq!(m.len(), 199);
+    }
+}

@@ -1,0 +1,452 @@
+//! The peer's heartbeat supervisor: registers with the hubs, applies the peer
+//! map they push (starting and stopping one [`PeerActor`] per member and
+//! updating the data plane's peers and routes), heartbeats hubs and peers,
+//! re-registers after a hub restart and restarts failed sessions. The timing
+//! decisions live in the pure [`Heartbeats`]; this actor only carries them out.
+
+use crate::dataplane::{by_peer, Cmd, GetSnapshot, NetEvent, PlaneStats, Snapshot};
+use crate::heartbeat::{Action, HeartbeatConfig, Heartbeats, HubPhase};
+use crate::peer::{GetStatus, PeerActor, PeerStatus, Sample, Update};
+use crate::peermap::{MapChange, PeerMap};
+use crate::registry::short_key;
+use actix::prelude::*;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use transport::wire::{Control, ErrorCode, IpNet, PublicKey};
+use transport::Event;
+
+/// What a peer tells its hubs about itself.
+#[derive(Debug, Clone)]
+pub struct PeerSetup {
+    /// Our key.
+    pub me: PublicKey,
+    /// Our overlay addresses.
+    pub overlay: Vec<IpNet>,
+    /// Display name.
+    pub name: String,
+    /// Local candidate endpoints.
+    pub local_endpoints: Vec<SocketAddr>,
+    /// Hubs: key and address.
+    pub hubs: Vec<(PublicKey, SocketAddr)>,
+    /// Heartbeat timing.
+    pub heartbeat: HeartbeatConfig,
+}
+
+/// Why the supervisor gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fatal {
+    /// A hub refused our address.
+    Refused(String),
+}
+
+/// Status of one hub link.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HubStatus {
+    /// Hub address.
+    pub addr: String,
+    /// connecting / registered / refused.
+    pub state: String,
+    /// Seconds since the last ack.
+    pub last_ack_s: Option<f64>,
+    /// Heartbeat RTT in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Registrations so far.
+    pub registrations: u64,
+}
+
+/// What `status` prints.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeStatus {
+    /// Our name.
+    pub name: String,
+    /// Our key (short hex).
+    pub key: String,
+    /// Our overlay addresses.
+    pub overlay: Vec<String>,
+    /// Endpoint the hub sees us at.
+    pub observed: Option<String>,
+    /// Peer-map version.
+    pub map_version: u64,
+    /// Hubs.
+    pub hubs: Vec<HubStatus>,
+    /// Peers, in key order.
+    pub peers: Vec<PeerStatus>,
+    /// Data-plane and drop counters.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Ask for the status.
+#[derive(Debug, Message)]
+#[rtype(result = "NodeStatus")]
+pub struct GetNodeStatus;
+
+/// Tell the hubs we leave (shutdown).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Leave;
+
+/// The supervisor actor.
+pub struct Supervisor {
+    setup: PeerSetup,
+    hb: Heartbeats,
+    map: PeerMap,
+    plane: Recipient<Cmd>,
+    snap: Recipient<GetSnapshot>,
+    peers: BTreeMap<PublicKey, Addr<PeerActor>>,
+    epoch: Instant,
+    observed: Option<SocketAddr>,
+    fatal: Option<mpsc::UnboundedSender<Fatal>>,
+    last_snapshot: Snapshot,
+}
+
+impl Supervisor {
+    /// A supervisor driving the data plane at `plane`/`snap`; a fatal refusal
+    /// is reported through `fatal`.
+    pub fn new(
+        setup: PeerSetup,
+        plane: Recipient<Cmd>,
+        snap: Recipient<GetSnapshot>,
+        fatal: Option<mpsc::UnboundedSender<Fatal>>,
+    ) -> Supervisor {
+        let hubs: Vec<PublicKey> = setup.hubs.iter().map(|(k, _)| *k).collect();
+        Supervisor {
+            hb: Heartbeats::new(setup.heartbeat.clone(), &hubs, Duration::ZERO),
+            map: PeerMap::new(setup.me),
+            setup,
+            plane,
+            snap,
+            peers: BTreeMap::new(),
+            epoch: Instant::now(),
+            observed: None,
+            fatal,
+            last_snapshot: Snapshot::default(),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    fn is_hub(&self, k: &PublicKey) -> bool {
+        self.setup.hubs.iter().any(|(h, _)| h == k)
+    }
+
+    fn send(&self, to: PublicKey, msg: Control, reliable: bool) {
+        self.plane.do_send(Cmd::Send { to, msg, reliable });
+    }
+
+    fn register_msg(&self) -> Control {
+        Control::Register {
+            overlay: self.setup.overlay.clone(),
+            local_endpoints: self.setup.local_endpoints.clone(),
+            name: self.setup.name.clone(),
+            have_version: self.map.version(),
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = self.now();
+        let mut out = Vec::new();
+        self.hb.poll(now, &mut out);
+        for a in out {
+            match a {
+                Action::Register(hub) => {
+                    tracing::debug!(hub = %short_key(&hub), "registering");
+                    // A fresh handshake: if the hub restarted, the old session is gone.
+                    self.plane.do_send(Cmd::Connect(hub));
+                    self.send(hub, self.register_msg(), false);
+                }
+                Action::HubHeartbeat { to, seq } => {
+                    let msg = Control::Heartbeat {
+                        seq,
+                        map_version: self.map.version(),
+                    };
+                    self.send(to, msg, false);
+                }
+                Action::PeerHeartbeat { to, seq } => {
+                    self.send(
+                        to,
+                        Control::Heartbeat {
+                            seq,
+                            map_version: 0,
+                        },
+                        false,
+                    );
+                }
+                Action::RestartPeer(k) => {
+                    tracing::info!(peer = %short_key(&k), "peer silent; restarting its session");
+                    self.plane.do_send(Cmd::RestartPeer(k));
+                    if let Some(info) = self.map.get(&k).cloned() {
+                        let restarts = self.hb.peer(&k).map_or(0, |p| p.restarts);
+                        // The old actor stops when its address is dropped.
+                        self.peers.insert(k, PeerActor::new(info, restarts).start());
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_changes(&mut self, changes: Vec<MapChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        let now = self.now();
+        for c in changes {
+            match c {
+                MapChange::Added(info) => {
+                    tracing::info!(peer = %info.name, key = %short_key(&info.key), "peer joined");
+                    self.plane.do_send(Cmd::AddPeer {
+                        key: info.key,
+                        endpoint: info.endpoints.first().copied(),
+                    });
+                    self.hb.add_peer(info.key, now);
+                    self.peers.insert(info.key, PeerActor::new(info, 0).start());
+                }
+                MapChange::Changed(info) => {
+                    self.plane.do_send(Cmd::AddPeer {
+                        key: info.key,
+                        endpoint: info.endpoints.first().copied(),
+                    });
+                    if let Some(a) = self.peers.get(&info.key) {
+                        a.do_send(Update(info));
+                    }
+                }
+                MapChange::Removed(k) => {
+                    tracing::info!(key = %short_key(&k), "peer left");
+                    self.plane.do_send(Cmd::RemovePeer(k));
+                    self.hb.remove_peer(&k);
+                    self.peers.remove(&k);
+                }
+            }
+        }
+        self.plane.do_send(Cmd::SetRouter(self.map.router()));
+    }
+
+    fn on_hub_control(&mut self, hub: PublicKey, msg: Control) {
+        let now = self.now();
+        match msg {
+            Control::RegisterAck {
+                observed,
+                heartbeat_ms,
+            } => {
+                if !self.hb.registered() {
+                    tracing::info!(%observed, "registered with hub");
+                }
+                self.observed = Some(observed);
+                self.hb
+                    .set_interval(Duration::from_millis(heartbeat_ms as u64));
+                self.hb.on_registered(&hub, now);
+            }
+            Control::HeartbeatAck { seq, observed } => {
+                self.observed = Some(observed);
+                self.hb.on_hub_ack(&hub, seq, now);
+            }
+            Control::Nack { code, message } => match code {
+                ErrorCode::AddressInUse | ErrorCode::BadRequest => {
+                    tracing::error!(%message, "hub refused registration");
+                    self.hb.on_hub_refused(&hub, message.clone());
+                    if let Some(f) = &self.fatal {
+                        let _ = f.send(Fatal::Refused(message));
+                    }
+                }
+                _ => self.hb.on_hub_forgot(&hub, now),
+            },
+            Control::PeerMapDelta {
+                from_version,
+                to_version,
+                upserts,
+                removals,
+            } => match self
+                .map
+                .apply(from_version, to_version, &upserts, &removals)
+            {
+                Ok(changes) => self.apply_changes(changes),
+                Err(e) => tracing::debug!(%e, "stale peer-map delta ignored"),
+            },
+            _ => {}
+        }
+    }
+
+    fn on_peer_control(&mut self, peer: PublicKey, endpoint: Option<SocketAddr>, msg: Control) {
+        let now = self.now();
+        match msg {
+            Control::Heartbeat { seq, .. } => {
+                self.hb.on_peer_heard(&peer, now);
+                if let Some(observed) = endpoint {
+                    self.send(peer, Control::HeartbeatAck { seq, observed }, false);
+                }
+            }
+            Control::HeartbeatAck { seq, .. } => self.hb.on_peer_ack(&peer, seq, now),
+            _ => {}
+        }
+    }
+
+    fn sample(&mut self, snap: Snapshot) {
+        let at = self.now();
+        let by = by_peer(&snap);
+        for (k, a) in &self.peers {
+            if let Some(p) = by.get(k) {
+                if p.established && !p.dead && p.idle < self.hb.config().interval {
+                    self.hb.on_peer_heard(k, at.saturating_sub(p.idle));
+                }
+                let link = self.hb.peer(k);
+                a.do_send(Sample {
+                    snap: (*p).clone(),
+                    at,
+                    hb_rtt: link.and_then(|l| l.rtt),
+                    last_ack: link.and_then(|l| l.last_ack),
+                });
+            }
+        }
+        self.last_snapshot = snap;
+    }
+
+    fn hub_statuses(&self) -> Vec<HubStatus> {
+        let now = self.now();
+        self.hb
+            .hubs()
+            .map(|h| HubStatus {
+                addr: self
+                    .setup
+                    .hubs
+                    .iter()
+                    .find(|(k, _)| *k == h.key)
+                    .map(|(_, a)| a.to_string())
+                    .unwrap_or_default(),
+                state: match &h.phase {
+                    HubPhase::Connecting { attempts } => format!("connecting (attempt {attempts})"),
+                    HubPhase::Registered => "registered".into(),
+                    HubPhase::Refused { reason } => format!("refused: {reason}"),
+                },
+                last_ack_s: h.last_ack.map(|a| now.saturating_sub(a).as_secs_f64()),
+                rtt_ms: h.rtt.map(|r| r.as_secs_f64() * 1e3),
+                registrations: h.registrations,
+            })
+            .collect()
+    }
+}
+
+/// Counters as name → value for status output.
+pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
+    let p: &PlaneStats = &s.plane;
+    let n = &s.node;
+    BTreeMap::from([
+        ("tun_read".into(), p.tun_read),
+        ("tun_written".into(), p.tun_written),
+        ("drop_no_route".into(), p.no_route + n.no_route),
+        ("drop_bad_source".into(), p.bad_source),
+        ("drop_tun_write".into(), p.tun_write_failed),
+        ("udp_rx".into(), p.udp_rx),
+        ("udp_tx".into(), p.udp_tx),
+        ("udp_send_failed".into(), p.udp_send_failed),
+        ("drop_malformed".into(), n.malformed),
+        ("drop_unknown_index".into(), n.unknown_index),
+        ("drop_handshake_failed".into(), n.handshake_failed),
+        ("drop_unknown_key".into(), n.unknown_key),
+        ("drop_auth_failed".into(), n.auth_failed),
+        ("drop_replayed".into(), n.replayed),
+    ])
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        for (k, a) in &self.setup.hubs {
+            self.plane.do_send(Cmd::AddPeer {
+                key: *k,
+                endpoint: Some(*a),
+            });
+        }
+        let step = (self.setup.heartbeat.interval / 10)
+            .clamp(Duration::from_millis(20), Duration::from_millis(500));
+        ctx.run_interval(step, |act, _| act.tick());
+        // Sample counters once per second for rates and liveness.
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
+            act.snap
+                .send(GetSnapshot)
+                .into_actor(act)
+                .map(|r, act, _| {
+                    if let Ok(s) = r {
+                        act.sample(s);
+                    }
+                })
+                .wait(ctx);
+        });
+        self.tick();
+    }
+}
+
+impl Handler<NetEvent> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, ev: NetEvent, _ctx: &mut Context<Self>) {
+        let hub = self.is_hub(&ev.peer);
+        let now = self.now();
+        match ev.event {
+            Event::Control(msg) if hub => self.on_hub_control(ev.peer, msg),
+            Event::Control(msg) => self.on_peer_control(ev.peer, ev.endpoint, msg),
+            Event::Established | Event::PeerRestarted | Event::Recovered if hub => {
+                // A (new) session with the hub: register over it right away.
+                if !self
+                    .hb
+                    .hubs()
+                    .any(|h| h.key == ev.peer && h.phase == HubPhase::Registered)
+                {
+                    self.send(ev.peer, self.register_msg(), false);
+                }
+            }
+            Event::Established | Event::Recovered | Event::PeerRestarted => {
+                self.hb.on_peer_heard(&ev.peer, now)
+            }
+            Event::DeadLink => {
+                tracing::info!(key = %short_key(&ev.peer), hub, "link dead");
+            }
+        }
+    }
+}
+
+impl Handler<GetNodeStatus> for Supervisor {
+    type Result = ResponseActFuture<Self, NodeStatus>;
+    fn handle(&mut self, _: GetNodeStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let snap = self.snap.clone();
+        Box::pin(
+            async move { snap.send(GetSnapshot).await.ok() }
+                .into_actor(self)
+                .then(|s, act, _| {
+                    if let Some(s) = s {
+                        act.sample(s);
+                    }
+                    let asks: Vec<_> = act.peers.values().map(|a| a.send(GetStatus)).collect();
+                    futures_util::future::join_all(asks).into_actor(act)
+                })
+                .map(|res, act, _| NodeStatus {
+                    name: act.setup.name.clone(),
+                    key: short_key(&act.setup.me),
+                    overlay: act
+                        .setup
+                        .overlay
+                        .iter()
+                        .map(|n| format!("{}/{}", n.addr, n.prefix))
+                        .collect(),
+                    observed: act.observed.map(|o| o.to_string()),
+                    map_version: act.map.version(),
+                    hubs: act.hub_statuses(),
+                    peers: res.into_iter().filter_map(Result::ok).collect(),
+                    counters: counters(&act.last_snapshot),
+                }),
+        )
+    }
+}
+
+impl Handler<Leave> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, _: Leave, _ctx: &mut Context<Self>) {
+        for (k, _) in &self.setup.hubs {
+            self.send(*k, Control::Leave, false);
+        }
+    }
+}
