@@ -84,7 +84,7 @@ pub enum Cmd {
     RemovePeer(PublicKey),
     /// Tear a failed session down and start a new handshake.
     RestartPeer(PublicKey),
-    /// Start a handshake now.
+    /// Start a fresh handshake now, unless one is under way.
     Connect(PublicKey),
     /// Replace the routing table.
     SetRouter(Router),
@@ -501,7 +501,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
                 let _ = self.node.connect(now, &key);
             }
             Cmd::Connect(key) => {
-                let _ = self.node.connect(now, &key);
+                let _ = self.node.ensure_handshake(now, &key);
             }
             Cmd::SetRouter(r) => self.router = r,
             Cmd::Send { to, msg, reliable } => {
@@ -512,7 +512,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
                 };
                 if !sent && !reliable {
                     // No session yet: start one; the caller retries on its schedule.
-                    let _ = self.node.connect(now, &to);
+                    let _ = self.node.ensure_handshake(now, &to);
                 }
             }
         }

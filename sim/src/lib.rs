@@ -5,6 +5,7 @@
 //! * [`traffic`]: self-checking inner packets.
 //! * [`turmoil_net`]: turmoil adapters for the transport traits, an in-memory
 //!   packet device, and a builder for N nodes over seeded impaired links.
+//! * [`world`]: a hub and N peers running the real actors in turmoil.
 
 #![warn(missing_docs)]
 
@@ -12,3 +13,4 @@ pub mod bulk;
 pub mod des;
 pub mod traffic;
 pub mod turmoil_net;
+pub mod world;

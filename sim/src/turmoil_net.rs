@@ -56,6 +56,7 @@ impl Datagram for TurmoilUdp {
 
 /// An in-memory TUN device: the test writes packets "from applications" into
 /// `apps`, and reads what the node delivered from `delivered`.
+#[derive(Clone)]
 pub struct MemTun {
     from_apps: Arc<MemQueue>,
     to_apps: mpsc::Sender<Vec<u8>>,

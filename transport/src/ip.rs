@@ -135,6 +135,31 @@ pub fn build_v4(
     p
 }
 
+/// Build a minimal IPv6 packet: a 40-byte header and an 8-byte L4 header with
+/// the ports, then `payload`, padded to at least `total` bytes.
+pub fn build_v6(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    total: usize,
+) -> Vec<u8> {
+    let total = total.max(48 + payload.len());
+    let mut p = vec![0u8; total];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+    p[6] = proto;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..42].copy_from_slice(&sport.to_be_bytes());
+    p[42..44].copy_from_slice(&dport.to_be_bytes());
+    p[48..48 + payload.len()].copy_from_slice(payload);
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -252,6 +252,14 @@ impl Node {
         Ok(())
     }
 
+    /// Start a handshake with `peer` unless one is already under way.
+    pub fn ensure_handshake(&mut self, now: Duration, peer: &PublicKey) -> Result<(), SendError> {
+        if self.sessions.get(peer).is_some_and(|s| s.handshaking()) {
+            return Ok(());
+        }
+        self.connect(now, peer)
+    }
+
     /// KCP segments waiting for `peer` (for flow control by the caller).
     pub fn kcp_backlog(&self, peer: &PublicKey) -> usize {
         self.sessions.get(peer).map_or(0, |s| s.kcp_backlog())

@@ -619,6 +619,11 @@ impl Session {
         true
     }
 
+    /// True while our handshake initiation awaits its response.
+    pub fn handshaking(&self) -> bool {
+        self.pending_init.is_some()
+    }
+
     /// Start (or restart) a handshake now.
     pub fn start_handshake(&mut self, ctx: &mut Ctx) {
         self.wanted = true;

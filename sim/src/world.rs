@@ -1,0 +1,415 @@
+//! A whole fastmesh network in turmoil: one hub and N peers running the real
+//! actors (registry, data plane, TUN reader, supervisor, per-peer actors) over
+//! seeded impaired links, with in-memory TUN devices.
+//!
+//! The test drives time with [`World::run_until`] and looks at each host
+//! through shared probes (status snapshots written by the host every 100 ms of
+//! simulated time) and the hosts' [`MemTunHandle`]s. Hosts can be crashed and
+//! restarted with turmoil; a restarted host gets fresh randomness, so its
+//! peers see a new incarnation. The hub's owner table lives in a real
+//! directory and survives its crashes.
+
+use crate::des::SIM_PSK;
+use crate::turmoil_net::{AppSender, MemTun, TurmoilUdp};
+use actix::prelude::*;
+use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
+use fastmesh_actors::heartbeat::HeartbeatConfig;
+use fastmesh_actors::hub::{GetHubStatus, HubStatus, RegistryActor};
+use fastmesh_actors::registry::RegistryConfig;
+use fastmesh_actors::store::OwnerStore;
+use fastmesh_actors::supervisor::{GetNodeStatus, NodeStatus, PeerSetup, Supervisor};
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use transport::crypto::{EntropySource, StaticKeypair};
+use transport::impair::LinkSpec;
+use transport::wire::{IpNet, PublicKey};
+use transport::{Admission, Datagram, Impaired, Node, NodeConfig};
+
+/// UDP port of every host.
+pub const PORT: u16 = 4000;
+/// Key seed of the hub.
+pub const HUB_SEED: u64 = 1000;
+
+/// A UDP socket that can move to another local port (NAT rebinding as the
+/// peers see it: the same node, a new source port).
+pub struct Rebindable {
+    cur: Mutex<Arc<TurmoilUdp>>,
+    swapped: Notify,
+}
+
+impl Rebindable {
+    /// Bind on `port`.
+    pub async fn bind(port: u16) -> io::Result<Rebindable> {
+        let s = turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port)).await?;
+        Ok(Rebindable {
+            cur: Mutex::new(Arc::new(TurmoilUdp(s))),
+            swapped: Notify::new(),
+        })
+    }
+
+    /// Move to `port`; the old socket is closed.
+    pub async fn rebind(&self, port: u16) -> io::Result<()> {
+        let s = turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port)).await?;
+        *self.cur.lock().map_err(|_| io::Error::other("poisoned"))? = Arc::new(TurmoilUdp(s));
+        self.swapped.notify_waiters();
+        Ok(())
+    }
+
+    fn cur(&self) -> Arc<TurmoilUdp> {
+        self.cur.lock().expect("rebind lock").clone()
+    }
+}
+
+impl Datagram for Rebindable {
+    fn send_to(
+        &self,
+        buf: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        let s = self.cur();
+        async move { s.send_to(buf, to).await }
+    }
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+        async move {
+            loop {
+                self.readable().await?;
+                match self.try_recv_from(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            }
+        }
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.cur().local_addr()
+    }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            loop {
+                let s = self.cur();
+                let swapped = self.swapped.notified();
+                tokio::select! {
+                    biased;
+                    r = s.readable() => return r,
+                    _ = swapped => continue,
+                }
+            }
+        }
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.cur().try_recv_from(buf)
+    }
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.cur().try_send_to(buf, to)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        let s = self.cur();
+        async move { s.writable().await }
+    }
+}
+
+/// What the test sees of one peer.
+pub struct PeerHandle {
+    /// turmoil host name.
+    pub host: String,
+    /// Overlay IPv4 address.
+    pub overlay: Ipv4Addr,
+    /// Overlay IPv6 address.
+    pub overlay6: Ipv6Addr,
+    /// Public key.
+    pub key: PublicKey,
+    /// Write packets into the peer's TUN.
+    pub apps: AppSender,
+    /// Packets the peer wrote to its TUN.
+    pub delivered: mpsc::Receiver<Vec<u8>>,
+    /// Latest status (every 100 ms of simulated time).
+    pub status: Arc<Mutex<Option<NodeStatus>>>,
+    /// Set to a port number to make the peer move its socket there.
+    pub rebind_to: Arc<AtomicU16>,
+}
+
+impl PeerHandle {
+    /// The latest status.
+    pub fn status(&self) -> Option<NodeStatus> {
+        self.status.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Drain what arrived so far.
+    pub fn take_delivered(&mut self) -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        while let Ok(p) = self.delivered.try_recv() {
+            v.push(p);
+        }
+        v
+    }
+}
+
+/// The network.
+pub struct World {
+    /// Peers, in order.
+    pub peers: Vec<PeerHandle>,
+    /// Latest hub status.
+    pub hub_status: Arc<Mutex<Option<HubStatus>>>,
+    /// Hub key.
+    pub hub_key: PublicKey,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+}
+
+/// How to build a [`World`].
+#[derive(Clone)]
+pub struct WorldConfig {
+    /// Number of peers.
+    pub peers: usize,
+    /// Heartbeat interval (hub and peers).
+    pub heartbeat: Duration,
+    /// Impairment of every datagram every host receives.
+    pub spec: LinkSpec,
+    /// Seed for impairments and keys' randomness.
+    pub seed: u64,
+    /// Directory for the hub's owner table.
+    pub store_dir: PathBuf,
+}
+
+fn overlay4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 88, 0, i as u8 + 1)
+}
+
+fn overlay6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd88, 0, 0, 0, 0, 0, 0, i as u16 + 1)
+}
+
+/// Key seed of peer `i`.
+pub fn peer_seed(i: usize) -> u64 {
+    i as u64 + 1
+}
+
+impl World {
+    /// Register the hub and the peers as turmoil hosts.
+    pub fn build(sim: &mut turmoil::Sim<'_>, cfg: WorldConfig) -> World {
+        let hub_key = StaticKeypair::from_seed(HUB_SEED).public;
+        let hub_status: Arc<Mutex<Option<HubStatus>>> = Arc::default();
+        {
+            let cfg = cfg.clone();
+            let probe = hub_status.clone();
+            let starts = Arc::new(AtomicU64::new(0));
+            sim.host("hub", move || {
+                let cfg = cfg.clone();
+                let probe = probe.clone();
+                let n = starts.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let seed = cfg.seed ^ 0xabcd ^ (n << 32);
+                    let sock =
+                        turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), PORT)).await?;
+                    let sock = Arc::new(Impaired::new(TurmoilUdp(sock), cfg.spec.clone(), seed));
+                    let node = Node::new(
+                        NodeConfig {
+                            admission: Admission::AnyWithNetworkKey,
+                            ..NodeConfig::default()
+                        },
+                        StaticKeypair::from_seed(HUB_SEED),
+                        SIM_PSK,
+                        1_700_000_000_000 + n * 1_000_000,
+                        EntropySource::seeded(seed),
+                    );
+                    let reg_ctx = Context::<RegistryActor>::new();
+                    let plane = Dataplane::<_, NoDevice>::new(
+                        node,
+                        sock,
+                        None,
+                        reg_ctx.address().recipient(),
+                        None,
+                    )
+                    .start();
+                    let rcfg = RegistryConfig {
+                        heartbeat: cfg.heartbeat,
+                        expire_beats: 3,
+                        ..RegistryConfig::default()
+                    };
+                    let store = OwnerStore::new(cfg.store_dir.join("owners"));
+                    let reg = RegistryActor::open(rcfg, store, (n + 1) << 40, plane.recipient())?;
+                    let reg = reg_ctx.run(reg);
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        if let Ok(s) = reg.send(GetHubStatus).await {
+                            if let Ok(mut p) = probe.lock() {
+                                *p = Some(s);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let mut peers = Vec::new();
+        for i in 0..cfg.peers {
+            let host = format!("peer{i}");
+            let (dev, handle) = MemTun::new(4096);
+            let status: Arc<Mutex<Option<NodeStatus>>> = Arc::default();
+            let rebind_to = Arc::new(AtomicU16::new(0));
+            let key = StaticKeypair::from_seed(peer_seed(i)).public;
+            {
+                let cfg = cfg.clone();
+                let status = status.clone();
+                let rebind_to = rebind_to.clone();
+                let host = host.clone();
+                let starts = Arc::new(AtomicU64::new(0));
+                sim.host(host.clone(), move || {
+                    let cfg = cfg.clone();
+                    let dev = Arc::new(dev.clone());
+                    let status = status.clone();
+                    let rebind_to = rebind_to.clone();
+                    let host = host.clone();
+                    let n = starts.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let seed = cfg.seed ^ (i as u64 + 1) ^ (n << 32);
+                        let sock = Arc::new(Impaired::new(
+                            Rebindable::bind(PORT).await?,
+                            cfg.spec.clone(),
+                            seed,
+                        ));
+                        let node = Node::new(
+                            NodeConfig::default(),
+                            StaticKeypair::from_seed(peer_seed(i)),
+                            SIM_PSK,
+                            1_700_000_000_000 + n * 1_000_000,
+                            EntropySource::seeded(seed),
+                        );
+                        let sup_ctx = Context::<Supervisor>::new();
+                        let plane_ctx = Context::<Dataplane<_, MemTun>>::new();
+                        let (reader, recycle) =
+                            TunReader::new(dev.clone(), plane_ctx.address().recipient(), 1500);
+                        let plane = plane_ctx.run(Dataplane::new(
+                            node,
+                            sock.clone(),
+                            Some(dev),
+                            sup_ctx.address().recipient(),
+                            Some(recycle),
+                        ));
+                        reader.start();
+                        let setup = PeerSetup {
+                            me: StaticKeypair::from_seed(peer_seed(i)).public,
+                            overlay: vec![
+                                IpNet {
+                                    addr: overlay4(i).into(),
+                                    prefix: 24,
+                                },
+                                IpNet {
+                                    addr: overlay6(i).into(),
+                                    prefix: 64,
+                                },
+                            ],
+                            name: host,
+                            local_endpoints: vec![],
+                            hubs: vec![(
+                                StaticKeypair::from_seed(HUB_SEED).public,
+                                SocketAddr::new(turmoil::lookup("hub"), PORT),
+                            )],
+                            heartbeat: HeartbeatConfig {
+                                interval: cfg.heartbeat,
+                                ..HeartbeatConfig::default()
+                            },
+                        };
+                        let sup = sup_ctx.run(Supervisor::new(
+                            setup,
+                            plane.clone().recipient(),
+                            plane.recipient(),
+                            None,
+                        ));
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            let port = rebind_to.swap(0, Ordering::SeqCst);
+                            if port != 0 {
+                                sock.inner().rebind(port).await?;
+                            }
+                            if let Ok(s) = sup.send(GetNodeStatus).await {
+                                if let Ok(mut p) = status.lock() {
+                                    *p = Some(s);
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            peers.push(PeerHandle {
+                host,
+                overlay: overlay4(i),
+                overlay6: overlay6(i),
+                key,
+                apps: handle.apps,
+                delivered: handle.delivered,
+                status,
+                rebind_to,
+            });
+        }
+        World {
+            peers,
+            hub_status,
+            hub_key,
+            heartbeat: cfg.heartbeat,
+        }
+    }
+
+    /// Step the simulation until `cond` holds or `limit` of simulated time
+    /// passes; returns the simulated time it took, or None on timeout.
+    pub fn run_until(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        limit: Duration,
+        mut cond: impl FnMut(&mut World) -> bool,
+    ) -> Option<Duration> {
+        let start = sim.elapsed();
+        loop {
+            if cond(self) {
+                return Some(sim.elapsed() - start);
+            }
+            if sim.elapsed() - start > limit {
+                return None;
+            }
+            sim.step().expect("simulation step");
+        }
+    }
+
+    /// Everything the probes hold, for failure messages.
+    pub fn dump(&self) -> String {
+        let mut s = format!(
+            "hub: {:#?}\n",
+            self.hub_status.lock().ok().and_then(|h| h.clone())
+        );
+        for p in &self.peers {
+            s.push_str(&format!("{}: {:#?}\n", p.host, p.status()));
+        }
+        s
+    }
+
+    /// Members the hub lists.
+    pub fn hub_members(&self) -> usize {
+        self.hub_status
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.members.len()))
+            .unwrap_or(0)
+    }
+
+    /// True if every peer is registered and knows all others with an established path.
+    pub fn all_connected(&self) -> bool {
+        let n = self.peers.len();
+        self.peers.iter().all(|p| {
+            p.status().is_some_and(|s| {
+                s.hubs.iter().all(|h| h.state == "registered")
+                    && s.peers.len() == n - 1
+                    && s.peers
+                        .iter()
+                        .all(|q| q.state == fastmesh_actors::peer::PathState::Up)
+            })
+        })
+    }
+}
