@@ -111,3 +111,273 @@ fn five_peers_reach_each_other() {
     });
     assert!(got.is_some(), "IPv6 packet delivered");
 }
+
+/// Packets pumped from one peer to another at a fixed rate, and what arrived.
+struct Pump {
+    from: usize,
+    to: usize,
+    flow: u16,
+    kind: Kind,
+    every: Duration,
+    next: Duration,
+    sent: Vec<Duration>,
+}
+
+#[derive(Default)]
+struct Driver {
+    pumps: Vec<Pump>,
+    /// (flow, seq) -> simulated time of delivery.
+    got: std::collections::BTreeMap<(u16, u32), Duration>,
+}
+
+impl Driver {
+    fn pump(
+        &mut self,
+        from: usize,
+        to: usize,
+        flow: u16,
+        kind: Kind,
+        every: Duration,
+        now: Duration,
+    ) {
+        self.pumps.push(Pump {
+            from,
+            to,
+            flow,
+            kind,
+            every,
+            next: now,
+            sent: Vec::new(),
+        });
+    }
+
+    /// Step until `cond` or `limit`; pumps send as time passes.
+    fn run(
+        &mut self,
+        sim: &mut turmoil::Sim<'static>,
+        w: &mut World,
+        limit: Duration,
+        mut cond: impl FnMut(&World, &Driver, Duration) -> bool,
+    ) -> Option<Duration> {
+        let start = sim.elapsed();
+        loop {
+            let now = sim.elapsed();
+            if cond(w, self, now) {
+                return Some(now - start);
+            }
+            if now - start > limit {
+                return None;
+            }
+            for p in self.pumps.iter_mut() {
+                while p.next <= now {
+                    let seq = p.sent.len() as u32;
+                    let pkt = traffic::packet(
+                        w.peers[p.from].overlay,
+                        w.peers[p.to].overlay,
+                        p.kind,
+                        p.flow,
+                        seq,
+                        400,
+                    );
+                    if w.peers[p.from].apps.send(pkt) {
+                        p.sent.push(now);
+                    }
+                    p.next += p.every;
+                }
+            }
+            sim.step().expect("step");
+            let now = sim.elapsed();
+            for peer in w.peers.iter_mut() {
+                for pkt in peer.take_delivered() {
+                    if let Some(t) = traffic::read(&pkt) {
+                        self.got.entry((t.flow, t.seq)).or_insert(now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packets of `flow` sent in [from, to) and how many of them arrived.
+    fn delivered(&self, flow: u16, from: Duration, to: Duration) -> (usize, usize) {
+        let p = self.pumps.iter().find(|p| p.flow == flow).expect("flow");
+        let sent: Vec<u32> = p
+            .sent
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t >= from && **t < to)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let got = sent
+            .iter()
+            .filter(|s| self.got.contains_key(&(flow, **s)))
+            .count();
+        (sent.len(), got)
+    }
+}
+
+fn form(w: &mut World, sim: &mut turmoil::Sim<'static>, limit: Duration) {
+    if w.run_until(sim, limit, |w| w.all_connected()).is_none() {
+        panic!("mesh did not form:\n{}", w.dump());
+    }
+}
+
+fn registered_everywhere(w: &World) -> bool {
+    w.hub_members() == w.peers.len()
+        && w.peers.iter().all(|p| {
+            p.status()
+                .is_some_and(|s| s.hubs.iter().all(|h| h.state == "registered"))
+        })
+}
+
+#[test]
+fn hub_crash_keeps_direct_paths_and_peers_reregister_after_restart() {
+    let mut sim = sim(120);
+    let mut w = world(&mut sim, clean(), 2, "hubcrash");
+    form(&mut w, &mut sim, Duration::from_secs(20));
+    let mut d = Driver::default();
+    let t0 = sim.elapsed();
+    d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), t0);
+    d.pump(2, 3, 2, Kind::Udp, Duration::from_millis(20), t0);
+    d.run(&mut sim, &mut w, Duration::from_secs(1), |_, _, _| false);
+
+    sim.crash("hub");
+    let down = sim.elapsed();
+    d.run(&mut sim, &mut w, Duration::from_secs(8), |_, _, _| false);
+    let up = sim.elapsed();
+    // Everything sent while the hub was down, minus the last second still in flight.
+    let (sent, got) = d.delivered(1, down, up - Duration::from_secs(1));
+    assert!(sent > 300, "pumped {sent}");
+    assert_eq!(
+        got, sent,
+        "TCP between connected peers flows with the hub down"
+    );
+    let (sent, got) = d.delivered(2, down, up - Duration::from_secs(1));
+    assert_eq!(got, sent, "UDP too");
+    // The peers noticed the hub is gone.
+    assert!(w
+        .peers
+        .iter()
+        .all(|p| p.status().unwrap().hubs[0].state != "registered"));
+
+    sim.bounce("hub");
+    let mut owned_at_boot = None;
+    let took = d
+        .run(&mut sim, &mut w, Duration::from_secs(10), |w, _, _| {
+            if owned_at_boot.is_none() {
+                if let Some(h) = w.hub_status.lock().unwrap().as_ref() {
+                    if h.map_version >> 40 == 2 {
+                        owned_at_boot = Some((h.owned_addresses, h.members.len()));
+                    }
+                }
+            }
+            registered_everywhere(w)
+        })
+        .unwrap_or_else(|| panic!("peers did not re-register:\n{}", w.dump()));
+    println!("re-registered {took:?} after the hub came back");
+    assert!(took <= 3 * HB, "re-registration took {took:?}");
+    let (owned, members) = owned_at_boot.expect("hub status after restart");
+    assert_eq!(
+        owned, 10,
+        "address ownership survived the crash (members then: {members})"
+    );
+    // And the map is whole again: every peer still sees all the others.
+    form(&mut w, &mut sim, Duration::from_secs(5));
+}
+
+#[test]
+fn restarted_peer_leaves_and_returns() {
+    let mut sim = sim(120);
+    let mut w = world(&mut sim, clean(), 3, "peerrestart");
+    form(&mut w, &mut sim, Duration::from_secs(20));
+    let key2 = transport::crypto::StaticKeypair::from_seed(sim::world::peer_seed(2)).public;
+    let short2 = fastmesh_actors::registry::short_key(&key2);
+    sim.crash("peer2");
+    let gone = w
+        .run_until(&mut sim, Duration::from_secs(15), |w| {
+            [0, 1, 3, 4].iter().all(|i| {
+                w.peers[*i]
+                    .status()
+                    .is_some_and(|s| s.peers.iter().all(|p| p.key != short2))
+            })
+        })
+        .unwrap_or_else(|| panic!("peer2 never left:\n{}", w.dump()));
+    println!("others saw peer2 leave after {gone:?}");
+    assert!(gone <= 5 * HB);
+    assert_eq!(w.hub_members(), 4);
+    sim.bounce("peer2");
+    let back = w
+        .run_until(&mut sim, Duration::from_secs(15), |w| w.all_connected())
+        .unwrap_or_else(|| panic!("peer2 did not return:\n{}", w.dump()));
+    println!("peer2 back and connected after {back:?}");
+    let (pairs, _, _) = all_pairs(&mut w, &mut sim, 5, 200);
+    assert_eq!(pairs, 20);
+}
+
+#[test]
+fn nat_rebinding_traffic_follows_within_one_heartbeat() {
+    let mut sim = sim(120);
+    let mut w = world(&mut sim, clean(), 4, "rebind");
+    form(&mut w, &mut sim, Duration::from_secs(20));
+    let mut d = Driver::default();
+    d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(10), sim.elapsed());
+    d.run(&mut sim, &mut w, Duration::from_secs(1), |_, _, _| false);
+    w.peers[1]
+        .rebind_to
+        .store(4555, std::sync::atomic::Ordering::SeqCst);
+    // The probe loop applies it within 100 ms; find when it did.
+    let moved = w
+        .run_until(&mut sim, Duration::from_secs(1), |w| {
+            w.peers[1]
+                .rebind_to
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+        })
+        .expect("rebind applied");
+    let at = sim.elapsed();
+    let _ = moved;
+    // Traffic resumes: a packet sent after the move is delivered.
+    let resumed = d
+        .run(&mut sim, &mut w, Duration::from_secs(5), |_, d, _| {
+            let p = &d.pumps[0];
+            p.sent
+                .iter()
+                .enumerate()
+                .any(|(i, t)| *t >= at && d.got.contains_key(&(1, i as u32)))
+        })
+        .unwrap_or_else(|| panic!("traffic did not follow:\n{}", w.dump()));
+    println!("traffic followed the new endpoint after {resumed:?}");
+    assert!(
+        resumed <= HB + Duration::from_millis(100),
+        "took {resumed:?}"
+    );
+    d.run(&mut sim, &mut w, Duration::from_secs(3), |_, _, _| false);
+    let (sent, got) = d.delivered(1, Duration::ZERO, sim.elapsed() - Duration::from_secs(1));
+    assert_eq!(got, sent, "nothing lost across the move");
+    // The hub saw the new endpoint too.
+    let ep = w
+        .hub_status
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .members
+        .iter()
+        .find(|m| m.name == "peer1")
+        .unwrap()
+        .endpoints[0]
+        .clone();
+    assert!(ep.ends_with(":4555"), "hub has {ep}");
+}
+
+#[test]
+fn five_percent_loss_on_every_link() {
+    let mut sim = sim(200);
+    let spec = LinkSpec::latency(Duration::from_millis(15)).with_loss(0.05);
+    let mut w = world(&mut sim, spec, 5, "loss");
+    form(&mut w, &mut sim, Duration::from_secs(30));
+    let (pairs, udp, want) = all_pairs(&mut w, &mut sim, 40, 300);
+    println!("5% loss: UDP {udp}/{want}");
+    assert_eq!(pairs, 20, "every pair's TCP complete");
+    // Each datagram crosses one lossy receive path: expect about 95%.
+    assert!(udp * 100 >= want * 88, "UDP delivered {udp}/{want}");
+}
