@@ -7,6 +7,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 use transport::wire::PublicKey;
 
+/// The network-namespace lab (end-to-end tests, demo, benchmark).
+pub mod lab;
+
 /// Overlay address of simulated node `i` (10.77.0.i+1).
 pub fn overlay(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, i as u8 + 1)

@@ -1,1 +1,534 @@
-fn main() {}
+//! `fastmesh`: the hub, the peer, key generation and status, in one binary.
+
+mod config;
+mod control;
+
+use actix::prelude::*;
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use config::*;
+use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
+use fastmesh_actors::heartbeat::HeartbeatConfig;
+use fastmesh_actors::hub::{GetHubStatus, RegistryActor};
+use fastmesh_actors::registry::RegistryConfig;
+use fastmesh_actors::store::{key_hex, OwnerStore};
+use fastmesh_actors::supervisor::{Fatal, GetNodeStatus, Leave, PeerSetup, Supervisor};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use transport::crypto::{EntropySource, StaticKeypair};
+use transport::{Admission, Node, NodeConfig, SessionConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "fastmesh",
+    version,
+    about = "A mesh VPN for servers on lossy, long-distance links",
+    long_about = "fastmesh puts your servers on one private IP network.\n\n\
+        One node with a public address runs `fastmesh hub`; every server runs \
+        `fastmesh peer`, which creates a TUN device with the server's overlay \
+        address and sends packets straight to the other peers over UDP, \
+        encrypted, with KCP retransmission for TCP flows.\n\n\
+        First steps:\n  \
+        fastmesh keygen --out network.key      # once; copy to every node (the network secret)\n  \
+        fastmesh keygen --out hub.key          # on the hub; prints the hub's public key\n  \
+        fastmesh hub --key hub.key --network-key network.key --listen 0.0.0.0:4800\n  \
+        fastmesh keygen --out node.key         # on each peer\n  \
+        sudo fastmesh peer --key node.key --network-key network.key \\\n       \
+        --hub HUBPUBKEY@hub.example.org:4800 --address 10.99.0.2/24\n  \
+        sudo fastmesh status"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a key file (mode 0600) and print its public key.
+    Keygen {
+        /// Where to write the key.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of a key file (what peers pass in --hub).
+    Pubkey {
+        /// The key file.
+        key: PathBuf,
+    },
+    /// Run a hub: the registry peers join through (needs a reachable UDP port).
+    Hub(HubArgs),
+    /// Run a peer: create the TUN device and join the mesh (needs root or CAP_NET_ADMIN).
+    Peer(PeerArgs),
+    /// Show a running node's state: peers, paths, RTT, loss, traffic.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The node's control socket.
+        #[arg(long, default_value = "/run/fastmesh/fm0.sock")]
+        control: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct HubArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// UDP address to listen on [default: 0.0.0.0:4800].
+    #[arg(long)]
+    listen: Option<String>,
+    /// The hub's key file (from `fastmesh keygen`).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The network key file shared by every node.
+    #[arg(long)]
+    network_key: Option<PathBuf>,
+    /// Directory for the membership table [default: /var/lib/fastmesh].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat interval in seconds [default: 5].
+    #[arg(long)]
+    heartbeat: Option<f64>,
+    /// Drop a member after this many silent heartbeats [default: 3].
+    #[arg(long)]
+    expire_beats: Option<u32>,
+    /// Control socket for `fastmesh status` [default: /run/fastmesh/hub.sock].
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PeerArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// A hub as PUBKEY@HOST:PORT; repeat for several hubs.
+    #[arg(long = "hub")]
+    hubs: Vec<String>,
+    /// This node's overlay address with prefix, e.g. 10.99.0.2/24.
+    #[arg(long)]
+    address: Option<String>,
+    /// Optional IPv6 overlay address with prefix, e.g. fd99::2/64.
+    #[arg(long)]
+    address6: Option<String>,
+    /// UDP address to listen on [default: 0.0.0.0:4800].
+    #[arg(long)]
+    listen: Option<String>,
+    /// TUN device name [default: fm0].
+    #[arg(long)]
+    tun: Option<String>,
+    /// TUN MTU [default: 1395, so frames fit a 1500-byte path unfragmented].
+    #[arg(long)]
+    mtu: Option<u16>,
+    /// KCP profile: normal, fast or turbo [default: fast].
+    #[arg(long)]
+    profile: Option<String>,
+    /// This node's key file (from `fastmesh keygen`).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The network key file shared by every node.
+    #[arg(long)]
+    network_key: Option<PathBuf>,
+    /// Name shown in status [default: host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Control socket for `fastmesh status` [default: /run/fastmesh/<tun>.sock].
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Heartbeat interval in seconds until the hub sets it [default: 5].
+    #[arg(long)]
+    heartbeat: Option<f64>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match cli.cmd {
+        Cmd::Keygen { out, force } => write_new_key(&out, force).map(|kp| {
+            println!("{}", key_hex(&kp.public));
+            eprintln!("wrote {} (mode 0600); public key above", out.display());
+        }),
+        Cmd::Pubkey { key } => load_key(&key, "key file")
+            .map(|k| println!("{}", key_hex(&StaticKeypair::from_private(k).public))),
+        Cmd::Hub(a) => run_hub(a),
+        Cmd::Peer(a) => run_peer(a),
+        Cmd::Status { json, control } => status(json, control),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn status(json: bool, control: PathBuf) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let v = rt.block_on(control::query(&control))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", control::table(&v));
+    }
+    Ok(())
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn bind_udp(listen: &str) -> Result<std::net::UdpSocket> {
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| anyhow!("bad listen address {listen:?}: want IP:PORT, e.g. 0.0.0.0:4800"))?;
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Large buffers absorb bursts at high rates; root may exceed the sysctl limits.
+    for size in [8 << 20, 4 << 20, 1 << 20] {
+        if s.set_recv_buffer_size(size).is_ok() && s.set_send_buffer_size(size).is_ok() {
+            break;
+        }
+    }
+    force_buffers(&s, 8 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())
+        .with_context(|| format!("cannot bind UDP {addr}"))?;
+    Ok(s.into())
+}
+
+/// SO_RCVBUFFORCE/SO_SNDBUFFORCE (root only) so the buffers are not capped by
+/// net.core.rmem_max; ignored without privileges.
+fn force_buffers(s: &socket2::Socket, size: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: valid fd, option value is a c_int of the stated size.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+fn run_hub(a: HubArgs) -> Result<()> {
+    let f: HubFile = match &a.config {
+        Some(p) => read_toml(p)?,
+        None => HubFile::default(),
+    };
+    let listen = a
+        .listen
+        .or(f.listen)
+        .unwrap_or_else(|| "0.0.0.0:4800".into());
+    let key_path = a.key.or(f.key).ok_or_else(|| {
+        anyhow!("no hub key: pass --key FILE (create one with `fastmesh keygen --out hub.key`)")
+    })?;
+    let net_path = a.network_key.or(f.network_key).ok_or_else(|| {
+        anyhow!("no network key: pass --network-key FILE (the same file on every node)")
+    })?;
+    let data_dir = a
+        .data_dir
+        .or(f.data_dir)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/fastmesh"));
+    let heartbeat = secs(a.heartbeat.or(f.heartbeat).unwrap_or(5.0), "heartbeat")?;
+    let expire_beats = a.expire_beats.or(f.expire_beats).unwrap_or(3).max(1);
+    let control = a
+        .control
+        .or(f.control)
+        .unwrap_or_else(|| PathBuf::from("/run/fastmesh/hub.sock"));
+    let key = StaticKeypair::from_private(load_key(&key_path, "hub key")?);
+    let psk = load_key(&net_path, "network key")?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let store = OwnerStore::new(data_dir.join("owners"));
+    let owners = store.load()?;
+    let sock = bind_udp(&listen)?;
+    tracing::info!(
+        %listen,
+        key = %key_hex(&key.public),
+        members_known = owners.len(),
+        "hub starting"
+    );
+    let sys = actix::System::new();
+    sys.block_on(async move {
+        let sock = Arc::new(tokio::net::UdpSocket::from_std(sock)?);
+        let node = Node::new(
+            NodeConfig {
+                admission: Admission::AnyWithNetworkKey,
+                session: SessionConfig::default(),
+            },
+            key,
+            psk,
+            wall_ms(),
+            EntropySource::Os,
+        );
+        let reg_ctx = Context::<RegistryActor>::new();
+        let plane =
+            Dataplane::<_, NoDevice>::new(node, sock, None, reg_ctx.address().recipient(), None)
+                .start();
+        let reg = RegistryActor::new(
+            fastmesh_actors::registry::Registry::new(
+                RegistryConfig {
+                    heartbeat,
+                    expire_beats,
+                    ..RegistryConfig::default()
+                },
+                owners,
+                // Versions of a restarted hub start above any it handed out before.
+                wall_ms() << 16,
+            ),
+            Some(store),
+            plane.recipient(),
+        );
+        let reg = reg_ctx.run(reg);
+        let listener = control::bind(&control)?;
+        let r2 = reg.clone();
+        actix::spawn(control::serve(listener, move || {
+            let r = r2.clone();
+            async move {
+                match r.send(GetHubStatus).await {
+                    Ok(s) => serde_json::json!({"kind": "hub", "status": s}),
+                    Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),
+                }
+            }
+        }));
+        shutdown_signal().await;
+        tracing::info!("hub stopping");
+        let _ = std::fs::remove_file(&control);
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn check_tun_access() -> Result<()> {
+    if !Path::new("/dev/net/tun").exists() {
+        bail!(
+            "/dev/net/tun does not exist: load the tun module (`modprobe tun`), or give the \
+             container the device (docker: --device /dev/net/tun --cap-add NET_ADMIN)"
+        );
+    }
+    Ok(())
+}
+
+fn tun_error(e: std::io::Error, name: &str) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => anyhow!(
+            "cannot create TUN device {name}: permission denied. fastmesh peer needs root or \
+             CAP_NET_ADMIN (run with sudo, or `setcap cap_net_admin+ep $(which fastmesh)`)"
+        ),
+        _ if e.raw_os_error() == Some(libc::EPERM) => anyhow!(
+            "cannot create TUN device {name}: operation not permitted. fastmesh peer needs root \
+             or CAP_NET_ADMIN (run with sudo)"
+        ),
+        _ if e.raw_os_error() == Some(libc::EBUSY) => {
+            anyhow!("cannot create TUN device {name}: it is in use (another fastmesh peer?)")
+        }
+        _ => anyhow!("cannot create TUN device {name}: {e}"),
+    }
+}
+
+fn run_peer(a: PeerArgs) -> Result<()> {
+    let f: PeerFile = match &a.config {
+        Some(p) => read_toml(p)?,
+        None => PeerFile::default(),
+    };
+    let hub_specs = if a.hubs.is_empty() {
+        f.hubs.unwrap_or_default()
+    } else {
+        a.hubs
+    };
+    if hub_specs.is_empty() {
+        bail!("no hub: pass --hub PUBKEY@HOST:PORT (at least one)");
+    }
+    let hubs = hub_specs
+        .iter()
+        .map(|s| parse_hub(s))
+        .collect::<Result<Vec<_>>>()?;
+    let address = a.address.or(f.address).ok_or_else(|| {
+        anyhow!("no overlay address: pass --address, e.g. --address 10.99.0.2/24")
+    })?;
+    let mut overlay = vec![parse_net(&address)?];
+    if let Some(a6) = a.address6.or(f.address6) {
+        let n = parse_net(&a6)?;
+        if n.addr.is_ipv4() == overlay[0].addr.is_ipv4() {
+            bail!("--address6 {a6:?} must be of the other IP family than --address");
+        }
+        overlay.push(n);
+    }
+    let listen = a
+        .listen
+        .or(f.listen)
+        .unwrap_or_else(|| "0.0.0.0:4800".into());
+    let tun_name = a.tun.or(f.tun).unwrap_or_else(|| "fm0".into());
+    let mtu = a.mtu.or(f.mtu).unwrap_or_else(default_mtu);
+    if !(576..=9000).contains(&mtu) {
+        bail!("MTU {mtu} out of range 576..=9000");
+    }
+    let profile = parse_profile(&a.profile.or(f.profile).unwrap_or_else(|| "fast".into()))?;
+    let key_path = a.key.or(f.key).ok_or_else(|| {
+        anyhow!("no node key: pass --key FILE (create one with `fastmesh keygen --out node.key`)")
+    })?;
+    let net_path = a.network_key.or(f.network_key).ok_or_else(|| {
+        anyhow!("no network key: pass --network-key FILE (the same file on every node)")
+    })?;
+    let name = a
+        .name
+        .or(f.name)
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "peer".into());
+    let control = a
+        .control
+        .or(f.control)
+        .unwrap_or_else(|| PathBuf::from(format!("/run/fastmesh/{tun_name}.sock")));
+    let heartbeat = secs(a.heartbeat.or(f.heartbeat).unwrap_or(5.0), "heartbeat")?;
+    let key = StaticKeypair::from_private(load_key(&key_path, "node key")?);
+    let psk = load_key(&net_path, "network key")?;
+    check_tun_access()?;
+    let sock = bind_udp(&listen)?;
+    let local = sock.local_addr()?;
+
+    let mut b = tun_rs::DeviceBuilder::new().name(&tun_name).mtu(mtu);
+    for n in &overlay {
+        match n.addr {
+            std::net::IpAddr::V4(v4) => b = b.ipv4(v4, n.prefix, None),
+            std::net::IpAddr::V6(v6) => b = b.ipv6(v6, n.prefix),
+        }
+    }
+    let dev = b.build_sync().map_err(|e| tun_error(e, &tun_name))?;
+    tracing::info!(
+        tun = %tun_name,
+        mtu,
+        %local,
+        key = %key_hex(&key.public),
+        overlay = ?overlay.iter().map(|n| format!("{}/{}", n.addr, n.prefix)).collect::<Vec<_>>(),
+        "peer starting"
+    );
+    let session = SessionConfig {
+        profile,
+        path_mtu: mtu as usize + frame_overhead(),
+        ..SessionConfig::default()
+    };
+    let local_endpoints = if local.ip().is_unspecified() {
+        vec![]
+    } else {
+        vec![local]
+    };
+    let setup = PeerSetup {
+        me: key.public,
+        overlay,
+        name,
+        local_endpoints,
+        hubs,
+        heartbeat: HeartbeatConfig {
+            interval: heartbeat,
+            ..HeartbeatConfig::default()
+        },
+    };
+    let sys = actix::System::new();
+    let code = sys.block_on(async move {
+        let sock = Arc::new(tokio::net::UdpSocket::from_std(sock)?);
+        let dev = Arc::new(tun_rs::AsyncDevice::new(dev)?);
+        let node = Node::new(
+            NodeConfig {
+                admission: Admission::KnownPeers,
+                session,
+            },
+            key,
+            psk,
+            wall_ms(),
+            EntropySource::Os,
+        );
+        let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
+        let sup_ctx = Context::<Supervisor>::new();
+        let plane_ctx = Context::<Dataplane<tokio::net::UdpSocket, tun_rs::AsyncDevice>>::new();
+        let (reader, recycle) = TunReader::new(
+            dev.clone(),
+            plane_ctx.address().recipient(),
+            mtu as usize + 64,
+        );
+        let plane = plane_ctx.run(Dataplane::new(
+            node,
+            sock,
+            Some(dev),
+            sup_ctx.address().recipient(),
+            Some(recycle),
+        ));
+        reader.start();
+        let sup = sup_ctx.run(Supervisor::new(
+            setup,
+            plane.clone().recipient(),
+            plane.recipient(),
+            Some(fatal_tx),
+        ));
+        let listener = control::bind(&control)?;
+        let s2 = sup.clone();
+        actix::spawn(control::serve(listener, move || {
+            let s = s2.clone();
+            async move {
+                match s.send(GetNodeStatus).await {
+                    Ok(st) => serde_json::json!({"kind": "peer", "status": st}),
+                    Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),
+                }
+            }
+        }));
+        let code = tokio::select! {
+            _ = shutdown_signal() => {
+                tracing::info!("peer stopping; telling the hubs");
+                sup.do_send(Leave);
+                // Give the leave message a moment to go out.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                0
+            }
+            f = fatal_rx.recv() => {
+                match f {
+                    Some(Fatal::Refused(m)) => eprintln!("error: the hub refused this node: {m}"),
+                    None => eprintln!("error: supervisor stopped"),
+                }
+                2
+            }
+        };
+        let _ = std::fs::remove_file(&control);
+        Ok::<i32, anyhow::Error>(code)
+    })?;
+    // The TUN device disappears with the process.
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}

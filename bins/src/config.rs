@@ -1,0 +1,185 @@
+//! Configuration: a TOML file, overridden by command-line flags, resolved into
+//! checked settings with clear errors.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use transport::crypto::StaticKeypair;
+use transport::wire::{IpNet, PublicKey};
+use transport::KcpProfile;
+
+/// Overhead between the UDP payload size and the largest inner packet.
+pub fn frame_overhead() -> usize {
+    1452 - transport::node::tun_mtu_for(1452)
+}
+
+/// Default TUN MTU: inner packets never fragment on a 1500-byte path, IPv4 or
+/// IPv6 underlay (1500 - 40 IPv6 - 8 UDP = 1452 bytes of UDP payload).
+pub fn default_mtu() -> u16 {
+    transport::node::tun_mtu_for(1452) as u16
+}
+
+/// Parse "10.1.2.3/24" or "fd00::3/64".
+pub fn parse_net(s: &str) -> Result<IpNet> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow!("bad address {s:?}: want ADDRESS/PREFIX, e.g. 10.99.0.2/24"))?;
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| anyhow!("bad address {s:?}: {a:?} is not an IP address"))?;
+    let prefix: u8 = p
+        .parse()
+        .map_err(|_| anyhow!("bad address {s:?}: {p:?} is not a prefix length"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix == 0 || prefix > max {
+        bail!("bad address {s:?}: prefix must be 1..={max}");
+    }
+    if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+        bail!("bad address {s:?}: not usable as a host address");
+    }
+    Ok(IpNet { addr, prefix })
+}
+
+/// Parse "PUBKEY@HOST:PORT" (key as 64 hex digits).
+pub fn parse_hub(s: &str) -> Result<(PublicKey, SocketAddr)> {
+    let (k, a) = s.split_once('@').ok_or_else(|| {
+        anyhow!(
+            "bad hub {s:?}: want PUBKEY@HOST:PORT (the key `fastmesh pubkey` prints for the hub)"
+        )
+    })?;
+    let key = fastmesh_actors::store::parse_key_hex(k)
+        .ok_or_else(|| anyhow!("bad hub {s:?}: the key must be 64 hex digits"))?;
+    let addr = a
+        .to_socket_addrs()
+        .with_context(|| format!("bad hub {s:?}: cannot resolve {a:?}"))?
+        .next()
+        .ok_or_else(|| anyhow!("bad hub {s:?}: {a:?} resolves to nothing"))?;
+    Ok((key, addr))
+}
+
+/// Parse a duration in seconds ("5", "0.5").
+pub fn secs(x: f64, what: &str) -> Result<Duration> {
+    if !(0.05..=3600.0).contains(&x) {
+        bail!("{what} must be between 0.05 and 3600 seconds, got {x}");
+    }
+    Ok(Duration::from_secs_f64(x))
+}
+
+/// Parse a KCP profile name.
+pub fn parse_profile(s: &str) -> Result<KcpProfile> {
+    match s {
+        "normal" => Ok(KcpProfile::Normal),
+        "fast" => Ok(KcpProfile::Fast),
+        "turbo" => Ok(KcpProfile::Turbo),
+        _ => bail!("bad KCP profile {s:?}: want normal, fast or turbo"),
+    }
+}
+
+/// Read a TOML file into `T`, rejecting unknown keys.
+pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow!("config file {}: {e}", path.display()))
+}
+
+/// Read a key file: 64 hex digits, readable only by its owner.
+pub fn load_key(path: &Path, what: &str) -> Result<[u8; 32]> {
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!(
+            "cannot read {what} {}: create one with `fastmesh keygen --out {}`",
+            path.display(),
+            path.display()
+        )
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{what} {} is readable by others (mode {mode:o}); fix with: chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    fastmesh_actors::store::parse_key_hex(text.trim()).ok_or_else(|| {
+        anyhow!(
+            "{what} {} is not a fastmesh key (want 64 hex digits)",
+            path.display()
+        )
+    })
+}
+
+/// Write a new random key to `path` with mode 0600; returns the key pair.
+pub fn write_new_key(path: &Path, force: bool) -> Result<StaticKeypair> {
+    if path.exists() && !force {
+        bail!(
+            "{} exists; refusing to overwrite a key (use --force)",
+            path.display()
+        );
+    }
+    let kp = StaticKeypair::generate();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true).mode(0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    // An existing file keeps its mode on open; force 0600.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    use std::io::Write;
+    writeln!(f, "{}", fastmesh_actors::store::key_hex(&kp.private))?;
+    f.sync_all()?;
+    Ok(kp)
+}
+
+/// Hub settings as a config file holds them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubFile {
+    /// UDP listen address.
+    pub listen: Option<String>,
+    /// Hub key file.
+    pub key: Option<PathBuf>,
+    /// Network key file.
+    pub network_key: Option<PathBuf>,
+    /// Where the membership table lives.
+    pub data_dir: Option<PathBuf>,
+    /// Heartbeat interval, seconds.
+    pub heartbeat: Option<f64>,
+    /// Heartbeats of silence before a member is dropped.
+    pub expire_beats: Option<u32>,
+    /// Control socket path.
+    pub control: Option<PathBuf>,
+}
+
+/// Peer settings as a config file holds them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    /// Hubs, "PUBKEY@HOST:PORT".
+    pub hubs: Option<Vec<String>>,
+    /// Overlay IPv4 (or IPv6) address with prefix.
+    pub address: Option<String>,
+    /// Optional second (IPv6) overlay address with prefix.
+    pub address6: Option<String>,
+    /// UDP listen address.
+    pub listen: Option<String>,
+    /// TUN device name.
+    pub tun: Option<String>,
+    /// TUN MTU.
+    pub mtu: Option<u16>,
+    /// KCP profile.
+    pub profile: Option<String>,
+    /// Node key file.
+    pub key: Option<PathBuf>,
+    /// Network key file.
+    pub network_key: Option<PathBuf>,
+    /// Display name.
+    pub name: Option<String>,
+    /// Control socket path.
+    pub control: Option<PathBuf>,
+    /// Heartbeat interval, seconds (until the hub says otherwise).
+    pub heartbeat: Option<f64>,
+}

@@ -1,0 +1,180 @@
+//! The local control socket: a running node answers `status` with JSON; the
+//! `fastmesh status` command prints it as a table.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Bind the control socket at `path`, replacing a stale one (refusing if
+/// another process answers on it).
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another fastmesh process answers on {}; stop it or pass --control",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serve status requests: each connection gets one JSON document from `status`.
+pub async fn serve<F, Fut>(l: UnixListener, status: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Value>,
+{
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let mut req = [0u8; 64];
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut req)).await;
+        let v = status().await;
+        let _ = s.write_all(v.to_string().as_bytes()).await;
+        let _ = s.shutdown().await;
+    }
+}
+
+/// Ask the node at `path` for its status.
+pub async fn query(path: &PathBuf) -> Result<Value> {
+    let mut s = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "no fastmesh node answers on {} (is it running? is this the right --control path? are you root?)",
+            path.display()
+        )
+    })?;
+    s.write_all(b"status\n").await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| anyhow!("node did not answer within 5 s"))??;
+    Ok(serde_json::from_slice(&buf)?)
+}
+
+fn fmt_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2}G", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1}M", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1}k", b / 1e3)
+    } else {
+        format!("{b}")
+    }
+}
+
+fn opt_ms(v: &Value) -> String {
+    v.as_f64()
+        .map(|x| format!("{x:.1}ms"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// A status document as a human-readable table.
+pub fn table(v: &Value) -> String {
+    let mut out = String::new();
+    if v["kind"] == "hub" {
+        let s = &v["status"];
+        out.push_str(&format!(
+            "hub  map version {}  members {}  owned addresses {}\n",
+            s["map_version"],
+            s["members"].as_array().map_or(0, |m| m.len()),
+            s["owned_addresses"]
+        ));
+        out.push_str(&format!(
+            "{:<16} {:<14} {:<28} {:<24} {:>9}\n",
+            "NAME", "KEY", "OVERLAY", "ENDPOINT", "LAST SEEN"
+        ));
+        for m in s["members"].as_array().into_iter().flatten() {
+            let ov: Vec<&str> = m["overlay"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+                .collect();
+            out.push_str(&format!(
+                "{:<16} {:<14} {:<28} {:<24} {:>8.1}s\n",
+                m["name"].as_str().unwrap_or(""),
+                m["key"].as_str().unwrap_or(""),
+                ov.join(","),
+                m["endpoints"][0].as_str().unwrap_or("-"),
+                m["last_seen_s"].as_f64().unwrap_or(0.0)
+            ));
+        }
+        return out;
+    }
+    let s = &v["status"];
+    let ov: Vec<&str> = s["overlay"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str())
+        .collect();
+    out.push_str(&format!(
+        "node {} ({})  overlay {}  seen by hub as {}\n",
+        s["name"].as_str().unwrap_or(""),
+        s["key"].as_str().unwrap_or(""),
+        ov.join(","),
+        s["observed"].as_str().unwrap_or("-")
+    ));
+    for h in s["hubs"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "hub  {:<22} {}  rtt {}  last ack {}\n",
+            h["addr"].as_str().unwrap_or(""),
+            h["state"].as_str().unwrap_or(""),
+            opt_ms(&h["rtt_ms"]),
+            h["last_ack_s"]
+                .as_f64()
+                .map(|x| format!("{x:.1}s ago"))
+                .unwrap_or_else(|| "never".into())
+        ));
+    }
+    out.push_str(&format!(
+        "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>6} {:>9} {:>9} {:>8}\n",
+        "PEER", "OVERLAY", "ENDPOINT", "STATE", "PATH", "RTT", "LOSS", "TX", "RX", "LAST HB"
+    ));
+    for p in s["peers"].as_array().into_iter().flatten() {
+        let ov = p["overlay"][0].as_str().unwrap_or("");
+        out.push_str(&format!(
+            "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>5.1}% {:>9} {:>9} {:>8}\n",
+            p["name"].as_str().unwrap_or(""),
+            ov,
+            p["endpoint"].as_str().unwrap_or("-"),
+            p["state"].as_str().unwrap_or(""),
+            p["path"].as_str().unwrap_or(""),
+            opt_ms(&p["rtt_ms"]),
+            p["loss_pct"].as_f64().unwrap_or(0.0),
+            fmt_bytes(p["tx_bytes"].as_u64().unwrap_or(0)),
+            fmt_bytes(p["rx_bytes"].as_u64().unwrap_or(0)),
+            p["last_heartbeat_s"]
+                .as_f64()
+                .map(|x| format!("{x:.1}s"))
+                .unwrap_or_else(|| "-".into())
+        ));
+    }
+    let drops: Vec<String> = s["counters"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| k.starts_with("drop_") && v.as_u64().unwrap_or(0) > 0)
+        .map(|(k, v)| format!("{}={}", &k[5..], v))
+        .collect();
+    if !drops.is_empty() {
+        out.push_str(&format!("drops: {}\n", drops.join(" ")));
+    }
+    out
+}

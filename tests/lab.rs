@@ -1,0 +1,452 @@
+//! A network-namespace lab for end-to-end tests, the demo and the benchmark:
+//! a router namespace joined by veth pairs to one namespace per node (node 0
+//! is the hub), running the real `fastmesh` binary. Everything the lab creates
+//! (namespaces, processes, files) is removed when it is dropped, also when a
+//! test panics.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// UDP port of every node.
+pub const PORT: u16 = 4800;
+
+/// The `fastmesh` binary: `$FASTMESH_BIN`, or next to the running executable
+/// (target/<profile>/ or its deps/ directory).
+pub fn fastmesh_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("FASTMESH_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        let cand = d.join("fastmesh");
+        if cand.is_file() {
+            return Ok(cand);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+        if dir.as_ref().is_some_and(|d| d.ends_with("target")) {
+            break;
+        }
+    }
+    bail!("fastmesh binary not found next to {}: run `cargo build --workspace` first, or set FASTMESH_BIN", exe.display())
+}
+
+/// Run a command; error with its output if it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> Result<Output> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(out)
+}
+
+/// Check what the lab needs: root, `ip`, `nft`.
+pub fn preflight() -> Result<()> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the namespace lab needs root (network namespaces, TUN); run under sudo");
+    }
+    for t in ["ip", "nft"] {
+        if Command::new(t).arg("-V").output().is_err() {
+            bail!("`{t}` not found: install iproute2 and nftables (apt-get install iproute2 nftables)");
+        }
+    }
+    Ok(())
+}
+
+/// One node of the lab.
+#[derive(Debug, Clone)]
+pub struct LabNode {
+    /// Namespace name.
+    pub ns: String,
+    /// Underlay address.
+    pub underlay: Ipv4Addr,
+    /// Overlay address (peers only).
+    pub overlay: Ipv4Addr,
+    /// Overlay IPv6 address (peers only).
+    pub overlay6: String,
+    /// Control socket.
+    pub control: PathBuf,
+}
+
+/// The lab.
+pub struct Lab {
+    /// Name prefix of everything created.
+    pub prefix: String,
+    /// Router namespace.
+    pub router: String,
+    /// Nodes; 0 is the hub.
+    pub nodes: Vec<LabNode>,
+    /// Working directory (keys, logs, hub data).
+    pub dir: PathBuf,
+    bin: PathBuf,
+    procs: Vec<Option<Child>>,
+    hub_pub: String,
+    namespaces: Vec<String>,
+}
+
+impl Lab {
+    /// Create the router and `peers + 1` node namespaces. `prefix` (≤ 5
+    /// characters) and `net` (0..=50) keep concurrent labs apart.
+    pub fn new(prefix: &str, net: u8, peers: usize) -> Result<Lab> {
+        preflight()?;
+        let bin = fastmesh_bin()?;
+        let dir =
+            std::env::temp_dir().join(format!("fastmesh-lab-{prefix}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let router = format!("{prefix}-r");
+        let mut lab = Lab {
+            prefix: prefix.into(),
+            router: router.clone(),
+            nodes: Vec::new(),
+            dir,
+            bin,
+            procs: Vec::new(),
+            hub_pub: String::new(),
+            namespaces: Vec::new(),
+        };
+        // A leftover from a killed run would make `ip netns add` fail.
+        lab.remove_namespaces_named(peers + 1);
+        sh("ip", &["netns", "add", &router])?;
+        lab.namespaces.push(router.clone());
+        lab.ns(&router, "ip", &["link", "set", "lo", "up"])?;
+        lab.ns(&router, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        for k in 0..=peers {
+            let ns = format!("{prefix}-n{k}");
+            sh("ip", &["netns", "add", &ns])?;
+            lab.namespaces.push(ns.clone());
+            let a = format!("{prefix}a{k}");
+            let b = format!("{prefix}b{k}");
+            sh(
+                "ip",
+                &[
+                    "link", "add", &a, "netns", &router, "type", "veth", "peer", "name", &b,
+                    "netns", &ns,
+                ],
+            )?;
+            let sub = 200 + net;
+            let r_ip = format!("10.{sub}.{k}.1/24");
+            let n_ip = format!("10.{sub}.{k}.2/24");
+            lab.ns(&router, "ip", &["addr", "add", &r_ip, "dev", &a])?;
+            lab.ns(&router, "ip", &["link", "set", &a, "up"])?;
+            lab.ns(&ns, "ip", &["link", "set", "lo", "up"])?;
+            lab.ns(&ns, "ip", &["addr", "add", &n_ip, "dev", &b])?;
+            lab.ns(&ns, "ip", &["link", "set", &b, "up"])?;
+            lab.ns(
+                &ns,
+                "ip",
+                &["route", "add", "default", "via", &format!("10.{sub}.{k}.1")],
+            )?;
+            lab.nodes.push(LabNode {
+                ns,
+                underlay: Ipv4Addr::new(10, sub, k as u8, 2),
+                overlay: Ipv4Addr::new(10, 99, net, k as u8),
+                overlay6: format!("fd99:{net}::{k}"),
+                control: lab.dir.join(format!("n{k}.sock")),
+            });
+            lab.procs.push(None);
+        }
+        // Keys.
+        lab.fastmesh(&["keygen", "--out", &lab.path("network.key")])?;
+        let out = lab.fastmesh(&["keygen", "--out", &lab.path("n0.key")])?;
+        lab.hub_pub = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        for k in 1..=peers {
+            lab.fastmesh(&["keygen", "--out", &lab.path(&format!("n{k}.key"))])?;
+        }
+        Ok(lab)
+    }
+
+    fn remove_namespaces_named(&self, n: usize) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.router])
+            .output();
+        for k in 0..=n {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &format!("{}-n{k}", self.prefix)])
+                .output();
+        }
+    }
+
+    /// A path inside the lab directory.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// Run the fastmesh binary in the root namespace.
+    pub fn fastmesh(&self, args: &[&str]) -> Result<Output> {
+        sh(self.bin.to_str().unwrap_or("fastmesh"), args)
+    }
+
+    /// Run a command in namespace `ns`; error if it fails.
+    pub fn ns(&self, ns: &str, cmd: &str, args: &[&str]) -> Result<Output> {
+        let mut a = vec!["netns", "exec", ns, cmd];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// Run a command in node `k`'s namespace, returning its output whatever the status.
+    pub fn exec(&self, k: usize, cmd: &str, args: &[&str]) -> Result<Output> {
+        let mut a = vec!["netns", "exec", &self.nodes[k].ns, cmd];
+        a.extend_from_slice(args);
+        Ok(Command::new("ip").args(&a).output()?)
+    }
+
+    /// Spawn a command in node `k`'s namespace (output to `log`).
+    pub fn spawn(&self, k: usize, log: &str, cmd: &str, args: &[&str]) -> Result<Child> {
+        let f = std::fs::File::create(self.dir.join(log))?;
+        let mut a = vec!["netns", "exec", &self.nodes[k].ns, cmd];
+        a.extend_from_slice(args);
+        Ok(Command::new("ip")
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()?)
+    }
+
+    /// The hub's public key.
+    pub fn hub_key(&self) -> &str {
+        &self.hub_pub
+    }
+
+    /// Start (or restart) the hub in node 0 with `heartbeat` seconds.
+    pub fn start_hub(&mut self, heartbeat: f64) -> Result<()> {
+        let listen = format!("{}:{PORT}", self.nodes[0].underlay);
+        let hb = heartbeat.to_string();
+        let args = [
+            "hub",
+            "--listen",
+            &listen,
+            "--key",
+            &self.path("n0.key"),
+            "--network-key",
+            &self.path("network.key"),
+            "--data-dir",
+            &self.path("hubdata"),
+            "--heartbeat",
+            &hb,
+            "--control",
+            &self.nodes[0].control.to_string_lossy(),
+        ]
+        .map(String::from);
+        let bin = self.bin.to_string_lossy().into_owned();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let c = self.spawn(0, "hub.log", &bin, &argv)?;
+        self.procs[0] = Some(c);
+        Ok(())
+    }
+
+    /// The arguments that start peer `k` (for tests that vary them).
+    pub fn peer_args(&self, k: usize, extra: &[&str]) -> Vec<String> {
+        let n = &self.nodes[k];
+        let mut v: Vec<String> = [
+            "peer",
+            "--hub",
+            &format!("{}@{}:{PORT}", self.hub_pub, self.nodes[0].underlay),
+            "--address",
+            &format!("{}/24", n.overlay),
+            "--address6",
+            &format!("{}/64", n.overlay6),
+            "--listen",
+            &format!("0.0.0.0:{PORT}"),
+            "--tun",
+            "fm0",
+            "--key",
+            &self.path(&format!("n{k}.key")),
+            "--network-key",
+            &self.path("network.key"),
+            "--name",
+            &format!("peer{k}"),
+            "--control",
+            &n.control.to_string_lossy(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// Start peer `k` with extra flags.
+    pub fn start_peer(&mut self, k: usize, extra: &[&str]) -> Result<()> {
+        let args = self.peer_args(k, extra);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let bin = self.bin.to_string_lossy().into_owned();
+        let c = self.spawn(k, &format!("peer{k}.log"), &bin, &argv)?;
+        self.procs[k] = Some(c);
+        Ok(())
+    }
+
+    /// Kill node `k`'s process with SIGKILL and wait for it.
+    pub fn kill9(&mut self, k: usize) {
+        if let Some(mut c) = self.procs[k].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stop node `k`'s process with SIGTERM; returns its exit status.
+    pub fn stop(&mut self, k: usize) -> Option<std::process::ExitStatus> {
+        let mut c = self.procs[k].take()?;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// Is node `k`'s process still running?
+    pub fn running(&mut self, k: usize) -> bool {
+        self.procs[k]
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// A node's log so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// Status JSON of node `k`.
+    pub fn status(&self, k: usize) -> Result<Value> {
+        let out = self.fastmesh(&[
+            "status",
+            "--json",
+            "--control",
+            &self.nodes[k].control.to_string_lossy(),
+        ])?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Status table of node `k`.
+    pub fn status_table(&self, k: usize) -> String {
+        self.fastmesh(&[
+            "status",
+            "--control",
+            &self.nodes[k].control.to_string_lossy(),
+        ])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("{e:#}"))
+    }
+
+    /// True when peer `k` is registered and has an established path to every other peer.
+    pub fn peer_ready(&self, k: usize) -> bool {
+        let peers = self.nodes.len() - 2;
+        self.status(k).is_ok_and(|v| {
+            let s = &v["status"];
+            s["hubs"]
+                .as_array()
+                .is_some_and(|h| h.iter().all(|h| h["state"] == "registered"))
+                && s["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == peers && p.iter().all(|p| p["state"] == "up"))
+        })
+    }
+
+    /// Members the hub lists (None if it does not answer).
+    pub fn hub_members(&self) -> Option<usize> {
+        self.status(0)
+            .ok()
+            .and_then(|v| v["status"]["members"].as_array().map(|m| m.len()))
+    }
+
+    /// Poll `cond` every 100 ms until it holds or `timeout` passes.
+    pub fn wait(&self, timeout: Duration, mut cond: impl FnMut(&Lab) -> bool) -> Result<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if cond(self) {
+                return Ok(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(anyhow!("condition not met within {timeout:?}"))
+    }
+
+    /// Drop `pct` percent of UDP packets the router forwards (each direction), 0 to clear.
+    pub fn set_loss(&self, pct: u32) -> Result<()> {
+        let _ = self.ns(&self.router, "nft", &["delete", "table", "inet", "fmloss"]);
+        if pct == 0 {
+            return Ok(());
+        }
+        let rules = format!(
+            "table inet fmloss {{ chain fwd {{ type filter hook forward priority 0; policy accept; \
+             meta l4proto udp numgen random mod 100 < {pct} counter drop; }} }}"
+        );
+        self.ns(&self.router, "nft", &[&rules])?;
+        Ok(())
+    }
+
+    /// Everything in the logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for k in 0..self.nodes.len() {
+            let name = if k == 0 {
+                "hub.log".to_string()
+            } else {
+                format!("peer{k}.log")
+            };
+            let l = self.log(&name);
+            let tail: Vec<&str> = l.lines().rev().take(30).collect();
+            s.push_str(&format!("--- {name} (last lines)\n"));
+            for line in tail.into_iter().rev() {
+                s.push_str(line);
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in self.procs.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Kill anything else still running in our namespaces (clients, iperf3).
+        for ns in &self.namespaces {
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    if let Ok(p) = pid.parse::<i32>() {
+                        // SAFETY: kill(2) of a process inside our own namespace.
+                        unsafe {
+                            libc::kill(p, libc::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        if std::env::var_os("FASTMESH_KEEP_LAB").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Bytes per second as Mbit/s.
+pub fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
+}
