@@ -276,7 +276,22 @@ impl Lab {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
+        // Extra flags override the defaults above.
+        let mut i = 0;
+        while i < extra.len() {
+            let flag = extra[i];
+            let val = extra.get(i + 1).filter(|_| flag.starts_with("--"));
+            match (v.iter().position(|x| x == flag), val) {
+                (Some(j), Some(val)) if j + 1 < v.len() => {
+                    v[j + 1] = val.to_string();
+                    i += 2;
+                }
+                _ => {
+                    v.push(flag.to_string());
+                    i += 1;
+                }
+            }
+        }
         v
     }
 
@@ -390,10 +405,12 @@ impl Lab {
             return Ok(());
         }
         let rules = format!(
-            "table inet fmloss {{ chain fwd {{ type filter hook forward priority 0; policy accept; \
-             meta l4proto udp numgen random mod 100 < {pct} counter drop; }} }}"
+            "table inet fmloss {{\n chain impair {{\n  type filter hook forward priority 0; policy accept;\n  \
+             meta l4proto udp numgen random mod 100 < {pct} counter drop\n }}\n}}\n"
         );
-        self.ns(&self.router, "nft", &[&rules])?;
+        let f = self.path("loss.nft");
+        std::fs::write(&f, rules)?;
+        self.ns(&self.router, "nft", &["-f", &f])?;
         Ok(())
     }
 

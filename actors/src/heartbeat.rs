@@ -14,8 +14,9 @@ pub struct HeartbeatConfig {
     pub interval: Duration,
     /// A peer not heard from for this many intervals has its session restarted.
     pub peer_dead_beats: u32,
-    /// Longest wait between attempts to reach an unreachable hub.
-    pub hub_retry_max: Duration,
+    /// Longest wait between attempts to reach an unreachable hub, in heartbeat
+    /// intervals (so a returning hub has everyone back within that many, plus one).
+    pub hub_retry_beats: u32,
 }
 
 impl Default for HeartbeatConfig {
@@ -23,7 +24,7 @@ impl Default for HeartbeatConfig {
         HeartbeatConfig {
             interval: Duration::from_secs(5),
             peer_dead_beats: 4,
-            hub_retry_max: Duration::from_secs(10),
+            hub_retry_beats: 2,
         }
     }
 }
@@ -187,7 +188,8 @@ impl Heartbeats {
 
     fn backoff(&self, attempts: u32) -> Duration {
         let exp = attempts.saturating_sub(1).min(16);
-        (self.cfg.interval * (1u32 << exp)).min(self.cfg.hub_retry_max.max(self.cfg.interval))
+        let cap = self.cfg.interval * self.cfg.hub_retry_beats.max(1);
+        (self.cfg.interval * (1u32 << exp)).min(cap)
     }
 
     /// Run due work.
@@ -344,7 +346,7 @@ mod tests {
         HeartbeatConfig {
             interval: s(1),
             peer_dead_beats: 3,
-            hub_retry_max: s(2),
+            hub_retry_beats: 2,
         }
     }
 

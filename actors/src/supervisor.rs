@@ -155,7 +155,25 @@ impl Supervisor {
         for a in out {
             match a {
                 Action::Register(hub) => {
-                    tracing::debug!(hub = %short_key(&hub), "registering");
+                    let attempts =
+                        self.hb
+                            .hubs()
+                            .find(|h| h.key == hub)
+                            .map_or(0, |h| match h.phase {
+                                HubPhase::Connecting { attempts } => attempts,
+                                _ => 0,
+                            });
+                    let addr = self
+                        .setup
+                        .hubs
+                        .iter()
+                        .find(|(k, _)| *k == hub)
+                        .map(|(_, a)| *a);
+                    if attempts >= 2 {
+                        tracing::warn!(?addr, attempts, "hub not answering; still trying");
+                    } else {
+                        tracing::debug!(?addr, "registering");
+                    }
                     // A fresh handshake: if the hub restarted, the old session is gone.
                     self.plane.do_send(Cmd::Connect(hub));
                     self.send(hub, self.register_msg(), false);

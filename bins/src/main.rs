@@ -154,6 +154,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let r = match cli.cmd {
         Cmd::Keygen { out, force } => write_new_key(&out, force).map(|kp| {

@@ -1,0 +1,370 @@
+//! End to end with the real binaries in network namespaces (needs root,
+//! iproute2, nftables, ping): a router namespace, a hub and three peers.
+//! Each test builds its own lab and the lab removes everything when dropped,
+//! also when the test fails. Tests run one at a time (they share the CPU).
+
+use fastmesh_tests::lab::{fastmesh_bin, mbps, Lab};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lab_up(prefix: &str, net: u8) -> Lab {
+    let mut lab = Lab::new(prefix, net, 3).expect("namespace lab (needs root, iproute2, nftables)");
+    lab.start_hub(1.0).unwrap();
+    for k in 1..=3 {
+        lab.start_peer(k, &[]).unwrap();
+    }
+    if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
+        (1..=3).all(|k| l.peer_ready(k))
+    }) {
+        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    }
+    lab
+}
+
+fn lab_bin() -> String {
+    let p = fastmesh_bin().unwrap().with_file_name("fastmesh-lab");
+    assert!(
+        p.is_file(),
+        "{} missing: cargo build --workspace",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+}
+
+/// TCP transfer of `bytes` from peer `from` to peer `to`; returns (time, sender line, receiver line).
+fn transfer(
+    lab: &Lab,
+    from: usize,
+    to: usize,
+    bytes: u64,
+    port: u16,
+) -> (Duration, String, String) {
+    let me = lab_bin();
+    let log = format!("recv{port}.log");
+    let mut rx = lab
+        .spawn(to, &log, &me, &["tcp-recv", &port.to_string()])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let dst = format!("{}:{port}", lab.nodes[to].overlay);
+    let t = Instant::now();
+    let tx = lab
+        .exec(from, &me, &["tcp-send", &dst, &bytes.to_string()])
+        .unwrap();
+    let el = t.elapsed();
+    let _ = rx.wait();
+    (
+        el,
+        String::from_utf8_lossy(&tx.stdout).trim().to_string(),
+        lab.log(&log).trim().to_string(),
+    )
+}
+
+fn assert_transfer(what: &str, bytes: u64, r: &(Duration, String, String), lab: &Lab) {
+    let (el, sent, got) = r;
+    let s: Vec<&str> = sent.split_whitespace().collect();
+    let g: Vec<&str> = got.split_whitespace().collect();
+    assert!(
+        s.len() >= 2 && g.len() >= 2,
+        "{what}: transfer failed: sent {sent:?} got {got:?}\n{}",
+        lab.logs()
+    );
+    assert_eq!(s[0], bytes.to_string(), "{what}: bytes sent");
+    assert_eq!(g[0], bytes.to_string(), "{what}: bytes received");
+    assert_eq!(s[1], g[1], "{what}: checksum");
+    println!(
+        "{what}: {bytes} bytes in {:.2} s = {:.0} Mbit/s, checksums match",
+        el.as_secs_f64(),
+        mbps(bytes, *el)
+    );
+}
+
+fn ping(lab: &Lab, from: usize, dst: &str, count: u32) -> (bool, String) {
+    let c = count.to_string();
+    let o = lab
+        .exec(from, "ping", &["-c", &c, "-i", "0.2", "-W", "2", dst])
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn ping_tcp_and_udp_across_the_mesh() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab_up("fmt1", 11);
+    for (a, b) in [(1, 2), (2, 3), (3, 1)] {
+        let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 3);
+        assert!(ok, "ping {a}->{b}: {out}");
+        let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay6, 3);
+        assert!(ok, "ping6 {a}->{b}: {out}");
+    }
+    let r = transfer(&lab, 1, 2, 50_000_000, 5001);
+    assert_transfer("TCP 50 MB clean", 50_000_000, &r, &lab);
+    // UDP: 1000 datagrams echoed by peer 3.
+    let me = lab_bin();
+    let _echo = lab
+        .spawn(3, "echo.log", &me, &["udp-echo", "6001", "20"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let o = lab
+        .exec(
+            2,
+            &me,
+            &[
+                "udp-ping",
+                &format!("{}:6001", lab.nodes[3].overlay),
+                "1000",
+            ],
+        )
+        .unwrap();
+    let line = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let v: Vec<u32> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert_eq!(v.len(), 2, "udp-ping said {line:?}");
+    println!("UDP: {} sent, {} echoed", v[0], v[1]);
+    assert!(
+        v[1] >= 990,
+        "UDP echoed {} of 1000 on a clean underlay",
+        v[1]
+    );
+    // Status shows every peer with traffic.
+    let st = lab.status(1).unwrap();
+    let peers = st["status"]["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2);
+    let p2 = peers.iter().find(|p| p["name"] == "peer2").unwrap();
+    assert!(p2["tx_bytes"].as_u64().unwrap() > 50_000_000, "{p2}");
+    assert!(p2["rtt_ms"].as_f64().is_some());
+    println!("{}", lab.status_table(1));
+}
+
+#[test]
+fn transfer_survives_five_percent_underlay_loss() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab_up("fmt2", 12);
+    lab.set_loss(5).unwrap();
+    let (ok, out) = ping(&lab, 1, &lab.nodes[3].overlay.to_string(), 10);
+    println!("{out}");
+    assert!(out.contains("received"), "ping ran: {out}");
+    let _ = ok; // ICMP is not retransmitted: some of 10 may be lost.
+    let r = transfer(&lab, 1, 3, 50_000_000, 5002);
+    assert_transfer("TCP 50 MB with 5% loss each way", 50_000_000, &r, &lab);
+    let drops = lab
+        .ns(&lab.router, "nft", &["list", "table", "inet", "fmloss"])
+        .unwrap();
+    let text = String::from_utf8_lossy(&drops.stdout);
+    println!(
+        "router: {}",
+        text.lines().find(|l| l.contains("counter")).unwrap_or("")
+    );
+    assert!(text.contains("packets"), "loss rule counted drops");
+    lab.set_loss(0).unwrap();
+}
+
+#[test]
+fn hub_kill9_while_traffic_flows_then_restart() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab_up("fmt3", 13);
+    let me = lab_bin();
+    // A long transfer 1 -> 2 in the background.
+    let mut rx = lab
+        .spawn(2, "recv.log", &me, &["tcp-recv", "5003"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let dst = format!("{}:5003", lab.nodes[2].overlay);
+    let tx = lab
+        .spawn(1, "send.log", &me, &["tcp-send", &dst, "150000000"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    lab.kill9(0);
+    assert!(!lab.running(0));
+    // With the hub gone, peers keep talking.
+    let (ok, out) = ping(&lab, 3, &lab.nodes[1].overlay.to_string(), 5);
+    assert!(ok, "ping with the hub down: {out}");
+    std::thread::sleep(Duration::from_secs(3));
+    let (ok, out) = ping(&lab, 2, &lab.nodes[3].overlay6, 3);
+    assert!(ok, "ping6 with the hub down for 3 heartbeats: {out}");
+    let out = tx.wait_with_output().unwrap();
+    let _ = rx.wait();
+    let sent = lab.log("send.log").trim().to_string();
+    let got = lab.log("recv.log").trim().to_string();
+    let _ = out;
+    let secs: f64 = got
+        .split_whitespace()
+        .nth(2)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    assert_transfer(
+        "TCP 150 MB across a hub kill -9",
+        150_000_000,
+        &(Duration::from_secs_f64(secs), sent, got),
+        &lab,
+    );
+    // Peers notice the hub is gone.
+    let st = lab.status(1).unwrap();
+    assert_ne!(st["status"]["hubs"][0]["state"], "registered", "{st}");
+    // Restart: the hub reloads ownership from disk and every peer registers again.
+    lab.start_hub(1.0).unwrap();
+    let took = lab
+        .wait(Duration::from_secs(20), |l| {
+            l.hub_members() == Some(3) && (1..=3).all(|k| l.peer_ready(k))
+        })
+        .unwrap_or_else(|e| panic!("not all peers back: {e}\n{}", lab.logs()));
+    println!(
+        "all peers registered again {:.1} s after the hub restarted",
+        took.as_secs_f64()
+    );
+    println!("{}", lab.status_table(0));
+    let st = lab.status(0).unwrap();
+    assert_eq!(st["status"]["owned_addresses"], 6);
+}
+
+#[test]
+fn bad_input_and_shutdown_behave() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab_up("fmt4", 14);
+    let bin = fastmesh_bin().unwrap().to_string_lossy().into_owned();
+    let run = |lab: &Lab, k: usize, args: Vec<String>| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = lab.exec(k, &bin, &a).unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // A second instance in node 3 with its own TUN, port and control socket.
+    let other = |lab: &Lab, extra: &[&str]| {
+        let ctl = lab.path("other.sock");
+        let mut all = vec![
+            "--tun",
+            "fm9",
+            "--listen",
+            "0.0.0.0:4809",
+            "--control",
+            &ctl,
+        ];
+        all.extend_from_slice(extra);
+        lab.peer_args(3, &all)
+    };
+    // World-readable key.
+    let loose = lab.path("loose.key");
+    std::fs::copy(lab.path("n3.key"), &loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (code, err) = run(&lab, 3, other(&lab, &["--key", &loose]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("readable by others") && err.contains("chmod 600"),
+        "{err}"
+    );
+    // Bad address.
+    let (code, err) = run(&lab, 3, other(&lab, &["--address", "10.1.2.300/24"]));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("bad address"), "{err}");
+    // Bad hub spec.
+    let (code, err) = run(&lab, 3, other(&lab, &["--hub", "nokey@1.2.3.4:1"]));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("bad hub"), "{err}");
+    // IP conflict: a new key claims peer 1's address.
+    lab.fastmesh(&["keygen", "--out", &lab.path("thief.key")])
+        .unwrap();
+    let addr1 = format!("{}/24", lab.nodes[1].overlay);
+    let (code, err) = run(
+        &lab,
+        3,
+        other(
+            &lab,
+            &["--key", &lab.path("thief.key"), "--address", &addr1],
+        ),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("owned by another node"), "{err}");
+    // No /dev/net/tun (hidden in a private mount namespace).
+    let args = other(&lab, &[]).join(" ");
+    let o = lab
+        .exec(
+            3,
+            "unshare",
+            &[
+                "-m",
+                "sh",
+                "-c",
+                &format!("mount -t tmpfs none /dev/net && exec {bin} {args}"),
+            ],
+        )
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("/dev/net/tun does not exist"), "{err}");
+    // Not root: an unprivileged user with its own readable keys.
+    for f in ["n3.key", "network.key"] {
+        let dst = lab.path(&format!("nobody-{f}"));
+        std::fs::copy(lab.path(f), &dst).unwrap();
+        std::os::unix::fs::chown(&dst, Some(65534), Some(65534)).unwrap();
+    }
+    let mut a = other(
+        &lab,
+        &[
+            "--key",
+            &lab.path("nobody-n3.key"),
+            "--network-key",
+            &lab.path("nobody-network.key"),
+            "--control",
+            "/tmp/fastmesh-nobody.sock",
+        ],
+    );
+    a.insert(0, bin.clone());
+    let mut cmd = vec![
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ];
+    let a_ref: Vec<&str> = a.iter().map(String::as_str).collect();
+    cmd.extend(a_ref);
+    let o = lab.exec(3, "setpriv", &cmd).unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    // Unreachable hub: retried and reported, no exit.
+    let mut a = other(
+        &lab,
+        &[
+            "--hub",
+            &format!("{}@10.214.0.2:4999", lab.hub_key()),
+            "--heartbeat",
+            "0.5",
+        ],
+    );
+    a.insert(0, bin.clone());
+    let a_ref: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut c = lab.spawn(3, "unreach.log", a_ref[0], &a_ref[1..]).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        matches!(c.try_wait(), Ok(None)),
+        "keeps running: {}",
+        lab.log("unreach.log")
+    );
+    let _ = c.kill();
+    let _ = c.wait();
+    assert!(
+        lab.log("unreach.log").contains("hub not answering"),
+        "{}",
+        lab.log("unreach.log")
+    );
+    // SIGTERM: clean exit, the hub is told at once, the TUN device is gone.
+    let status = lab.stop(1).expect("peer 1 was running");
+    assert!(
+        status.success(),
+        "exit {status:?}: {}",
+        lab.log("peer1.log")
+    );
+    lab.wait(Duration::from_secs(2), |l| l.hub_members() == Some(2))
+        .unwrap_or_else(|e| panic!("hub still lists peer1: {e}"));
+    let o = lab.exec(1, "ip", &["link", "show", "fm0"]).unwrap();
+    assert!(!o.status.success(), "fm0 still exists");
+}
