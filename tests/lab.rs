@@ -331,6 +331,11 @@ impl Lab {
         c.wait().ok()
     }
 
+    /// Process id of node `k`'s fastmesh process.
+    pub fn pid(&self, k: usize) -> Option<u32> {
+        self.procs[k].as_ref().map(|c| c.id())
+    }
+
     /// Is node `k`'s process still running?
     pub fn running(&mut self, k: usize) -> bool {
         self.procs[k]
@@ -398,7 +403,7 @@ impl Lab {
         Err(anyhow!("condition not met within {timeout:?}"))
     }
 
-    /// Drop `pct` percent of UDP packets the router forwards (each direction), 0 to clear.
+    /// Drop `pct` percent of the packets the router forwards (each direction), 0 to clear.
     pub fn set_loss(&self, pct: u32) -> Result<()> {
         let _ = self.ns(&self.router, "nft", &["delete", "table", "inet", "fmloss"]);
         if pct == 0 {
@@ -406,7 +411,7 @@ impl Lab {
         }
         let rules = format!(
             "table inet fmloss {{\n chain impair {{\n  type filter hook forward priority 0; policy accept;\n  \
-             meta l4proto udp numgen random mod 100 < {pct} counter drop\n }}\n}}\n"
+             numgen random mod 100 < {pct} counter drop\n }}\n}}\n"
         );
         let f = self.path("loss.nft");
         std::fs::write(&f, rules)?;
@@ -466,4 +471,45 @@ impl Drop for Lab {
 /// Bytes per second as Mbit/s.
 pub fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+pub fn proc_cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = clk_tck();
+    let get = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (get(11) + get(12)) / tick
+}
+
+/// Busy CPU time of the whole machine (all cores, everything but idle and iowait), seconds.
+pub fn system_busy_secs() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let line = s.lines().next().unwrap_or("");
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return 0.0;
+    }
+    // user nice system idle iowait irq softirq steal
+    (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / clk_tck()
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
 }

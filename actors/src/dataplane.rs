@@ -142,6 +142,8 @@ pub struct PlaneStats {
     pub udp_tx: u64,
     /// Batches from the TUN reader.
     pub batches: u64,
+    /// Sends that carried several datagrams (GSO).
+    pub gso_batches: u64,
 }
 
 /// Everything the data plane counts.
@@ -269,8 +271,12 @@ pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
     epoch: Instant,
     alarm: Rc<AlarmShared>,
     txbuf: Vec<u8>,
+    batch: Vec<u8>,
     rxbuf: Vec<u8>,
-    pending: Option<SocketAddr>,
+    /// A batch the socket refused (full); resent when writable.
+    pending: Option<(SocketAddr, usize)>,
+    /// A frame in `txbuf` that did not fit the previous batch.
+    carry: Option<SocketAddr>,
     stats: PlaneStats,
 }
 
@@ -295,8 +301,10 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             epoch: Instant::now(),
             alarm: Rc::default(),
             txbuf: Vec::with_capacity(2048),
+            batch: Vec::with_capacity(65_536),
             rxbuf: vec![0; 65_536],
             pending: None,
+            carry: None,
             stats: PlaneStats::default(),
         }
     }
@@ -312,23 +320,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
         if self.node.poll_timeout().is_some_and(|t| t <= now) {
             self.node.handle_timeout(now);
         }
-        if self.pending.is_none() {
-            while let Some(to) = self.node.poll_transmit(now, &mut self.txbuf) {
-                match self.sock.try_send_to(&self.txbuf, to) {
-                    Ok(_) => self.stats.udp_tx += 1,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.pending = Some(to);
-                        let sock = self.sock.clone();
-                        ctx.add_stream(futures_util::stream::once(async move {
-                            let _ = sock.writable().await;
-                            SockWritable
-                        }));
-                        break;
-                    }
-                    Err(_) => self.stats.udp_send_failed += 1,
-                }
-            }
-        }
+        self.transmit(now, ctx);
         while let Some((from, pkt)) = self.node.poll_rx() {
             self.deliver(&from, &pkt);
         }
@@ -342,6 +334,62 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
         }
         let next = self.node.poll_timeout().map(|t| self.epoch + t.max(now));
         alarm_set(&self.alarm, next);
+    }
+
+    /// Send what the sessions have ready. Consecutive frames to one endpoint
+    /// of one size go out together (UDP GSO where the socket has it): the
+    /// batch ends at a shorter frame, another endpoint, or the segment limit.
+    fn transmit(&mut self, now: Duration, ctx: &mut Context<Self>) {
+        if self.pending.is_some() {
+            return; // waiting for the socket to drain
+        }
+        let max_segs = self.sock.max_gso_segments().clamp(1, 64);
+        loop {
+            let first = match self.carry.take() {
+                Some(to) => to,
+                None => match self.node.poll_transmit(now, &mut self.txbuf) {
+                    Some(to) => to,
+                    None => return,
+                },
+            };
+            let seg = self.txbuf.len();
+            self.batch.clear();
+            self.batch.extend_from_slice(&self.txbuf);
+            let mut n = 1;
+            while n < max_segs && self.batch.len() + seg <= 65_000 {
+                let Some(to) = self.node.poll_transmit(now, &mut self.txbuf) else {
+                    break;
+                };
+                let len = self.txbuf.len();
+                if to != first || len > seg {
+                    self.carry = Some(to);
+                    break;
+                }
+                self.batch.extend_from_slice(&self.txbuf);
+                n += 1;
+                if len < seg {
+                    break;
+                }
+            }
+            match self.sock.try_send_gso(&self.batch, seg, first) {
+                Ok(k) => {
+                    self.stats.udp_tx += k as u64;
+                    if n > 1 {
+                        self.stats.gso_batches += 1;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.pending = Some((first, seg));
+                    let sock = self.sock.clone();
+                    ctx.add_stream(futures_util::stream::once(async move {
+                        let _ = sock.writable().await;
+                        SockWritable
+                    }));
+                    return;
+                }
+                Err(_) => self.stats.udp_send_failed += n as u64,
+            }
+        }
     }
 
     fn deliver(&mut self, from: &PublicKey, pkt: &[u8]) {
@@ -407,11 +455,17 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
             return;
         }
         for _ in 0..RX_BURST {
-            match self.sock.try_recv_from(&mut self.rxbuf) {
-                Ok((n, from)) => {
-                    self.stats.udp_rx += 1;
+            match self.sock.try_recv_gro(&mut self.rxbuf) {
+                Ok((n, stride, from)) => {
                     let now = self.now();
-                    self.node.handle_datagram(now, from, &mut self.rxbuf[..n]);
+                    let mut off = 0;
+                    while off < n {
+                        let end = (off + stride).min(n);
+                        self.stats.udp_rx += 1;
+                        self.node
+                            .handle_datagram(now, from, &mut self.rxbuf[off..end]);
+                        off = end;
+                    }
                     // Hand decrypted packets to TUN as they come, so the
                     // reassembly queues stay short.
                     while let Some((from, pkt)) = self.node.poll_rx() {
@@ -433,8 +487,8 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockWritabl
     for Dataplane<D, P>
 {
     fn handle(&mut self, _: SockWritable, ctx: &mut Context<Self>) {
-        if let Some(to) = self.pending {
-            match self.sock.try_send_to(&self.txbuf, to) {
+        if let Some((to, seg)) = self.pending {
+            match self.sock.try_send_gso(&self.batch, seg, to) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let sock = self.sock.clone();
                     ctx.add_stream(futures_util::stream::once(async move {
@@ -443,7 +497,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockWritabl
                     }));
                     return;
                 }
-                Ok(_) => self.stats.udp_tx += 1,
+                Ok(k) => self.stats.udp_tx += k as u64,
                 Err(_) => self.stats.udp_send_failed += 1,
             }
             self.pending = None;

@@ -361,6 +361,8 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("udp_rx".into(), p.udp_rx),
         ("udp_tx".into(), p.udp_tx),
         ("udp_send_failed".into(), p.udp_send_failed),
+        ("udp_gso_batches".into(), p.gso_batches),
+        ("tun_batches".into(), p.batches),
         ("drop_malformed".into(), n.malformed),
         ("drop_unknown_index".into(), n.unknown_index),
         ("drop_handshake_failed".into(), n.handshake_failed),

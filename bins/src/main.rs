@@ -270,7 +270,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
     );
     let sys = actix::System::new();
     sys.block_on(async move {
-        let sock = Arc::new(tokio::net::UdpSocket::from_std(sock)?);
+        let sock = Arc::new(transport::FastUdp::new(sock)?);
         let node = Node::new(
             NodeConfig {
                 admission: Admission::AnyWithNetworkKey,
@@ -463,7 +463,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     };
     let sys = actix::System::new();
     let code = sys.block_on(async move {
-        let sock = Arc::new(tokio::net::UdpSocket::from_std(sock)?);
+        let sock = Arc::new(transport::FastUdp::new(sock)?);
         let dev = Arc::new(tun_rs::AsyncDevice::new(dev)?);
         let node = Node::new(
             NodeConfig {
@@ -477,7 +477,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         );
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
         let sup_ctx = Context::<Supervisor>::new();
-        let plane_ctx = Context::<Dataplane<tokio::net::UdpSocket, tun_rs::AsyncDevice>>::new();
+        let plane_ctx = Context::<Dataplane<transport::FastUdp, tun_rs::AsyncDevice>>::new();
         let (reader, recycle) = TunReader::new(
             dev.clone(),
             plane_ctx.address().recipient(),

@@ -3,13 +3,15 @@
 
 use anyhow::{bail, Context, Result};
 use blake2::{Blake2b512, Digest};
-use fastmesh_tests::lab::{mbps, Lab};
+use fastmesh_tests::lab::{mbps, proc_cpu_secs, system_busy_secs, Lab};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage:
   fastmesh-lab demo                        build a 3-peer mesh in namespaces, show it working, clean up
+  fastmesh-lab bench [SECS] [LOSSES] [CCS] iperf3/ping through the mesh vs direct over the same veth
+                                           (defaults: 10 0,1,5 cubic,bbr)
   fastmesh-lab tcp-recv PORT               accept one TCP connection, print bytes, hash, seconds
   fastmesh-lab tcp-send ADDR:PORT BYTES    send BYTES pseudo-random bytes, print bytes and hash
   fastmesh-lab udp-echo PORT SECS          echo UDP datagrams for SECS seconds
@@ -27,6 +29,7 @@ fn run() -> Result<()> {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
         ["demo"] => demo(),
+        ["bench", rest @ ..] => bench(rest),
         ["tcp-recv", port] => tcp_recv(port.parse().context("port")?),
         ["tcp-send", addr, bytes] => tcp_send(
             addr.parse().context("address")?,
@@ -223,6 +226,163 @@ fn demo() -> Result<()> {
     println!("done");
     if !ok {
         bail!("transfer checksum mismatch");
+    }
+    Ok(())
+}
+
+struct Iperf {
+    bps: f64,
+    bytes: u64,
+    retrans: u64,
+    sys_cpu: f64,
+    mesh_cpu: f64,
+}
+
+fn iperf(lab: &Lab, dst: &str, secs: u32, cc: &str) -> Result<Iperf> {
+    let mut srv = lab.spawn(2, "iperf-s.log", "iperf3", &["-s", "-1", "-p", "5201"])?;
+    std::thread::sleep(Duration::from_millis(400));
+    let pids: Vec<u32> = [1, 2].iter().filter_map(|k| lab.pid(*k)).collect();
+    let cpu0: f64 = pids.iter().map(|p| proc_cpu_secs(*p)).sum();
+    let sys0 = system_busy_secs();
+    let o = lab.exec(
+        1,
+        "iperf3",
+        &[
+            "-c",
+            dst,
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-C",
+            cc,
+            "-J",
+        ],
+    )?;
+    let sys1 = system_busy_secs();
+    let cpu1: f64 = pids.iter().map(|p| proc_cpu_secs(*p)).sum();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&o.stderr)))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let r = &v["end"]["sum_received"];
+    Ok(Iperf {
+        bps: r["bits_per_second"].as_f64().unwrap_or(0.0),
+        bytes: r["bytes"].as_u64().unwrap_or(0),
+        retrans: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        sys_cpu: sys1 - sys0,
+        mesh_cpu: cpu1 - cpu0,
+    })
+}
+
+/// (avg, p99, loss%) of `count` pings 10 ms apart.
+fn ping_stats(lab: &Lab, dst: &str, count: u32) -> Result<(f64, f64, f64)> {
+    let o = lab.exec(
+        1,
+        "ping",
+        &["-c", &count.to_string(), "-i", "0.01", "-W", "1", dst],
+    )?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut t: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|x| x.split_whitespace().next()?.parse().ok())
+        .collect();
+    if t.is_empty() {
+        bail!("no ping replies from {dst}");
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    let avg = t.iter().sum::<f64>() / t.len() as f64;
+    let p99 = t[((t.len() as f64 * 0.99).ceil() as usize).min(t.len()) - 1];
+    let loss = 100.0 * (1.0 - t.len() as f64 / count as f64);
+    Ok((avg, p99, loss))
+}
+
+fn bench(args: &[&str]) -> Result<()> {
+    let secs: u32 = args.first().map(|s| s.parse()).transpose()?.unwrap_or(10);
+    let losses: Vec<u32> = args
+        .get(1)
+        .unwrap_or(&"0,1,5")
+        .split(',')
+        .map(|x| x.parse())
+        .collect::<Result<_, _>>()?;
+    let ccs: Vec<String> = args
+        .get(2)
+        .unwrap_or(&"cubic,bbr")
+        .split(',')
+        .map(String::from)
+        .collect();
+    let _ = std::process::Command::new("modprobe")
+        .arg("tcp_bbr")
+        .output();
+    let mut lab = Lab::new("fmb", 40, 2)?;
+    lab.start_hub(1.0)?;
+    lab.start_peer(1, &[])?;
+    lab.start_peer(2, &[])?;
+    lab.wait(Duration::from_secs(20), |l| {
+        l.peer_ready(1) && l.peer_ready(2)
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+    let mesh = lab.nodes[2].overlay.to_string();
+    let direct = lab.nodes[2].underlay.to_string();
+    println!("fastmesh {} | {} s per run | peer1 -> peer2 over the mesh ({mesh}) vs directly over the same veth path ({direct})", env!("CARGO_PKG_VERSION"), secs);
+    println!();
+    println!("| loss | cc | mesh Mbit/s | direct Mbit/s | ratio | mesh retrans | direct retrans | mesh CPU s/GB (system) | direct CPU s/GB (system) | fastmesh processes CPU s/GB |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut pings = Vec::new();
+    for loss in &losses {
+        lab.set_loss(*loss)?;
+        for cc in &ccs {
+            let m = iperf(&lab, &mesh, secs, cc);
+            let d = iperf(&lab, &direct, secs, cc);
+            match (m, d) {
+                (Ok(m), Ok(d)) => {
+                    let gb = |b: u64| (b as f64 / 1e9).max(1e-9);
+                    println!(
+                        "| {loss}% | {cc} | {:.0} | {:.0} | {:.2} | {} | {} | {:.1} | {:.1} | {:.1} |",
+                        m.bps / 1e6,
+                        d.bps / 1e6,
+                        m.bps / d.bps.max(1.0),
+                        m.retrans,
+                        d.retrans,
+                        m.sys_cpu / gb(m.bytes),
+                        d.sys_cpu / gb(d.bytes),
+                        m.mesh_cpu / gb(m.bytes)
+                    );
+                }
+                (m, d) => println!(
+                    "| {loss}% | {cc} | {} | {} | - | - | - | - | - | - |",
+                    m.map(|m| format!("{:.0}", m.bps / 1e6))
+                        .unwrap_or_else(|e| format!("error: {e}")),
+                    d.map(|d| format!("{:.0}", d.bps / 1e6))
+                        .unwrap_or_else(|e| format!("error: {e}"))
+                ),
+            }
+        }
+        let pm = ping_stats(&lab, &mesh, 500)?;
+        let pd = ping_stats(&lab, &direct, 500)?;
+        pings.push((*loss, pm, pd));
+    }
+    lab.set_loss(0)?;
+    if std::env::var_os("FASTMESH_BENCH_STATUS").is_some() {
+        for k in [1, 2] {
+            println!(
+                "{}",
+                lab.status(k).map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
+    }
+    println!();
+    println!("| loss | mesh ping avg ms | mesh p99 ms | mesh lost | direct ping avg ms | direct p99 ms | direct lost |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (loss, m, d) in pings {
+        println!(
+            "| {loss}% | {:.3} | {:.3} | {:.1}% | {:.3} | {:.3} | {:.1}% |",
+            m.0, m.1, m.2, d.0, d.1, d.2
+        );
     }
     Ok(())
 }

@@ -30,6 +30,32 @@ pub trait Datagram: Send + Sync {
     fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize>;
     /// Wait until [`Datagram::try_send_to`] may succeed.
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Most equal-size datagrams one [`Datagram::try_send_gso`] call can carry
+    /// (1 where the socket has no segmentation offload).
+    fn max_gso_segments(&self) -> usize {
+        1
+    }
+    /// Send `buf` to `to` as datagrams of `segment` bytes (the last may be
+    /// shorter) without waiting; returns how many datagrams went out. With UDP
+    /// GSO this is one system call; a `WouldBlock` error means none went out.
+    fn try_send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<usize> {
+        let mut n = 0;
+        for c in buf.chunks(segment.max(1)) {
+            match self.try_send_to(c, to) {
+                Ok(_) => n += 1,
+                Err(e) if n == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(n)
+    }
+    /// Receive without waiting into `buf`: one datagram, or with UDP GRO several
+    /// from one sender back to back. Returns (bytes, stride, sender): datagram i
+    /// is `buf[i*stride..min((i+1)*stride, bytes)]`.
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+        let (n, from) = self.try_recv_from(buf)?;
+        Ok((n, n.max(1), from))
+    }
     /// Send several datagrams; returns how many were sent. Implementations with
     /// `sendmmsg` or GSO can do this in one system call.
     fn send_batch<'a>(
@@ -73,6 +99,95 @@ impl Datagram for tokio::net::UdpSocket {
     }
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
         tokio::net::UdpSocket::writable(self)
+    }
+}
+
+/// A UDP socket with segmentation offload on both sides (UDP GSO for sending
+/// runs of equal-size datagrams in one system call, UDP GRO for receiving
+/// them), through `quinn-udp`, falling back to plain calls where the kernel
+/// lacks them.
+pub struct FastUdp {
+    sock: tokio::net::UdpSocket,
+    state: quinn_udp::UdpSocketState,
+}
+
+impl FastUdp {
+    /// Wrap a bound, non-blocking std socket (must be called inside a tokio runtime).
+    pub fn new(sock: std::net::UdpSocket) -> io::Result<FastUdp> {
+        let state = quinn_udp::UdpSocketState::new((&sock).into())?;
+        Ok(FastUdp {
+            sock: tokio::net::UdpSocket::from_std(sock)?,
+            state,
+        })
+    }
+}
+
+impl Datagram for FastUdp {
+    fn send_to(
+        &self,
+        buf: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        self.sock.send_to(buf, to)
+    }
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+        self.sock.recv_from(buf)
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.sock.readable()
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.sock.try_recv_from(buf)
+    }
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.sock.try_send_to(buf, to)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.sock.writable()
+    }
+    fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+    fn try_send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<usize> {
+        let segs = buf.len().div_ceil(segment.max(1));
+        if segs <= 1 || self.state.max_gso_segments() <= 1 {
+            let mut n = 0;
+            for c in buf.chunks(segment.max(1)) {
+                match self.sock.try_send_to(c, to) {
+                    Ok(_) => n += 1,
+                    Err(e) if n == 0 => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            return Ok(n);
+        }
+        let t = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: buf,
+            segment_size: Some(segment),
+            src_ip: None,
+        };
+        self.sock
+            .try_io(tokio::io::Interest::WRITABLE, || {
+                self.state.send((&self.sock).into(), &t)
+            })
+            .map(|_| segs)
+    }
+    fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        let mut bufs = [std::io::IoSliceMut::new(buf)];
+        self.sock.try_io(tokio::io::Interest::READABLE, || {
+            self.state.recv((&self.sock).into(), &mut bufs, &mut meta)
+        })?;
+        let m = &meta[0];
+        Ok((m.len, m.stride.max(1), m.addr))
     }
 }
 

@@ -27,6 +27,6 @@ pub mod node;
 pub mod session;
 pub mod wire;
 
-pub use io::{Datagram, Impaired, PacketDevice};
+pub use io::{Datagram, FastUdp, Impaired, PacketDevice};
 pub use node::{Admission, Node, NodeConfig, NodeStats};
 pub use session::{Event, FlowMode, KcpProfile, SessionConfig, SessionStats};
