@@ -140,6 +140,11 @@ impl Lab {
             let sub = 200 + net;
             let r_ip = format!("10.{sub}.{k}.1/24");
             let n_ip = format!("10.{sub}.{k}.2/24");
+            // Real links carry MTU-sized packets: make the kernel segment
+            // GSO/TSO aggregates before they reach the router, so the loss
+            // rule drops packets one by one, not 64 KB at a time.
+            lab.ns(&router, "ip", &["link", "set", &a, "gso_max_segs", "1"])?;
+            lab.ns(&ns, "ip", &["link", "set", &b, "gso_max_segs", "1"])?;
             lab.ns(&router, "ip", &["addr", "add", &r_ip, "dev", &a])?;
             lab.ns(&router, "ip", &["link", "set", &a, "up"])?;
             lab.ns(&ns, "ip", &["link", "set", "lo", "up"])?;
