@@ -29,12 +29,16 @@ use tokio::time::{Instant, Sleep};
 use transport::wire::{Control, PublicKey};
 use transport::{Datagram, Event, Node, NodeStats, PacketDevice, SessionStats};
 
-/// Datagrams handled per readiness event before other work gets a turn.
-pub const RX_BURST: usize = 256;
+/// Receive calls per readiness event before other work gets a turn.
+pub const RX_BURST: usize = 64;
+/// Buffers filled per receive call (recvmmsg), each large enough for a GRO run.
+pub const RX_BUFS: usize = 16;
 /// Packets per TUN batch.
 pub const BATCH_SLOTS: usize = 64;
 /// Batches in the TUN reader's pool.
 pub const BATCH_POOL: usize = 8;
+/// Inbound packets written to TUN in one batch.
+pub const TUN_WRITE_BATCH: usize = 64;
 
 /// A device that is never readable (the hub has no TUN).
 pub struct NoDevice;
@@ -272,11 +276,15 @@ pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
     alarm: Rc<AlarmShared>,
     txbuf: Vec<u8>,
     batch: Vec<u8>,
-    rxbuf: Vec<u8>,
+    rxbufs: Vec<Vec<u8>>,
     /// A batch the socket refused (full); resent when writable.
     pending: Option<(SocketAddr, usize)>,
     /// A frame in `txbuf` that did not fit the previous batch.
     carry: Option<SocketAddr>,
+    /// Packets waiting for one batched TUN write (`tun_n` of them in use;
+    /// the buffers are kept for reuse).
+    tun_out: Vec<Vec<u8>>,
+    tun_n: usize,
     stats: PlaneStats,
 }
 
@@ -302,9 +310,11 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             alarm: Rc::default(),
             txbuf: Vec::with_capacity(2048),
             batch: Vec::with_capacity(65_536),
-            rxbuf: vec![0; 65_536],
+            rxbufs: (0..RX_BUFS).map(|_| vec![0; 65_536]).collect(),
             pending: None,
             carry: None,
+            tun_out: Vec::new(),
+            tun_n: 0,
             stats: PlaneStats::default(),
         }
     }
@@ -324,6 +334,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
         while let Some((from, pkt)) = self.node.poll_rx() {
             self.deliver(&from, &pkt);
         }
+        self.flush_tun();
         while let Some((peer, event)) = self.node.poll_event() {
             let endpoint = self.node.session(&peer).and_then(|s| s.endpoint());
             self.events.do_send(NetEvent {
@@ -401,10 +412,34 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             self.stats.bad_source += 1;
             return;
         }
-        match tun.try_send(pkt) {
-            Ok(_) => self.stats.tun_written += 1,
-            Err(_) => self.stats.tun_write_failed += 1,
+        // Queue for one batched write (the device may coalesce TCP segments).
+        let h = tun.headroom();
+        if self.tun_n == self.tun_out.len() {
+            self.tun_out.push(Vec::with_capacity(h + 2048));
         }
+        let b = &mut self.tun_out[self.tun_n];
+        b.clear();
+        b.resize(h, 0);
+        b.extend_from_slice(pkt);
+        self.tun_n += 1;
+        if self.tun_n >= TUN_WRITE_BATCH {
+            self.flush_tun();
+        }
+    }
+
+    fn flush_tun(&mut self) {
+        if self.tun_n == 0 {
+            return;
+        }
+        let Some(tun) = &self.tun else {
+            self.tun_n = 0;
+            return;
+        };
+        let n = self.tun_n;
+        let failed = tun.try_send_many(&mut self.tun_out[..n]);
+        self.stats.tun_written += (n - failed) as u64;
+        self.stats.tun_write_failed += failed as u64;
+        self.tun_n = 0;
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -454,17 +489,20 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
             tracing::warn!(?kind, "socket readiness failed");
             return;
         }
+        let mut meta = [(0usize, 1usize, SocketAddr::from(([0, 0, 0, 0], 0))); RX_BUFS];
         for _ in 0..RX_BURST {
-            match self.sock.try_recv_gro(&mut self.rxbuf) {
-                Ok((n, stride, from)) => {
+            match self.sock.try_recv_batch(&mut self.rxbufs, &mut meta) {
+                Ok(k) => {
                     let now = self.now();
-                    let mut off = 0;
-                    while off < n {
-                        let end = (off + stride).min(n);
-                        self.stats.udp_rx += 1;
-                        self.node
-                            .handle_datagram(now, from, &mut self.rxbuf[off..end]);
-                        off = end;
+                    for (i, &(n, stride, from)) in meta.iter().enumerate().take(k) {
+                        let mut off = 0;
+                        while off < n {
+                            let end = (off + stride).min(n);
+                            self.stats.udp_rx += 1;
+                            self.node
+                                .handle_datagram(now, from, &mut self.rxbufs[i][off..end]);
+                            off = end;
+                        }
                     }
                     // Hand decrypted packets to TUN as they come, so the
                     // reassembly queues stay short.
@@ -586,6 +624,7 @@ pub struct TunReader<P: PacketDevice + 'static> {
     dev: Arc<P>,
     to: Recipient<TunBatch>,
     free: Option<mpsc::Receiver<Batch>>,
+    scratch: Vec<u8>,
     /// Packets truncated or unreadable.
     pub errors: u64,
 }
@@ -609,6 +648,7 @@ impl<P: PacketDevice + 'static> TunReader<P> {
                 dev,
                 to,
                 free: Some(rx),
+                scratch: Vec::new(),
                 errors: 0,
             },
             tx,
@@ -642,11 +682,19 @@ impl<P: PacketDevice + 'static> StreamHandler<Fillable> for TunReader<P> {
     fn handle(&mut self, f: Fillable, ctx: &mut Context<Self>) {
         let mut b = f.0;
         b.lens.clear();
-        for i in 0..BATCH_SLOTS {
-            let slot = b.slot;
-            match self.dev.try_recv(&mut b.buf[i * slot..(i + 1) * slot]) {
-                Ok(n) if n > 0 => b.lens.push(n as u16),
-                Ok(_) => break,
+        let slot = b.slot;
+        let need = self.dev.min_slots().clamp(1, BATCH_SLOTS);
+        let mut lens = [0usize; BATCH_SLOTS];
+        while BATCH_SLOTS - b.lens.len() >= need {
+            let used = b.lens.len();
+            let mut slots: Vec<&mut [u8]> = b.buf[used * slot..].chunks_mut(slot).collect();
+            let room = slots.len();
+            match self
+                .dev
+                .try_recv_many(&mut self.scratch, &mut slots, &mut lens[..room])
+            {
+                Ok(0) => break,
+                Ok(n) => b.lens.extend(lens[..n].iter().map(|&l| l as u16)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                     ctx.stop();

@@ -182,4 +182,6 @@ pub struct PeerFile {
     pub control: Option<PathBuf>,
     /// Heartbeat interval, seconds (until the hub says otherwise).
     pub heartbeat: Option<f64>,
+    /// TUN segmentation offload (default true).
+    pub offload: Option<bool>,
 }

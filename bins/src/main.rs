@@ -144,6 +144,9 @@ struct PeerArgs {
     /// Heartbeat interval in seconds until the hub sets it [default: 5].
     #[arg(long)]
     heartbeat: Option<f64>,
+    /// Do not use TUN segmentation offload (TSO/GRO); read and write one packet at a time.
+    #[arg(long)]
+    no_offload: bool,
 }
 
 fn main() {
@@ -424,7 +427,11 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     let sock = bind_udp(&listen)?;
     let local = sock.local_addr()?;
 
-    let mut b = tun_rs::DeviceBuilder::new().name(&tun_name).mtu(mtu);
+    let offload = !a.no_offload && f.offload.unwrap_or(true);
+    let mut b = tun_rs::DeviceBuilder::new()
+        .name(&tun_name)
+        .mtu(mtu)
+        .offload(offload);
     for n in &overlay {
         match n.addr {
             std::net::IpAddr::V4(v4) => b = b.ipv4(v4, n.prefix, None),
@@ -435,6 +442,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     tracing::info!(
         tun = %tun_name,
         mtu,
+        offload,
         %local,
         key = %key_hex(&key.public),
         overlay = ?overlay.iter().map(|n| format!("{}/{}", n.addr, n.prefix)).collect::<Vec<_>>(),

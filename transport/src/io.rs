@@ -56,6 +56,17 @@ pub trait Datagram: Send + Sync {
         let (n, from) = self.try_recv_from(buf)?;
         Ok((n, n.max(1), from))
     }
+    /// Receive without waiting into several buffers at once (`recvmmsg`);
+    /// `out[i]` describes buffer i like [`Datagram::try_recv_gro`]. Returns how
+    /// many buffers were filled.
+    fn try_recv_batch(
+        &self,
+        bufs: &mut [Vec<u8>],
+        out: &mut [(usize, usize, SocketAddr)],
+    ) -> io::Result<usize> {
+        out[0] = self.try_recv_gro(&mut bufs[0])?;
+        Ok(1)
+    }
     /// Send several datagrams; returns how many were sent. Implementations with
     /// `sendmmsg` or GSO can do this in one system call.
     fn send_batch<'a>(
@@ -180,6 +191,28 @@ impl Datagram for FastUdp {
             })
             .map(|_| segs)
     }
+    fn try_recv_batch(
+        &self,
+        bufs: &mut [Vec<u8>],
+        out: &mut [(usize, usize, SocketAddr)],
+    ) -> io::Result<usize> {
+        const MAX: usize = 32;
+        let k = bufs.len().min(out.len()).min(MAX);
+        let mut meta = [quinn_udp::RecvMeta::default(); MAX];
+        let mut slices: [std::io::IoSliceMut<'_>; MAX] =
+            std::array::from_fn(|_| std::io::IoSliceMut::new(&mut []));
+        for (s, b) in slices.iter_mut().zip(bufs.iter_mut()).take(k) {
+            *s = std::io::IoSliceMut::new(&mut b[..]);
+        }
+        let n = self.sock.try_io(tokio::io::Interest::READABLE, || {
+            self.state
+                .recv((&self.sock).into(), &mut slices[..k], &mut meta[..k])
+        })?;
+        for i in 0..n {
+            out[i] = (meta[i].len, meta[i].stride.max(1), meta[i].addr);
+        }
+        Ok(n)
+    }
     fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
         let mut meta = [quinn_udp::RecvMeta::default()];
         let mut bufs = [std::io::IoSliceMut::new(buf)];
@@ -203,6 +236,38 @@ pub trait PacketDevice: Send + Sync {
     fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Write one IP packet without waiting (`WouldBlock` if the device queue is full).
     fn try_send(&self, pkt: &[u8]) -> io::Result<usize>;
+    /// Bytes every buffer given to [`PacketDevice::try_send_many`] reserves
+    /// in front of its packet (room for an offload header).
+    fn headroom(&self) -> usize {
+        0
+    }
+    /// Fewest free slots [`PacketDevice::try_recv_many`] needs (one read may
+    /// yield a whole TCP super-packet split into segments).
+    fn min_slots(&self) -> usize {
+        1
+    }
+    /// One read without waiting. Packets go into `slots` (lengths into
+    /// `lens`); returns how many. `scratch` is reusable working space.
+    fn try_recv_many(
+        &self,
+        scratch: &mut Vec<u8>,
+        slots: &mut [&mut [u8]],
+        lens: &mut [usize],
+    ) -> io::Result<usize> {
+        let _ = scratch;
+        let n = self.try_recv(slots[0])?;
+        lens[0] = n;
+        Ok(1)
+    }
+    /// Write packets without waiting; packet i is `bufs[i][headroom()..]`.
+    /// The buffers may be changed (coalescing). Returns how many packets
+    /// could not be written.
+    fn try_send_many(&self, bufs: &mut [Vec<u8>]) -> usize {
+        let h = self.headroom();
+        bufs.iter()
+            .filter(|b| b.len() <= h || self.try_send(&b[h..]).is_err())
+            .count()
+    }
 }
 
 impl PacketDevice for tun_rs::AsyncDevice {
@@ -221,6 +286,61 @@ impl PacketDevice for tun_rs::AsyncDevice {
     fn try_send(&self, pkt: &[u8]) -> io::Result<usize> {
         tun_rs::AsyncDevice::try_send(self, pkt)
     }
+    fn headroom(&self) -> usize {
+        if self.tcp_gso() {
+            TUN_HEADROOM
+        } else {
+            0
+        }
+    }
+    fn min_slots(&self) -> usize {
+        if self.tcp_gso() {
+            // A 64 KiB super-packet split at the smallest MSS we configure.
+            48
+        } else {
+            1
+        }
+    }
+    fn try_recv_many(
+        &self,
+        scratch: &mut Vec<u8>,
+        slots: &mut [&mut [u8]],
+        lens: &mut [usize],
+    ) -> io::Result<usize> {
+        if !self.tcp_gso() {
+            let n = tun_rs::AsyncDevice::try_recv(self, slots[0])?;
+            lens[0] = n;
+            return Ok(1);
+        }
+        if scratch.len() < 65_535 + tun_rs::VIRTIO_NET_HDR_LEN {
+            scratch.resize(65_535 + tun_rs::VIRTIO_NET_HDR_LEN, 0);
+        }
+        self.try_recv_multiple(scratch, slots, lens, 0)
+    }
+    fn try_send_many(&self, bufs: &mut [Vec<u8>]) -> usize {
+        if !self.tcp_gso() {
+            return bufs
+                .iter()
+                .filter(|b| tun_rs::AsyncDevice::try_send(self, b).is_err())
+                .count();
+        }
+        GRO.with(|g| {
+            let mut g = g.borrow_mut();
+            match tun_rs::DeviceImpl::send_multiple(self, &mut g, bufs, TUN_HEADROOM) {
+                Ok(_) => 0,
+                Err(_) => bufs.len(),
+            }
+        })
+    }
+}
+
+/// Room in front of each packet written to an offloading TUN device (the
+/// virtio-net header goes there; tun-rs wants more than its 10 bytes).
+const TUN_HEADROOM: usize = 16;
+
+thread_local! {
+    /// Coalescing state for TUN writes (one per data-plane thread, reused).
+    static GRO: std::cell::RefCell<tun_rs::GROTable> = std::cell::RefCell::new(tun_rs::GROTable::new());
 }
 
 struct Held {
