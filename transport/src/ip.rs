@@ -109,6 +109,44 @@ impl IpInfo {
     }
 }
 
+/// True for a TCP segment that carries no data and no SYN, FIN or RST: a pure
+/// acknowledgement (possibly with SACK blocks or a window update). TCP's
+/// acknowledgements are cumulative, so losing one costs nothing the next one
+/// does not repair; such segments need no retransmission and must not wait
+/// behind one.
+pub fn tcp_pure_ack(p: &[u8]) -> bool {
+    let l4 = match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 20 => {
+            let ihl = (p[0] & 0x0f) as usize * 4;
+            let total = u16::from_be_bytes([p[2], p[3]]) as usize;
+            let frag = u16::from_be_bytes([p[6], p[7]]);
+            if p[9] != PROTO_TCP || ihl < 20 || total < ihl || total > p.len() || frag & 0x3fff != 0
+            {
+                return false;
+            }
+            &p[ihl..total]
+        }
+        Some(6) if p.len() >= 40 => {
+            let plen = u16::from_be_bytes([p[4], p[5]]) as usize;
+            if p[6] != PROTO_TCP || 40 + plen > p.len() {
+                return false;
+            }
+            &p[40..40 + plen]
+        }
+        _ => return false,
+    };
+    if l4.len() < 20 {
+        return false;
+    }
+    let doff = (l4[12] >> 4) as usize * 4;
+    let flags = l4[13];
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    doff >= 20 && l4.len() == doff && flags & ACK != 0 && flags & (FIN | SYN | RST) == 0
+}
+
 /// Build a minimal IPv4 packet (for tests, simulations and benchmarks): a 20-byte
 /// header and an L4 header carrying the ports, padded with `payload` to `total` bytes.
 pub fn build_v4(
@@ -179,6 +217,43 @@ mod tests {
                 .unwrap()
                 .flow()
         );
+    }
+
+    #[test]
+    fn pure_acks_are_recognised() {
+        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let b = Ipv4Addr::new(10, 0, 0, 2);
+        let mut ack = build_v4(a, b, PROTO_TCP, 4000, 80, &[], 40);
+        ack[20 + 12] = 5 << 4; // 20-byte TCP header
+        ack[20 + 13] = 0x10; // ACK
+        assert!(tcp_pure_ack(&ack));
+        let mut data = build_v4(a, b, PROTO_TCP, 4000, 80, &[], 41);
+        data[20 + 12] = 5 << 4;
+        data[20 + 13] = 0x18; // PSH|ACK with one byte of data
+        assert!(!tcp_pure_ack(&data));
+        let mut fin = ack.clone();
+        fin[20 + 13] = 0x11; // FIN|ACK
+        assert!(!tcp_pure_ack(&fin));
+        let mut syn = ack.clone();
+        syn[20 + 13] = 0x12; // SYN|ACK
+        assert!(!tcp_pure_ack(&syn));
+        let mut udp = ack.clone();
+        udp[9] = PROTO_UDP;
+        assert!(!tcp_pure_ack(&udp));
+        assert!(!tcp_pure_ack(&ack[..30]));
+        let v6 = build_v6(
+            "fd00::1".parse().unwrap(),
+            "fd00::2".parse().unwrap(),
+            PROTO_TCP,
+            1,
+            2,
+            &[],
+            60,
+        );
+        let mut v6 = v6;
+        v6[40 + 12] = 5 << 4;
+        v6[40 + 13] = 0x10;
+        assert!(tcp_pure_ack(&v6));
     }
 
     #[test]

@@ -483,6 +483,10 @@ impl Session {
     fn route(&mut self, now: Duration, pkt: &[u8], info: &ip::IpInfo) {
         let conv = match (self.cfg.flow_mode, info.proto) {
             (FlowMode::AllDatagram, _) => None,
+            // Pure TCP acks need no retransmission (the next ack covers a lost
+            // one) and must not queue behind a lost data segment: that would
+            // stall the sender's ack clock (and its delivery-rate samples).
+            (FlowMode::Auto, ip::PROTO_TCP) if ip::tcp_pure_ack(pkt) => None,
             (_, ip::PROTO_TCP) => Some(self.conv_for_flow(now, info)),
             (FlowMode::AllKcp, _) => Some(CONV_SHARED),
             (FlowMode::Auto, _) => None,
