@@ -54,6 +54,8 @@ pub struct PeerStatus {
     pub rx_bps: f64,
     /// Seconds since the last heartbeat ack, if any.
     pub last_heartbeat_s: Option<f64>,
+    /// KCP data segments retransmitted to this peer.
+    pub retransmits: u64,
     /// Times the session was restarted by the supervisor.
     pub restarts: u64,
     /// Open KCP conversations.
@@ -141,6 +143,7 @@ impl PeerActor {
             rx_bps: self.rx_bps,
             last_heartbeat_s: s
                 .and_then(|s| s.last_ack.map(|a| s.at.saturating_sub(a).as_secs_f64())),
+            retransmits: st.map_or(0, |s| s.retransmits),
             restarts: self.restarts,
             convs: st.map_or(0, |s| s.convs),
         }

@@ -144,13 +144,23 @@ pub fn table(v: &Value) -> String {
         ));
     }
     out.push_str(&format!(
-        "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>6} {:>9} {:>9} {:>8}\n",
-        "PEER", "OVERLAY", "ENDPOINT", "STATE", "PATH", "RTT", "LOSS", "TX", "RX", "LAST HB"
+        "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>6} {:>9} {:>9} {:>7} {:>8}\n",
+        "PEER",
+        "OVERLAY",
+        "ENDPOINT",
+        "STATE",
+        "PATH",
+        "RTT",
+        "LOSS",
+        "TX",
+        "RX",
+        "RETX",
+        "LAST HB"
     ));
     for p in s["peers"].as_array().into_iter().flatten() {
         let ov = p["overlay"][0].as_str().unwrap_or("");
         out.push_str(&format!(
-            "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>5.1}% {:>9} {:>9} {:>8}\n",
+            "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>5.1}% {:>9} {:>9} {:>7} {:>8}\n",
             p["name"].as_str().unwrap_or(""),
             ov,
             p["endpoint"].as_str().unwrap_or("-"),
@@ -160,6 +170,7 @@ pub fn table(v: &Value) -> String {
             p["loss_pct"].as_f64().unwrap_or(0.0),
             fmt_bytes(p["tx_bytes"].as_u64().unwrap_or(0)),
             fmt_bytes(p["rx_bytes"].as_u64().unwrap_or(0)),
+            p["retransmits"].as_u64().unwrap_or(0),
             p["last_heartbeat_s"]
                 .as_f64()
                 .map(|x| format!("{x:.1}s"))

@@ -195,6 +195,8 @@ pub struct SessionStats {
     pub srtt: Option<Duration>,
     /// Path loss estimated by the controller (0..1).
     pub loss: f64,
+    /// KCP data segments sent again (retransmissions).
+    pub retransmits: u64,
 }
 
 /// Shared sink for KCP output (the kcp crate writes through `std::io::Write`).
@@ -225,6 +227,8 @@ struct Conv {
     ack_owed: Option<Duration>,
     last_active: Duration,
     next_update_ms: u32,
+    /// One past the highest KCP sequence number sent (to spot retransmissions).
+    next_sn: u32,
 }
 
 struct Keypair {
@@ -593,6 +597,7 @@ impl Session {
                 ack_owed: None,
                 last_active: now,
                 next_update_ms: ms,
+                next_sn: 0,
             }
         })
     }
@@ -1221,6 +1226,15 @@ impl Session {
             if carries_data(&pkt[1..]) {
                 self.last_kcp_tx = now;
                 let conv = kcp::get_conv(&pkt[1..]);
+                if let Some(c) = self.convs.get_mut(&conv) {
+                    for sn in data_sns(&pkt[1..]) {
+                        if (sn.wrapping_sub(c.next_sn) as i32) < 0 {
+                            self.stats.retransmits += 1;
+                        } else {
+                            c.next_sn = sn.wrapping_add(1);
+                        }
+                    }
+                }
                 self.paced.entry(conv).or_default().push_back(pkt);
                 self.paced_len += 1;
             } else {
@@ -1338,6 +1352,24 @@ impl Session {
 }
 
 /// Does a KCP output buffer contain a data (PUSH) segment?
+/// Sequence numbers of the data (PUSH) segments in one KCP output datagram.
+fn data_sns(mut b: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    const PUSH: u8 = 81;
+    std::iter::from_fn(move || {
+        while b.len() >= kcp::KCP_OVERHEAD {
+            let cmd = b[4];
+            let sn = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+            let len = u32::from_le_bytes([b[20], b[21], b[22], b[23]]) as usize;
+            let next = kcp::KCP_OVERHEAD.saturating_add(len).min(b.len());
+            b = &b[next..];
+            if cmd == PUSH {
+                return Some(sn);
+            }
+        }
+        None
+    })
+}
+
 fn carries_data(mut b: &[u8]) -> bool {
     const PUSH: u8 = 81;
     while b.len() >= kcp::KCP_OVERHEAD {
