@@ -391,16 +391,21 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.pending = Some((first, seg));
-                    let sock = self.sock.clone();
-                    ctx.add_stream(futures_util::stream::once(async move {
-                        let _ = sock.writable().await;
-                        SockWritable
-                    }));
+                    self.wait_writable(ctx);
                     return;
                 }
                 Err(_) => self.stats.udp_send_failed += n as u64,
             }
         }
+    }
+
+    /// Resume sending when the socket has room again.
+    fn wait_writable(&self, ctx: &mut Context<Self>) {
+        let sock = self.sock.clone();
+        ctx.add_stream(futures_util::stream::once(async move {
+            let _ = sock.writable().await;
+            SockWritable
+        }));
     }
 
     fn deliver(&mut self, from: &PublicKey, pkt: &[u8]) {
@@ -528,11 +533,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockWritabl
         if let Some((to, seg)) = self.pending {
             match self.sock.try_send_gso(&self.batch, seg, to) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let sock = self.sock.clone();
-                    ctx.add_stream(futures_util::stream::once(async move {
-                        let _ = sock.writable().await;
-                        SockWritable
-                    }));
+                    self.wait_writable(ctx);
                     return;
                 }
                 Ok(k) => self.stats.udp_tx += k as u64,

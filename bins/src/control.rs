@@ -84,6 +84,17 @@ fn opt_ms(v: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The strings of a JSON array, comma-separated.
+fn joined(v: &Value) -> String {
+    let parts: Vec<&str> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str())
+        .collect();
+    parts.join(",")
+}
+
 /// A status document as a human-readable table.
 pub fn table(v: &Value) -> String {
     let mut out = String::new();
@@ -100,17 +111,11 @@ pub fn table(v: &Value) -> String {
             "NAME", "KEY", "OVERLAY", "ENDPOINT", "LAST SEEN"
         ));
         for m in s["members"].as_array().into_iter().flatten() {
-            let ov: Vec<&str> = m["overlay"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str())
-                .collect();
             out.push_str(&format!(
                 "{:<16} {:<14} {:<28} {:<24} {:>8.1}s\n",
                 m["name"].as_str().unwrap_or(""),
                 m["key"].as_str().unwrap_or(""),
-                ov.join(","),
+                joined(&m["overlay"]),
                 m["endpoints"][0].as_str().unwrap_or("-"),
                 m["last_seen_s"].as_f64().unwrap_or(0.0)
             ));
@@ -118,17 +123,11 @@ pub fn table(v: &Value) -> String {
         return out;
     }
     let s = &v["status"];
-    let ov: Vec<&str> = s["overlay"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_str())
-        .collect();
     out.push_str(&format!(
         "node {} ({})  overlay {}  seen by hub as {}\n",
         s["name"].as_str().unwrap_or(""),
         s["key"].as_str().unwrap_or(""),
-        ov.join(","),
+        joined(&s["overlay"]),
         s["observed"].as_str().unwrap_or("-")
     ));
     for h in s["hubs"].as_array().into_iter().flatten() {

@@ -39,15 +39,7 @@ pub trait Datagram: Send + Sync {
     /// shorter) without waiting; returns how many datagrams went out. With UDP
     /// GSO this is one system call; a `WouldBlock` error means none went out.
     fn try_send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<usize> {
-        let mut n = 0;
-        for c in buf.chunks(segment.max(1)) {
-            match self.try_send_to(c, to) {
-                Ok(_) => n += 1,
-                Err(e) if n == 0 => return Err(e),
-                Err(_) => break,
-            }
-        }
-        Ok(n)
+        send_each(buf, segment, |c| self.try_send_to(c, to))
     }
     /// Receive without waiting into `buf`: one datagram, or with UDP GRO several
     /// from one sender back to back. Returns (bytes, stride, sender): datagram i
@@ -113,6 +105,24 @@ impl Datagram for tokio::net::UdpSocket {
     }
 }
 
+/// Send `buf` as `segment`-byte datagrams one call each; stops at the first
+/// failure (an error only if nothing went out).
+fn send_each(
+    buf: &[u8],
+    segment: usize,
+    mut send: impl FnMut(&[u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut n = 0;
+    for c in buf.chunks(segment.max(1)) {
+        match send(c) {
+            Ok(_) => n += 1,
+            Err(e) if n == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(n)
+}
+
 /// A UDP socket with segmentation offload on both sides (UDP GSO for sending
 /// runs of equal-size datagrams in one system call, UDP GRO for receiving
 /// them), through `quinn-udp`, falling back to plain calls where the kernel
@@ -168,15 +178,7 @@ impl Datagram for FastUdp {
     fn try_send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<usize> {
         let segs = buf.len().div_ceil(segment.max(1));
         if segs <= 1 || self.state.max_gso_segments() <= 1 {
-            let mut n = 0;
-            for c in buf.chunks(segment.max(1)) {
-                match self.sock.try_send_to(c, to) {
-                    Ok(_) => n += 1,
-                    Err(e) if n == 0 => return Err(e),
-                    Err(_) => break,
-                }
-            }
-            return Ok(n);
+            return send_each(buf, segment, |c| self.sock.try_send_to(c, to));
         }
         let t = quinn_udp::Transmit {
             destination: to,

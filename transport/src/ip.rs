@@ -23,49 +23,48 @@ pub struct IpInfo {
 /// Parse the IP header of `p`. Returns `None` for anything that is not a
 /// well-formed IPv4 or IPv6 packet (truncated, bad header length, bad version).
 pub fn parse(p: &[u8]) -> Option<IpInfo> {
+    let (proto, whole, l4) = transport_part(p)?;
+    let (src, dst) = if p[0] >> 4 == 4 {
+        (
+            IpAddr::V4(Ipv4Addr::new(p[12], p[13], p[14], p[15])),
+            IpAddr::V4(Ipv4Addr::new(p[16], p[17], p[18], p[19])),
+        )
+    } else {
+        let mut s = [0u8; 16];
+        s.copy_from_slice(&p[8..24]);
+        let mut d = [0u8; 16];
+        d.copy_from_slice(&p[24..40]);
+        (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)))
+    };
+    Some(IpInfo {
+        src,
+        dst,
+        proto,
+        ports: ports(proto, whole, l4),
+    })
+}
+
+/// The transport protocol, whether this is the first and only fragment, and
+/// the bytes after the IP header (up to the IP length), or None if malformed.
+/// For IPv6 the protocol is the first next-header.
+fn transport_part(p: &[u8]) -> Option<(u8, bool, &[u8])> {
     match p.first()? >> 4 {
-        4 => {
-            if p.len() < 20 {
-                return None;
-            }
+        4 if p.len() >= 20 => {
             let ihl = (p[0] & 0x0f) as usize * 4;
             let total = u16::from_be_bytes([p[2], p[3]]) as usize;
             if ihl < 20 || total < ihl || total > p.len() {
                 return None;
             }
             let frag = u16::from_be_bytes([p[6], p[7]]);
-            let first_and_only = frag & 0x3fff == 0; // no MF flag, offset 0
-            let proto = p[9];
-            let src = IpAddr::V4(Ipv4Addr::new(p[12], p[13], p[14], p[15]));
-            let dst = IpAddr::V4(Ipv4Addr::new(p[16], p[17], p[18], p[19]));
-            let ports = ports(proto, first_and_only, &p[ihl..total]);
-            Some(IpInfo {
-                src,
-                dst,
-                proto,
-                ports,
-            })
+            // No MF flag, offset 0.
+            Some((p[9], frag & 0x3fff == 0, &p[ihl..total]))
         }
-        6 => {
-            if p.len() < 40 {
-                return None;
-            }
+        6 if p.len() >= 40 => {
             let plen = u16::from_be_bytes([p[4], p[5]]) as usize;
             if 40 + plen > p.len() {
                 return None;
             }
-            let proto = p[6];
-            let mut s = [0u8; 16];
-            s.copy_from_slice(&p[8..24]);
-            let mut d = [0u8; 16];
-            d.copy_from_slice(&p[24..40]);
-            let ports = ports(proto, true, &p[40..40 + plen]);
-            Some(IpInfo {
-                src: IpAddr::V6(Ipv6Addr::from(s)),
-                dst: IpAddr::V6(Ipv6Addr::from(d)),
-                proto,
-                ports,
-            })
+            Some((p[6], true, &p[40..40 + plen]))
         }
         _ => None,
     }
@@ -115,25 +114,8 @@ impl IpInfo {
 /// does not repair; such segments need no retransmission and must not wait
 /// behind one.
 pub fn tcp_pure_ack(p: &[u8]) -> bool {
-    let l4 = match p.first().map(|b| b >> 4) {
-        Some(4) if p.len() >= 20 => {
-            let ihl = (p[0] & 0x0f) as usize * 4;
-            let total = u16::from_be_bytes([p[2], p[3]]) as usize;
-            let frag = u16::from_be_bytes([p[6], p[7]]);
-            if p[9] != PROTO_TCP || ihl < 20 || total < ihl || total > p.len() || frag & 0x3fff != 0
-            {
-                return false;
-            }
-            &p[ihl..total]
-        }
-        Some(6) if p.len() >= 40 => {
-            let plen = u16::from_be_bytes([p[4], p[5]]) as usize;
-            if p[6] != PROTO_TCP || 40 + plen > p.len() {
-                return false;
-            }
-            &p[40..40 + plen]
-        }
-        _ => return false,
+    let Some((PROTO_TCP, true, l4)) = transport_part(p) else {
+        return false;
     };
     if l4.len() < 20 {
         return false;
