@@ -107,7 +107,7 @@ fn five_peers_reach_each_other() {
     let p6 = transport::ip::build_v6(a, b, 17, 5, 6, b"over six", 0);
     assert!(w.peers[0].apps.send(p6.clone()));
     let got = w.run_until(&mut sim, Duration::from_secs(2), |w| {
-        w.peers[3].take_delivered().iter().any(|p| *p == p6)
+        w.peers[3].take_delivered().contains(&p6)
     });
     assert!(got.is_some(), "IPv6 packet delivered");
 }

@@ -105,7 +105,7 @@ fn ping_tcp_and_udp_across_the_mesh() {
     assert_transfer("TCP 50 MB clean", 50_000_000, &r, &lab);
     // UDP: 1000 datagrams echoed by peer 3.
     let me = lab_bin();
-    let _echo = lab
+    let mut echo = lab
         .spawn(3, "echo.log", &me, &["udp-echo", "6001", "20"])
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
