@@ -127,6 +127,8 @@ fn ping_tcp_and_udp_across_the_mesh() {
         .collect();
     assert_eq!(v.len(), 2, "udp-ping said {line:?}");
     println!("UDP: {} sent, {} echoed", v[0], v[1]);
+    let _ = echo.kill();
+    let _ = echo.wait();
     assert!(
         v[1] >= 990,
         "UDP echoed {} of 1000 on a clean underlay",
