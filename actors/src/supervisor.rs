@@ -101,6 +101,12 @@ pub struct Supervisor {
     observed: Option<SocketAddr>,
     fatal: Option<mpsc::UnboundedSender<Fatal>>,
     last_snapshot: Snapshot,
+    /// The hub whose peer map we follow (the first registered one in the
+    /// configured order); other hubs' deltas are acknowledged but not applied,
+    /// since every hub numbers its map versions on its own.
+    map_from: Option<PublicKey>,
+    /// Last map version each hub sent us (what we report back to it).
+    hub_versions: BTreeMap<PublicKey, u64>,
 }
 
 impl Supervisor {
@@ -124,6 +130,8 @@ impl Supervisor {
             observed: None,
             fatal,
             last_snapshot: Snapshot::default(),
+            map_from: None,
+            hub_versions: BTreeMap::new(),
         }
     }
 
@@ -139,13 +147,31 @@ impl Supervisor {
         self.plane.do_send(Cmd::Send { to, msg, reliable });
     }
 
-    fn register_msg(&self) -> Control {
+    fn register_msg(&self, hub: &PublicKey) -> Control {
         Control::Register {
             overlay: self.setup.overlay.clone(),
             local_endpoints: self.setup.local_endpoints.clone(),
             name: self.setup.name.clone(),
-            have_version: self.map.version(),
+            have_version: self.version_for(hub),
         }
+    }
+
+    /// The map version to report to `hub`.
+    fn version_for(&self, hub: &PublicKey) -> u64 {
+        if self.map_from == Some(*hub) {
+            self.map.version()
+        } else {
+            self.hub_versions.get(hub).copied().unwrap_or(0)
+        }
+    }
+
+    /// The first hub, in configured order, that has us registered.
+    fn map_source(&self) -> Option<PublicKey> {
+        self.setup.hubs.iter().map(|(k, _)| *k).find(|k| {
+            self.hb
+                .hubs()
+                .any(|h| h.key == *k && h.phase == HubPhase::Registered)
+        })
     }
 
     fn tick(&mut self) {
@@ -176,12 +202,12 @@ impl Supervisor {
                     }
                     // A fresh handshake: if the hub restarted, the old session is gone.
                     self.plane.do_send(Cmd::Connect(hub));
-                    self.send(hub, self.register_msg(), false);
+                    self.send(hub, self.register_msg(&hub), false);
                 }
                 Action::HubHeartbeat { to, seq } => {
                     let msg = Control::Heartbeat {
                         seq,
-                        map_version: self.map.version(),
+                        map_version: self.version_for(&to),
                     };
                     self.send(to, msg, false);
                 }
@@ -278,13 +304,25 @@ impl Supervisor {
                 to_version,
                 upserts,
                 removals,
-            } => match self
-                .map
-                .apply(from_version, to_version, &upserts, &removals)
-            {
-                Ok(changes) => self.apply_changes(changes),
-                Err(e) => tracing::debug!(%e, "stale peer-map delta ignored"),
-            },
+            } => {
+                let source = self.map_source();
+                if source != self.map_from {
+                    // Following another hub now: start from its snapshot.
+                    self.map_from = source;
+                    self.map.reset_version();
+                }
+                if source != Some(hub) {
+                    self.hub_versions.insert(hub, to_version);
+                    return;
+                }
+                match self
+                    .map
+                    .apply(from_version, to_version, &upserts, &removals)
+                {
+                    Ok(changes) => self.apply_changes(changes),
+                    Err(e) => tracing::debug!(%e, "stale peer-map delta ignored"),
+                }
+            }
             _ => {}
         }
     }
@@ -416,7 +454,7 @@ impl Handler<NetEvent> for Supervisor {
                     .hubs()
                     .any(|h| h.key == ev.peer && h.phase == HubPhase::Registered)
                 {
-                    self.send(ev.peer, self.register_msg(), false);
+                    self.send(ev.peer, self.register_msg(&ev.peer), false);
                 }
             }
             Event::Established | Event::Recovered | Event::PeerRestarted => {

@@ -157,8 +157,10 @@ impl PeerHandle {
 pub struct World {
     /// Peers, in order.
     pub peers: Vec<PeerHandle>,
-    /// Latest hub status.
+    /// Latest status of hub 0.
     pub hub_status: Arc<Mutex<Option<HubStatus>>>,
+    /// Latest status of every hub.
+    pub hub_statuses: Vec<Arc<Mutex<Option<HubStatus>>>>,
     /// Hub key.
     pub hub_key: PublicKey,
     /// Heartbeat interval.
@@ -176,8 +178,19 @@ pub struct WorldConfig {
     pub spec: LinkSpec,
     /// Seed for impairments and keys' randomness.
     pub seed: u64,
-    /// Directory for the hub's owner table.
+    /// Directory for the hubs' owner tables.
     pub store_dir: PathBuf,
+    /// Number of hubs (hosts "hub", "hub1", ...); every peer lists them all.
+    pub hubs: usize,
+}
+
+/// turmoil host name of hub `i`.
+pub fn hub_host(i: usize) -> String {
+    if i == 0 {
+        "hub".to_string()
+    } else {
+        format!("hub{i}")
+    }
 }
 
 fn overlay4(i: usize) -> Ipv4Addr {
@@ -197,17 +210,18 @@ impl World {
     /// Register the hub and the peers as turmoil hosts.
     pub fn build(sim: &mut turmoil::Sim<'_>, cfg: WorldConfig) -> World {
         let hub_key = StaticKeypair::from_seed(HUB_SEED).public;
-        let hub_status: Arc<Mutex<Option<HubStatus>>> = Arc::default();
-        {
+        let hub_statuses: Vec<Arc<Mutex<Option<HubStatus>>>> =
+            (0..cfg.hubs.max(1)).map(|_| Arc::default()).collect();
+        for (h, probe) in hub_statuses.iter().enumerate() {
             let cfg = cfg.clone();
-            let probe = hub_status.clone();
+            let probe = probe.clone();
             let starts = Arc::new(AtomicU64::new(0));
-            sim.host("hub", move || {
+            sim.host(hub_host(h), move || {
                 let cfg = cfg.clone();
                 let probe = probe.clone();
                 let n = starts.fetch_add(1, Ordering::SeqCst);
                 async move {
-                    let seed = cfg.seed ^ 0xabcd ^ (n << 32);
+                    let seed = cfg.seed ^ 0xabcd ^ ((h as u64) << 20) ^ (n << 32);
                     let sock =
                         turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), PORT)).await?;
                     let sock = Arc::new(Impaired::new(TurmoilUdp(sock), cfg.spec.clone(), seed));
@@ -216,7 +230,7 @@ impl World {
                             admission: Admission::AnyWithNetworkKey,
                             ..NodeConfig::default()
                         },
-                        StaticKeypair::from_seed(HUB_SEED),
+                        StaticKeypair::from_seed(HUB_SEED + h as u64),
                         SIM_PSK,
                         1_700_000_000_000 + n * 1_000_000,
                         EntropySource::seeded(seed),
@@ -235,7 +249,7 @@ impl World {
                         expire_beats: 3,
                         ..RegistryConfig::default()
                     };
-                    let store = OwnerStore::new(cfg.store_dir.join("owners"));
+                    let store = OwnerStore::new(cfg.store_dir.join(format!("owners{h}")));
                     let reg = RegistryActor::open(rcfg, store, (n + 1) << 40, plane.recipient())?;
                     let reg = reg_ctx.run(reg);
                     loop {
@@ -249,6 +263,7 @@ impl World {
                 }
             });
         }
+        let hub_status = hub_statuses[0].clone();
         let mut peers = Vec::new();
         for i in 0..cfg.peers {
             let host = format!("peer{i}");
@@ -309,10 +324,14 @@ impl World {
                             ],
                             name: host,
                             local_endpoints: vec![],
-                            hubs: vec![(
-                                StaticKeypair::from_seed(HUB_SEED).public,
-                                SocketAddr::new(turmoil::lookup("hub"), PORT),
-                            )],
+                            hubs: (0..cfg.hubs.max(1))
+                                .map(|h| {
+                                    (
+                                        StaticKeypair::from_seed(HUB_SEED + h as u64).public,
+                                        SocketAddr::new(turmoil::lookup(hub_host(h)), PORT),
+                                    )
+                                })
+                                .collect(),
                             heartbeat: HeartbeatConfig {
                                 interval: cfg.heartbeat,
                                 ..HeartbeatConfig::default()
@@ -353,6 +372,7 @@ impl World {
         World {
             peers,
             hub_status,
+            hub_statuses,
             hub_key,
             heartbeat: cfg.heartbeat,
         }

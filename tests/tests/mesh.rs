@@ -18,6 +18,16 @@ fn sim(secs: u64) -> turmoil::Sim<'static> {
 }
 
 fn world(sim: &mut turmoil::Sim<'static>, spec: LinkSpec, seed: u64, name: &str) -> World {
+    world_with_hubs(sim, spec, seed, name, 1)
+}
+
+fn world_with_hubs(
+    sim: &mut turmoil::Sim<'static>,
+    spec: LinkSpec,
+    seed: u64,
+    name: &str,
+    hubs: usize,
+) -> World {
     let dir = std::env::temp_dir().join(format!("fastmesh-mesh-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -29,6 +39,7 @@ fn world(sim: &mut turmoil::Sim<'static>, spec: LinkSpec, seed: u64, name: &str)
             spec,
             seed,
             store_dir: dir,
+            hubs,
         },
     )
 }
@@ -380,4 +391,51 @@ fn five_percent_loss_on_every_link() {
     assert_eq!(pairs, 20, "every pair's TCP complete");
     // Each datagram crosses one lossy receive path: expect about 95%.
     assert!(udp * 100 >= want * 88, "UDP delivered {udp}/{want}");
+}
+
+#[test]
+fn two_hubs_losing_the_first_changes_nothing() {
+    let mut sim = sim(120);
+    let mut w = world_with_hubs(&mut sim, clean(), 6, "twohubs", 2);
+    form(&mut w, &mut sim, Duration::from_secs(20));
+    let members = |w: &World, h: usize| {
+        w.hub_statuses[h]
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |s| s.members.len())
+    };
+    assert_eq!(
+        (members(&w, 0), members(&w, 1)),
+        (5, 5),
+        "registered with both"
+    );
+    let mut d = Driver::default();
+    d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), sim.elapsed());
+    sim.crash("hub");
+    let down = sim.elapsed();
+    d.run(&mut sim, &mut w, Duration::from_secs(5), |_, _, _| false);
+    let (sent, got) = d.delivered(1, down, sim.elapsed() - Duration::from_secs(1));
+    assert_eq!(got, sent, "traffic unaffected");
+    // A peer restarting now can only reach the second hub; everyone learns
+    // of it from there.
+    sim.crash("peer2");
+    d.run(&mut sim, &mut w, Duration::from_secs(1), |_, _, _| false);
+    *w.peers[2].status.lock().unwrap() = None;
+    sim.bounce("peer2");
+    let back = d
+        .run(&mut sim, &mut w, Duration::from_secs(10), |w, _, _| {
+            w.peers.iter().all(|p| {
+                p.status().is_some_and(|s| {
+                    s.peers.len() == 4
+                        && s.peers
+                            .iter()
+                            .all(|q| q.state == fastmesh_actors::peer::PathState::Up)
+                })
+            })
+        })
+        .unwrap_or_else(|| panic!("peer2 not back through the second hub:\n{}", w.dump()));
+    println!("with the first hub down, a restarted peer was back everywhere after {back:?}");
+    let (pairs, _, _) = all_pairs(&mut w, &mut sim, 5, 400);
+    assert_eq!(pairs, 20);
 }
