@@ -439,3 +439,54 @@ fn two_hubs_losing_the_first_changes_nothing() {
     let (pairs, _, _) = all_pairs(&mut w, &mut sim, 5, 400);
     assert_eq!(pairs, 20);
 }
+
+#[test]
+fn forged_sources_and_unknown_destinations_are_dropped_and_counted() {
+    let mut sim = sim(60);
+    let mut w = world(&mut sim, clean(), 8, "forged");
+    form(&mut w, &mut sim, Duration::from_secs(20));
+    let counter = |w: &World, i: usize, name: &str| {
+        w.peers[i]
+            .status()
+            .unwrap()
+            .counters
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    };
+    let (bad0, route0) = (
+        counter(&w, 1, "drop_bad_source"),
+        counter(&w, 0, "drop_no_route"),
+    );
+    // peer0 claims peer3's address as source, towards peer1.
+    let forged = traffic::packet(w.peers[3].overlay, w.peers[1].overlay, Kind::Udp, 9, 0, 200);
+    // A genuine one right after it, to know the path works.
+    let genuine = traffic::packet(w.peers[0].overlay, w.peers[1].overlay, Kind::Udp, 9, 1, 200);
+    // And one to an address nobody owns.
+    let nowhere = traffic::packet(
+        w.peers[0].overlay,
+        "10.88.0.99".parse().unwrap(),
+        Kind::Udp,
+        9,
+        2,
+        200,
+    );
+    for p in [forged, genuine, nowhere] {
+        assert!(w.peers[0].apps.send(p));
+    }
+    let mut seen = Vec::new();
+    w.run_until(&mut sim, Duration::from_secs(2), |w| {
+        seen.extend(w.peers[1].take_delivered());
+        counter(w, 1, "drop_bad_source") > bad0 && counter(w, 0, "drop_no_route") > route0
+    })
+    .unwrap_or_else(|| panic!("drops not counted:\n{}", w.dump()));
+    w.run_until(&mut sim, Duration::from_millis(500), |_| false);
+    seen.extend(w.peers[1].take_delivered());
+    let seqs: Vec<u32> = seen
+        .iter()
+        .filter_map(|p| traffic::read(p))
+        .filter(|t| t.flow == 9)
+        .map(|t| t.seq)
+        .collect();
+    assert_eq!(seqs, vec![1], "only the genuine packet reaches peer1's TUN");
+}
