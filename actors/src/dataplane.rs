@@ -88,7 +88,7 @@ pub enum Cmd {
     RemovePeer(PublicKey),
     /// Tear a failed session down and start a new handshake.
     RestartPeer(PublicKey),
-    /// Start a fresh handshake now, unless one is under way.
+    /// Start a fresh handshake now.
     Connect(PublicKey),
     /// Replace the routing table.
     SetRouter(Router),
@@ -594,7 +594,9 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
                 let _ = self.node.connect(now, &key);
             }
             Cmd::Connect(key) => {
-                let _ = self.node.ensure_handshake(now, &key);
+                // A fresh initiation now, even if one is pending with a long
+                // retry backoff (the supervisor paces these).
+                let _ = self.node.connect(now, &key);
             }
             Cmd::SetRouter(r) => self.router = r,
             Cmd::Send { to, msg, reliable } => {

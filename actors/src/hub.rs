@@ -9,7 +9,7 @@ use actix::prelude::*;
 use serde::Serialize;
 use std::time::Duration;
 use tokio::time::Instant;
-use transport::wire::{Control, ErrorCode};
+use transport::wire::{Control, ErrorCode, PublicKey};
 use transport::Event;
 
 /// One member, for the hub's status.
@@ -36,7 +36,14 @@ pub struct HubStatus {
     pub members: Vec<MemberStatus>,
     /// Addresses owned (online or not).
     pub owned_addresses: usize,
+    /// Keys revoked.
+    pub revoked: usize,
 }
+
+/// Revoke a node key (operator command). Replies whether it was newly revoked.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, String>")]
+pub struct Revoke(pub PublicKey);
 
 /// Ask for the hub's status.
 #[derive(Debug, Message)]
@@ -71,11 +78,9 @@ impl RegistryActor {
         plane: Recipient<Cmd>,
     ) -> Result<RegistryActor, crate::store::StoreError> {
         let owners = store.load()?;
-        Ok(RegistryActor::new(
-            Registry::new(cfg, owners, base_version),
-            Some(store),
-            plane,
-        ))
+        let mut reg = Registry::new(cfg, owners, base_version);
+        reg.set_revoked(store.load_revoked()?);
+        Ok(RegistryActor::new(reg, Some(store), plane))
     }
 
     fn now(&self) -> Duration {
@@ -146,7 +151,7 @@ impl Handler<NetEvent> for RegistryActor {
                     Registered::Accepted { owners_changed } => {
                         if owners_changed {
                             if let Some(store) = &self.store {
-                                if let Err(e) = store.save(self.reg.owners()) {
+                                if let Err(e) = store.save(self.reg.owners(), self.reg.revoked()) {
                                     // Not durable: refuse rather than promise an
                                     // address we might forget.
                                     tracing::error!(%e, "cannot persist owners");
@@ -184,6 +189,27 @@ impl Handler<NetEvent> for RegistryActor {
     }
 }
 
+impl Handler<Revoke> for RegistryActor {
+    type Result = Result<bool, String>;
+    fn handle(&mut self, r: Revoke, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut out = Vec::new();
+        let newly = self.reg.revoke(&r.0, &mut out);
+        if newly {
+            if let Some(store) = &self.store {
+                store
+                    .save(self.reg.owners(), self.reg.revoked())
+                    .map_err(|e| format!("revoked in memory, but not stored: {e}"))?;
+            }
+            tracing::warn!(key = %short_key(&r.0), "node key revoked");
+            // Close the hub's own session with it; members drop theirs when
+            // the removal reaches them.
+            self.plane.do_send(Cmd::RemovePeer(r.0));
+        }
+        self.flush(out);
+        Ok(newly)
+    }
+}
+
 impl Handler<GetHubStatus> for RegistryActor {
     type Result = MessageResult<GetHubStatus>;
     fn handle(&mut self, _: GetHubStatus, _ctx: &mut Context<Self>) -> Self::Result {
@@ -202,6 +228,7 @@ impl Handler<GetHubStatus> for RegistryActor {
                 })
                 .collect(),
             owned_addresses: self.reg.owners().len(),
+            revoked: self.reg.revoked().len(),
         })
     }
 }

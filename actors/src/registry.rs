@@ -83,6 +83,7 @@ pub enum ClaimError {
 pub struct Registry {
     cfg: RegistryConfig,
     owners: BTreeMap<IpAddr, PublicKey>,
+    revoked: BTreeSet<PublicKey>,
     members: BTreeMap<PublicKey, Member>,
     version: u64,
     /// (version, key) for each change, oldest first.
@@ -107,6 +108,7 @@ impl Registry {
         Registry {
             cfg,
             owners,
+            revoked: BTreeSet::new(),
             members: BTreeMap::new(),
             version: base_version,
             log: VecDeque::new(),
@@ -121,6 +123,16 @@ impl Registry {
     /// Current map version.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// Keys refused for good (persisted with the owners).
+    pub fn revoked(&self) -> &BTreeSet<PublicKey> {
+        &self.revoked
+    }
+
+    /// Restore the revoked keys (from disk).
+    pub fn set_revoked(&mut self, keys: BTreeSet<PublicKey>) {
+        self.revoked = keys;
     }
 
     /// The key ↔ address table (what must survive restarts).
@@ -178,6 +190,16 @@ impl Registry {
         have_version: u64,
         out: &mut Vec<Reply>,
     ) -> Registered {
+        if self.revoked.contains(&key) {
+            out.push(Reply {
+                to: key,
+                msg: Control::Nack {
+                    code: ErrorCode::Revoked,
+                    message: "this node's key was revoked by the hub operator".into(),
+                },
+            });
+            return Registered::Refused;
+        }
         if let Err(e) = self.check_claim(&key, &overlay) {
             let code = match e {
                 ClaimError::InUse { .. } => ErrorCode::AddressInUse,
@@ -259,11 +281,19 @@ impl Registry {
         out: &mut Vec<Reply>,
     ) {
         let Some(m) = self.members.get_mut(&key) else {
+            let (code, message) = if self.revoked.contains(&key) {
+                (
+                    ErrorCode::Revoked,
+                    "this node's key was revoked by the hub operator",
+                )
+            } else {
+                (ErrorCode::NotAllowed, "not registered")
+            };
             out.push(Reply {
                 to: key,
                 msg: Control::Nack {
-                    code: ErrorCode::NotAllowed,
-                    message: "not registered".into(),
+                    code,
+                    message: message.into(),
                 },
             });
             return;
@@ -325,16 +355,19 @@ impl Registry {
         dead
     }
 
-    /// Forget `key` entirely, ownership included (revocation).
+    /// Revoke `key`: it leaves the map (every member is told at once), its
+    /// addresses are freed, and it can never register again. Returns false if
+    /// it was already revoked.
     pub fn revoke(&mut self, key: &PublicKey, out: &mut Vec<Reply>) -> bool {
-        let had = self.owners.len();
+        if !self.revoked.insert(*key) {
+            return false;
+        }
         self.owners.retain(|_, k| k != key);
-        let removed = self.members.remove(key).is_some();
-        if removed {
+        if self.members.remove(key).is_some() {
             self.bump(*key);
             self.push_all(out);
         }
-        removed || had != self.owners.len()
+        true
     }
 
     fn bump(&mut self, key: PublicKey) {
@@ -635,6 +668,45 @@ mod tests {
         assert!(r.leave(&key(2), &mut out));
         deliver(&out, 1, &mut m1);
         assert_eq!(m1.len(), 0);
+    }
+
+    #[test]
+    fn revoked_key_leaves_every_map_and_cannot_return() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        let mut m1 = PeerMap::new(key(1));
+        reg(&mut r, 0, 1, 0, &mut out);
+        reg(&mut r, 0, 2, 0, &mut out);
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.len(), 1);
+        out.clear();
+        assert!(r.revoke(&key(2), &mut out));
+        assert!(!r.revoke(&key(2), &mut out), "idempotent");
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.len(), 0, "removal pushed at once");
+        assert!(
+            r.owners().get(&IpAddr::from([10, 0, 0, 2])).is_none(),
+            "address freed"
+        );
+        out.clear();
+        assert_eq!(reg(&mut r, 1, 2, 0, &mut out), Registered::Refused);
+        assert!(matches!(
+            out[0].msg,
+            Control::Nack {
+                code: ErrorCode::Revoked,
+                ..
+            }
+        ));
+        assert_eq!(out.len(), 1, "learns nothing of the map");
+        out.clear();
+        r.heartbeat(Duration::from_secs(2), key(2), ep(2), 1, 0, &mut out);
+        assert!(matches!(
+            out[0].msg,
+            Control::Nack {
+                code: ErrorCode::Revoked,
+                ..
+            }
+        ));
     }
 
     #[test]

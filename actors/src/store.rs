@@ -5,7 +5,7 @@
 //! renamed over the old one, then the directory is synced. A crash at any point
 //! (even `kill -9`) leaves either the old or the new table, never a mix.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -93,6 +93,9 @@ impl OwnerStore {
                 line: i + 1,
                 what: what.to_string(),
             };
+            if line.starts_with("revoked ") {
+                continue;
+            }
             let mut parts = line.split_whitespace();
             let addr: IpAddr = parts
                 .next()
@@ -110,8 +113,38 @@ impl OwnerStore {
         Ok(out)
     }
 
-    /// Replace the table atomically.
-    pub fn save(&self, owners: &BTreeMap<IpAddr, PublicKey>) -> Result<(), StoreError> {
+    /// Read the revoked keys (`revoked <hex-key>` lines).
+    pub fn load_revoked(&self) -> Result<BTreeSet<PublicKey>, StoreError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        let mut out = BTreeSet::new();
+        for (i, line) in text.lines().enumerate() {
+            if let Some(k) = line.trim().strip_prefix("revoked ") {
+                let key = parse_key_hex(k).ok_or_else(|| StoreError::Parse {
+                    path: self.path.clone(),
+                    line: i + 1,
+                    what: "bad revoked key (want 64 hex digits)".into(),
+                })?;
+                out.insert(key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replace the table (owners and revoked keys) atomically.
+    pub fn save(
+        &self,
+        owners: &BTreeMap<IpAddr, PublicKey>,
+        revoked: &BTreeSet<PublicKey>,
+    ) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             path: self.path.clone(),
             source,
@@ -121,6 +154,9 @@ impl OwnerStore {
         );
         for (a, k) in owners {
             text.push_str(&format!("{a} {}\n", key_hex(k)));
+        }
+        for k in revoked {
+            text.push_str(&format!("revoked {}\n", key_hex(k)));
         }
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -159,11 +195,14 @@ mod tests {
         let mut m = BTreeMap::new();
         m.insert(IpAddr::from([10, 0, 0, 1]), [7u8; 32]);
         m.insert("fd00::1".parse().unwrap(), [9u8; 32]);
-        s.save(&m).unwrap();
+        let none = BTreeSet::new();
+        s.save(&m, &none).unwrap();
         assert_eq!(s.load().unwrap(), m);
         m.remove(&IpAddr::from([10, 0, 0, 1]));
-        s.save(&m).unwrap();
+        let revoked = BTreeSet::from([[3u8; 32]]);
+        s.save(&m, &revoked).unwrap();
         assert_eq!(s.load().unwrap(), m);
+        assert_eq!(s.load_revoked().unwrap(), revoked);
         assert!(!d.join("owners.tmp").exists());
         fs::remove_dir_all(d).unwrap();
     }
@@ -185,7 +224,7 @@ mod tests {
         let s = OwnerStore::new(d.join("owners"));
         let mut m = BTreeMap::new();
         m.insert(IpAddr::from([10, 0, 0, 1]), [7u8; 32]);
-        s.save(&m).unwrap();
+        s.save(&m, &BTreeSet::new()).unwrap();
         fs::write(d.join("owners.tmp"), "garbage").unwrap();
         assert_eq!(s.load().unwrap(), m);
         fs::remove_dir_all(d).unwrap();

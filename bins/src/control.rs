@@ -31,19 +31,25 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// Serve status requests: each connection gets one JSON document from `status`.
-pub async fn serve<F, Fut>(l: UnixListener, status: F)
+/// Serve requests: each connection sends one line (`status`, or on a hub
+/// `revoke <hex key>`) and gets one JSON document from `answer`.
+pub async fn serve<F, Fut>(l: UnixListener, answer: F)
 where
-    F: Fn() -> Fut,
+    F: Fn(String) -> Fut,
     Fut: Future<Output = Value>,
 {
     loop {
         let Ok((mut s, _)) = l.accept().await else {
             continue;
         };
-        let mut req = [0u8; 64];
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut req)).await;
-        let v = status().await;
+        let mut req = [0u8; 256];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut req))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(0);
+        let line = String::from_utf8_lossy(&req[..n]).trim().to_string();
+        let v = answer(line).await;
         let _ = s.write_all(v.to_string().as_bytes()).await;
         let _ = s.shutdown().await;
     }
@@ -51,13 +57,18 @@ where
 
 /// Ask the node at `path` for its status.
 pub async fn query(path: &PathBuf) -> Result<Value> {
+    request(path, "status").await
+}
+
+/// Send one request line to the node at `path`; returns its JSON answer.
+pub async fn request(path: &PathBuf, line: &str) -> Result<Value> {
     let mut s = UnixStream::connect(path).await.with_context(|| {
         format!(
             "no fastmesh node answers on {} (is it running? is this the right --control path? are you root?)",
             path.display()
         )
     })?;
-    s.write_all(b"status\n").await?;
+    s.write_all(format!("{line}\n").as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
@@ -101,10 +112,11 @@ pub fn table(v: &Value) -> String {
     if v["kind"] == "hub" {
         let s = &v["status"];
         out.push_str(&format!(
-            "hub  map version {}  members {}  owned addresses {}\n",
+            "hub  map version {}  members {}  owned addresses {}  revoked keys {}\n",
             s["map_version"],
             s["members"].as_array().map_or(0, |m| m.len()),
-            s["owned_addresses"]
+            s["owned_addresses"],
+            s["revoked"]
         ));
         out.push_str(&format!(
             "{:<16} {:<14} {:<28} {:<24} {:>9}\n",

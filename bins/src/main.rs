@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use config::*;
 use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
 use fastmesh_actors::heartbeat::HeartbeatConfig;
-use fastmesh_actors::hub::{GetHubStatus, RegistryActor};
+use fastmesh_actors::hub::{GetHubStatus, RegistryActor, Revoke};
 use fastmesh_actors::registry::RegistryConfig;
 use fastmesh_actors::store::{key_hex, OwnerStore};
 use fastmesh_actors::supervisor::{Fatal, GetNodeStatus, Leave, PeerSetup, Supervisor};
@@ -64,6 +64,15 @@ enum Cmd {
     Hub(HubArgs),
     /// Run a peer: create the TUN device and join the mesh (needs root or CAP_NET_ADMIN).
     Peer(PeerArgs),
+    /// Revoke a node key on a running hub: the node leaves every peer's map at
+    /// once, its address is freed, and it can never register again.
+    Revoke {
+        /// The node's public key (64 hex digits, as `fastmesh pubkey` prints it).
+        key: String,
+        /// The hub's control socket.
+        #[arg(long, default_value = "/run/fastmesh/hub.sock")]
+        control: PathBuf,
+    },
     /// Show a running node's state: peers, paths, RTT, loss, traffic.
     Status {
         /// Print JSON instead of a table.
@@ -169,6 +178,7 @@ fn main() {
         Cmd::Hub(a) => run_hub(a),
         Cmd::Peer(a) => run_peer(a),
         Cmd::Status { json, control } => status(json, control),
+        Cmd::Revoke { key, control } => revoke(&key, control),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -187,6 +197,30 @@ fn status(json: bool, control: PathBuf) -> Result<()> {
         print!("{}", control::table(&v));
     }
     Ok(())
+}
+
+fn revoke(key: &str, control: PathBuf) -> Result<()> {
+    if fastmesh_actors::store::parse_key_hex(key).is_none() {
+        bail!("bad key {key:?}: want 64 hex digits (`fastmesh pubkey KEYFILE` prints it)");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let v = rt.block_on(control::request(&control, &format!("revoke {key}")))?;
+    match v["kind"].as_str() {
+        Some("revoked") => {
+            println!(
+                "{}",
+                if v["newly"] == true {
+                    "revoked"
+                } else {
+                    "was already revoked"
+                }
+            );
+            Ok(())
+        }
+        _ => bail!("{}", v["error"].as_str().unwrap_or("the hub refused")),
+    }
 }
 
 fn wall_ms() -> u64 {
@@ -264,6 +298,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let store = OwnerStore::new(data_dir.join("owners"));
     let owners = store.load()?;
+    let revoked = store.load_revoked()?;
     let sock = bind_udp(&listen)?;
     tracing::info!(
         %listen,
@@ -288,26 +323,34 @@ fn run_hub(a: HubArgs) -> Result<()> {
         let plane =
             Dataplane::<_, NoDevice>::new(node, sock, None, reg_ctx.address().recipient(), None)
                 .start();
-        let reg = RegistryActor::new(
-            fastmesh_actors::registry::Registry::new(
-                RegistryConfig {
-                    heartbeat,
-                    expire_beats,
-                    ..RegistryConfig::default()
-                },
-                owners,
-                // Versions of a restarted hub start above any it handed out before.
-                wall_ms() << 16,
-            ),
-            Some(store),
-            plane.recipient(),
+        let mut registry = fastmesh_actors::registry::Registry::new(
+            RegistryConfig {
+                heartbeat,
+                expire_beats,
+                ..RegistryConfig::default()
+            },
+            owners,
+            // Versions of a restarted hub start above any it handed out before.
+            wall_ms() << 16,
         );
+        registry.set_revoked(revoked);
+        let reg = RegistryActor::new(registry, Some(store), plane.recipient());
         let reg = reg_ctx.run(reg);
         let listener = control::bind(&control)?;
         let r2 = reg.clone();
-        actix::spawn(control::serve(listener, move || {
+        actix::spawn(control::serve(listener, move |line: String| {
             let r = r2.clone();
             async move {
+                if let Some(k) = line.strip_prefix("revoke ") {
+                    let Some(key) = fastmesh_actors::store::parse_key_hex(k) else {
+                        return serde_json::json!({"kind": "error", "error": "bad key"});
+                    };
+                    return match r.send(Revoke(key)).await {
+                        Ok(Ok(newly)) => serde_json::json!({"kind": "revoked", "newly": newly}),
+                        Ok(Err(e)) => serde_json::json!({"kind": "error", "error": e}),
+                        Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),
+                    };
+                }
                 match r.send(GetHubStatus).await {
                     Ok(s) => serde_json::json!({"kind": "hub", "status": s}),
                     Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),
@@ -507,7 +550,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         ));
         let listener = control::bind(&control)?;
         let s2 = sup.clone();
-        actix::spawn(control::serve(listener, move || {
+        actix::spawn(control::serve(listener, move |_line: String| {
             let s = s2.clone();
             async move {
                 match s.send(GetNodeStatus).await {

@@ -14,7 +14,7 @@ use crate::turmoil_net::{AppSender, MemTun, TurmoilUdp};
 use actix::prelude::*;
 use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
 use fastmesh_actors::heartbeat::HeartbeatConfig;
-use fastmesh_actors::hub::{GetHubStatus, HubStatus, RegistryActor};
+use fastmesh_actors::hub::{GetHubStatus, HubStatus, RegistryActor, Revoke};
 use fastmesh_actors::registry::RegistryConfig;
 use fastmesh_actors::store::OwnerStore;
 use fastmesh_actors::supervisor::{GetNodeStatus, NodeStatus, PeerSetup, Supervisor};
@@ -161,6 +161,8 @@ pub struct World {
     pub hub_status: Arc<Mutex<Option<HubStatus>>>,
     /// Latest status of every hub.
     pub hub_statuses: Vec<Arc<Mutex<Option<HubStatus>>>>,
+    /// Keys to revoke, per hub (applied by the hub within 100 ms).
+    pub hub_revoke: Vec<Arc<Mutex<Vec<PublicKey>>>>,
     /// Hub key.
     pub hub_key: PublicKey,
     /// Heartbeat interval.
@@ -212,13 +214,17 @@ impl World {
         let hub_key = StaticKeypair::from_seed(HUB_SEED).public;
         let hub_statuses: Vec<Arc<Mutex<Option<HubStatus>>>> =
             (0..cfg.hubs.max(1)).map(|_| Arc::default()).collect();
+        let hub_revoke: Vec<Arc<Mutex<Vec<PublicKey>>>> =
+            (0..cfg.hubs.max(1)).map(|_| Arc::default()).collect();
         for (h, probe) in hub_statuses.iter().enumerate() {
             let cfg = cfg.clone();
             let probe = probe.clone();
+            let revoke = hub_revoke[h].clone();
             let starts = Arc::new(AtomicU64::new(0));
             sim.host(hub_host(h), move || {
                 let cfg = cfg.clone();
                 let probe = probe.clone();
+                let revoke = revoke.clone();
                 let n = starts.fetch_add(1, Ordering::SeqCst);
                 async move {
                     let seed = cfg.seed ^ 0xabcd ^ ((h as u64) << 20) ^ (n << 32);
@@ -254,6 +260,13 @@ impl World {
                     let reg = reg_ctx.run(reg);
                     loop {
                         tokio::time::sleep(Duration::from_millis(100)).await;
+                        let keys: Vec<PublicKey> = revoke
+                            .lock()
+                            .map(|mut v| v.drain(..).collect())
+                            .unwrap_or_default();
+                        for k in keys {
+                            let _ = reg.send(Revoke(k)).await;
+                        }
                         if let Ok(s) = reg.send(GetHubStatus).await {
                             if let Ok(mut p) = probe.lock() {
                                 *p = Some(s);
@@ -373,6 +386,7 @@ impl World {
             peers,
             hub_status,
             hub_statuses,
+            hub_revoke,
             hub_key,
             heartbeat: cfg.heartbeat,
         }

@@ -83,7 +83,8 @@ fn code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::AddressInUse),
         Just(ErrorCode::NotAllowed),
         Just(ErrorCode::BadRequest),
-        Just(ErrorCode::Busy)
+        Just(ErrorCode::Busy),
+        Just(ErrorCode::Revoked)
     ]
 }
 

@@ -490,3 +490,78 @@ fn forged_sources_and_unknown_destinations_are_dropped_and_counted() {
         .collect();
     assert_eq!(seqs, vec![1], "only the genuine packet reaches peer1's TUN");
 }
+
+#[test]
+fn revoked_node_leaves_every_map_loses_its_sessions_and_cannot_return() {
+    let mut sim = sim(120);
+    let mut w = world(&mut sim, clean(), 9, "revoke");
+    form(&mut w, &mut sim, Duration::from_secs(20));
+    let short3 = fastmesh_actors::registry::short_key(&w.peers[3].key);
+    let mut d = Driver::default();
+    d.pump(3, 0, 1, Kind::Udp, Duration::from_millis(20), sim.elapsed());
+    d.pump(3, 1, 2, Kind::Tcp, Duration::from_millis(20), sim.elapsed());
+    d.run(&mut sim, &mut w, Duration::from_secs(1), |_, _, _| false);
+    let key3 = w.peers[3].key;
+    w.hub_revoke[0].lock().unwrap().push(key3);
+    let at = sim.elapsed();
+    let gone = d
+        .run(&mut sim, &mut w, Duration::from_secs(5), |w, _, _| {
+            [0, 1, 2, 4].iter().all(|&i| {
+                w.peers[i]
+                    .status()
+                    .is_some_and(|s| s.peers.iter().all(|p| p.key != short3))
+            })
+        })
+        .unwrap_or_else(|| panic!("revoked node still listed:\n{}", w.dump()));
+    println!("revoked node left every map after {gone:?}");
+    assert!(gone <= HB, "within one heartbeat: {gone:?}");
+    // Nothing it sends is accepted any more.
+    let cut = sim.elapsed() + Duration::from_millis(300);
+    d.run(&mut sim, &mut w, Duration::from_secs(3), |_, _, _| false);
+    for flow in [1, 2] {
+        let (sent, got) = d.delivered(flow, cut, sim.elapsed());
+        assert!(sent > 50);
+        assert_eq!(
+            got, 0,
+            "flow {flow}: {got} of {sent} delivered after revocation"
+        );
+    }
+    // It was told, and a restart does not bring it back.
+    let st = w.peers[3].status().unwrap();
+    assert!(st.hubs[0].state.starts_with("refused"), "{:?}", st.hubs[0]);
+    sim.crash("peer3");
+    *w.peers[3].status.lock().unwrap() = None;
+    sim.bounce("peer3");
+    w.run_until(&mut sim, Duration::from_secs(5), |_| false);
+    let st = w.peers[3].status().unwrap();
+    assert!(st.hubs[0].state.starts_with("refused"), "{:?}", st.hubs[0]);
+    assert!(st.peers.is_empty(), "learned nothing of the map");
+    assert_eq!(w.hub_members(), 4);
+    assert_eq!(w.hub_status.lock().unwrap().as_ref().unwrap().revoked, 1);
+    let _ = at;
+}
+
+#[test]
+fn member_expired_during_a_partition_registers_again_when_it_heals() {
+    // The hub drops the silent member and its session; the member keeps its
+    // old session state. The new session must not inherit stale KCP state
+    // (each session carries its own incarnation), or the reliable
+    // registration ack would never get through.
+    let mut sim = sim(120);
+    let mut w = world(&mut sim, clean(), 10, "partition");
+    form(&mut w, &mut sim, Duration::from_secs(20));
+    sim.partition("hub", "peer1");
+    w.run_until(&mut sim, Duration::from_secs(10), |w| w.hub_members() == 4)
+        .unwrap_or_else(|| panic!("hub did not expire peer1:\n{}", w.dump()));
+    // Peers keep peer1 while its direct paths work.
+    w.run_until(&mut sim, Duration::from_secs(2), |_| false);
+    sim.repair("hub", "peer1");
+    let healed = w
+        .run_until(&mut sim, Duration::from_secs(10), |w| {
+            registered_everywhere(w)
+        })
+        .unwrap_or_else(|| panic!("peer1 did not register again:\n{}", w.dump()));
+    println!("peer1 registered again {healed:?} after the partition healed");
+    assert!(healed <= 3 * HB, "{healed:?}");
+    form(&mut w, &mut sim, Duration::from_secs(5));
+}

@@ -155,10 +155,13 @@ impl Node {
     pub fn add_peer(&mut self, key: PublicKey, endpoint: Option<SocketAddr>) {
         let cfg = self.cfg.clone();
         let local = self.local.public;
-        let s = self
-            .sessions
-            .entry(key)
-            .or_insert_with(|| Session::new(cfg, &local, key, endpoint));
+        let entropy = &mut self.entropy;
+        let base = self.incarnation;
+        let s = self.sessions.entry(key).or_insert_with(|| {
+            let mut b = [0u8; 8];
+            entropy.fill(&mut b);
+            Session::new(cfg, &local, key, endpoint, base ^ u64::from_le_bytes(b))
+        });
         if let Some(ep) = endpoint {
             s.set_endpoint(ep);
         }

@@ -296,6 +296,7 @@ pub struct Session {
     remote: PublicKey,
     my_bit: u32,
     endpoint: Option<SocketAddr>,
+    incarnation: u64,
     remote_incarnation: Option<u64>,
     last_init_ts: u64,
     current: Option<Keypair>,
@@ -345,11 +346,17 @@ pub struct Session {
 
 impl Session {
     /// A session with `remote`, reachable at `endpoint` if known.
+    /// `incarnation` is random per session object: the remote sees it in every
+    /// handshake, and a new value tells it that this side's state (KCP
+    /// conversations) is fresh, whether the process restarted or only this
+    /// session was dropped and created again (expiry, revocation, restart of
+    /// the session by a supervisor).
     pub fn new(
         cfg: Arc<SessionConfig>,
         local: &PublicKey,
         remote: PublicKey,
         endpoint: Option<SocketAddr>,
+        incarnation: u64,
     ) -> Session {
         let initial_rate = 64.0 * 1400.0 / 0.1;
         let max_rate = cfg.max_rate;
@@ -358,6 +365,7 @@ impl Session {
             remote,
             my_bit: u32::from(local < &remote),
             endpoint,
+            incarnation,
             remote_incarnation: None,
             last_init_ts: 0,
             current: None,
@@ -653,7 +661,7 @@ impl Session {
             &self.remote,
             ctx.psk,
             ts,
-            ctx.incarnation,
+            self.incarnation,
             ctx.entropy,
             &mut frame[wire::INIT_HEADER_LEN..],
         ) {
@@ -699,7 +707,7 @@ impl Session {
         let idx = ctx.alloc_index(self.remote);
         let mut frame = vec![0u8; wire::RESP_FRAME_LEN];
         wire::write_resp_header(&mut frame, idx, sender_index);
-        let keys = match hello.accept(ctx.incarnation, &mut frame[wire::RESP_HEADER_LEN..]) {
+        let keys = match hello.accept(self.incarnation, &mut frame[wire::RESP_HEADER_LEN..]) {
             Ok((k, _)) => k,
             Err(_) => {
                 ctx.indices.remove(&idx);

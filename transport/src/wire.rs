@@ -310,6 +310,8 @@ pub enum ErrorCode {
     BadRequest,
     /// The receiver is overloaded; retry later.
     Busy,
+    /// The node's key was revoked by the hub's operator.
+    Revoked,
 }
 
 /// Control messages, carried encrypted inside sessions (hub ↔ peer and peer ↔ peer).
