@@ -341,6 +341,18 @@ impl Lab {
         self.procs[k].as_ref().map(|c| c.id())
     }
 
+    /// Is node `k`'s process still running (without reaping it)?
+    pub fn running_pid(&self, k: usize) -> bool {
+        self.pid(k).is_some_and(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .map(|s| {
+                    !s.rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false)
+        })
+    }
+
     /// Is node `k`'s process still running?
     pub fn running(&mut self, k: usize) -> bool {
         self.procs[k]

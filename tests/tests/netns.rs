@@ -369,4 +369,37 @@ fn bad_input_and_shutdown_behave() {
         .unwrap_or_else(|e| panic!("hub still lists peer1: {e}"));
     let o = lab.exec(1, "ip", &["link", "show", "fm0"]).unwrap();
     assert!(!o.status.success(), "fm0 still exists");
+    // Revocation from the command line: peer 2 is dropped by the hub and by
+    // peer 3, and its process stops with exit code 2 when the hub refuses it.
+    let pub2 = lab.fastmesh(&["pubkey", &lab.path("n2.key")]).unwrap();
+    let pub2 = String::from_utf8_lossy(&pub2.stdout).trim().to_string();
+    let out = lab
+        .fastmesh(&[
+            "revoke",
+            &pub2,
+            "--control",
+            &lab.nodes[0].control.to_string_lossy(),
+        ])
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "revoked");
+    lab.wait(Duration::from_secs(5), |l| {
+        l.hub_members() == Some(1)
+            && l.status(3).is_ok_and(|v| {
+                v["status"]["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.is_empty())
+            })
+    })
+    .unwrap_or_else(|e| panic!("revoked peer still listed: {e}\n{}", lab.logs()));
+    let gone = lab.wait(Duration::from_secs(10), |l| !l.running_pid(2));
+    assert!(
+        gone.is_ok(),
+        "revoked peer still running: {}",
+        lab.log("peer2.log")
+    );
+    assert!(
+        lab.log("peer2.log").contains("revoked"),
+        "{}",
+        lab.log("peer2.log")
+    );
 }
