@@ -112,6 +112,13 @@ pub struct SessionConfig {
     pub max_backlog: usize,
     /// Rate cap for the controller, bytes/s.
     pub max_rate: f64,
+    /// Session keys are replaced by a new handshake after this long...
+    pub rekey_after: Duration,
+    /// ...or after this many frames sent under them, whichever comes first.
+    pub rekey_after_messages: u64,
+    /// After a rotation, frames under the previous keys are accepted this
+    /// long (they may still be in flight), then refused.
+    pub old_key_window: Duration,
 }
 
 impl Default for SessionConfig {
@@ -129,6 +136,9 @@ impl Default for SessionConfig {
             max_pending: 256,
             max_backlog: 4096,
             max_rate: 2.5e9 / 8.0 * 4.0,
+            rekey_after: Duration::from_secs(120),
+            rekey_after_messages: 1 << 40,
+            old_key_window: Duration::from_secs(10),
         }
     }
 }
@@ -233,6 +243,8 @@ struct Conv {
 
 struct Keypair {
     keys: SessionKeys,
+    /// When the handshake that made it finished (for rotation by age).
+    created: Duration,
     local_index: u32,
     remote_index: u32,
     send_counter: u64,
@@ -297,6 +309,8 @@ pub struct Session {
     my_bit: u32,
     endpoint: Option<SocketAddr>,
     incarnation: u64,
+    /// When the current keys were installed (old keys expire from here).
+    installed_at: Duration,
     remote_incarnation: Option<u64>,
     last_init_ts: u64,
     current: Option<Keypair>,
@@ -366,6 +380,7 @@ impl Session {
             my_bit: u32::from(local < &remote),
             endpoint,
             incarnation,
+            installed_at: Duration::ZERO,
             remote_incarnation: None,
             last_init_ts: 0,
             current: None,
@@ -720,6 +735,7 @@ impl Session {
         }
         self.next = Some(Keypair {
             keys,
+            created: ctx.now,
             local_index: idx,
             remote_index: sender_index,
             send_counter: 0,
@@ -733,6 +749,28 @@ impl Session {
         self.endpoint = Some(from);
         self.urgent.push_back(Out::Raw(frame));
         true
+    }
+
+    /// When the current keys are due for rotation (None without keys).
+    fn rekey_due(&self) -> Option<Duration> {
+        let k = self.current.as_ref()?;
+        if self.next.is_some() {
+            return None; // a rotation started by the remote is completing
+        }
+        // One side (the one that wins simultaneous starts) rotates; the other
+        // only if that one has not, later, so the two rarely cross.
+        let (messages, stagger) = if self.my_bit == 1 {
+            (self.cfg.rekey_after_messages, Duration::ZERO)
+        } else {
+            (
+                self.cfg.rekey_after_messages.saturating_mul(2),
+                self.cfg.rekey_after / 8,
+            )
+        };
+        if k.send_counter >= messages {
+            return Some(self.now);
+        }
+        Some(k.created + self.cfg.rekey_after + stagger)
     }
 
     fn check_incarnation(&mut self, now: Duration, inc: u64) {
@@ -791,6 +829,7 @@ impl Session {
             ctx,
             Keypair {
                 keys,
+                created: ctx.now,
                 local_index,
                 remote_index: sender_index,
                 send_counter: 0,
@@ -814,6 +853,7 @@ impl Session {
             ctx.indices.remove(&old.local_index);
         }
         self.previous = self.current.replace(kp);
+        self.installed_at = ctx.now;
         self.next_handshake = None;
         self.handshake_attempts = 0;
         self.stats.handshakes += 1;
@@ -1041,6 +1081,14 @@ impl Session {
                 at(h);
             }
         }
+        if let Some(due) = self.rekey_due() {
+            if self.pending_init.is_none() && !self.dead {
+                at(due);
+            }
+        }
+        if self.previous.is_some() {
+            at(self.installed_at + self.cfg.old_key_window);
+        }
         if self.current.is_some() {
             at(self.next_ping);
             if self
@@ -1119,6 +1167,18 @@ impl Session {
                 .collect();
             for id in expired {
                 self.close_conv(id);
+            }
+        }
+        // Key rotation: by age (the side with the higher key a little later,
+        // so normally one side starts it) or by volume.
+        if let Some(due) = self.rekey_due() {
+            if now >= due && self.pending_init.is_none() && !self.dead {
+                self.start_handshake(ctx);
+            }
+        }
+        if self.previous.is_some() && now >= self.installed_at + self.cfg.old_key_window {
+            if let Some(old) = self.previous.take() {
+                ctx.indices.remove(&old.local_index);
             }
         }
         if let Some(h) = self.next_handshake {
