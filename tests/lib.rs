@@ -10,6 +10,9 @@ use transport::wire::PublicKey;
 /// The network-namespace lab (end-to-end tests, demo, benchmark).
 pub mod lab;
 
+/// Mutation fuzzing of decoders, handshake and the receive path.
+pub mod fuzz;
+
 /// Overlay address of simulated node `i` (10.77.0.i+1).
 pub fn overlay(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, i as u8 + 1)
