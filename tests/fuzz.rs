@@ -4,7 +4,9 @@
 //! truncations, extensions and splices, plus pure noise. A panic anywhere is a
 //! crash: the fuzzer prints the target, the input in hex and exits 1.
 //!
-//!     fastmesh-fuzz TARGET COUNT [SEED]     TARGET: frame control ip node handshake all
+//! ```text
+//! fastmesh-fuzz TARGET COUNT [SEED]     TARGET: frame control ip node handshake all
+//! ```
 //!
 //! `node` drives two established nodes: the mutated frames go into the
 //! receiver's `Node::handle_datagram` (header parse, index lookup, replay

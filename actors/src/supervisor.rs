@@ -407,6 +407,7 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("drop_unknown_key".into(), n.unknown_key),
         ("drop_auth_failed".into(), n.auth_failed),
         ("drop_replayed".into(), n.replayed),
+        ("drop_init_rate_limited".into(), n.init_rate_limited),
     ])
 }
 

@@ -313,6 +313,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
             NodeConfig {
                 admission: Admission::AnyWithNetworkKey,
                 session: SessionConfig::default(),
+                ..NodeConfig::default()
             },
             key,
             psk,
@@ -520,6 +521,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             NodeConfig {
                 admission: Admission::KnownPeers,
                 session,
+                ..NodeConfig::default()
             },
             key,
             psk,

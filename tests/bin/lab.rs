@@ -12,6 +12,8 @@ const USAGE: &str = "usage:
   fastmesh-lab demo                        build a 3-peer mesh in namespaces, show it working, clean up
   fastmesh-lab bench [SECS] [LOSSES] [CCS] iperf3/ping through the mesh vs direct over the same veth
                                            (defaults: 10 0,1,5 cubic,bbr)
+  fastmesh-lab flood ADDR:PORT RATE SECS   send RATE bogus handshake initiations per second for SECS
+  fastmesh-lab dos SECS                    iperf3 between two peers with and without a flood at one of them
   fastmesh-lab tcp-recv PORT               accept one TCP connection, print bytes, hash, seconds
   fastmesh-lab tcp-send ADDR:PORT BYTES    send BYTES pseudo-random bytes, print bytes and hash
   fastmesh-lab udp-echo PORT SECS          echo UDP datagrams for SECS seconds
@@ -30,6 +32,12 @@ fn run() -> Result<()> {
     match a.as_slice() {
         ["demo"] => demo(),
         ["bench", rest @ ..] => bench(rest),
+        ["flood", addr, rate, secs] => flood(
+            addr.parse().context("address")?,
+            rate.parse().context("rate")?,
+            secs.parse().context("secs")?,
+        ),
+        ["dos", secs] => dos(secs.parse().context("secs")?),
         ["tcp-recv", port] => tcp_recv(port.parse().context("port")?),
         ["tcp-send", addr, bytes] => tcp_send(
             addr.parse().context("address")?,
@@ -382,6 +390,105 @@ fn bench(args: &[&str]) -> Result<()> {
         println!(
             "| {loss}% | {:.3} | {:.3} | {:.1}% | {:.3} | {:.3} | {:.1}% |",
             m.0, m.1, m.2, d.0, d.1, d.2
+        );
+    }
+    Ok(())
+}
+
+/// Bogus handshake initiations: the right size and header, random content.
+fn flood(addr: SocketAddr, rate: u64, secs: u64) -> Result<()> {
+    let s = UdpSocket::bind(if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    })?;
+    let mut frame = vec![0u8; transport::wire::INIT_FRAME_LEN];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let start = Instant::now();
+    let limit = rate.saturating_mul(secs).min(100_000_000);
+    let mut sent = 0u64;
+    while sent < limit && start.elapsed() < Duration::from_secs(secs) {
+        // Pace: never ahead of rate * elapsed.
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        if sent >= due {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        for b in frame.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        transport::wire::write_init_header(&mut frame, x as u32);
+        let _ = s.send_to(&frame, addr);
+        sent += 1;
+    }
+    println!("{sent}");
+    Ok(())
+}
+
+fn dos(secs: u32) -> Result<()> {
+    let mut lab = Lab::new("fmd", 41, 3)?;
+    lab.start_hub(1.0)?;
+    lab.start_peer(1, &[])?;
+    lab.start_peer(2, &[])?;
+    lab.wait(Duration::from_secs(20), |l| {
+        l.status(1).is_ok_and(|v| {
+            v["status"]["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "peer2" && p["state"] == "up"))
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+    let me = std::env::current_exe()?.to_string_lossy().into_owned();
+    let dst = lab.nodes[2].overlay.to_string();
+    let target = format!("{}:{}", lab.nodes[2].underlay, fastmesh_tests::lab::PORT);
+    println!(
+        "peer1 -> peer2 iperf3 (cubic, {secs} s); flood from node 3 at peer2's UDP port {target}"
+    );
+    println!();
+    println!("| flood (bogus initiations/s) | Mbit/s | vs no flood | initiations sent | dropped by rate limit | reached the handshake |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut base = 0.0;
+    for rate in [0u64, 5_000, 20_000, 100_000] {
+        let counters = |l: &Lab| {
+            l.status(2).ok().map(|v| {
+                let c = &v["status"]["counters"];
+                (
+                    c["drop_init_rate_limited"].as_u64().unwrap_or(0),
+                    c["drop_handshake_failed"].as_u64().unwrap_or(0),
+                )
+            })
+        };
+        let (l0, h0) = counters(&lab).unwrap_or((0, 0));
+        let fl = if rate > 0 {
+            Some(lab.spawn(
+                3,
+                "flood.log",
+                &me,
+                &["flood", &target, &rate.to_string(), &(secs + 2).to_string()],
+            )?)
+        } else {
+            None
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        let r = iperf(&lab, &dst, secs, "cubic")?;
+        if let Some(mut f) = fl {
+            let _ = f.wait();
+        }
+        let sent: u64 = lab.log("flood.log").trim().parse().unwrap_or(0);
+        let (l1, h1) = counters(&lab).unwrap_or((0, 0));
+        if rate == 0 {
+            base = r.bps;
+        }
+        println!(
+            "| {rate} | {:.0} | {:.2} | {} | {} | {} |",
+            r.bps / 1e6,
+            r.bps / base.max(1.0),
+            if rate == 0 { 0 } else { sent },
+            l1 - l0,
+            h1 - h0
         );
     }
     Ok(())

@@ -31,6 +31,11 @@ pub struct NodeConfig {
     pub session: SessionConfig,
     /// Who may open a session with us.
     pub admission: Admission,
+    /// Handshake initiations processed per second from one IP address
+    /// (each costs Diffie-Hellman work before anything is authenticated)...
+    pub init_rate_per_source: f64,
+    /// ...and from everyone together. Excess initiations are dropped, counted.
+    pub init_rate_total: f64,
 }
 
 impl Default for NodeConfig {
@@ -38,7 +43,50 @@ impl Default for NodeConfig {
         NodeConfig {
             session: SessionConfig::default(),
             admission: Admission::KnownPeers,
+            init_rate_per_source: 20.0,
+            init_rate_total: 1000.0,
         }
+    }
+}
+
+/// Token buckets bounding pre-authentication work: one per source address
+/// (at most [`MAX_SOURCES`] tracked; idle ones are forgotten) and one for all.
+struct InitLimiter {
+    per_source: BTreeMap<std::net::IpAddr, (f64, Duration)>,
+    total: (f64, Duration),
+    rate: f64,
+    rate_total: f64,
+}
+
+/// Source addresses the initiation limiter tracks at most.
+pub const MAX_SOURCES: usize = 4096;
+
+impl InitLimiter {
+    fn take(bucket: &mut (f64, Duration), now: Duration, rate: f64) -> bool {
+        let burst = (rate * 2.0).max(1.0);
+        let dt = now.saturating_sub(bucket.1).as_secs_f64();
+        bucket.0 = (bucket.0 + dt * rate).min(burst);
+        bucket.1 = now;
+        if bucket.0 >= 1.0 {
+            bucket.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn allow(&mut self, now: Duration, ip: std::net::IpAddr) -> bool {
+        if !self.per_source.contains_key(&ip) && self.per_source.len() >= MAX_SOURCES {
+            // Forget sources idle for 10 s; if none, refuse newcomers.
+            self.per_source
+                .retain(|_, b| now.saturating_sub(b.1) < Duration::from_secs(10));
+            if self.per_source.len() >= MAX_SOURCES {
+                return false;
+            }
+        }
+        let burst = (self.rate * 2.0).max(1.0);
+        let b = self.per_source.entry(ip).or_insert((burst, now));
+        Self::take(b, now, self.rate) && Self::take(&mut self.total, now, self.rate_total)
     }
 }
 
@@ -61,6 +109,8 @@ pub struct NodeStats {
     pub replayed: u64,
     /// Inner packets for peers we have no session with.
     pub no_route: u64,
+    /// Handshake initiations dropped by the rate limit (before any crypto).
+    pub init_rate_limited: u64,
 }
 
 /// Why the node refused to send.
@@ -87,6 +137,7 @@ pub struct Node {
     rr: Option<PublicKey>,
     now: Duration,
     stats: NodeStats,
+    limiter: InitLimiter,
 }
 
 impl Node {
@@ -102,6 +153,7 @@ impl Node {
     ) -> Node {
         let mut inc = [0u8; 8];
         entropy.fill(&mut inc);
+        let (cfg_rate, cfg_total) = (cfg.init_rate_per_source, cfg.init_rate_total);
         Node {
             cfg: Arc::new(cfg.session),
             admission: cfg.admission,
@@ -117,6 +169,12 @@ impl Node {
             rr: None,
             now: Duration::ZERO,
             stats: NodeStats::default(),
+            limiter: InitLimiter {
+                per_source: BTreeMap::new(),
+                total: ((cfg_total * 2.0).max(1.0), Duration::ZERO),
+                rate: cfg_rate,
+                rate_total: cfg_total,
+            },
         }
     }
 
@@ -282,6 +340,10 @@ impl Node {
                 sender_index,
                 noise,
             } => {
+                if !self.limiter.allow(now, from.ip()) {
+                    self.stats.init_rate_limited += 1;
+                    return;
+                }
                 let noise = noise.to_vec();
                 self.on_init(now, from, sender_index, &noise)
             }
