@@ -148,3 +148,60 @@ fn long_partition_raises_dead_link_then_recovers() {
     assert!(!net.node(0).node.session(&kb).unwrap().is_dead());
     assert_eq!(net.node(1).rx.len(), 1, "traffic flows again");
 }
+
+#[test]
+fn a_flood_of_bogus_initiations_is_rate_limited_before_any_crypto() {
+    use transport::crypto::{EntropySource, StaticKeypair};
+    use transport::Node;
+    let (ska, skb) = (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2));
+    let (ka, kb) = (ska.public, skb.public);
+    let mut a = Node::new(
+        NodeConfig::default(),
+        ska,
+        SIM_PSK,
+        1,
+        EntropySource::seeded(1),
+    );
+    let mut b = Node::new(
+        NodeConfig::default(),
+        skb,
+        SIM_PSK,
+        1,
+        EntropySource::seeded(2),
+    );
+    let a_addr: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+    let b_addr: SocketAddr = "10.0.0.2:4000".parse().unwrap();
+    a.add_peer(kb, Some(b_addr));
+    b.add_peer(ka, Some(a_addr));
+    // 5,000 bogus initiations in one second from one address.
+    let flooder: SocketAddr = "203.0.113.9:5555".parse().unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..5_000u64 {
+        let mut f = vec![0u8; transport::wire::INIT_FRAME_LEN];
+        for v in f.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *v = x as u8;
+        }
+        transport::wire::write_init_header(&mut f, i as u32);
+        b.handle_datagram(Duration::from_micros(i * 200), flooder, &mut f);
+    }
+    let st = b.stats().clone();
+    // Burst 40 plus 20 a second: about 60 reach Noise, the rest cost nothing.
+    assert!(st.init_rate_limited >= 4_900, "{st:?}");
+    assert_eq!(st.init_rate_limited + st.handshake_failed, 5_000, "{st:?}");
+    // No reply to any of them.
+    let mut buf = Vec::new();
+    assert!(b.poll_transmit(Duration::from_secs(1), &mut buf).is_none());
+    // A genuine peer from another address still gets its handshake through.
+    let now = Duration::from_secs(1);
+    a.connect(now, &kb).unwrap();
+    while a.poll_transmit(now, &mut buf).is_some() {
+        b.handle_datagram(now, a_addr, &mut buf);
+    }
+    while b.poll_transmit(now, &mut buf).is_some() {
+        a.handle_datagram(now, b_addr, &mut buf);
+    }
+    assert!(a.session(&kb).unwrap().is_established());
+}
