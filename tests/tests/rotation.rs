@@ -80,7 +80,7 @@ fn keys_rotate_by_volume() {
         a.tx_frames
     );
     assert!(
-        rotations as u64 >= a.tx_frames / 500 / 2,
+        rotations >= a.tx_frames / 500 / 2,
         "rotated {rotations} times"
     );
     assert_eq!(s.udp, 750, "no datagram lost to rotation on a clean link");
