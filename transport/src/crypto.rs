@@ -92,13 +92,13 @@ pub enum EntropySource {
     /// getrandom.
     Os,
     /// Deterministic ChaCha20 stream (simulation only).
-    Seeded(ChaCha20Rng),
+    Seeded(Box<ChaCha20Rng>),
 }
 
 impl EntropySource {
     /// A seeded source.
     pub fn seeded(seed: u64) -> EntropySource {
-        EntropySource::Seeded(ChaCha20Rng::seed_from_u64(seed))
+        EntropySource::Seeded(Box::new(ChaCha20Rng::seed_from_u64(seed)))
     }
 
     /// Fill `out` with random bytes.
