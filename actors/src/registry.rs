@@ -84,6 +84,8 @@ pub struct Registry {
     cfg: RegistryConfig,
     owners: BTreeMap<IpAddr, PublicKey>,
     revoked: BTreeSet<PublicKey>,
+    /// If set, only these keys may register.
+    allowed: Option<BTreeSet<PublicKey>>,
     members: BTreeMap<PublicKey, Member>,
     version: u64,
     /// (version, key) for each change, oldest first.
@@ -109,6 +111,7 @@ impl Registry {
             cfg,
             owners,
             revoked: BTreeSet::new(),
+            allowed: None,
             members: BTreeMap::new(),
             version: base_version,
             log: VecDeque::new(),
@@ -128,6 +131,25 @@ impl Registry {
     /// Keys refused for good (persisted with the owners).
     pub fn revoked(&self) -> &BTreeSet<PublicKey> {
         &self.revoked
+    }
+
+    /// Admit only `keys` from now on (None: anyone with the network key).
+    /// Members not on the list are removed at once.
+    pub fn set_allowed(&mut self, keys: Option<BTreeSet<PublicKey>>, out: &mut Vec<Reply>) {
+        self.allowed = keys;
+        let gone: Vec<PublicKey> = self
+            .members
+            .keys()
+            .filter(|k| self.allowed.as_ref().is_some_and(|a| !a.contains(*k)))
+            .copied()
+            .collect();
+        for k in &gone {
+            self.members.remove(k);
+            self.bump(*k);
+        }
+        if !gone.is_empty() {
+            self.push_all(out);
+        }
     }
 
     /// Restore the revoked keys (from disk).
@@ -196,6 +218,19 @@ impl Registry {
                 msg: Control::Nack {
                     code: ErrorCode::Revoked,
                     message: "this node's key was revoked by the hub operator".into(),
+                },
+            });
+            return Registered::Refused;
+        }
+        if self.allowed.as_ref().is_some_and(|a| !a.contains(&key)) {
+            out.push(Reply {
+                to: key,
+                msg: Control::Nack {
+                    code: ErrorCode::NotListed,
+                    message: format!(
+                        "key {} is not on the hub's allow-list",
+                        crate::store::key_hex(&key)
+                    ),
                 },
             });
             return Registered::Refused;
@@ -706,6 +741,37 @@ mod tests {
                 code: ErrorCode::Revoked,
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn allow_list_admits_only_listed_keys() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        let mut m1 = PeerMap::new(key(1));
+        reg(&mut r, 0, 1, 0, &mut out);
+        reg(&mut r, 0, 2, 0, &mut out);
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.len(), 1);
+        out.clear();
+        r.set_allowed(Some(BTreeSet::from([key(1)])), &mut out);
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.len(), 0, "unlisted member removed at once");
+        out.clear();
+        assert_eq!(reg(&mut r, 1, 3, 0, &mut out), Registered::Refused);
+        assert_eq!(out.len(), 1, "one refusal, nothing of the map");
+        assert!(matches!(
+            out[0].msg,
+            Control::Nack {
+                code: ErrorCode::NotListed,
+                ..
+            }
+        ));
+        out.clear();
+        let v = r.version();
+        assert!(matches!(
+            reg(&mut r, 1, 1, v, &mut out),
+            Registered::Accepted { .. }
         ));
     }
 

@@ -290,7 +290,10 @@ impl Supervisor {
                 self.hb.on_hub_ack(&hub, seq, now);
             }
             Control::Nack { code, message } => match code {
-                ErrorCode::AddressInUse | ErrorCode::BadRequest | ErrorCode::Revoked => {
+                ErrorCode::AddressInUse
+                | ErrorCode::BadRequest
+                | ErrorCode::Revoked
+                | ErrorCode::NotListed => {
                     tracing::error!(%message, "hub refused registration");
                     self.hb.on_hub_refused(&hub, message.clone());
                     if let Some(f) = &self.fatal {

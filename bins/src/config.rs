@@ -152,6 +152,8 @@ pub struct HubFile {
     pub expire_beats: Option<u32>,
     /// Control socket path.
     pub control: Option<PathBuf>,
+    /// Allow-list file of node public keys.
+    pub allow: Option<PathBuf>,
 }
 
 /// Peer settings as a config file holds them.

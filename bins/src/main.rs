@@ -110,6 +110,10 @@ struct HubArgs {
     /// Control socket for `fastmesh status` [default: /run/fastmesh/hub.sock].
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Admit only the node keys listed in this file (one public key per line,
+    /// `#` comments); without it, anyone holding the network key may join.
+    #[arg(long)]
+    allow: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -223,6 +227,33 @@ fn revoke(key: &str, control: PathBuf) -> Result<()> {
     }
 }
 
+fn load_allow_list(p: &Path) -> Result<std::collections::BTreeSet<[u8; 32]>> {
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read allow-list {}", p.display()))?;
+    let mut keys = std::collections::BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let k = fastmesh_actors::store::parse_key_hex(line).ok_or_else(|| {
+            anyhow!(
+                "{}:{}: not a public key (want 64 hex digits, as `fastmesh pubkey` prints)",
+                p.display(),
+                i + 1
+            )
+        })?;
+        keys.insert(k);
+    }
+    if keys.is_empty() {
+        bail!(
+            "allow-list {} lists no keys: nobody could join",
+            p.display()
+        );
+    }
+    Ok(keys)
+}
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -292,6 +323,10 @@ fn run_hub(a: HubArgs) -> Result<()> {
         .control
         .or(f.control)
         .unwrap_or_else(|| PathBuf::from("/run/fastmesh/hub.sock"));
+    let allow = match a.allow.or(f.allow) {
+        Some(p) => Some(load_allow_list(&p)?),
+        None => None,
+    };
     let key = StaticKeypair::from_private(load_key(&key_path, "hub key")?);
     let psk = load_key(&net_path, "network key")?;
     std::fs::create_dir_all(&data_dir)
@@ -335,6 +370,10 @@ fn run_hub(a: HubArgs) -> Result<()> {
             wall_ms() << 16,
         );
         registry.set_revoked(revoked);
+        if let Some(keys) = allow {
+            tracing::info!(keys = keys.len(), "admitting only listed keys");
+            registry.set_allowed(Some(keys), &mut Vec::new());
+        }
         let reg = RegistryActor::new(registry, Some(store), plane.recipient());
         let reg = reg_ctx.run(reg);
         let listener = control::bind(&control)?;

@@ -102,3 +102,31 @@ fn config_file_errors_are_clear() {
     assert!(err.contains("no fastmesh node answers"), "{err}");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn hub_allow_list_errors_are_clear() {
+    let d = tmp("allow");
+    let bad = d.join("allow");
+    std::fs::write(&bad, "# members\nnot-a-key\n").unwrap();
+    let args = |allow: &std::path::Path| {
+        vec![
+            "hub".to_string(),
+            "--key".into(),
+            d.join("k").to_string_lossy().into_owned(),
+            "--network-key".into(),
+            d.join("n").to_string_lossy().into_owned(),
+            "--allow".into(),
+            allow.to_string_lossy().into_owned(),
+        ]
+    };
+    let a = args(&bad);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let (code, _, err) = fastmesh(&a);
+    assert_eq!(code, Some(1));
+    assert!(err.contains(":2: not a public key"), "{err}");
+    std::fs::write(&bad, "# nobody\n").unwrap();
+    let (code, _, err) = fastmesh(&a);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("lists no keys"), "{err}");
+    std::fs::remove_dir_all(d).unwrap();
+}

@@ -84,7 +84,8 @@ fn code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::NotAllowed),
         Just(ErrorCode::BadRequest),
         Just(ErrorCode::Busy),
-        Just(ErrorCode::Revoked)
+        Just(ErrorCode::Revoked),
+        Just(ErrorCode::NotListed)
     ]
 }
 

@@ -312,6 +312,8 @@ pub enum ErrorCode {
     Busy,
     /// The node's key was revoked by the hub's operator.
     Revoked,
+    /// The hub admits only listed keys, and this one is not listed.
+    NotListed,
 }
 
 /// Control messages, carried encrypted inside sessions (hub ↔ peer and peer ↔ peer).
