@@ -125,6 +125,23 @@ impl RateControl {
         }
     }
 
+    /// Data starts flowing again after the path sat idle: what was learned
+    /// while idle says nothing about the bottleneck (only heartbeats were
+    /// delivered), so probe for it again from startup instead of growing by
+    /// 25% per probe cycle from the idle rate. Loss and RTT estimates stay.
+    pub fn restart_from_idle(&mut self, now: Duration) {
+        if matches!(self.phase, Phase::Startup) {
+            return;
+        }
+        self.phase = Phase::Startup;
+        self.phase_start = now;
+        self.round_start = now;
+        self.full_bw = 0.0;
+        self.full_bw_rounds = 0;
+        self.bw_samples.clear();
+        self.btl_bw = 0.0;
+    }
+
     /// A receiver report arrived at `now`.
     pub fn on_report(&mut self, now: Duration, r: Report) {
         if let Some(&(_, last)) = self.reports.back() {

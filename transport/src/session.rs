@@ -272,6 +272,9 @@ const TOMBSTONES: usize = 1024;
 /// Longest an ack waits so that acks for a burst of segments share one frame.
 pub const ACK_DELAY: Duration = Duration::from_millis(4);
 
+/// KCP data silence after which the rate controller probes the path afresh.
+pub const IDLE_RESTART: Duration = Duration::from_millis(500);
+
 /// What a session needs from its node for one call.
 pub struct Ctx<'a> {
     /// Current time.
@@ -540,6 +543,9 @@ impl Session {
                 c.last_active = now;
                 self.queued += 1;
                 self.dirty = true;
+                if now.saturating_sub(self.last_kcp_tx) >= IDLE_RESTART {
+                    self.cc.restart_from_idle(now);
+                }
             }
         }
     }
