@@ -539,11 +539,18 @@ impl Session {
                     self.stats.backlog_dropped += 1;
                     return;
                 }
+                // Idle = nothing queued, nothing unacknowledged, no data sent
+                // for a while (not a transfer stalled on its window).
+                let idle = self.queued == 0
+                    && self.paced_len == 0
+                    && now.saturating_sub(self.last_kcp_tx) >= IDLE_RESTART
+                    && self.convs.values().all(|c| c.kcp.wait_snd() == 0);
+                let c = self.conv(now, id);
                 c.queue.push_back(pkt.to_vec());
                 c.last_active = now;
                 self.queued += 1;
                 self.dirty = true;
-                if now.saturating_sub(self.last_kcp_tx) >= IDLE_RESTART {
+                if idle {
                     self.cc.restart_from_idle(now);
                 }
             }
