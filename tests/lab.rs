@@ -408,6 +408,17 @@ impl Lab {
             .and_then(|v| v["status"]["members"].as_array().map(|m| m.len()))
     }
 
+    /// Wait until a socket listens on `port` in node `k`'s namespace (TCP, or
+    /// UDP with `udp`), so a client started next finds its server.
+    pub fn wait_listening(&self, k: usize, port: u16, udp: bool) -> Result<Duration> {
+        let filter = format!("sport = :{port}");
+        let flag = if udp { "-Hlun" } else { "-Hltn" };
+        self.wait(Duration::from_secs(10), |l| {
+            l.exec(k, "ss", &[flag, &filter])
+                .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+        })
+    }
+
     /// Poll `cond` every 100 ms until it holds or `timeout` passes.
     pub fn wait(&self, timeout: Duration, mut cond: impl FnMut(&Lab) -> bool) -> Result<Duration> {
         let t = Instant::now();

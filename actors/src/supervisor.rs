@@ -505,10 +505,23 @@ impl Handler<GetNodeStatus> for Supervisor {
 }
 
 impl Handler<Leave> for Supervisor {
-    type Result = ();
-    fn handle(&mut self, _: Leave, _ctx: &mut Context<Self>) {
-        for (k, _) in &self.setup.hubs {
-            self.send(*k, Control::Leave, false);
-        }
+    type Result = ResponseFuture<()>;
+    /// Resolves once the data plane has handed the messages to the socket.
+    fn handle(&mut self, _: Leave, _ctx: &mut Context<Self>) -> Self::Result {
+        let sends: Vec<_> = self
+            .setup
+            .hubs
+            .iter()
+            .map(|(k, _)| {
+                self.plane.send(Cmd::Send {
+                    to: *k,
+                    msg: Control::Leave,
+                    reliable: false,
+                })
+            })
+            .collect();
+        Box::pin(async move {
+            let _ = futures_util::future::join_all(sends).await;
+        })
     }
 }

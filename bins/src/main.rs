@@ -603,9 +603,8 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         let code = tokio::select! {
             _ = shutdown_signal() => {
                 tracing::info!("peer stopping; telling the hubs");
-                sup.do_send(Leave);
-                // Give the leave message a moment to go out.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Returns once the leave messages are on the socket.
+                let _ = tokio::time::timeout(Duration::from_secs(1), sup.send(Leave)).await;
                 0
             }
             f = fatal_rx.recv() => {

@@ -207,7 +207,7 @@ fn demo() -> Result<()> {
 
     step("TCP transfer of 50 MB peer1 -> peer2, checksummed at both ends");
     let mut rx = lab.spawn(2, "recv.log", &me, &["tcp-recv", "5001"])?;
-    std::thread::sleep(Duration::from_millis(300));
+    lab.wait_listening(2, 5001, false)?;
     let t = Instant::now();
     let tx = lab.exec(1, &me, &["tcp-send", &format!("{p2}:5001"), "50000000"])?;
     let el = t.elapsed();
@@ -250,7 +250,7 @@ struct Iperf {
 
 fn iperf(lab: &Lab, dst: &str, secs: u32, cc: &str) -> Result<Iperf> {
     let mut srv = lab.spawn(2, "iperf-s.log", "iperf3", &["-s", "-1", "-p", "5201"])?;
-    std::thread::sleep(Duration::from_millis(400));
+    lab.wait_listening(2, 5201, false)?;
     let pids: Vec<u32> = [1, 2].iter().filter_map(|k| lab.pid(*k)).collect();
     let cpu0: f64 = pids.iter().map(|p| proc_cpu_secs(*p)).sum();
     let sys0 = system_busy_secs();
@@ -474,7 +474,6 @@ fn dos(secs: u32) -> Result<()> {
         } else {
             None
         };
-        std::thread::sleep(Duration::from_millis(500));
         let r = iperf(&lab, &dst, secs, "cubic")?;
         if let Some(mut f) = fl {
             let _ = f.wait();
