@@ -18,9 +18,8 @@ use rand_chacha::ChaCha8Rng;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
-use transport::crypto::{EntropySource, StaticKeypair};
 use transport::wire::{Control, ErrorCode, Frame, IpNet, PeerInfo};
-use transport::{Node, NodeConfig};
+use transport::Node;
 
 fn mutate(rng: &mut ChaCha8Rng, seed_input: &[u8], out: &mut Vec<u8>) {
     out.clear();
@@ -130,29 +129,11 @@ struct Pair {
     kb: [u8; 32],
 }
 
-const A: &str = "10.0.0.1:4000";
+const A: &str = crate::NODE_A;
 
 impl Pair {
     fn new(seed: u64) -> Pair {
-        let psk = [9u8; 32];
-        let (ska, skb) = (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2));
-        let (ka, kb) = (ska.public, skb.public);
-        let mut a = Node::new(
-            NodeConfig::default(),
-            ska,
-            psk,
-            1,
-            EntropySource::seeded(seed),
-        );
-        let mut b = Node::new(
-            NodeConfig::default(),
-            skb,
-            psk,
-            1,
-            EntropySource::seeded(seed + 1),
-        );
-        a.add_peer(kb, Some("10.0.0.2:4000".parse().unwrap()));
-        b.add_peer(ka, Some(A.parse().unwrap()));
+        let (a, b, _ka, kb) = crate::two_nodes(seed, [9u8; 32]);
         let mut p = Pair {
             a,
             b,
@@ -171,7 +152,7 @@ impl Pair {
     fn exchange(&mut self, mut seen: Option<&mut Vec<Vec<u8>>>) {
         self.now += Duration::from_millis(5);
         let from_a: SocketAddr = A.parse().unwrap();
-        let from_b: SocketAddr = "10.0.0.2:4000".parse().unwrap();
+        let from_b: SocketAddr = crate::NODE_B.parse().unwrap();
         for _ in 0..4 {
             self.a.handle_timeout(self.now);
             while self.a.poll_transmit(self.now, &mut self.buf).is_some() {
@@ -259,25 +240,7 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
             // Genuine initiations and responses, mutated, into a node that
             // admits the initiator's key (every input that survives parsing
             // costs a Diffie-Hellman, so this target is slower).
-            let psk = [9u8; 32];
-            let (ska, skb) = (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2));
-            let (ka, kb) = (ska.public, skb.public);
-            let mut a = Node::new(
-                NodeConfig::default(),
-                ska,
-                psk,
-                1,
-                EntropySource::seeded(seed),
-            );
-            let mut b = Node::new(
-                NodeConfig::default(),
-                skb,
-                psk,
-                1,
-                EntropySource::seeded(seed + 1),
-            );
-            a.add_peer(kb, Some("10.0.0.2:4000".parse().unwrap()));
-            b.add_peer(ka, Some(A.parse().unwrap()));
+            let (mut a, mut b, _ka, kb) = crate::two_nodes(seed, [9u8; 32]);
             let from: SocketAddr = A.parse().unwrap();
             let mut buf = Vec::new();
             let mut seeds = Vec::new();
@@ -299,7 +262,7 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
                 t += Duration::from_millis(1);
                 let r = catch_unwind(AssertUnwindSafe(|| {
                     b.handle_datagram(t, from, &mut input);
-                    a.handle_datagram(t, "10.0.0.2:4000".parse().unwrap(), &mut input.clone());
+                    a.handle_datagram(t, crate::NODE_B.parse().unwrap(), &mut input.clone());
                 }));
                 if r.is_err() {
                     crash(target, &input);
@@ -319,7 +282,7 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
             // against fresh counters and the session keeps going.
             let mut p = Pair::new(seed);
             let from: SocketAddr = A.parse().unwrap();
-            let from_b: SocketAddr = "10.0.0.2:4000".parse().unwrap();
+            let from_b: SocketAddr = crate::NODE_B.parse().unwrap();
             let mut seq = 0u32;
             let mut frames: Vec<Vec<u8>> = Vec::new();
             while done < count {

@@ -56,3 +56,34 @@ pub fn schedule_mixed(
 pub fn delivered(net: &Net, i: usize) -> Vec<Vec<u8>> {
     net.node(i).rx.iter().map(|d| d.pkt.clone()).collect()
 }
+
+/// Address of node A in [`two_nodes`].
+pub const NODE_A: &str = "10.0.0.1:4000";
+/// Address of node B in [`two_nodes`].
+pub const NODE_B: &str = "10.0.0.2:4000";
+
+/// Two nodes (keys from seeds 1 and 2, network key `psk`) that know each
+/// other at [`NODE_A`] and [`NODE_B`], no handshake yet; randomness from `seed`.
+pub fn two_nodes(
+    seed: u64,
+    psk: [u8; 32],
+) -> (transport::Node, transport::Node, PublicKey, PublicKey) {
+    use transport::crypto::{EntropySource, StaticKeypair};
+    use transport::{Node, NodeConfig};
+    let (ska, skb) = (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2));
+    let (ka, kb) = (ska.public, skb.public);
+    let node = |sk, s| {
+        Node::new(
+            NodeConfig::default(),
+            sk,
+            psk,
+            1_700_000_000_000,
+            EntropySource::seeded(s),
+        )
+    };
+    let mut a = node(ska, seed);
+    let mut b = node(skb, seed.wrapping_add(1));
+    a.add_peer(kb, Some(NODE_B.parse().expect("addr")));
+    b.add_peer(ka, Some(NODE_A.parse().expect("addr")));
+    (a, b, ka, kb)
+}

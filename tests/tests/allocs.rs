@@ -8,8 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
-use transport::crypto::{EntropySource, StaticKeypair};
-use transport::{Node, NodeConfig};
+use transport::Node;
 
 struct Counting;
 
@@ -60,30 +59,12 @@ struct Pair {
     buf: Vec<u8>,
 }
 
-const A: &str = "10.0.0.1:4000";
-const B: &str = "10.0.0.2:4000";
+const A: &str = fastmesh_tests::NODE_A;
+const B: &str = fastmesh_tests::NODE_B;
 
 impl Pair {
     fn new() -> Pair {
-        let psk = [7u8; 32];
-        let (ska, skb) = (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2));
-        let (ka, kb) = (ska.public, skb.public);
-        let mut a = Node::new(
-            NodeConfig::default(),
-            ska,
-            psk,
-            1_700_000_000_000,
-            EntropySource::seeded(1),
-        );
-        let mut b = Node::new(
-            NodeConfig::default(),
-            skb,
-            psk,
-            1_700_000_000_000,
-            EntropySource::seeded(2),
-        );
-        a.add_peer(kb, Some(B.parse().unwrap()));
-        b.add_peer(ka, Some(A.parse().unwrap()));
+        let (a, b, ka, kb) = fastmesh_tests::two_nodes(1, [7u8; 32]);
         let mut p = Pair {
             a,
             b,

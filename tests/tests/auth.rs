@@ -151,28 +151,9 @@ fn long_partition_raises_dead_link_then_recovers() {
 
 #[test]
 fn a_flood_of_bogus_initiations_is_rate_limited_before_any_crypto() {
-    use transport::crypto::{EntropySource, StaticKeypair};
-    use transport::Node;
-    let (ska, skb) = (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2));
-    let (ka, kb) = (ska.public, skb.public);
-    let mut a = Node::new(
-        NodeConfig::default(),
-        ska,
-        SIM_PSK,
-        1,
-        EntropySource::seeded(1),
-    );
-    let mut b = Node::new(
-        NodeConfig::default(),
-        skb,
-        SIM_PSK,
-        1,
-        EntropySource::seeded(2),
-    );
-    let a_addr: SocketAddr = "10.0.0.1:4000".parse().unwrap();
-    let b_addr: SocketAddr = "10.0.0.2:4000".parse().unwrap();
-    a.add_peer(kb, Some(b_addr));
-    b.add_peer(ka, Some(a_addr));
+    let (mut a, mut b, _ka, kb) = fastmesh_tests::two_nodes(2, SIM_PSK);
+    let a_addr: SocketAddr = fastmesh_tests::NODE_A.parse().unwrap();
+    let b_addr: SocketAddr = fastmesh_tests::NODE_B.parse().unwrap();
     // 5,000 bogus initiations in one second from one address.
     let flooder: SocketAddr = "203.0.113.9:5555".parse().unwrap();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;

@@ -252,6 +252,24 @@ struct Keypair {
     rx: Report,
 }
 
+impl Keypair {
+    fn new(keys: SessionKeys, now: Duration, local_index: u32, remote_index: u32) -> Keypair {
+        Keypair {
+            keys,
+            created: now,
+            local_index,
+            remote_index,
+            send_counter: 0,
+            replay: ReplayWindow::default(),
+            rx: Report {
+                frames: 0,
+                highest: 0,
+                bytes: 0,
+            },
+        }
+    }
+}
+
 struct PendingInit {
     hs: InitiatorHandshake,
     local_index: u32,
@@ -746,19 +764,7 @@ impl Session {
         if let Some(old) = self.next.take() {
             ctx.indices.remove(&old.local_index);
         }
-        self.next = Some(Keypair {
-            keys,
-            created: ctx.now,
-            local_index: idx,
-            remote_index: sender_index,
-            send_counter: 0,
-            replay: ReplayWindow::default(),
-            rx: Report {
-                frames: 0,
-                highest: 0,
-                bytes: 0,
-            },
-        });
+        self.next = Some(Keypair::new(keys, ctx.now, idx, sender_index));
         self.endpoint = Some(from);
         self.urgent.push_back(Out::Raw(frame));
         true
@@ -838,22 +844,7 @@ impl Session {
             }
         };
         self.check_incarnation(ctx.now, incarnation);
-        self.install(
-            ctx,
-            Keypair {
-                keys,
-                created: ctx.now,
-                local_index,
-                remote_index: sender_index,
-                send_counter: 0,
-                replay: ReplayWindow::default(),
-                rx: Report {
-                    frames: 0,
-                    highest: 0,
-                    bytes: 0,
-                },
-            },
-        );
+        self.install(ctx, Keypair::new(keys, ctx.now, local_index, sender_index));
         self.endpoint = Some(from);
         // Confirm to the responder at once; it will not send on the new key before.
         self.urgent
