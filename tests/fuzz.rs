@@ -240,7 +240,14 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
             // Genuine initiations and responses, mutated, into a node that
             // admits the initiator's key (every input that survives parsing
             // costs a Diffie-Hellman, so this target is slower).
-            let (mut a, mut b, _ka, kb) = crate::two_nodes(seed, [9u8; 32]);
+            // The pre-authentication rate limit is off here: every input
+            // that parses should reach the handshake code.
+            let unlimited = transport::NodeConfig {
+                init_rate_per_source: 1e12,
+                init_rate_total: 1e12,
+                ..transport::NodeConfig::default()
+            };
+            let (mut a, mut b, _ka, kb) = crate::two_nodes_with(seed, [9u8; 32], unlimited);
             let from: SocketAddr = A.parse().unwrap();
             let mut buf = Vec::new();
             let mut seeds = Vec::new();

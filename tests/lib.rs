@@ -68,13 +68,22 @@ pub fn two_nodes(
     seed: u64,
     psk: [u8; 32],
 ) -> (transport::Node, transport::Node, PublicKey, PublicKey) {
+    two_nodes_with(seed, psk, transport::NodeConfig::default())
+}
+
+/// [`two_nodes`] with settings `cfg`.
+pub fn two_nodes_with(
+    seed: u64,
+    psk: [u8; 32],
+    cfg: transport::NodeConfig,
+) -> (transport::Node, transport::Node, PublicKey, PublicKey) {
     use transport::crypto::{EntropySource, StaticKeypair};
-    use transport::{Node, NodeConfig};
+    use transport::Node;
     let (ska, skb) = (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2));
     let (ka, kb) = (ska.public, skb.public);
     let node = |sk, s| {
         Node::new(
-            NodeConfig::default(),
+            cfg.clone(),
             sk,
             psk,
             1_700_000_000_000,
