@@ -26,6 +26,7 @@ use std::task::{Context as TaskCx, Poll, Waker};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
+use transport::path::Via;
 use transport::wire::{Control, PublicKey};
 use transport::{Datagram, Event, Node, NodeStats, PacketDevice, SessionStats};
 
@@ -77,12 +78,21 @@ pub struct NetEvent {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub enum Cmd {
-    /// Admit a peer (and send to it at `endpoint`).
+    /// Admit a peer (or update it) with its direct candidates, best first.
     AddPeer {
         /// Peer key.
         key: PublicKey,
-        /// Where to reach it.
-        endpoint: Option<SocketAddr>,
+        /// Where to reach it directly (may be empty).
+        endpoints: Vec<SocketAddr>,
+    },
+    /// The hubs that may relay to our peers.
+    SetRelays(Vec<PublicKey>),
+    /// A hub asked us to punch towards `key` at `candidates` now.
+    Punch {
+        /// Peer key.
+        key: PublicKey,
+        /// Its candidate endpoints.
+        candidates: Vec<SocketAddr>,
     },
     /// Forget a peer; its keys are dropped.
     RemovePeer(PublicKey),
@@ -115,6 +125,10 @@ pub struct PeerSnapshot {
     pub key: PublicKey,
     /// Current endpoint.
     pub endpoint: Option<SocketAddr>,
+    /// The path in use (direct or through which relay).
+    pub path: Option<Via>,
+    /// Why that path.
+    pub path_reason: String,
     /// Handshake done.
     pub established: bool,
     /// Nothing authenticated arrived for the dead-link time.
@@ -456,6 +470,8 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             .map(|(k, s)| PeerSnapshot {
                 key: *k,
                 endpoint: s.endpoint(),
+                path: s.path(),
+                path_reason: s.paths().reason().to_string(),
                 established: s.is_established(),
                 dead: s.is_dead(),
                 idle: now.saturating_sub(s.last_rx()),
@@ -520,7 +536,13 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
                 Err(_) => continue,
             }
         }
-        self.pump(ctx);
+        if self.node.needs_service() {
+            self.pump(ctx);
+        } else {
+            // Only drops (e.g. a flood of bogus initiations): no timer or
+            // session changed, nothing to send.
+            self.flush_tun();
+        }
     }
 
     fn finished(&mut self, _ctx: &mut Context<Self>) {}
@@ -585,7 +607,12 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
     fn handle(&mut self, cmd: Cmd, ctx: &mut Context<Self>) {
         let now = self.now();
         match cmd {
-            Cmd::AddPeer { key, endpoint } => self.node.add_peer(key, endpoint),
+            Cmd::AddPeer { key, endpoints } => {
+                self.node.add_peer(key, endpoints.first().copied());
+                self.node.set_candidates(&key, &endpoints);
+            }
+            Cmd::SetRelays(relays) => self.node.set_relays(&relays),
+            Cmd::Punch { key, candidates } => self.node.punch(now, &key, &candidates),
             Cmd::RemovePeer(key) => self.node.remove_peer(&key),
             Cmd::RestartPeer(key) => {
                 let ep = self.node.session(&key).and_then(|s| s.endpoint());

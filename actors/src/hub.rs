@@ -177,6 +177,22 @@ impl Handler<NetEvent> for RegistryActor {
                 self.reg
                     .heartbeat(now, key, observed, seq, map_version, &mut out);
             }
+            Control::PunchRequest { target } => {
+                self.reg.seen(now, &key);
+                // Tell both sides to send to each other now.
+                let eps = |k: &PublicKey| self.reg.member(k).map(|m| m.info.endpoints.clone());
+                if let (Some(mine), Some(theirs)) = (eps(&key), eps(&target)) {
+                    if target != key {
+                        for (to, peer, candidates) in [(key, target, theirs), (target, key, mine)] {
+                            self.plane.do_send(Cmd::Send {
+                                to,
+                                msg: Control::PunchNotify { peer, candidates },
+                                reliable: false,
+                            });
+                        }
+                    }
+                }
+            }
             Control::Leave => {
                 if self.reg.leave(&key, &mut out) {
                     tracing::info!(key = %short_key(&key), "member left");

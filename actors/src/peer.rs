@@ -7,6 +7,7 @@ use crate::registry::short_key;
 use actix::prelude::*;
 use serde::Serialize;
 use std::time::Duration;
+use transport::path::Via;
 use transport::wire::PeerInfo;
 
 /// State of the path to a peer.
@@ -34,8 +35,12 @@ pub struct PeerStatus {
     pub endpoint: Option<String>,
     /// Path state.
     pub state: PathState,
-    /// How packets get there.
-    pub path: &'static str,
+    /// How packets get there: "direct", "relay" (through a hub), or "-".
+    pub path: String,
+    /// The hub relaying, when relayed (short key).
+    pub relay: Option<String>,
+    /// Why this path (e.g. "no direct candidate answered for 12 s").
+    pub path_reason: String,
     /// Heartbeat / ping round-trip time in milliseconds.
     pub rtt_ms: Option<f64>,
     /// Path loss estimate (percent).
@@ -132,7 +137,16 @@ impl PeerActor {
                 .or(self.info.endpoints.first().copied())
                 .map(|e| e.to_string()),
             state,
-            path: "direct",
+            path: match s.and_then(|s| s.snap.path) {
+                Some(Via::Direct(_)) => "direct".into(),
+                Some(Via::Relay(_)) => "relay".into(),
+                None => "-".into(),
+            },
+            relay: match s.and_then(|s| s.snap.path) {
+                Some(Via::Relay(h)) => Some(short_key(&h)),
+                _ => None,
+            },
+            path_reason: s.map(|s| s.snap.path_reason.clone()).unwrap_or_default(),
             rtt_ms: rtt,
             loss_pct: st.map_or(0.0, |s| s.loss * 100.0),
             tx_bytes: st.map_or(0, |s| s.tx_bytes),

@@ -225,6 +225,10 @@ impl Supervisor {
                     tracing::info!(peer = %short_key(&k), "peer silent; restarting its session");
                     self.plane.do_send(Cmd::RestartPeer(k));
                     if let Some(info) = self.map.get(&k).cloned() {
+                        self.plane.do_send(Cmd::AddPeer {
+                            key: k,
+                            endpoints: info.endpoints.clone(),
+                        });
                         let restarts = self.hb.peer(&k).map_or(0, |p| p.restarts);
                         // The old actor stops when its address is dropped.
                         self.peers.insert(k, PeerActor::new(info, restarts).start());
@@ -245,7 +249,7 @@ impl Supervisor {
                     tracing::info!(peer = %info.name, key = %short_key(&info.key), "peer joined");
                     self.plane.do_send(Cmd::AddPeer {
                         key: info.key,
-                        endpoint: info.endpoints.first().copied(),
+                        endpoints: info.endpoints.clone(),
                     });
                     self.hb.add_peer(info.key, now);
                     self.peers.insert(info.key, PeerActor::new(info, 0).start());
@@ -253,7 +257,7 @@ impl Supervisor {
                 MapChange::Changed(info) => {
                     self.plane.do_send(Cmd::AddPeer {
                         key: info.key,
-                        endpoint: info.endpoints.first().copied(),
+                        endpoints: info.endpoints.clone(),
                     });
                     if let Some(a) = self.peers.get(&info.key) {
                         a.do_send(Update(info));
@@ -288,6 +292,15 @@ impl Supervisor {
             Control::HeartbeatAck { seq, observed } => {
                 self.observed = Some(observed);
                 self.hb.on_hub_ack(&hub, seq, now);
+            }
+            Control::PunchNotify { peer, candidates } => {
+                if self.map.get(&peer).is_some() {
+                    tracing::debug!(peer = %short_key(&peer), ?candidates, "hub asks to punch");
+                    self.plane.do_send(Cmd::Punch {
+                        key: peer,
+                        candidates,
+                    });
+                }
             }
             Control::Nack { code, message } => match code {
                 ErrorCode::AddressInUse
@@ -335,9 +348,9 @@ impl Supervisor {
         match msg {
             Control::Heartbeat { seq, .. } => {
                 self.hb.on_peer_heard(&peer, now);
-                if let Some(observed) = endpoint {
-                    self.send(peer, Control::HeartbeatAck { seq, observed }, false);
-                }
+                // Through a relay there is no endpoint to report.
+                let observed = endpoint.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                self.send(peer, Control::HeartbeatAck { seq, observed }, false);
             }
             Control::HeartbeatAck { seq, .. } => self.hb.on_peer_ack(&peer, seq, now),
             _ => {}
@@ -411,6 +424,11 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("drop_auth_failed".into(), n.auth_failed),
         ("drop_replayed".into(), n.replayed),
         ("drop_init_rate_limited".into(), n.init_rate_limited),
+        ("drop_session_cap".into(), n.session_cap),
+        ("sessions_evicted".into(), n.evicted),
+        ("relayed".into(), n.relayed),
+        ("relayed_bytes".into(), n.relayed_bytes),
+        ("drop_relay".into(), n.relay_dropped),
     ])
 }
 
@@ -421,9 +439,13 @@ impl Actor for Supervisor {
         for (k, a) in &self.setup.hubs {
             self.plane.do_send(Cmd::AddPeer {
                 key: *k,
-                endpoint: Some(*a),
+                endpoints: vec![*a],
             });
         }
+        // Every hub is a relay candidate; one that does not relay never
+        // answers probes through it and is never chosen.
+        let hubs: Vec<PublicKey> = self.setup.hubs.iter().map(|(k, _)| *k).collect();
+        self.plane.do_send(Cmd::SetRelays(hubs));
         let step = (self.setup.heartbeat.interval / 10)
             .clamp(Duration::from_millis(20), Duration::from_millis(500));
         ctx.run_interval(step, |act, _| act.tick());
@@ -466,6 +488,21 @@ impl Handler<NetEvent> for Supervisor {
             }
             Event::DeadLink => {
                 tracing::info!(key = %short_key(&ev.peer), hub, "link dead");
+            }
+            Event::PunchWanted => {
+                // Any hub that has us can coordinate; ask every registered one.
+                let hubs: Vec<PublicKey> = self
+                    .hb
+                    .hubs()
+                    .filter(|h| h.phase == HubPhase::Registered)
+                    .map(|h| h.key)
+                    .collect();
+                for h in hubs {
+                    self.send(h, Control::PunchRequest { target: ev.peer }, false);
+                }
+            }
+            Event::Evicted => {
+                tracing::info!(key = %short_key(&ev.peer), "silent session evicted at the session cap");
             }
         }
     }

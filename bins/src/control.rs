@@ -155,7 +155,7 @@ pub fn table(v: &Value) -> String {
         ));
     }
     out.push_str(&format!(
-        "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>6} {:>9} {:>9} {:>7} {:>8}\n",
+        "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>6} {:>9} {:>9} {:>7} {:>8}  {}\n",
         "PEER",
         "OVERLAY",
         "ENDPOINT",
@@ -166,12 +166,13 @@ pub fn table(v: &Value) -> String {
         "TX",
         "RX",
         "RETX",
-        "LAST HB"
+        "LAST HB",
+        "WHY THIS PATH"
     ));
     for p in s["peers"].as_array().into_iter().flatten() {
         let ov = p["overlay"][0].as_str().unwrap_or("");
         out.push_str(&format!(
-            "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>5.1}% {:>9} {:>9} {:>7} {:>8}\n",
+            "{:<14} {:<16} {:<22} {:<10} {:<7} {:>9} {:>5.1}% {:>9} {:>9} {:>7} {:>8}  {}\n",
             p["name"].as_str().unwrap_or(""),
             ov,
             p["endpoint"].as_str().unwrap_or("-"),
@@ -185,7 +186,8 @@ pub fn table(v: &Value) -> String {
             p["last_heartbeat_s"]
                 .as_f64()
                 .map(|x| format!("{x:.1}s"))
-                .unwrap_or_else(|| "-".into())
+                .unwrap_or_else(|| "-".into()),
+            p["path_reason"].as_str().unwrap_or("")
         ));
     }
     let drops: Vec<String> = s["counters"]

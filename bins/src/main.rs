@@ -114,6 +114,11 @@ struct HubArgs {
     /// `#` comments); without it, anyone holding the network key may join.
     #[arg(long)]
     allow: Option<PathBuf>,
+    /// Do not relay frames between members that cannot reach each other
+    /// directly (relaying is on by default; the hub only forwards frames it
+    /// cannot read).
+    #[arg(long)]
+    no_relay: bool,
 }
 
 #[derive(Args)]
@@ -172,6 +177,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if transport::crypto::NULL_CIPHER {
+        tracing::warn!(
+            "this build has the insecure-null-cipher feature: data frames are NOT encrypted or authenticated (benchmarks only)"
+        );
+    }
     let r = match cli.cmd {
         Cmd::Keygen { out, force } => write_new_key(&out, force).map(|kp| {
             println!("{}", key_hex(&kp.public));
@@ -341,6 +351,10 @@ fn run_hub(a: HubArgs) -> Result<()> {
         members_known = owners.len(),
         "hub starting"
     );
+    let no_relay = a.no_relay;
+    if no_relay {
+        tracing::info!("relaying disabled (--no-relay)");
+    }
     let sys = actix::System::new();
     sys.block_on(async move {
         let sock = Arc::new(transport::FastUdp::new(sock)?);
@@ -348,6 +362,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
             NodeConfig {
                 admission: Admission::AnyWithNetworkKey,
                 session: SessionConfig::default(),
+                relay: !no_relay,
                 ..NodeConfig::default()
             },
             key,

@@ -234,6 +234,7 @@ impl World {
                     let node = Node::new(
                         NodeConfig {
                             admission: Admission::AnyWithNetworkKey,
+                            relay: true,
                             ..NodeConfig::default()
                         },
                         StaticKeypair::from_seed(HUB_SEED + h as u64),

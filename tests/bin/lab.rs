@@ -14,7 +14,8 @@ const USAGE: &str = "usage:
                                            (defaults: 10 0,1,5 cubic,bbr)
   fastmesh-lab flood ADDR:PORT RATE SECS   send RATE bogus handshake initiations per second for SECS
   fastmesh-lab crypto-cost                 CPU seconds per GB of the data-path AEAD (seal + open)
-  fastmesh-lab dos SECS                    iperf3 between two peers with and without a flood at one of them
+  fastmesh-lab dos SECS [RATES]            iperf3 between two peers with and without a flood at one of them
+                                           (RATES: initiations/s, comma-separated, default 0,5000,20000,100000)
   fastmesh-lab tcp-recv PORT               accept one TCP connection, print bytes, hash, seconds
   fastmesh-lab tcp-send ADDR:PORT BYTES    send BYTES pseudo-random bytes, print bytes and hash
   fastmesh-lab udp-echo PORT SECS          echo UDP datagrams for SECS seconds
@@ -38,7 +39,15 @@ fn run() -> Result<()> {
             rate.parse().context("rate")?,
             secs.parse().context("secs")?,
         ),
-        ["dos", secs] => dos(secs.parse().context("secs")?),
+        ["dos", secs] => dos(secs.parse().context("secs")?, &[0, 5_000, 20_000, 100_000]),
+        ["dos", secs, rates] => dos(
+            secs.parse().context("secs")?,
+            &rates
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<u64>, _>>()
+                .context("rates: comma-separated initiations per second, first 0")?,
+        ),
         ["crypto-cost"] => crypto_cost(),
         ["tcp-recv", port] => tcp_recv(port.parse().context("port")?),
         ["tcp-send", addr, bytes] => tcp_send(
@@ -398,13 +407,19 @@ fn bench(args: &[&str]) -> Result<()> {
 }
 
 /// Bogus handshake initiations: the right size and header, random content.
+/// Sent in batches of up to 32 per `sendmmsg` so the flooder itself costs
+/// little CPU: on this 2-core machine it shares the cores with the peers it
+/// attacks, and a remote attacker's CPU would not be ours.
 fn flood(addr: SocketAddr, rate: u64, secs: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
     let s = UdpSocket::bind(if addr.is_ipv6() {
         "[::]:0"
     } else {
         "0.0.0.0:0"
     })?;
-    let mut frame = vec![0u8; transport::wire::INIT_FRAME_LEN];
+    s.connect(addr)?;
+    const BATCH: usize = 32;
+    let mut frames = vec![[0u8; transport::wire::INIT_FRAME_LEN]; BATCH];
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let start = Instant::now();
     let limit = rate.saturating_mul(secs).min(100_000_000);
@@ -413,24 +428,54 @@ fn flood(addr: SocketAddr, rate: u64, secs: u64) -> Result<()> {
         // Pace: never ahead of rate * elapsed.
         let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
         if sent >= due {
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(500));
             continue;
         }
-        for b in frame.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
+        let n = ((due - sent) as usize).min(BATCH);
+        for f in frames.iter_mut().take(n) {
+            for b in f.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            transport::wire::write_init_header(f, x as u32);
         }
-        transport::wire::write_init_header(&mut frame, x as u32);
-        let _ = s.send_to(&frame, addr);
-        sent += 1;
+        let mut iov: Vec<libc::iovec> = frames[..n]
+            .iter_mut()
+            .map(|f| libc::iovec {
+                iov_base: f.as_mut_ptr().cast(),
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iov
+            .iter_mut()
+            .map(|v| {
+                // SAFETY: an all-zero mmsghdr is valid (no name, no control).
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = v;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: msgs points at n initialised headers whose iovecs point at
+        // live frames; the socket is connected, so no address is needed.
+        let r = unsafe { libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
+        // A full socket buffer (r < n) still counts only what left.
+        sent += r.max(0) as u64;
+        if r <= 0 {
+            std::thread::sleep(Duration::from_micros(500));
+        }
     }
-    println!("{sent}");
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    println!("{sent} {:.2}", cpu(ru.ru_utime) + cpu(ru.ru_stime));
     Ok(())
 }
 
-fn dos(secs: u32) -> Result<()> {
+fn dos(secs: u32, rates: &[u64]) -> Result<()> {
     let mut lab = Lab::new("fmd", 41, 3)?;
     lab.start_hub(1.0)?;
     lab.start_peer(1, &[])?;
@@ -450,20 +495,22 @@ fn dos(secs: u32) -> Result<()> {
         "peer1 -> peer2 iperf3 (cubic, {secs} s); flood from node 3 at peer2's UDP port {target}"
     );
     println!();
-    println!("| flood (bogus initiations/s) | Mbit/s | vs no flood | initiations sent | dropped by rate limit | reached the handshake |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| flood (bogus initiations/s) | Mbit/s | vs no flood | initiations sent | dropped by rate limit | reached the handshake | peer2 CPU (cores) | flooder CPU (cores) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let counters = |l: &Lab| {
+        l.status(2).ok().map(|v| {
+            let c = &v["status"]["counters"];
+            (
+                c["drop_init_rate_limited"].as_u64().unwrap_or(0),
+                c["drop_handshake_failed"].as_u64().unwrap_or(0),
+            )
+        })
+    };
     let mut base = 0.0;
-    for rate in [0u64, 5_000, 20_000, 100_000] {
-        let counters = |l: &Lab| {
-            l.status(2).ok().map(|v| {
-                let c = &v["status"]["counters"];
-                (
-                    c["drop_init_rate_limited"].as_u64().unwrap_or(0),
-                    c["drop_handshake_failed"].as_u64().unwrap_or(0),
-                )
-            })
-        };
+    for &rate in rates {
         let (l0, h0) = counters(&lab).unwrap_or((0, 0));
+        let victim = lab.pid(2).unwrap_or(0);
+        let (v0, t0) = (proc_cpu_secs(victim), Instant::now());
         let fl = if rate > 0 {
             Some(lab.spawn(
                 3,
@@ -478,18 +525,54 @@ fn dos(secs: u32) -> Result<()> {
         if let Some(mut f) = fl {
             let _ = f.wait();
         }
-        let sent: u64 = lab.log("flood.log").trim().parse().unwrap_or(0);
+        let victim_cores = (proc_cpu_secs(victim) - v0) / t0.elapsed().as_secs_f64();
+        let log = lab.log("flood.log");
+        let mut it = log.split_whitespace();
+        let sent: u64 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+        // The flooder's own CPU includes the kernel forwarding its packets
+        // through veth and the router namespace, which runs in its context.
+        let flooder_cpu: f64 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
         let (l1, h1) = counters(&lab).unwrap_or((0, 0));
         if rate == 0 {
             base = r.bps;
         }
+        let ratio = if base > 0.0 {
+            format!("{:.2}", r.bps / base)
+        } else {
+            "-".into()
+        };
         println!(
-            "| {rate} | {:.0} | {:.2} | {} | {} | {} |",
+            "| {rate} | {:.0} | {ratio} | {} | {} | {} | {victim_cores:.2} | {:.2} |",
             r.bps / 1e6,
-            r.bps / base.max(1.0),
             if rate == 0 { 0 } else { sent },
             l1 - l0,
-            h1 - h0
+            h1 - h0,
+            flooder_cpu / f64::from(secs + 2),
+        );
+    }
+    // The attacked peer's own cost per bogus initiation: the largest flood
+    // with no traffic, against the same peer idle.
+    if let Some(&rate) = rates.iter().max().filter(|&&r| r > 0) {
+        let victim = lab.pid(2).unwrap_or(0);
+        let c0 = proc_cpu_secs(victim);
+        std::thread::sleep(Duration::from_secs(u64::from(secs)));
+        let quiet = proc_cpu_secs(victim) - c0;
+        let (l0, _) = counters(&lab).unwrap_or((0, 0));
+        let c0 = proc_cpu_secs(victim);
+        let mut f = lab.spawn(
+            3,
+            "flood.log",
+            &me,
+            &["flood", &target, &rate.to_string(), &secs.to_string()],
+        )?;
+        let _ = f.wait();
+        let flooded = proc_cpu_secs(victim) - c0;
+        let (l1, _) = counters(&lab).unwrap_or((0, 0));
+        let dropped = (l1 - l0).max(1);
+        println!();
+        println!(
+            "no traffic, {rate}/s for {secs} s: peer2 used {flooded:.2} CPU s ({quiet:.2} s idle over the same time); {dropped} dropped by the rate limit; {:.2} us of peer2 CPU per bogus initiation",
+            (flooded - quiet).max(0.0) * 1e6 / dropped as f64
         );
     }
     Ok(())

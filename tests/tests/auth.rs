@@ -186,3 +186,82 @@ fn a_flood_of_bogus_initiations_is_rate_limited_before_any_crypto() {
     }
     assert!(a.session(&kb).unwrap().is_established());
 }
+
+/// Handshake `from` (at `addr`) with `hub` at time `now`, both ways until quiet.
+fn handshake(
+    from: &mut transport::Node,
+    addr: SocketAddr,
+    hub: &mut transport::Node,
+    hub_addr: SocketAddr,
+    now: Duration,
+) {
+    let kh = *hub.public_key();
+    from.add_peer(kh, Some(hub_addr));
+    from.connect(now, &kh).unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..4 {
+        while from.poll_transmit(now, &mut buf).is_some() {
+            hub.handle_datagram(now, addr, &mut buf);
+        }
+        hub.handle_timeout(now);
+        while hub.poll_transmit(now, &mut buf).is_some() {
+            from.handle_datagram(now, hub_addr, &mut buf);
+        }
+        from.handle_timeout(now);
+    }
+}
+
+#[test]
+fn a_hub_at_its_session_cap_refuses_newcomers_until_a_session_goes_silent() {
+    use transport::crypto::{EntropySource, StaticKeypair};
+    use transport::Node;
+    let cfg = NodeConfig {
+        admission: Admission::AnyWithNetworkKey,
+        max_sessions: 2,
+        ..NodeConfig::default()
+    };
+    let hub_addr: SocketAddr = "10.0.0.100:4000".parse().unwrap();
+    let mut hub = Node::new(
+        cfg,
+        StaticKeypair::from_seed(100),
+        SIM_PSK,
+        1_700_000_000_000,
+        EntropySource::seeded(7),
+    );
+    let mut members: Vec<(Node, SocketAddr)> = (0..4u8)
+        .map(|i| {
+            let n = Node::new(
+                NodeConfig::default(),
+                StaticKeypair::from_seed(u64::from(i) + 1),
+                SIM_PSK,
+                1_700_000_000_000,
+                EntropySource::seeded(u64::from(i) + 20),
+            );
+            (n, format!("10.0.0.{}:4000", i + 1).parse().unwrap())
+        })
+        .collect();
+    let kh = *hub.public_key();
+    let t = Duration::from_secs(1);
+    for (n, a) in members.iter_mut().take(3) {
+        handshake(n, *a, &mut hub, hub_addr, t);
+    }
+    assert!(members[0].0.session(&kh).unwrap().is_established());
+    assert!(members[1].0.session(&kh).unwrap().is_established());
+    assert!(!members[2].0.session(&kh).unwrap().is_established());
+    assert_eq!(hub.peers().count(), 2);
+    assert!(hub.stats().session_cap >= 1, "{:?}", hub.stats());
+    assert_eq!(hub.stats().evicted, 0);
+    // Member 1 keeps talking; member 0 falls silent for longer than EVICT_SILENT.
+    let later = t + transport::node::EVICT_SILENT + Duration::from_secs(1);
+    let (n1, a1) = &mut members[1];
+    handshake(n1, *a1, &mut hub, hub_addr, later);
+    let (n, a) = &mut members[3];
+    handshake(n, *a, &mut hub, hub_addr, later);
+    assert!(n.session(&kh).unwrap().is_established());
+    assert_eq!(hub.stats().evicted, 1, "{:?}", hub.stats());
+    let k0 = *members[0].0.public_key();
+    let k1 = *members[1].0.public_key();
+    assert!(hub.session(&k0).is_none(), "the silent member was evicted");
+    assert!(hub.session(&k1).is_some(), "the active member stays");
+    assert_eq!(hub.peers().count(), 2, "never more than the cap");
+}

@@ -202,6 +202,10 @@ impl SessionKeys {
         if counter >= REJECT_AFTER_MESSAGES {
             return Err(CryptoError::Exhausted);
         }
+        if NULL_CIPHER {
+            let _ = (header, buf);
+            return Ok([0u8; 16]);
+        }
         let tag = self
             .send
             .seal_in_place_separate_tag(nonce(counter), Aad::from(header), buf)
@@ -219,6 +223,14 @@ impl SessionKeys {
         buf: &mut [u8],
         tag: &[u8],
     ) -> Result<(), CryptoError> {
+        if NULL_CIPHER {
+            let _ = (counter, header, buf);
+            return if tag == [0u8; 16] {
+                Ok(())
+            } else {
+                Err(CryptoError::Auth)
+            };
+        }
         let tag = Tag::try_from(tag).map_err(|_| CryptoError::Auth)?;
         self.recv
             .open_in_place_separate_tag(nonce(counter), Aad::from(header), tag, buf, 0..)
@@ -226,6 +238,10 @@ impl SessionKeys {
             .map_err(|_| CryptoError::Auth)
     }
 }
+
+/// True only in a build with the `insecure-null-cipher` feature (benchmarks):
+/// data frames then go in clear with a zero tag.
+pub const NULL_CIPHER: bool = cfg!(feature = "insecure-null-cipher");
 
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];

@@ -24,6 +24,7 @@ pub mod impair;
 pub mod io;
 pub mod ip;
 pub mod node;
+pub mod path;
 pub mod session;
 pub mod wire;
 

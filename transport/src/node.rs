@@ -8,6 +8,7 @@
 //! `poll_event`.
 
 use crate::crypto::{EntropySource, ResponderHello, StaticKeypair};
+use crate::path::Via;
 use crate::session::{Ctx, Event, Session, SessionConfig, SessionStats};
 use crate::wire::{Control, Frame, PublicKey};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -36,7 +37,17 @@ pub struct NodeConfig {
     pub init_rate_per_source: f64,
     /// ...and from everyone together. Excess initiations are dropped, counted.
     pub init_rate_total: f64,
+    /// Most sessions a node admitting [`Admission::AnyWithNetworkKey`] holds.
+    /// A newcomer beyond it replaces the session silent the longest if that
+    /// one has been silent for [`EVICT_SILENT`], and is refused otherwise.
+    pub max_sessions: usize,
+    /// Forward relay messages between the node's sessions (a hub).
+    pub relay: bool,
 }
+
+/// How long a session must have been silent before a newcomer may replace it
+/// when the node is at [`NodeConfig::max_sessions`].
+pub const EVICT_SILENT: Duration = Duration::from_secs(30);
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -45,6 +56,8 @@ impl Default for NodeConfig {
             admission: Admission::KnownPeers,
             init_rate_per_source: 20.0,
             init_rate_total: 1000.0,
+            max_sessions: 16_384,
+            relay: false,
         }
     }
 }
@@ -73,6 +86,10 @@ impl InitLimiter {
         } else {
             false
         }
+    }
+
+    fn allow_total(&mut self, now: Duration) -> bool {
+        Self::take(&mut self.total, now, self.rate_total)
     }
 
     fn allow(&mut self, now: Duration, ip: std::net::IpAddr) -> bool {
@@ -111,6 +128,18 @@ pub struct NodeStats {
     pub no_route: u64,
     /// Handshake initiations dropped by the rate limit (before any crypto).
     pub init_rate_limited: u64,
+    /// Initiations from new keys refused because the node holds
+    /// [`NodeConfig::max_sessions`] sessions, none of them silent long enough.
+    pub session_cap: u64,
+    /// Sessions dropped to make room for a newcomer at the cap.
+    pub evicted: u64,
+    /// Frames forwarded between two of our sessions (as a relay).
+    pub relayed: u64,
+    /// Bytes of those frames.
+    pub relayed_bytes: u64,
+    /// Relay messages dropped: not a relay, unknown or unready destination,
+    /// from a node we do not take relayed frames from, or a full queue.
+    pub relay_dropped: u64,
 }
 
 /// Why the node refused to send.
@@ -125,6 +154,10 @@ pub enum SendError {
 pub struct Node {
     cfg: Arc<SessionConfig>,
     admission: Admission,
+    max_sessions: usize,
+    relaying: bool,
+    relays: Vec<PublicKey>,
+    scratch: Vec<u8>,
     local: StaticKeypair,
     psk: [u8; 32],
     incarnation: u64,
@@ -157,6 +190,10 @@ impl Node {
         Node {
             cfg: Arc::new(cfg.session),
             admission: cfg.admission,
+            max_sessions: cfg.max_sessions.max(1),
+            relaying: cfg.relay,
+            relays: Vec::new(),
+            scratch: Vec::with_capacity(2048),
             local,
             psk,
             incarnation: u64::from_le_bytes(inc),
@@ -215,13 +252,46 @@ impl Node {
         let local = self.local.public;
         let entropy = &mut self.entropy;
         let base = self.incarnation;
+        let relays = &self.relays;
         let s = self.sessions.entry(key).or_insert_with(|| {
             let mut b = [0u8; 8];
             entropy.fill(&mut b);
-            Session::new(cfg, &local, key, endpoint, base ^ u64::from_le_bytes(b))
+            let mut s = Session::new(cfg, &local, key, endpoint, base ^ u64::from_le_bytes(b));
+            if !relays.contains(&key) {
+                s.set_relays(relays);
+            }
+            s
         });
         if let Some(ep) = endpoint {
             s.set_endpoint(ep);
+        }
+    }
+
+    /// Nodes (hubs) that may relay frames to and from our peers. Their own
+    /// sessions are always direct.
+    pub fn set_relays(&mut self, relays: &[PublicKey]) {
+        self.relays = relays.to_vec();
+        for (k, s) in self.sessions.iter_mut() {
+            if relays.contains(k) {
+                s.set_relays(&[]);
+            } else {
+                s.set_relays(relays);
+            }
+        }
+    }
+
+    /// The direct candidates of `key` (the hub's peer map), best first.
+    pub fn set_candidates(&mut self, key: &PublicKey, eps: &[SocketAddr]) {
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.set_candidates(eps);
+        }
+    }
+
+    /// A hub asked us to try `key`'s candidates now (it tells `key` the same).
+    pub fn punch(&mut self, now: Duration, key: &PublicKey, eps: &[SocketAddr]) {
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.punch(now, eps);
+            self.ready.insert(*key);
         }
     }
 
@@ -328,6 +398,12 @@ impl Node {
 
     /// Handle one UDP payload from `from`. `buf` is decrypted in place.
     pub fn handle_datagram(&mut self, now: Duration, from: SocketAddr, buf: &mut [u8]) {
+        self.handle_via(now, Via::Direct(from), buf, 0);
+    }
+
+    /// Handle one frame that came by `via`; `depth` 1 for a frame a relay
+    /// delivered (whose own relay messages are not followed further).
+    fn handle_via(&mut self, now: Duration, via: Via, buf: &mut [u8], depth: u8) {
         let frame = match Frame::parse(buf) {
             Ok(f) => f,
             Err(_) => {
@@ -340,12 +416,16 @@ impl Node {
                 sender_index,
                 noise,
             } => {
-                if !self.limiter.allow(now, from.ip()) {
+                let allowed = match via {
+                    Via::Direct(a) => self.limiter.allow(now, a.ip()),
+                    Via::Relay(_) => self.limiter.allow_total(now),
+                };
+                if !allowed {
                     self.stats.init_rate_limited += 1;
                     return;
                 }
                 let noise = noise.to_vec();
-                self.on_init(now, from, sender_index, &noise)
+                self.on_init(now, via, sender_index, &noise)
             }
             Frame::HandshakeResp {
                 sender_index,
@@ -359,7 +439,7 @@ impl Node {
                 };
                 let (mut ctx, sessions) = self.ctx(now);
                 if let Some(s) = sessions.get_mut(&key) {
-                    if s.on_resp(&mut ctx, sender_index, receiver_index, &noise, from)
+                    if s.on_resp(&mut ctx, sender_index, receiver_index, &noise, via)
                         .is_err()
                     {
                         self.stats.handshake_failed += 1;
@@ -377,22 +457,67 @@ impl Node {
                     return;
                 };
                 let (mut ctx, sessions) = self.ctx(now);
+                let mut relayed = None;
+                let mut failed = (0, 0);
                 if let Some(s) = sessions.get_mut(&key) {
                     let before = s.stats();
-                    if s.on_data(&mut ctx, receiver_index, counter, buf, from)
+                    if s.on_data(&mut ctx, receiver_index, counter, buf, via)
                         .is_err()
                     {
                         let after = s.stats();
-                        self.stats.auth_failed += after.auth_failed - before.auth_failed;
-                        self.stats.replayed += after.replayed - before.replayed;
+                        failed = (
+                            after.auth_failed - before.auth_failed,
+                            after.replayed - before.replayed,
+                        );
+                    }
+                    let r = s.take_relayed();
+                    if !r.is_empty() {
+                        relayed = Some(r);
                     }
                     self.ready.insert(key);
+                }
+                self.stats.auth_failed += failed.0;
+                self.stats.replayed += failed.1;
+                if let Some(r) = relayed {
+                    self.on_relayed(now, key, r, depth);
                 }
             }
         }
     }
 
-    fn on_init(&mut self, now: Duration, from: SocketAddr, sender_index: u32, noise: &[u8]) {
+    /// Relay messages that arrived in `sender`'s session: forward them (a
+    /// relay), or take the frames inside as having come by that relay (a
+    /// peer whose relay `sender` is).
+    fn on_relayed(
+        &mut self,
+        now: Duration,
+        sender: PublicKey,
+        items: VecDeque<(PublicKey, Vec<u8>)>,
+        depth: u8,
+    ) {
+        for (key, mut frame) in items {
+            if self.relaying {
+                let ok = key != sender
+                    && self
+                        .sessions
+                        .get_mut(&key)
+                        .is_some_and(|d| d.is_established() && d.queue_relay(&sender, &frame));
+                if ok {
+                    self.stats.relayed += 1;
+                    self.stats.relayed_bytes += frame.len() as u64;
+                    self.ready.insert(key);
+                } else {
+                    self.stats.relay_dropped += 1;
+                }
+            } else if depth == 0 && self.relays.contains(&sender) {
+                self.handle_via(now, Via::Relay(sender), &mut frame, depth + 1);
+            } else {
+                self.stats.relay_dropped += 1;
+            }
+        }
+    }
+
+    fn on_init(&mut self, now: Duration, from: Via, sender_index: u32, noise: &[u8]) {
         let hello = match ResponderHello::read(&self.local, &self.psk, noise, &mut self.entropy) {
             Ok(h) => h,
             Err(_) => {
@@ -407,7 +532,16 @@ impl Node {
                     self.stats.unknown_key += 1;
                     return;
                 }
-                Admission::AnyWithNetworkKey => self.add_peer(key, Some(from)),
+                Admission::AnyWithNetworkKey => {
+                    if self.sessions.len() >= self.max_sessions && !self.evict_one(now) {
+                        self.stats.session_cap += 1;
+                        return;
+                    }
+                    self.add_peer(key, from.direct());
+                    if let Some(s) = self.sessions.get_mut(&key) {
+                        s.set_born(now);
+                    }
+                }
             }
         }
         let (mut ctx, sessions) = self.ctx(now);
@@ -416,6 +550,32 @@ impl Node {
             self.stats.init_refused += 1;
         }
         self.ready.insert(key);
+    }
+
+    /// Drop the session silent the longest if it has been silent for
+    /// [`EVICT_SILENT`]; false if every session is more recent.
+    fn evict_one(&mut self, now: Duration) -> bool {
+        let oldest = self
+            .sessions
+            .iter()
+            .min_by_key(|(_, s)| s.last_activity())
+            .map(|(k, s)| (*k, s.last_activity()));
+        match oldest {
+            Some((k, last)) if now.saturating_sub(last) >= EVICT_SILENT => {
+                self.remove_peer(&k);
+                self.events.push_back((k, Event::Evicted));
+                self.stats.evicted += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether anything since the last `handle_timeout` needs the poll
+    /// sequence (a session took input, or events wait). False after input that
+    /// was only dropped (a flood), so the caller can skip the work.
+    pub fn needs_service(&self) -> bool {
+        !self.ready.is_empty() || !self.events.is_empty()
     }
 
     /// Earliest time `handle_timeout` should run.
@@ -464,13 +624,28 @@ impl Node {
             None => self.sessions.keys().copied().collect(),
         };
         for k in keys {
-            if let Some(to) = self
+            while let Some(via) = self
                 .sessions
                 .get_mut(&k)
                 .and_then(|s| s.poll_transmit(now, buf))
             {
-                self.rr = Some(k);
-                return Some(to);
+                let to = match via {
+                    Via::Direct(a) => Some(a),
+                    Via::Relay(hub) => {
+                        // Wrap the frame in our session with the relay.
+                        std::mem::swap(buf, &mut self.scratch);
+                        self.sessions
+                            .get_mut(&hub)
+                            .and_then(|h| h.seal_relay(now, &k, &self.scratch, buf))
+                    }
+                };
+                match to {
+                    Some(a) => {
+                        self.rr = Some(k);
+                        return Some(a);
+                    }
+                    None => self.stats.relay_dropped += 1,
+                }
             }
         }
         None

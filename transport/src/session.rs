@@ -25,6 +25,7 @@ use crate::crypto::{
     StaticKeypair,
 };
 use crate::ip;
+use crate::path::{PathConfig, Paths, Via};
 use crate::wire::{self, Control, Inner, PublicKey};
 use kcp::Kcp;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -170,6 +171,11 @@ pub enum Event {
     PeerRestarted,
     /// A control message for the layer above (registry, peer map, punching).
     Control(Control),
+    /// No direct path answers: ask a hub to make both sides punch now.
+    PunchWanted,
+    /// The node dropped this session to make room for a newcomer (it had
+    /// been silent for [`crate::node::EVICT_SILENT`] at the session cap).
+    Evicted,
 }
 
 /// Counters kept per session. Bytes are UDP payload bytes.
@@ -276,11 +282,19 @@ struct PendingInit {
 }
 
 enum Out {
-    /// A finished frame (handshake messages).
-    Raw(Vec<u8>),
+    /// A finished frame (handshake messages) for one path.
+    RawTo(Via, Vec<u8>),
     /// Plaintext starting with its inner-type byte, sealed at send time.
     Plain(Vec<u8>),
+    /// Plaintext for one path (probes and their answers).
+    PlainTo(Via, Vec<u8>),
 }
+
+/// Relayed frames a session holds for the node before they are dropped.
+const MAX_RELAYED: usize = 1024;
+
+/// While no direct path answers, how often to ask the hubs to coordinate a punch.
+pub const PUNCH_REQUEST_EVERY: Duration = Duration::from_secs(10);
 
 /// Conversation id of the reliable control channel.
 pub const CONV_CONTROL: u32 = 0;
@@ -328,7 +342,13 @@ pub struct Session {
     cfg: Arc<SessionConfig>,
     remote: PublicKey,
     my_bit: u32,
-    endpoint: Option<SocketAddr>,
+    paths: Paths,
+    /// The path the frame being dispatched arrived on.
+    rx_via: Option<Via>,
+    /// Frames inside [`Inner::Relay`] messages: (key named in it, frame).
+    relayed: VecDeque<(PublicKey, Vec<u8>)>,
+    /// Next time to ask the hubs to coordinate a punch.
+    next_punch_req: Duration,
     incarnation: u64,
     /// When the current keys were installed (old keys expire from here).
     installed_at: Duration,
@@ -368,6 +388,8 @@ pub struct Session {
     pacer: Pacer,
     now: Duration,
     last_rx: Duration,
+    /// When the node admitted this session (for eviction at the cap).
+    born: Duration,
     last_tx: Duration,
     last_kcp_tx: Duration,
     next_ping: Duration,
@@ -399,7 +421,16 @@ impl Session {
             cfg,
             remote,
             my_bit: u32::from(local < &remote),
-            endpoint,
+            paths: {
+                let mut p = Paths::new(PathConfig::default());
+                if let Some(ep) = endpoint {
+                    p.set_direct(Duration::ZERO, &[ep]);
+                }
+                p
+            },
+            rx_via: None,
+            relayed: VecDeque::new(),
+            next_punch_req: Duration::ZERO,
             incarnation,
             installed_at: Duration::ZERO,
             remote_incarnation: None,
@@ -432,6 +463,7 @@ impl Session {
             pacer: Pacer::default(),
             now: Duration::ZERO,
             last_rx: Duration::ZERO,
+            born: Duration::ZERO,
             last_tx: Duration::ZERO,
             last_kcp_tx: Duration::ZERO,
             next_ping: Duration::ZERO,
@@ -450,13 +482,81 @@ impl Session {
     }
 
     /// Where frames to the remote go.
+    /// The direct endpoint in use (None while relayed or unknown).
     pub fn endpoint(&self) -> Option<SocketAddr> {
-        self.endpoint
+        self.paths.current().and_then(|v| v.direct())
+    }
+
+    /// The path in use.
+    pub fn path(&self) -> Option<Via> {
+        self.paths.current()
+    }
+
+    /// All paths, their measurements, and why the current one.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
     }
 
     /// Point the session at a new endpoint (e.g. from the hub's peer map).
     pub fn set_endpoint(&mut self, ep: SocketAddr) {
-        self.endpoint = Some(ep);
+        self.paths.set_direct(self.now, &[ep]);
+    }
+
+    /// The direct candidates from the hub's peer map, best first.
+    pub fn set_candidates(&mut self, eps: &[SocketAddr]) {
+        self.paths.set_direct(self.now, eps);
+    }
+
+    /// The hubs that may relay to this peer.
+    pub fn set_relays(&mut self, relays: &[PublicKey]) {
+        self.paths.set_relays(self.now, relays);
+    }
+
+    /// The hub asked both sides to try these candidates now.
+    pub fn punch(&mut self, now: Duration, eps: &[SocketAddr]) {
+        self.now = self.now.max(now);
+        self.paths.punch(now, eps);
+    }
+
+    /// Frames that arrived inside relay messages, with the key they name.
+    pub fn take_relayed(&mut self) -> VecDeque<(PublicKey, Vec<u8>)> {
+        std::mem::take(&mut self.relayed)
+    }
+
+    /// Queue `frame` (a whole frame of another session) inside a relay
+    /// message naming `key`, sent over this session's own path.
+    pub fn queue_relay(&mut self, key: &PublicKey, frame: &[u8]) -> bool {
+        if self.current.is_none() || self.urgent.len() >= MAX_RELAYED {
+            return false;
+        }
+        let mut v = Vec::with_capacity(1 + 32 + frame.len());
+        v.push(Inner::Relay as u8);
+        v.extend_from_slice(key);
+        v.extend_from_slice(frame);
+        self.urgent.push_back(Out::Plain(v));
+        true
+    }
+
+    /// Seal `frame` inside a relay message naming `key` into `buf` now;
+    /// returns where to send it (this session's direct endpoint).
+    pub fn seal_relay(
+        &mut self,
+        now: Duration,
+        key: &PublicKey,
+        frame: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Option<SocketAddr> {
+        let to = self.endpoint()?;
+        let mut v = Vec::with_capacity(1 + 32 + frame.len());
+        v.push(Inner::Relay as u8);
+        v.extend_from_slice(key);
+        v.extend_from_slice(frame);
+        if self.seal(&v, buf) {
+            self.count_tx(now, buf.len());
+            Some(to)
+        } else {
+            None
+        }
     }
 
     /// Is there a usable key?
@@ -481,6 +581,16 @@ impl Session {
     /// Time of the last authenticated frame.
     pub fn last_rx(&self) -> Duration {
         self.last_rx
+    }
+
+    /// Last sign of life: the last authenticated frame, or the admission.
+    pub fn last_activity(&self) -> Duration {
+        self.last_rx.max(self.born)
+    }
+
+    /// Record when the node admitted this session.
+    pub fn set_born(&mut self, now: Duration) {
+        self.born = now;
     }
 
     /// KCP segments waiting (queued or unacknowledged) over all conversations.
@@ -690,7 +800,7 @@ impl Session {
     /// Start (or restart) a handshake now.
     pub fn start_handshake(&mut self, ctx: &mut Ctx) {
         self.wanted = true;
-        if self.endpoint.is_none() {
+        if self.paths.current().is_none() {
             // Nowhere to send yet; try again later (the endpoint may be learned).
             self.next_handshake = Some(ctx.now + self.cfg.handshake_retry);
             return;
@@ -716,7 +826,9 @@ impl Session {
                     hs,
                     local_index: idx,
                 });
-                self.urgent.push_back(Out::Raw(frame));
+                for via in self.paths.handshake_paths() {
+                    self.urgent.push_back(Out::RawTo(via, frame.clone()));
+                }
                 let backoff = 1u32 << self.handshake_attempts.min(3);
                 self.handshake_attempts += 1;
                 self.next_handshake = Some(ctx.now + self.cfg.handshake_retry * backoff);
@@ -733,7 +845,7 @@ impl Session {
         ctx: &mut Ctx,
         hello: ResponderHello,
         sender_index: u32,
-        from: SocketAddr,
+        from: Via,
     ) -> bool {
         self.now = ctx.now;
         if hello.timestamp <= self.last_init_ts
@@ -765,8 +877,8 @@ impl Session {
             ctx.indices.remove(&old.local_index);
         }
         self.next = Some(Keypair::new(keys, ctx.now, idx, sender_index));
-        self.endpoint = Some(from);
-        self.urgent.push_back(Out::Raw(frame));
+        self.paths.on_rx(ctx.now, from);
+        self.urgent.push_back(Out::RawTo(from, frame));
         true
     }
 
@@ -823,7 +935,7 @@ impl Session {
         sender_index: u32,
         receiver_index: u32,
         noise: &[u8],
-        from: SocketAddr,
+        from: Via,
     ) -> Result<(), CryptoError> {
         self.now = ctx.now;
         let Some(p) = self
@@ -845,7 +957,7 @@ impl Session {
         };
         self.check_incarnation(ctx.now, incarnation);
         self.install(ctx, Keypair::new(keys, ctx.now, local_index, sender_index));
-        self.endpoint = Some(from);
+        self.paths.on_rx(ctx.now, from);
         // Confirm to the responder at once; it will not send on the new key before.
         self.urgent
             .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
@@ -883,7 +995,7 @@ impl Session {
         receiver_index: u32,
         counter: u64,
         buf: &mut [u8],
-        from: SocketAddr,
+        from: Via,
     ) -> Result<(), CryptoError> {
         self.now = ctx.now;
         let wire_len = buf.len();
@@ -920,7 +1032,7 @@ impl Session {
             self.install(ctx, kp);
         }
         if newest && which != 1 {
-            self.endpoint = Some(from);
+            self.paths.on_rx(ctx.now, from);
         }
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += wire_len as u64;
@@ -930,7 +1042,9 @@ impl Session {
             self.events.push_back(Event::Recovered);
         }
         let plain = &buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + ct_len];
+        self.rx_via = Some(from);
         self.dispatch(ctx.now, plain);
+        self.rx_via = None;
         Ok(())
     }
 
@@ -946,6 +1060,15 @@ impl Session {
                 Err(_) => self.stats.malformed += 1,
             },
             Some(Inner::Keepalive) => {}
+            Some(Inner::Relay) => {
+                if body.len() < 32 + wire::DATA_HEADER_LEN || self.relayed.len() >= MAX_RELAYED {
+                    self.stats.malformed += 1;
+                    return;
+                }
+                let mut k = [0u8; 32];
+                k.copy_from_slice(&body[..32]);
+                self.relayed.push_back((k, body[32..].to_vec()));
+            }
             None => self.stats.malformed += 1,
         }
     }
@@ -1052,6 +1175,16 @@ impl Session {
                     self.close_conv(conv);
                 }
             }
+            Control::PathProbe { id } => {
+                // Answer on the path the probe came by.
+                if let (Some(via), Ok(m)) = (self.rx_via, Control::PathAck { id }.encode()) {
+                    let mut v = Vec::with_capacity(1 + m.len());
+                    v.push(Inner::Control as u8);
+                    v.extend_from_slice(&m);
+                    self.urgent.push_back(Out::PlainTo(via, v));
+                }
+            }
+            Control::PathAck { id } => self.paths.on_ack(now, id),
             other => self.events.push_back(Event::Control(other)),
         }
     }
@@ -1109,9 +1242,14 @@ impl Session {
                 at(self.last_tx + self.cfg.keepalive);
             }
         }
+        if self.current.is_some() {
+            if let Some(t) = self.paths.poll_timeout() {
+                at(t);
+            }
+        }
         if (self.paced_len > 0 || (self.queued > 0 && self.next_admissible().is_some()))
             && self.current.is_some()
-            && self.endpoint.is_some()
+            && self.paths.current().is_some()
         {
             at(self.pacer.next_send());
         }
@@ -1227,6 +1365,19 @@ impl Session {
                 self.urgent
                     .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
             }
+            while let Some((via, id)) = self.paths.poll_probe(now) {
+                if let Ok(m) = (Control::PathProbe { id }).encode() {
+                    let mut v = Vec::with_capacity(1 + m.len());
+                    v.push(Inner::Control as u8);
+                    v.extend_from_slice(&m);
+                    self.urgent.push_back(Out::PlainTo(via, v));
+                }
+            }
+            self.paths.choose(now);
+            if self.paths.wants_punch(now) && now >= self.next_punch_req {
+                self.events.push_back(Event::PunchWanted);
+                self.next_punch_req = now + PUNCH_REQUEST_EVERY;
+            }
         }
     }
 
@@ -1318,16 +1469,21 @@ impl Session {
     // ---------------------------------------------------------------- output
 
     /// Write the next frame to send into `buf`; returns its destination.
-    pub fn poll_transmit(&mut self, now: Duration, buf: &mut Vec<u8>) -> Option<SocketAddr> {
-        let to = self.endpoint?;
+    pub fn poll_transmit(&mut self, now: Duration, buf: &mut Vec<u8>) -> Option<Via> {
+        let path = self.paths.current()?;
         loop {
+            let mut to = path;
             let plain = if let Some(o) = self.urgent.pop_front() {
                 match o {
-                    Out::Raw(f) => {
+                    Out::RawTo(via, f) => {
                         buf.clear();
                         buf.extend_from_slice(&f);
                         self.count_tx(now, buf.len());
-                        return Some(to);
+                        return Some(via);
+                    }
+                    Out::PlainTo(via, p) => {
+                        to = via;
+                        p
                     }
                     Out::Plain(p) => {
                         if p.first() == Some(&(Inner::Ip as u8)) {

@@ -62,6 +62,9 @@ pub enum Inner {
     Control = 2,
     /// Nothing: a keepalive that proves liveness and confirms a fresh session.
     Keepalive = 3,
+    /// A whole frame of another session, after the 32-byte key of the node it
+    /// is for (peer to hub) or from (hub to peer): relaying through a hub.
+    Relay = 4,
 }
 
 impl Inner {
@@ -72,6 +75,7 @@ impl Inner {
             1 => Some(Inner::Kcp),
             2 => Some(Inner::Control),
             3 => Some(Inner::Keepalive),
+            4 => Some(Inner::Relay),
             _ => None,
         }
     }
@@ -418,6 +422,16 @@ pub enum Control {
         code: ErrorCode,
         /// Human-readable detail.
         message: String,
+    },
+    /// Path probe: sent on one path to a peer; answered on the path it came by.
+    PathProbe {
+        /// Probe id, echoed.
+        id: u32,
+    },
+    /// Answer to a [`Control::PathProbe`].
+    PathAck {
+        /// The probe's id.
+        id: u32,
     },
 }
 

@@ -1,0 +1,662 @@
+//! Path choice for one peer, sans-IO: which way frames to it go.
+//!
+//! A peer can be reached directly at one of several candidate endpoints (the
+//! address the hub observed, its local addresses, an address a frame from it
+//! arrived from) or through a hub acting as relay. Every path is probed with
+//! small authenticated messages; each answer gives an RTT sample, each probe
+//! left unanswered counts as loss. Unanswered paths are probed less and less
+//! often (backoff), so a peer behind a NAT that never opens costs little.
+//!
+//! The choice has hysteresis: traffic moves to a direct path only after it
+//! answered [`PathConfig::promote_streak`] probes in a row with little loss,
+//! and leaves it only when it stops answering or loses badly while a relay
+//! does not. With no relay configured the choice is what it always was: the
+//! newest direct endpoint (roaming follows authenticated frames).
+
+use crate::wire::PublicKey;
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One way to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Via {
+    /// Straight to this UDP endpoint.
+    Direct(SocketAddr),
+    /// Wrapped in our session with this hub, which forwards it.
+    Relay(PublicKey),
+}
+
+impl Via {
+    /// The endpoint of a direct path.
+    pub fn direct(&self) -> Option<SocketAddr> {
+        match self {
+            Via::Direct(a) => Some(*a),
+            Via::Relay(_) => None,
+        }
+    }
+}
+
+/// Path-choice settings.
+#[derive(Debug, Clone)]
+pub struct PathConfig {
+    /// Probe interval of a path that answers.
+    pub probe_interval: Duration,
+    /// Longest interval between probes of a path that does not answer.
+    pub max_backoff: Duration,
+    /// A probe unanswered after this long counts as lost.
+    pub probe_timeout: Duration,
+    /// A path with no answer for this long is down.
+    pub down_after: Duration,
+    /// Consecutive answers a direct path needs before traffic moves to it.
+    pub promote_streak: u32,
+    /// Loss above which a direct path is left for a relay that loses less.
+    pub bad_loss: f64,
+    /// Loss a direct path must be at or under to be promoted.
+    pub good_loss: f64,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            probe_interval: Duration::from_millis(1000),
+            max_backoff: Duration::from_secs(16),
+            probe_timeout: Duration::from_millis(1500),
+            down_after: Duration::from_millis(3500),
+            promote_streak: 3,
+            bad_loss: 0.4,
+            good_loss: 0.3,
+        }
+    }
+}
+
+/// Why the current path was chosen (for `status`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reason {
+    /// Nothing measured yet; trying the first candidate.
+    Unprobed,
+    /// No relay is configured: direct is the only way.
+    NoRelay,
+    /// A direct candidate answers probes.
+    DirectAnswers,
+    /// Frames from the peer arrived from this endpoint (NAT rebinding, roaming).
+    Roamed,
+    /// No direct candidate answered (for this many seconds); the relay does.
+    NoDirectAnswer(u64),
+    /// The direct path loses this share of probes (percent); the relay less.
+    DirectLossy(u32),
+    /// Nothing answers at the moment; keeping the last path.
+    NothingAnswers,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Unprobed => write!(f, "not probed yet"),
+            Reason::NoRelay => write!(f, "no relay configured"),
+            Reason::DirectAnswers => write!(f, "direct path answers probes"),
+            Reason::Roamed => write!(f, "peer's frames come from a new endpoint"),
+            Reason::NoDirectAnswer(s) => write!(f, "no direct candidate answered for {s} s"),
+            Reason::DirectLossy(p) => write!(f, "direct path loses {p}% of probes"),
+            Reason::NothingAnswers => write!(f, "no path answers; keeping the last one"),
+        }
+    }
+}
+
+/// Measurements of one path.
+#[derive(Debug, Clone)]
+pub struct PathStat {
+    /// The path.
+    pub via: Via,
+    /// Smoothed RTT of probe answers.
+    pub srtt: Option<Duration>,
+    /// Last probe answer.
+    pub last_ack: Option<Duration>,
+    /// Answers in a row.
+    pub streak: u32,
+    /// Probes in a row without an answer (drives the backoff).
+    fails: u32,
+    /// Recent probes: id, time sent, answered.
+    probes: VecDeque<(u32, Duration, bool)>,
+    next_probe: Duration,
+    /// Learned from a frame's source (not from the hub's candidates).
+    learned: bool,
+}
+
+/// Probes remembered per path.
+const WINDOW: usize = 16;
+/// Decided probes the loss estimate looks at.
+const LOSS_WINDOW: usize = 10;
+
+impl PathStat {
+    fn new(via: Via, now: Duration, learned: bool) -> PathStat {
+        PathStat {
+            via,
+            srtt: None,
+            last_ack: None,
+            streak: 0,
+            fails: 0,
+            probes: VecDeque::new(),
+            next_probe: now,
+            learned,
+        }
+    }
+
+    /// Share of decided probes (answered, or older than the timeout) left unanswered.
+    pub fn loss(&self, now: Duration, timeout: Duration) -> f64 {
+        // The last LOSS_WINDOW decided probes: recent enough that a path
+        // that recovered is trusted again within seconds.
+        let decided: Vec<bool> = self
+            .probes
+            .iter()
+            .rev()
+            .filter(|(_, t, acked)| *acked || now.saturating_sub(*t) >= timeout)
+            .take(LOSS_WINDOW)
+            .map(|p| p.2)
+            .collect();
+        if decided.is_empty() {
+            return 0.0;
+        }
+        decided.iter().filter(|a| !**a).count() as f64 / decided.len() as f64
+    }
+
+    fn up(&self, now: Duration, down_after: Duration) -> bool {
+        self.last_ack
+            .is_some_and(|t| now.saturating_sub(t) < down_after)
+    }
+}
+
+/// The paths to one peer and the choice among them.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    cfg: PathConfig,
+    paths: Vec<PathStat>,
+    active: Option<Via>,
+    reason: Reason,
+    next_id: u32,
+    /// Since when no direct path has answered (for the reason text).
+    direct_lost_since: Option<Duration>,
+    /// Relayed paths are in use (a relay is configured).
+    relays: usize,
+}
+
+/// Most paths kept per peer (candidates from the hub plus learned ones).
+pub const MAX_PATHS: usize = 12;
+
+impl Paths {
+    /// No paths yet.
+    pub fn new(cfg: PathConfig) -> Paths {
+        Paths {
+            cfg,
+            paths: Vec::new(),
+            active: None,
+            reason: Reason::Unprobed,
+            next_id: 1,
+            direct_lost_since: None,
+            relays: 0,
+        }
+    }
+
+    /// The path frames go on now, if any.
+    pub fn current(&self) -> Option<Via> {
+        self.active
+            .or_else(|| {
+                self.paths
+                    .iter()
+                    .map(|p| p.via)
+                    .find(|v| v.direct().is_some())
+            })
+            .or_else(|| self.paths.first().map(|p| p.via))
+    }
+
+    /// Whether the current path was chosen on measurements (or is the only one).
+    pub fn settled(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Why the current path.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// All paths with their measurements.
+    pub fn stats(&self) -> &[PathStat] {
+        &self.paths
+    }
+
+    /// Where to send a handshake initiation: the chosen path once there is
+    /// one, else every candidate (the first to get through wins).
+    pub fn handshake_paths(&self) -> Vec<Via> {
+        match self.active {
+            Some(v) => vec![v],
+            None => self.paths.iter().map(|p| p.via).collect(),
+        }
+    }
+
+    /// Replace the direct candidates (learned ones and the active path stay).
+    pub fn set_direct(&mut self, now: Duration, cands: &[SocketAddr]) {
+        let active = self.active;
+        self.paths.retain(|p| match p.via {
+            Via::Direct(a) => p.learned || cands.contains(&a) || active == Some(p.via),
+            Via::Relay(_) => true,
+        });
+        for &a in cands {
+            self.add(now, Via::Direct(a), false);
+        }
+        if self.relays == 0 {
+            // Without relays the newest candidate from the hub is the path.
+            if let Some(&a) = cands.first() {
+                self.active = Some(Via::Direct(a));
+                self.reason = Reason::NoRelay;
+            }
+        }
+    }
+
+    /// Replace the relays.
+    pub fn set_relays(&mut self, now: Duration, relays: &[PublicKey]) {
+        self.paths.retain(|p| match p.via {
+            Via::Relay(k) => relays.contains(&k),
+            Via::Direct(_) => true,
+        });
+        for k in relays {
+            self.add(now, Via::Relay(*k), false);
+        }
+        self.relays = relays.len();
+        if self
+            .active
+            .is_some_and(|v| !self.paths.iter().any(|p| p.via == v))
+        {
+            self.active = None;
+            self.reason = Reason::Unprobed;
+        }
+    }
+
+    /// Probe every direct candidate again now (the hub asked both sides to punch).
+    pub fn punch(&mut self, now: Duration, cands: &[SocketAddr]) {
+        for &a in cands {
+            self.add(now, Via::Direct(a), false);
+        }
+        for p in self.paths.iter_mut() {
+            if p.via.direct().is_some() {
+                p.fails = 0;
+                p.next_probe = now;
+            }
+        }
+    }
+
+    fn add(&mut self, now: Duration, via: Via, learned: bool) {
+        if self.paths.iter().any(|p| p.via == via) {
+            return;
+        }
+        if self.paths.len() >= MAX_PATHS {
+            // Make room: drop the learned direct path that answered least recently.
+            let victim = self
+                .paths
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.learned && Some(p.via) != self.active)
+                .min_by_key(|(_, p)| p.last_ack)
+                .map(|(i, _)| i);
+            match victim {
+                Some(i) => {
+                    self.paths.remove(i);
+                }
+                None => return,
+            }
+        }
+        self.paths.push(PathStat::new(via, now, learned));
+    }
+
+    /// Whether probing is on: only with a relay to compare with.
+    fn probing(&self) -> bool {
+        self.relays > 0
+    }
+
+    /// Earliest probe due.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if !self.probing() {
+            return None;
+        }
+        self.paths.iter().map(|p| p.next_probe).min()
+    }
+
+    /// A probe due now: the path and the probe id to put in it.
+    pub fn poll_probe(&mut self, now: Duration) -> Option<(Via, u32)> {
+        if !self.probing() {
+            return None;
+        }
+        let (interval, max_backoff) = (self.cfg.probe_interval, self.cfg.max_backoff);
+        let p = self.paths.iter_mut().find(|p| p.next_probe <= now)?;
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        // An answer to the previous probe resets `fails`; none raises it.
+        if p.probes.back().is_some_and(|x| !x.2) {
+            p.fails = p.fails.saturating_add(1);
+            p.streak = 0;
+        }
+        p.probes.push_back((id, now, false));
+        if p.probes.len() > WINDOW {
+            p.probes.pop_front();
+        }
+        let backoff = interval * (1u32 << p.fails.min(4));
+        p.next_probe = now + backoff.min(max_backoff);
+        Some((p.via, id))
+    }
+
+    /// A probe answer arrived.
+    pub fn on_ack(&mut self, now: Duration, id: u32) {
+        for p in self.paths.iter_mut() {
+            if let Some(x) = p.probes.iter_mut().find(|x| x.0 == id && !x.2) {
+                x.2 = true;
+                let rtt = now.saturating_sub(x.1);
+                p.srtt = Some(match p.srtt {
+                    Some(s) => (s * 7 + rtt) / 8,
+                    None => rtt,
+                });
+                p.last_ack = Some(now);
+                p.streak += 1;
+                p.fails = 0;
+                if p.next_probe > now + self.cfg.probe_interval {
+                    p.next_probe = now + self.cfg.probe_interval;
+                }
+                break;
+            }
+        }
+        self.choose(now);
+    }
+
+    /// An authenticated frame arrived over `via`.
+    pub fn on_rx(&mut self, now: Duration, via: Via) {
+        if let Via::Direct(a) = via {
+            self.add(now, via, true);
+            // Roaming: the peer's direct frames now come from `a`.
+            match self.active {
+                Some(Via::Direct(b)) if b != a => {
+                    self.active = Some(via);
+                    self.reason = Reason::Roamed;
+                }
+                None if !self.probing() => {
+                    self.active = Some(via);
+                    self.reason = Reason::NoRelay;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Re-evaluate the choice (after answers, and on every probe round).
+    pub fn choose(&mut self, now: Duration) {
+        if !self.probing() {
+            return;
+        }
+        let (to, down) = (self.cfg.probe_timeout, self.cfg.down_after);
+        let up = |p: &&PathStat| p.up(now, down);
+        let rtt = |p: &PathStat| p.srtt.unwrap_or(Duration::from_secs(1));
+        let best_direct = self
+            .paths
+            .iter()
+            .filter(|p| p.via.direct().is_some())
+            .filter(up)
+            .min_by(|a, b| {
+                let la = (a.loss(now, to) * 10.0) as u32;
+                let lb = (b.loss(now, to) * 10.0) as u32;
+                la.cmp(&lb).then(rtt(a).cmp(&rtt(b)))
+            })
+            .cloned();
+        let best_relay = self
+            .paths
+            .iter()
+            .filter(|p| p.via.direct().is_none())
+            .filter(up)
+            .min_by_key(|p| rtt(p))
+            .cloned();
+        let any_direct_up = best_direct.is_some();
+        if any_direct_up {
+            self.direct_lost_since = None;
+        } else if self.direct_lost_since.is_none() {
+            self.direct_lost_since = Some(now);
+        }
+        let cur = self
+            .active
+            .and_then(|v| self.paths.iter().find(|p| p.via == v));
+        let promotable = |d: &PathStat| {
+            d.streak >= self.cfg.promote_streak && d.loss(now, to) <= self.cfg.good_loss
+        };
+        let no_direct_for = || {
+            now.saturating_sub(self.direct_lost_since.unwrap_or(now))
+                .as_secs()
+        };
+        let next: Option<(Via, Reason)> = match cur {
+            Some(c) if c.via.direct().is_some() => {
+                let c_loss = c.loss(now, to);
+                let c_up = c.up(now, down);
+                if !c_up {
+                    match (&best_direct, &best_relay) {
+                        (Some(d), _) if promotable(d) => Some((d.via, Reason::DirectAnswers)),
+                        (_, Some(r)) => Some((r.via, Reason::NoDirectAnswer(no_direct_for()))),
+                        _ => None,
+                    }
+                } else if c_loss >= self.cfg.bad_loss {
+                    match &best_relay {
+                        Some(r) if r.loss(now, to) + 0.2 < c_loss => {
+                            Some((r.via, Reason::DirectLossy((c_loss * 100.0).round() as u32)))
+                        }
+                        _ => None,
+                    }
+                } else {
+                    match &best_direct {
+                        // Another direct candidate much better: move.
+                        Some(d)
+                            if d.via != c.via
+                                && promotable(d)
+                                && rtt(d) * 2 < rtt(c)
+                                && d.loss(now, to) <= c_loss =>
+                        {
+                            Some((d.via, Reason::DirectAnswers))
+                        }
+                        _ => None,
+                    }
+                }
+            }
+            Some(c) => {
+                // On a relay: a good direct path wins unless it is much slower.
+                let c_up = c.up(now, down);
+                match &best_direct {
+                    Some(d)
+                        if promotable(d)
+                            && (!c_up || rtt(d) <= rtt(c) * 2 + Duration::from_millis(50)) =>
+                    {
+                        Some((d.via, Reason::DirectAnswers))
+                    }
+                    _ if !c_up => best_relay
+                        .as_ref()
+                        .filter(|r| r.via != c.via)
+                        .map(|r| (r.via, Reason::NoDirectAnswer(no_direct_for()))),
+                    _ => None,
+                }
+            }
+            None => match (&best_direct, &best_relay) {
+                (Some(d), _) if d.streak >= 1 => Some((d.via, Reason::DirectAnswers)),
+                (_, Some(r)) => Some((r.via, Reason::NoDirectAnswer(no_direct_for()))),
+                _ => None,
+            },
+        };
+        match next {
+            Some((v, r)) => {
+                self.active = Some(v);
+                self.reason = r;
+            }
+            None => {
+                if let Reason::NoDirectAnswer(_) = self.reason {
+                    self.reason = Reason::NoDirectAnswer(no_direct_for());
+                }
+                if self.active.is_some()
+                    && cur.is_some_and(|c| !c.up(now, down))
+                    && best_relay.is_none()
+                    && best_direct.is_none()
+                {
+                    self.reason = Reason::NothingAnswers;
+                }
+            }
+        }
+    }
+
+    /// Whether to ask the hubs to coordinate a punch: direct candidates exist,
+    /// none answers, and a relay is in use or nothing is.
+    pub fn wants_punch(&self, now: Duration) -> bool {
+        self.probing()
+            && self.paths.iter().any(|p| p.via.direct().is_some())
+            && !self
+                .paths
+                .iter()
+                .any(|p| p.via.direct().is_some() && p.up(now, self.cfg.down_after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(x: u64) -> Duration {
+        Duration::from_millis(x)
+    }
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], p))
+    }
+
+    /// Run probes for `secs` seconds; `answer(via)` says whether and after
+    /// how long the probe is answered.
+    fn drive(
+        p: &mut Paths,
+        from: Duration,
+        secs: u64,
+        answer: impl Fn(Via) -> Option<Duration>,
+    ) -> Duration {
+        let mut acks: Vec<(Duration, u32)> = Vec::new();
+        let mut t = from;
+        let end = from + Duration::from_secs(secs);
+        while t < end {
+            while let Some((via, id)) = p.poll_probe(t) {
+                if let Some(d) = answer(via) {
+                    acks.push((t + d, id));
+                }
+            }
+            acks.sort();
+            while acks.first().is_some_and(|a| a.0 <= t) {
+                let (_, id) = acks.remove(0);
+                p.on_ack(t, id);
+            }
+            p.choose(t);
+            t += ms(10);
+        }
+        t
+    }
+
+    #[test]
+    fn without_relays_the_hubs_candidate_is_used_and_roaming_follows_frames() {
+        let mut p = Paths::new(PathConfig::default());
+        p.set_direct(ms(0), &[addr(1)]);
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+        assert!(p.poll_probe(ms(0)).is_none(), "no probes without a relay");
+        p.on_rx(ms(5), Via::Direct(addr(2)));
+        assert_eq!(p.current(), Some(Via::Direct(addr(2))));
+        assert_eq!(p.reason(), Reason::Roamed);
+    }
+
+    #[test]
+    fn direct_wins_when_it_answers_and_relay_takes_over_when_it_does_not() {
+        let hub = [7; 32];
+        let mut p = Paths::new(PathConfig::default());
+        p.set_relays(ms(0), &[hub]);
+        p.set_direct(ms(0), &[addr(1)]);
+        // Both answer: direct (20 ms) is chosen over the relay (60 ms).
+        let t = drive(&mut p, ms(0), 5, |v| {
+            Some(if v.direct().is_some() { ms(20) } else { ms(60) })
+        });
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+        assert_eq!(p.reason(), Reason::DirectAnswers);
+        // Direct goes silent: the relay within `down_after` plus a probe.
+        let t2 = drive(&mut p, t, 6, |v| v.direct().is_none().then_some(ms(60)));
+        assert_eq!(p.current(), Some(Via::Relay(hub)));
+        assert!(matches!(p.reason(), Reason::NoDirectAnswer(_)));
+        assert!(p.wants_punch(t2));
+        // Direct answers again: back to it after the promotion streak, though
+        // its probes are backed off (a punch resets that).
+        p.punch(t2, &[]);
+        drive(&mut p, t2, 8, |v| {
+            Some(if v.direct().is_some() { ms(20) } else { ms(60) })
+        });
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+    }
+
+    #[test]
+    fn a_direct_path_that_loses_badly_is_left_for_the_relay_without_flapping() {
+        let hub = [7; 32];
+        let mut p = Paths::new(PathConfig::default());
+        p.set_relays(ms(0), &[hub]);
+        p.set_direct(ms(0), &[addr(1)]);
+        let t = drive(&mut p, ms(0), 5, |_| Some(ms(20)));
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+        // Direct answers only every other probe (50% loss): relay.
+        let n = std::cell::Cell::new(0u32);
+        let lossy = |v: Via| {
+            if v.direct().is_some() {
+                n.set(n.get() + 1);
+                (n.get() % 2 == 0).then_some(ms(20))
+            } else {
+                Some(ms(40))
+            }
+        };
+        let mut switches = 0;
+        let mut last = p.current();
+        let mut t = t;
+        for _ in 0..30 {
+            t = drive(&mut p, t, 1, lossy);
+            if p.current() != last {
+                switches += 1;
+                last = p.current();
+            }
+        }
+        assert_eq!(p.current(), Some(Via::Relay(hub)));
+        assert!(
+            matches!(p.reason(), Reason::DirectLossy(_)),
+            "{:?}",
+            p.reason()
+        );
+        assert_eq!(switches, 1, "one move, no flapping");
+    }
+
+    #[test]
+    fn unanswered_paths_back_off() {
+        let hub = [7; 32];
+        let mut p = Paths::new(PathConfig::default());
+        p.set_relays(ms(0), &[hub]);
+        p.set_direct(ms(0), &[addr(1)]);
+        let mut direct_probes = 0;
+        let mut t = ms(0);
+        while t < Duration::from_secs(60) {
+            while let Some((v, id)) = p.poll_probe(t) {
+                if v.direct().is_some() {
+                    direct_probes += 1;
+                } else {
+                    p.on_ack(t, id);
+                }
+            }
+            t += ms(100);
+        }
+        // 1 s doubling to 16 s: 1+2+4+8+16+16+... about 7 probes in 60 s, not 60.
+        assert!((5..=9).contains(&direct_probes), "{direct_probes}");
+    }
+
+    #[test]
+    fn learned_paths_are_bounded() {
+        let mut p = Paths::new(PathConfig::default());
+        p.set_relays(ms(0), &[[1; 32]]);
+        for i in 0..100 {
+            p.on_rx(ms(i), Via::Direct(addr(i as u16)));
+        }
+        assert!(p.stats().len() <= MAX_PATHS);
+    }
+}
