@@ -2,7 +2,7 @@
 //! table. Control messages arrive from the hub's data plane as [`NetEvent`]s;
 //! replies go back as [`Cmd::Send`].
 
-use crate::dataplane::{Cmd, NetEvent};
+use crate::dataplane::{Cmd, GetSnapshot, NetEvent};
 use crate::registry::{short_key, Registered, Registry, RegistryConfig, Reply};
 use crate::store::OwnerStore;
 use actix::prelude::*;
@@ -38,6 +38,12 @@ pub struct HubStatus {
     pub owned_addresses: usize,
     /// Keys revoked.
     pub revoked: usize,
+    /// Frames relayed between members that have no direct path.
+    pub relayed: u64,
+    /// Bytes of those frames.
+    pub relayed_bytes: u64,
+    /// Relay messages dropped (unknown or unready destination, full queue).
+    pub relay_dropped: u64,
 }
 
 /// Revoke a node key (operator command). Replies whether it was newly revoked.
@@ -55,6 +61,7 @@ pub struct RegistryActor {
     reg: Registry,
     store: Option<OwnerStore>,
     plane: Recipient<Cmd>,
+    snap: Option<Recipient<GetSnapshot>>,
     epoch: Instant,
 }
 
@@ -66,8 +73,15 @@ impl RegistryActor {
             reg,
             store,
             plane,
+            snap: None,
             epoch: Instant::now(),
         }
+    }
+
+    /// Also report the data plane's relay counters in the status.
+    pub fn with_snapshot(mut self, snap: Recipient<GetSnapshot>) -> RegistryActor {
+        self.snap = Some(snap);
+        self
     }
 
     /// A registry with config `cfg` whose ownership table is loaded from `store`.
@@ -227,10 +241,10 @@ impl Handler<Revoke> for RegistryActor {
 }
 
 impl Handler<GetHubStatus> for RegistryActor {
-    type Result = MessageResult<GetHubStatus>;
+    type Result = ResponseActFuture<Self, HubStatus>;
     fn handle(&mut self, _: GetHubStatus, _ctx: &mut Context<Self>) -> Self::Result {
         let now = self.now();
-        MessageResult(HubStatus {
+        let status = HubStatus {
             map_version: self.reg.version(),
             members: self
                 .reg
@@ -245,6 +259,24 @@ impl Handler<GetHubStatus> for RegistryActor {
                 .collect(),
             owned_addresses: self.reg.owners().len(),
             revoked: self.reg.revoked().len(),
-        })
+            relayed: 0,
+            relayed_bytes: 0,
+            relay_dropped: 0,
+        };
+        let snap = self.snap.clone();
+        Box::pin(
+            async move {
+                let mut status = status;
+                if let Some(s) = snap {
+                    if let Ok(s) = s.send(GetSnapshot).await {
+                        status.relayed = s.node.relayed;
+                        status.relayed_bytes = s.node.relayed_bytes;
+                        status.relay_dropped = s.node.relay_dropped;
+                    }
+                }
+                status
+            }
+            .into_actor(self),
+        )
     }
 }

@@ -389,7 +389,8 @@ fn run_hub(a: HubArgs) -> Result<()> {
             tracing::info!(keys = keys.len(), "admitting only listed keys");
             registry.set_allowed(Some(keys), &mut Vec::new());
         }
-        let reg = RegistryActor::new(registry, Some(store), plane.recipient());
+        let reg = RegistryActor::new(registry, Some(store), plane.clone().recipient())
+            .with_snapshot(plane.recipient());
         let reg = reg_ctx.run(reg);
         let listener = control::bind(&control)?;
         let r2 = reg.clone();

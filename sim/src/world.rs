@@ -257,7 +257,9 @@ impl World {
                         ..RegistryConfig::default()
                     };
                     let store = OwnerStore::new(cfg.store_dir.join(format!("owners{h}")));
-                    let reg = RegistryActor::open(rcfg, store, (n + 1) << 40, plane.recipient())?;
+                    let reg =
+                        RegistryActor::open(rcfg, store, (n + 1) << 40, plane.clone().recipient())?
+                            .with_snapshot(plane.recipient());
                     let reg = reg_ctx.run(reg);
                     loop {
                         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -565,3 +565,88 @@ fn member_expired_during_a_partition_registers_again_when_it_heals() {
     assert!(healed <= 3 * HB, "{healed:?}");
     form(&mut w, &mut sim, Duration::from_secs(5));
 }
+
+/// Path and reason `status` of peer `i` shows for peer `j`.
+fn path_of(w: &World, i: usize, j: usize) -> Option<(String, String)> {
+    let name = format!("peer{j}");
+    w.peers[i]
+        .status()?
+        .peers
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| (p.path.clone(), p.path_reason.clone()))
+}
+
+fn hub_relayed(w: &World) -> u64 {
+    w.hub_status
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map_or(0, |s| s.relayed)
+}
+
+#[test]
+fn without_a_direct_path_traffic_goes_through_the_hub_then_back_to_direct() {
+    let mut sim = sim(150);
+    let mut w = world(&mut sim, clean(), 21, "relay");
+    // peer0 and peer1 can each reach the hub but never each other (what two
+    // NATs with random port mapping amount to).
+    sim.partition("peer0", "peer1");
+    let t = w.run_until(&mut sim, Duration::from_secs(30), |w| w.all_connected());
+    t.unwrap_or_else(|| panic!("mesh did not form:\n{}", w.dump()));
+    let relayed = |w: &World| {
+        path_of(w, 0, 1).is_some_and(|p| p.0 == "relay")
+            && path_of(w, 1, 0).is_some_and(|p| p.0 == "relay")
+    };
+    let t = w
+        .run_until(&mut sim, Duration::from_secs(20), |w| relayed(w))
+        .unwrap_or_else(|| panic!("not relayed:\n{}", w.dump()));
+    println!("relayed after {t:?} more: {:?}", path_of(&w, 0, 1).unwrap());
+    assert!(path_of(&w, 0, 1)
+        .unwrap()
+        .1
+        .contains("no direct candidate answered"));
+    assert_eq!(path_of(&w, 0, 2).unwrap().0, "direct", "others stay direct");
+    // Traffic both ways through the relay.
+    let before = hub_relayed(&w);
+    let mut d = Driver::default();
+    let start = sim.elapsed();
+    d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), start);
+    d.pump(1, 0, 2, Kind::Udp, Duration::from_millis(20), start);
+    d.run(&mut sim, &mut w, Duration::from_secs(5), |_, _, _| false);
+    let end = sim.elapsed() - Duration::from_secs(1);
+    let (sent, got) = d.delivered(1, start, end);
+    assert!(sent > 150);
+    assert_eq!(got, sent, "all TCP through the relay");
+    let (sent, got) = d.delivered(2, start, end);
+    assert_eq!(got, sent, "all UDP through the relay (clean links)");
+    let relayed_frames = hub_relayed(&w) - before;
+    assert!(
+        relayed_frames as usize >= sent,
+        "the hub relayed {relayed_frames}"
+    );
+    // The direct path heals: traffic moves back to it, nothing lost.
+    sim.repair("peer0", "peer1");
+    let healed = sim.elapsed();
+    let back = d
+        .run(&mut sim, &mut w, Duration::from_secs(40), |w, _, _| {
+            path_of(w, 0, 1).is_some_and(|p| p.0 == "direct")
+                && path_of(w, 1, 0).is_some_and(|p| p.0 == "direct")
+        })
+        .unwrap_or_else(|| panic!("not back to direct:\n{}", w.dump()));
+    println!("back to direct {back:?} after the repair");
+    d.run(&mut sim, &mut w, Duration::from_secs(3), |_, _, _| false);
+    let (sent, got) = d.delivered(1, healed, sim.elapsed() - Duration::from_secs(1));
+    assert_eq!(got, sent, "no TCP lost while the path moved");
+    let r0 = hub_relayed(&w);
+    d.run(&mut sim, &mut w, Duration::from_secs(3), |_, _, _| false);
+    // 3 s of 50 packets/s each way would be 300 relayed frames; only the
+    // relay probes remain (each pair probes its relay every 16 s once direct
+    // is healthy, more often just after a move).
+    let relayed = hub_relayed(&w) - r0;
+    println!("relayed in 3 s once direct: {relayed}");
+    assert!(
+        relayed < 60,
+        "the data no longer goes through the hub: {relayed}"
+    );
+}

@@ -122,6 +122,8 @@ pub struct PathStat {
     next_probe: Duration,
     /// Learned from a frame's source (not from the hub's candidates).
     learned: bool,
+    /// A relay scheduled at the long interval because direct was healthy.
+    sparse: bool,
 }
 
 /// Probes remembered per path.
@@ -140,6 +142,7 @@ impl PathStat {
             probes: VecDeque::new(),
             next_probe: now,
             learned,
+            sparse: false,
         }
     }
 
@@ -263,12 +266,16 @@ impl Paths {
             self.add(now, Via::Relay(*k), false);
         }
         self.relays = relays.len();
-        if self
+        let gone = self
             .active
-            .is_some_and(|v| !self.paths.iter().any(|p| p.via == v))
-        {
+            .is_some_and(|v| !self.paths.iter().any(|p| p.via == v));
+        // A path taken only because there was no relay is measured now.
+        if gone || (self.relays > 0 && self.reason == Reason::NoRelay) {
             self.active = None;
             self.reason = Reason::Unprobed;
+        }
+        if self.relays == 0 && self.active.is_none() {
+            self.reason = Reason::NoRelay;
         }
     }
 
@@ -327,6 +334,7 @@ impl Paths {
             return None;
         }
         let (interval, max_backoff) = (self.cfg.probe_interval, self.cfg.max_backoff);
+        let healthy = self.direct_healthy(now);
         let p = self.paths.iter_mut().find(|p| p.next_probe <= now)?;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
@@ -340,12 +348,28 @@ impl Paths {
             p.probes.pop_front();
         }
         let backoff = interval * (1u32 << p.fails.min(4));
+        // While a healthy direct path carries the traffic, relays are only
+        // checked now and then (each probe through one costs the hub work).
+        p.sparse = healthy && p.via.direct().is_none();
+        let backoff = if p.sparse { max_backoff } else { backoff };
         p.next_probe = now + backoff.min(max_backoff);
         Some((p.via, id))
     }
 
+    /// The active path is direct, answers, and loses little.
+    fn direct_healthy(&self, now: Duration) -> bool {
+        self.active
+            .filter(|v| v.direct().is_some())
+            .and_then(|v| self.paths.iter().find(|p| p.via == v))
+            .is_some_and(|p| {
+                p.up(now, self.cfg.down_after)
+                    && p.loss(now, self.cfg.probe_timeout) <= self.cfg.good_loss
+            })
+    }
+
     /// A probe answer arrived.
     pub fn on_ack(&mut self, now: Duration, id: u32) {
+        let healthy = self.direct_healthy(now);
         for p in self.paths.iter_mut() {
             if let Some(x) = p.probes.iter_mut().find(|x| x.0 == id && !x.2) {
                 x.2 = true;
@@ -357,7 +381,9 @@ impl Paths {
                 p.last_ack = Some(now);
                 p.streak += 1;
                 p.fails = 0;
-                if p.next_probe > now + self.cfg.probe_interval {
+                if p.next_probe > now + self.cfg.probe_interval
+                    && !(healthy && p.via.direct().is_none())
+                {
                     p.next_probe = now + self.cfg.probe_interval;
                 }
                 break;
@@ -416,6 +442,15 @@ impl Paths {
             self.direct_lost_since = None;
         } else if self.direct_lost_since.is_none() {
             self.direct_lost_since = Some(now);
+        }
+        if !self.direct_healthy(now) {
+            // Relays probed rarely while direct was fine: check them now.
+            for p in self.paths.iter_mut() {
+                if p.sparse {
+                    p.sparse = false;
+                    p.next_probe = p.next_probe.min(now);
+                }
+            }
         }
         let cur = self
             .active
@@ -487,18 +522,20 @@ impl Paths {
                 self.active = Some(v);
                 self.reason = r;
             }
-            None => {
-                if let Reason::NoDirectAnswer(_) = self.reason {
-                    self.reason = Reason::NoDirectAnswer(no_direct_for());
+            None => match cur {
+                Some(c) if c.up(now, down) => {
+                    self.reason = match (c.via, self.reason) {
+                        (Via::Direct(_), Reason::Roamed) => Reason::Roamed,
+                        (Via::Direct(_), _) => Reason::DirectAnswers,
+                        (Via::Relay(_), Reason::DirectLossy(p)) => Reason::DirectLossy(p),
+                        (Via::Relay(_), _) => Reason::NoDirectAnswer(no_direct_for()),
+                    }
                 }
-                if self.active.is_some()
-                    && cur.is_some_and(|c| !c.up(now, down))
-                    && best_relay.is_none()
-                    && best_direct.is_none()
-                {
+                Some(_) if best_relay.is_none() && best_direct.is_none() => {
                     self.reason = Reason::NothingAnswers;
                 }
-            }
+                _ => {}
+            },
         }
     }
 
