@@ -97,10 +97,32 @@ pub struct Lab {
     namespaces: Vec<String>,
 }
 
+/// A NAT in front of a node: a namespace between it and the router doing
+/// nftables masquerade, with a stateful filter that drops unsolicited
+/// inbound datagrams (as home routers do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// `masquerade`: Linux keeps the source port when it can, so one mapping
+    /// serves every destination (endpoint-independent mapping); inbound
+    /// passes only from where the node sent to (port-restricted cone).
+    Cone,
+    /// `masquerade fully-random`: a new random port for every destination
+    /// (endpoint-dependent mapping, a "symmetric" NAT): hole punching fails.
+    Random,
+}
+
 impl Lab {
     /// Create the router and `peers + 1` node namespaces. `prefix` (≤ 5
     /// characters) and `net` (0..=50) keep concurrent labs apart.
     pub fn new(prefix: &str, net: u8, peers: usize) -> Result<Lab> {
+        Lab::with_nat(prefix, net, peers, &[])
+    }
+
+    /// Like [`Lab::new`], with node `k` behind `nat[k]` where given (node 0,
+    /// the hub, is never behind one). A NATed node has the private address
+    /// 172.16.`k`.2; its NAT namespace `{prefix}-x{k}` holds the public
+    /// address 10.(200+net).`k`.2.
+    pub fn with_nat(prefix: &str, net: u8, peers: usize, nat: &[Option<Nat>]) -> Result<Lab> {
         preflight()?;
         let bin = fastmesh_bin()?;
         let dir =
@@ -120,14 +142,22 @@ impl Lab {
         };
         // A leftover from a killed run would make `ip netns add` fail.
         lab.remove_namespaces_named(peers + 1);
+        if nat.iter().any(Option::is_some) {
+            sh("modprobe", &["nf_conntrack"]).ok();
+        }
         sh("ip", &["netns", "add", &router])?;
         lab.namespaces.push(router.clone());
         lab.ns(&router, "ip", &["link", "set", "lo", "up"])?;
         lab.ns(&router, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         for k in 0..=peers {
+            let node_nat = nat.get(k).copied().flatten().filter(|_| k > 0);
             let ns = format!("{prefix}-n{k}");
             sh("ip", &["netns", "add", &ns])?;
             lab.namespaces.push(ns.clone());
+            if let Some(mode) = node_nat {
+                lab.add_nat_node(net, k, &ns, mode)?;
+                continue;
+            }
             let a = format!("{prefix}a{k}");
             let b = format!("{prefix}b{k}");
             sh(
@@ -179,10 +209,107 @@ impl Lab {
             .args(["netns", "del", &self.router])
             .output();
         for k in 0..=n {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &format!("{}-n{k}", self.prefix)])
-                .output();
+            for kind in ["n", "x"] {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &format!("{}-{kind}{k}", self.prefix)])
+                    .output();
+            }
         }
+    }
+
+    /// Node `k` in `ns` behind a NAT namespace: router <-> NAT <-> node.
+    fn add_nat_node(&mut self, net: u8, k: usize, ns: &str, mode: Nat) -> Result<()> {
+        let prefix = self.prefix.clone();
+        let router = self.router.clone();
+        let x = format!("{prefix}-x{k}");
+        sh("ip", &["netns", "add", &x])?;
+        self.namespaces.push(x.clone());
+        let sub = 200 + net;
+        let (a, c) = (format!("{prefix}a{k}"), format!("{prefix}c{k}"));
+        let (d, b) = (format!("{prefix}d{k}"), format!("{prefix}b{k}"));
+        sh(
+            "ip",
+            &[
+                "link", "add", &a, "netns", &router, "type", "veth", "peer", "name", &c, "netns",
+                &x,
+            ],
+        )?;
+        sh(
+            "ip",
+            &[
+                "link", "add", &d, "netns", &x, "type", "veth", "peer", "name", &b, "netns", ns,
+            ],
+        )?;
+        for (n, dev) in [(&router, &a), (&x, &c), (&x, &d), (&ns.to_string(), &b)] {
+            self.ns(n, "ip", &["link", "set", dev, "gso_max_segs", "1"])?;
+        }
+        self.ns(
+            &router,
+            "ip",
+            &["addr", "add", &format!("10.{sub}.{k}.1/24"), "dev", &a],
+        )?;
+        self.ns(&router, "ip", &["link", "set", &a, "up"])?;
+        self.ns(&x, "ip", &["link", "set", "lo", "up"])?;
+        self.ns(
+            &x,
+            "ip",
+            &["addr", "add", &format!("10.{sub}.{k}.2/24"), "dev", &c],
+        )?;
+        self.ns(
+            &x,
+            "ip",
+            &["addr", "add", &format!("172.16.{k}.1/24"), "dev", &d],
+        )?;
+        self.ns(&x, "ip", &["link", "set", &c, "up"])?;
+        self.ns(&x, "ip", &["link", "set", &d, "up"])?;
+        self.ns(
+            &x,
+            "ip",
+            &["route", "add", "default", "via", &format!("10.{sub}.{k}.1")],
+        )?;
+        self.ns(&x, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        self.ns(ns, "ip", &["link", "set", "lo", "up"])?;
+        self.ns(
+            ns,
+            "ip",
+            &["addr", "add", &format!("172.16.{k}.2/24"), "dev", &b],
+        )?;
+        self.ns(ns, "ip", &["link", "set", &b, "up"])?;
+        self.ns(
+            ns,
+            "ip",
+            &["route", "add", "default", "via", &format!("172.16.{k}.1")],
+        )?;
+        let how = match mode {
+            Nat::Cone => "masquerade",
+            Nat::Random => "masquerade fully-random",
+        };
+        let rules = format!(
+            "table ip fmnat {{\n\
+             chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"{c}\" {how}; }}\n\
+             chain local {{ type filter hook input priority filter; policy drop; ct state established,related accept; iifname \"lo\" accept; }}\n\
+             chain pass {{ type filter hook forward priority filter; policy drop; ct state established,related accept; iifname \"{d}\" accept; }}\n\
+             }}\n"
+        );
+        let f = self.path(&format!("nat{k}.nft"));
+        std::fs::write(&f, rules)?;
+        self.ns(&x, "nft", &["-f", &f])?;
+        self.nodes.push(LabNode {
+            ns: ns.to_string(),
+            underlay: Ipv4Addr::new(172, 16, k as u8, 2),
+            overlay: Ipv4Addr::new(10, 99, net, k as u8),
+            overlay6: format!("fd99:{net}::{k}"),
+            control: self.dir.join(format!("n{k}.sock")),
+        });
+        self.procs.push(None);
+        Ok(())
+    }
+
+    /// Forget every NAT mapping of node `k`'s NAT (as a NAT reboot or a
+    /// mapping timeout would).
+    pub fn flush_nat(&self, k: usize) -> Result<()> {
+        let x = format!("{}-x{k}", self.prefix);
+        self.ns(&x, "conntrack", &["-F"]).map(|_| ())
     }
 
     /// A path inside the lab directory.
@@ -229,29 +356,52 @@ impl Lab {
 
     /// Start (or restart) the hub in node 0 with `heartbeat` seconds.
     pub fn start_hub(&mut self, heartbeat: f64) -> Result<()> {
-        let listen = format!("{}:{PORT}", self.nodes[0].underlay);
+        self.start_hub_at(0, heartbeat)
+    }
+
+    /// Start (or restart) a hub in node `k` (a second hub when `k` > 0; its
+    /// log is `hub{k}.log`, or `hub.log` for node 0).
+    pub fn start_hub_at(&mut self, k: usize, heartbeat: f64) -> Result<()> {
+        let listen = format!("{}:{PORT}", self.nodes[k].underlay);
         let hb = heartbeat.to_string();
+        let data = if k == 0 {
+            "hubdata".to_string()
+        } else {
+            format!("hubdata{k}")
+        };
         let args = [
             "hub",
             "--listen",
             &listen,
             "--key",
-            &self.path("n0.key"),
+            &self.path(&format!("n{k}.key")),
             "--network-key",
             &self.path("network.key"),
             "--data-dir",
-            &self.path("hubdata"),
+            &self.path(&data),
             "--heartbeat",
             &hb,
             "--control",
-            &self.nodes[0].control.to_string_lossy(),
+            &self.nodes[k].control.to_string_lossy(),
         ]
         .map(String::from);
         let bin = self.bin.to_string_lossy().into_owned();
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let c = self.spawn(0, "hub.log", &bin, &argv)?;
-        self.procs[0] = Some(c);
+        let log = if k == 0 {
+            "hub.log".to_string()
+        } else {
+            format!("hub{k}.log")
+        };
+        let c = self.spawn(k, &log, &bin, &argv)?;
+        self.procs[k] = Some(c);
         Ok(())
+    }
+
+    /// `PUBKEY@ADDR:PORT` of a hub running in node `k`.
+    pub fn hub_spec(&self, k: usize) -> Result<String> {
+        let out = self.fastmesh(&["pubkey", &self.path(&format!("n{k}.key"))])?;
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(format!("{key}@{}:{PORT}", self.nodes[k].underlay))
     }
 
     /// The arguments that start peer `k` (for tests that vary them).
@@ -298,6 +448,15 @@ impl Lab {
             }
         }
         v
+    }
+
+    /// Start peer `k` with exactly these arguments.
+    pub fn start_peer_args(&mut self, k: usize, args: &[String]) -> Result<()> {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let bin = self.bin.to_string_lossy().into_owned();
+        let c = self.spawn(k, &format!("peer{k}.log"), &bin, &argv)?;
+        self.procs[k] = Some(c);
+        Ok(())
     }
 
     /// Start peer `k` with extra flags.
@@ -453,6 +612,8 @@ impl Lab {
         for k in 0..self.nodes.len() {
             let name = if k == 0 {
                 "hub.log".to_string()
+            } else if self.dir.join(format!("hub{k}.log")).exists() {
+                format!("hub{k}.log")
             } else {
                 format!("peer{k}.log")
             };

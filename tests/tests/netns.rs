@@ -3,7 +3,7 @@
 //! Each test builds its own lab and the lab removes everything when dropped,
 //! also when the test fails. Tests run one at a time (they share the CPU).
 
-use fastmesh_tests::lab::{fastmesh_bin, mbps, Lab};
+use fastmesh_tests::lab::{fastmesh_bin, mbps, Lab, Nat};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -425,4 +425,228 @@ fn bad_input_and_shutdown_behave() {
         "{}",
         lab.log("peer2.log")
     );
+}
+
+// ------------------------------------------------------------------ NAT
+
+/// A lab whose peers sit behind NATs of kind `nat`: node 0 is a hub, nodes
+/// `1..hubs` more hubs (public), then two peers, each behind its own NAT.
+/// Returns the lab and the indices of the two peers.
+fn nat_lab(prefix: &str, net: u8, nat: Nat, hubs: usize) -> (Lab, [usize; 2]) {
+    let n = hubs + 1;
+    let mut kinds = vec![None; hubs];
+    kinds.extend([Some(nat), Some(nat)]);
+    let mut lab = Lab::with_nat(prefix, net, n, &kinds).expect("namespace lab with NAT");
+    for h in 0..hubs {
+        lab.start_hub_at(h, 1.0).unwrap();
+    }
+    let specs: Vec<String> = (0..hubs).map(|h| lab.hub_spec(h).unwrap()).collect();
+    let peers = [hubs, hubs + 1];
+    for k in peers {
+        let mut args = lab.peer_args(k, &["--hub", &specs[0]]);
+        for s in &specs[1..] {
+            args.push("--hub".into());
+            args.push(s.clone());
+        }
+        lab.start_peer_args(k, &args).unwrap();
+    }
+    let up = |l: &Lab| {
+        peers.iter().all(|&k| {
+            l.status(k).is_ok_and(|v| {
+                let s = &v["status"];
+                s["hubs"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().all(|h| h["state"] == "registered"))
+                    && s["peers"]
+                        .as_array()
+                        .is_some_and(|p| p.len() == 1 && p[0]["state"] == "up")
+            })
+        })
+    };
+    if let Err(e) = lab.wait(Duration::from_secs(40), up) {
+        panic!("mesh behind NAT did not come up: {e}\n{}", lab.logs());
+    }
+    (lab, peers)
+}
+
+/// The path peer `k` uses to its one peer, and why.
+fn nat_path(lab: &Lab, k: usize) -> (String, String) {
+    lab.status(k)
+        .ok()
+        .and_then(|v| {
+            let p = &v["status"]["peers"][0];
+            Some((
+                p["path"].as_str()?.to_string(),
+                p["path_reason"].as_str().unwrap_or("").to_string(),
+            ))
+        })
+        .unwrap_or_default()
+}
+
+/// The hub's relay counter (frames).
+fn relayed(lab: &Lab, hub: usize) -> u64 {
+    lab.status(hub)
+        .ok()
+        .and_then(|v| v["status"]["relayed"].as_u64())
+        .unwrap_or(0)
+}
+
+fn wait_path(lab: &Lab, peers: [usize; 2], want: &str, secs: u64) -> Duration {
+    lab.wait(Duration::from_secs(secs), |l| {
+        peers.iter().all(|&k| nat_path(l, k).0 == want)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "peers not on {want}: {e}\n{}\n{}\n{}",
+            lab.status_table(peers[0]),
+            lab.status_table(peers[1]),
+            lab.logs()
+        )
+    })
+}
+
+#[test]
+fn cone_nats_form_a_direct_path_and_the_hub_relays_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (lab, [a, b]) = nat_lab("fmn1", 21, Nat::Cone, 1);
+    let t = wait_path(&lab, [a, b], "direct", 30);
+    println!("direct through two cone NATs {t:?} after the mesh was up");
+    println!("{}", lab.status_table(a));
+    let before = relayed(&lab, 0);
+    let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 5);
+    assert!(ok, "ping through the NATs: {out}");
+    let bytes = 20_000_000;
+    let r = transfer(&lab, a, b, bytes, 5301);
+    assert_transfer("through cone NATs", bytes, &r, &lab);
+    let during = relayed(&lab, 0) - before;
+    // ~14,000 data frames went by; only relay probes (one per 16 s and
+    // direction while direct is healthy) may cross the hub.
+    assert!(during < 20, "the hub relayed {during} frames");
+    assert_eq!(nat_path(&lab, a).0, "direct");
+    assert_eq!(nat_path(&lab, b).0, "direct");
+}
+
+#[test]
+fn random_port_nats_fall_back_to_the_relay_and_traffic_flows() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (lab, [a, b]) = nat_lab("fmn2", 22, Nat::Random, 1);
+    let t = wait_path(&lab, [a, b], "relay", 40);
+    println!("relayed through the hub {t:?} after the mesh was up");
+    println!("{}", lab.status_table(a));
+    let (_, why) = nat_path(&lab, a);
+    assert!(why.contains("no direct candidate answered"), "{why}");
+    let before = relayed(&lab, 0);
+    let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 5);
+    assert!(ok, "ping through the relay: {out}");
+    let bytes = 10_000_000;
+    let r = transfer(&lab, a, b, bytes, 5302);
+    assert_transfer("through the hub relay (random-port NATs)", bytes, &r, &lab);
+    let during = relayed(&lab, 0) - before;
+    assert!(during > 5_000, "the hub relayed only {during} frames");
+    assert_eq!(nat_path(&lab, a).0, "relay");
+}
+
+#[test]
+fn nat_mappings_flushed_mid_transfer_the_path_recovers() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (lab, [a, b]) = nat_lab("fmn3", 23, Nat::Cone, 1);
+    wait_path(&lab, [a, b], "direct", 30);
+    let me = lab_bin();
+    let bytes: u64 = 150_000_000;
+    let mut rx = lab
+        .spawn(b, "recv5303.log", &me, &["tcp-recv", "5303"])
+        .unwrap();
+    lab.wait_listening(b, 5303, false).unwrap();
+    let dst = format!("{}:5303", lab.nodes[b].overlay);
+    let mut tx = lab
+        .spawn(
+            a,
+            "send5303.log",
+            &me,
+            &["tcp-send", &dst, &bytes.to_string()],
+        )
+        .unwrap();
+    let tx_bytes = |l: &Lab| {
+        l.status(a)
+            .ok()
+            .and_then(|v| v["status"]["peers"][0]["tx_bytes"].as_u64())
+            .unwrap_or(0)
+    };
+    let start = tx_bytes(&lab);
+    lab.wait(Duration::from_secs(20), |l| {
+        tx_bytes(l) > start + 10_000_000
+    })
+    .expect("transfer under way");
+    // Both NATs forget every mapping while data flows.
+    lab.flush_nat(a).unwrap();
+    lab.flush_nat(b).unwrap();
+    let t = Instant::now();
+    let _ = tx.wait();
+    let _ = rx.wait();
+    let sent = lab.log("send5303.log");
+    let got = lab.log("recv5303.log");
+    assert_transfer(
+        "across a NAT mapping flush",
+        bytes,
+        &(t.elapsed(), sent.trim().to_string(), got.trim().to_string()),
+        &lab,
+    );
+    wait_path(&lab, [a, b], "direct", 30);
+    let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 3);
+    assert!(ok, "ping after the flush: {out}");
+}
+
+#[test]
+fn two_hubs_one_killed_while_relaying_nothing_stops() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut lab, [a, b]) = nat_lab("fmn4", 24, Nat::Random, 2);
+    wait_path(&lab, [a, b], "relay", 40);
+    // Which hub relays? Kill that one.
+    let via = lab.status(a).unwrap()["status"]["peers"][0]["relay"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let which = (0..2)
+        .find(|&h| lab.hub_spec(h).unwrap().starts_with(&via))
+        .unwrap_or_else(|| panic!("relaying hub {via:?} not found"));
+    let other = 1 - which;
+    println!("relayed through hub {which}; killing it");
+    let me = lab_bin();
+    let bytes: u64 = 40_000_000;
+    let mut rx = lab
+        .spawn(b, "recv5304.log", &me, &["tcp-recv", "5304"])
+        .unwrap();
+    lab.wait_listening(b, 5304, false).unwrap();
+    let dst = format!("{}:5304", lab.nodes[b].overlay);
+    let mut tx = lab
+        .spawn(
+            a,
+            "send5304.log",
+            &me,
+            &["tcp-send", &dst, &bytes.to_string()],
+        )
+        .unwrap();
+    let before = relayed(&lab, which);
+    lab.wait(Duration::from_secs(20), |l| {
+        relayed(l, which) > before + 2_000
+    })
+    .expect("transfer under way through the relay");
+    lab.kill9(which);
+    let t = Instant::now();
+    let _ = tx.wait();
+    let _ = rx.wait();
+    assert_transfer(
+        "with the relaying hub killed mid-transfer",
+        bytes,
+        &(
+            t.elapsed(),
+            lab.log("send5304.log").trim().to_string(),
+            lab.log("recv5304.log").trim().to_string(),
+        ),
+        &lab,
+    );
+    assert!(relayed(&lab, other) > 1_000, "the other hub took over");
+    let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 3);
+    assert!(ok, "ping after losing a hub: {out}");
+    println!("{}", lab.status_table(a));
 }

@@ -145,9 +145,12 @@ impl Default for SessionConfig {
 }
 
 impl SessionConfig {
-    /// Largest plaintext (inner type byte + payload) that fits `path_mtu`.
+    /// Largest plaintext (inner type byte + payload) such that the frame fits
+    /// `path_mtu` also when a hub relays it (which adds
+    /// [`wire::RELAY_OVERHEAD`]): a path can move to a relay at any time, and
+    /// the sockets do not fragment.
     pub fn plain_budget(&self) -> usize {
-        self.path_mtu - wire::DATA_OVERHEAD
+        self.path_mtu - wire::DATA_OVERHEAD - wire::RELAY_OVERHEAD
     }
 
     /// Largest inner IP packet that never needs more than one UDP datagram,

@@ -47,6 +47,10 @@ pub const RESP_FRAME_LEN: usize = RESP_HEADER_LEN + NOISE_RESP_LEN;
 /// Bytes a data frame adds around its plaintext (header + tag).
 pub const DATA_OVERHEAD: usize = DATA_HEADER_LEN + TAG_LEN;
 
+/// Bytes a hub relay adds around a whole frame: its own data frame around an
+/// inner-type byte and the 32-byte key of the other end.
+pub const RELAY_OVERHEAD: usize = DATA_OVERHEAD + 1 + 32;
+
 /// Largest UDP payload fastmesh ever sends or accepts.
 pub const MAX_FRAME: usize = 65_507;
 
