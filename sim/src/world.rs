@@ -10,6 +10,7 @@
 //! directory and survives its crashes.
 
 use crate::des::SIM_PSK;
+use crate::nat::{NatKind, SimNat};
 use crate::turmoil_net::{AppSender, MemTun, TurmoilUdp};
 use actix::prelude::*;
 use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
@@ -22,7 +23,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -117,6 +118,74 @@ impl Datagram for Rebindable {
     }
 }
 
+/// A peer's socket: plain (and rebindable) or behind a NAT.
+pub enum PeerSock {
+    /// Straight on the host's address.
+    Plain(Rebindable),
+    /// Behind a [`SimNat`].
+    Nat(SimNat),
+}
+
+impl Datagram for PeerSock {
+    fn send_to(
+        &self,
+        buf: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        async move {
+            match self {
+                PeerSock::Plain(s) => s.send_to(buf, to).await,
+                PeerSock::Nat(s) => s.send_to(buf, to).await,
+            }
+        }
+    }
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+        async move {
+            match self {
+                PeerSock::Plain(s) => s.recv_from(buf).await,
+                PeerSock::Nat(s) => s.recv_from(buf).await,
+            }
+        }
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            PeerSock::Plain(s) => s.local_addr(),
+            PeerSock::Nat(s) => s.local_addr(),
+        }
+    }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            match self {
+                PeerSock::Plain(s) => s.readable().await,
+                PeerSock::Nat(s) => s.readable().await,
+            }
+        }
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            PeerSock::Plain(s) => s.try_recv_from(buf),
+            PeerSock::Nat(s) => s.try_recv_from(buf),
+        }
+    }
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        match self {
+            PeerSock::Plain(s) => s.try_send_to(buf, to),
+            PeerSock::Nat(s) => s.try_send_to(buf, to),
+        }
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            match self {
+                PeerSock::Plain(s) => s.writable().await,
+                PeerSock::Nat(s) => s.writable().await,
+            }
+        }
+    }
+}
+
 /// What the test sees of one peer.
 pub struct PeerHandle {
     /// turmoil host name.
@@ -135,6 +204,10 @@ pub struct PeerHandle {
     pub status: Arc<Mutex<Option<NodeStatus>>>,
     /// Set to a port number to make the peer move its socket there.
     pub rebind_to: Arc<AtomicU16>,
+    /// Set to make the peer's NAT forget its mappings (within 100 ms).
+    pub nat_flush: Arc<AtomicBool>,
+    /// Inbound datagrams the peer's NAT dropped (updated every 100 ms).
+    pub nat_dropped: Arc<AtomicU64>,
 }
 
 impl PeerHandle {
@@ -184,6 +257,8 @@ pub struct WorldConfig {
     pub store_dir: PathBuf,
     /// Number of hubs (hosts "hub", "hub1", ...); every peer lists them all.
     pub hubs: usize,
+    /// NAT in front of peer `i` (`nat[i]`); missing entries: none.
+    pub nat: Vec<Option<NatKind>>,
 }
 
 /// turmoil host name of hub `i`.
@@ -286,11 +361,16 @@ impl World {
             let (dev, handle) = MemTun::new(4096);
             let status: Arc<Mutex<Option<NodeStatus>>> = Arc::default();
             let rebind_to = Arc::new(AtomicU16::new(0));
+            let nat_flush = Arc::new(AtomicBool::new(false));
+            let nat_dropped = Arc::new(AtomicU64::new(0));
+            let nat_kind = cfg.nat.get(i).copied().flatten();
             let key = StaticKeypair::from_seed(peer_seed(i)).public;
             {
                 let cfg = cfg.clone();
                 let status = status.clone();
                 let rebind_to = rebind_to.clone();
+                let nat_flush = nat_flush.clone();
+                let nat_dropped = nat_dropped.clone();
                 let host = host.clone();
                 let starts = Arc::new(AtomicU64::new(0));
                 sim.host(host.clone(), move || {
@@ -298,15 +378,17 @@ impl World {
                     let dev = Arc::new(dev.clone());
                     let status = status.clone();
                     let rebind_to = rebind_to.clone();
+                    let nat_flush = nat_flush.clone();
+                    let nat_dropped = nat_dropped.clone();
                     let host = host.clone();
                     let n = starts.fetch_add(1, Ordering::SeqCst);
                     async move {
                         let seed = cfg.seed ^ (i as u64 + 1) ^ (n << 32);
-                        let sock = Arc::new(Impaired::new(
-                            Rebindable::bind(PORT).await?,
-                            cfg.spec.clone(),
-                            seed,
-                        ));
+                        let inner = match nat_kind {
+                            None => PeerSock::Plain(Rebindable::bind(PORT).await?),
+                            Some(k) => PeerSock::Nat(SimNat::bind(k, seed ^ 0x4e41_5400).await?),
+                        };
+                        let sock = Arc::new(Impaired::new(inner, cfg.spec.clone(), seed));
                         let node = Node::new(
                             NodeConfig::default(),
                             StaticKeypair::from_seed(peer_seed(i)),
@@ -362,8 +444,15 @@ impl World {
                         loop {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             let port = rebind_to.swap(0, Ordering::SeqCst);
-                            if port != 0 {
-                                sock.inner().rebind(port).await?;
+                            match sock.inner() {
+                                PeerSock::Plain(s) if port != 0 => s.rebind(port).await?,
+                                PeerSock::Nat(s) => {
+                                    if nat_flush.swap(false, Ordering::SeqCst) {
+                                        s.flush();
+                                    }
+                                    nat_dropped.store(s.dropped(), Ordering::SeqCst);
+                                }
+                                _ => {}
                             }
                             if let Ok(s) = sup.send(GetNodeStatus).await {
                                 if let Ok(mut p) = status.lock() {
@@ -383,6 +472,8 @@ impl World {
                 delivered: handle.delivered,
                 status,
                 rebind_to,
+                nat_flush,
+                nat_dropped,
             });
         }
         World {

@@ -1,6 +1,7 @@
 //! The whole mesh in turmoil: a hub and five peers running the real actors,
 //! in-memory TUN devices, seeded links. Every test is deterministic.
 
+use sim::nat::NatKind;
 use sim::traffic::{self, Kind};
 use sim::world::{World, WorldConfig};
 use std::collections::BTreeSet;
@@ -28,6 +29,17 @@ fn world_with_hubs(
     name: &str,
     hubs: usize,
 ) -> World {
+    world_nat(sim, spec, seed, name, hubs, vec![])
+}
+
+fn world_nat(
+    sim: &mut turmoil::Sim<'static>,
+    spec: LinkSpec,
+    seed: u64,
+    name: &str,
+    hubs: usize,
+    nat: Vec<Option<NatKind>>,
+) -> World {
     let dir = std::env::temp_dir().join(format!("fastmesh-mesh-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -40,6 +52,7 @@ fn world_with_hubs(
             seed,
             store_dir: dir,
             hubs,
+            nat,
         },
     )
 }
@@ -649,4 +662,156 @@ fn without_a_direct_path_traffic_goes_through_the_hub_then_back_to_direct() {
         relayed < 60,
         "the data no longer goes through the hub: {relayed}"
     );
+}
+
+// ---------------------------------------------- NAT (sim::nat), seeded
+
+/// peer0 and peer1 behind NATs of `kind`, the others public.
+fn nat_world(sim: &mut turmoil::Sim<'static>, kind: NatKind, name: &str, hubs: usize) -> World {
+    let mut w = world_nat(sim, clean(), 31, name, hubs, vec![Some(kind), Some(kind)]);
+    let t = w.run_until(sim, Duration::from_secs(30), |w| w.all_connected());
+    t.unwrap_or_else(|| panic!("mesh behind NAT did not form:\n{}", w.dump()));
+    w
+}
+
+fn both_on(w: &World, want: &str) -> bool {
+    path_of(w, 0, 1).is_some_and(|p| p.0 == want) && path_of(w, 1, 0).is_some_and(|p| p.0 == want)
+}
+
+#[test]
+fn sim_cone_nats_punch_a_direct_path() {
+    let mut sim = sim(120);
+    let mut w = nat_world(&mut sim, NatKind::Cone, "natcone", 1);
+    let t = w
+        .run_until(&mut sim, Duration::from_secs(30), |w| both_on(w, "direct"))
+        .unwrap_or_else(|| panic!("no direct path through cone NATs:\n{}", w.dump()));
+    println!("direct through two cone NATs after {t:?}");
+    // Let the first probing rounds (relays probed every second until direct
+    // is proven) pass; then measure.
+    w.run_until(&mut sim, Duration::from_secs(20), |_| false);
+    let r0 = hub_relayed(&w);
+    let mut d = Driver::default();
+    let start = sim.elapsed();
+    d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), start);
+    d.run(&mut sim, &mut w, Duration::from_secs(5), |_, _, _| false);
+    let (sent, got) = d.delivered(1, start, sim.elapsed() - Duration::from_secs(1));
+    assert_eq!(got, sent);
+    let relayed = hub_relayed(&w) - r0;
+    println!("hub relayed {relayed} frames while 250 data packets went direct");
+    assert!(
+        relayed < 40,
+        "the hub relayed {relayed} frames (~250 data frames went direct)"
+    );
+    assert!(both_on(&w, "direct"));
+}
+
+#[test]
+fn sim_random_port_nats_use_the_relay() {
+    let mut sim = sim(120);
+    let mut w = nat_world(&mut sim, NatKind::Random, "natrand", 1);
+    w.run_until(&mut sim, Duration::from_secs(30), |w| both_on(w, "relay"))
+        .unwrap_or_else(|| panic!("not relayed:\n{}", w.dump()));
+    let r0 = hub_relayed(&w);
+    let mut d = Driver::default();
+    let start = sim.elapsed();
+    d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), start);
+    d.pump(1, 0, 2, Kind::Udp, Duration::from_millis(20), start);
+    // Well past the punch requests and backoff: still relayed, all delivered.
+    d.run(&mut sim, &mut w, Duration::from_secs(30), |_, _, _| false);
+    let end = sim.elapsed() - Duration::from_secs(1);
+    for flow in [1, 2] {
+        let (sent, got) = d.delivered(flow, start, end);
+        assert!(sent > 1_000);
+        assert_eq!(got, sent, "flow {flow} through the relay");
+    }
+    assert!(hub_relayed(&w) - r0 > 2_000);
+    assert!(both_on(&w, "relay"));
+    // Direct attempts were made and refused by the NATs (wrong ports).
+    let refused = w.peers[0]
+        .nat_dropped
+        .load(std::sync::atomic::Ordering::SeqCst);
+    println!("peer0's NAT refused {refused} datagrams");
+    assert!(refused > 0);
+    // The other peers reach peer0 directly: it is only the NAT pair that needs the hub.
+    assert_eq!(path_of(&w, 2, 3).unwrap().0, "direct");
+}
+
+#[test]
+fn sim_nat_mapping_flush_mid_transfer_recovers() {
+    let mut sim = sim(120);
+    let mut w = nat_world(&mut sim, NatKind::Cone, "natflush", 1);
+    w.run_until(&mut sim, Duration::from_secs(30), |w| both_on(w, "direct"))
+        .unwrap_or_else(|| panic!("no direct path:\n{}", w.dump()));
+    let mut d = Driver::default();
+    let start = sim.elapsed();
+    d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(10), start);
+    d.pump(1, 0, 2, Kind::Tcp, Duration::from_millis(10), start);
+    d.run(&mut sim, &mut w, Duration::from_secs(2), |_, _, _| false);
+    use std::sync::atomic::Ordering::SeqCst;
+    let dropped = |w: &World| -> u64 {
+        w.peers[..2]
+            .iter()
+            .map(|p| p.nat_dropped.load(SeqCst))
+            .sum()
+    };
+    let before = dropped(&w);
+    for p in &w.peers[..2] {
+        p.nat_flush.store(true, SeqCst);
+    }
+    d.run(&mut sim, &mut w, Duration::from_secs(10), |_, _, _| false);
+    let end = sim.elapsed() - Duration::from_secs(2);
+    for flow in [1, 2] {
+        let (sent, got) = d.delivered(flow, start, end);
+        assert_eq!(
+            got, sent,
+            "flow {flow}: every TCP packet arrived across the flush"
+        );
+    }
+    // The NATs keep their public port (as Linux does) and both sides keep
+    // sending, so the mappings reopen and the path stays direct.
+    assert!(both_on(&w, "direct"), "{}", w.dump());
+    // The flush was real: datagrams arriving before the other side's next
+    // send were refused by the NATs.
+    let refused = dropped(&w) - before;
+    println!("the NATs refused {refused} datagrams after the flush");
+    assert!(refused > 0);
+}
+
+#[test]
+fn sim_two_hubs_relaying_hub_crashes_nothing_stops() {
+    let mut sim = sim(150);
+    let mut w = nat_world(&mut sim, NatKind::Random, "nat2hub", 2);
+    w.run_until(&mut sim, Duration::from_secs(30), |w| both_on(w, "relay"))
+        .unwrap_or_else(|| panic!("not relayed:\n{}", w.dump()));
+    let relaying = |w: &World| {
+        w.peers[0].status().and_then(|s| {
+            s.peers
+                .iter()
+                .find(|p| p.name == "peer1")
+                .and_then(|p| p.relay.clone())
+        })
+    };
+    let via = relaying(&w).expect("relaying hub");
+    let hub0 = fastmesh_actors::registry::short_key(&w.hub_key);
+    let (dead, alive) = if via == hub0 { ("hub", 1) } else { ("hub1", 0) };
+    let mut d = Driver::default();
+    let start = sim.elapsed();
+    d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), start);
+    d.run(&mut sim, &mut w, Duration::from_secs(2), |_, _, _| false);
+    sim.crash(dead);
+    let back = d
+        .run(&mut sim, &mut w, Duration::from_secs(30), |w, _, _| {
+            relaying(w).is_some_and(|v| v != via)
+        })
+        .unwrap_or_else(|| panic!("relay did not move:\n{}", w.dump()));
+    println!("relay moved to the other hub {back:?} after the crash");
+    d.run(&mut sim, &mut w, Duration::from_secs(5), |_, _, _| false);
+    let (sent, got) = d.delivered(1, start, sim.elapsed() - Duration::from_secs(1));
+    assert_eq!(got, sent, "every TCP packet arrived");
+    let relayed = w.hub_statuses[alive]
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map_or(0, |s| s.relayed);
+    assert!(relayed > 100, "the surviving hub relays: {relayed}");
 }
