@@ -20,7 +20,7 @@ pub fn overlay(i: usize) -> Ipv4Addr {
 
 /// Schedule `n` tagged packets from host 0 to `to` over `span` from now: `tcp_flows`
 /// TCP flows and one UDP flow (every fourth packet), sizes cycling through
-/// 40..=1400 bytes driven by `seed`. Returns how many packets each TCP flow got.
+/// 40 bytes..=the TUN MTU driven by `seed`. Returns how many packets each TCP flow got.
 pub fn schedule_mixed(
     net: &mut Net,
     to: PublicKey,
@@ -36,7 +36,9 @@ pub fn schedule_mixed(
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let len = 40 + (x % 1361) as usize;
+        // Never above the TUN MTU: a TUN device hands out nothing larger.
+        let max = transport::SessionConfig::default().tun_mtu() as u64;
+        let len = 40 + (x % (max - 39)) as usize;
         let at = net.now() + span * i / n.max(1);
         let pkt = if i % 4 == 3 {
             udp_seq += 1;

@@ -650,3 +650,37 @@ fn two_hubs_one_killed_while_relaying_nothing_stops() {
     assert!(ok, "ping after losing a hub: {out}");
     println!("{}", lab.status_table(a));
 }
+
+#[test]
+fn a_direct_path_that_drops_large_frames_is_left_for_the_relay() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let net = 25;
+    let (lab, [a, b]) = nat_lab("fmn5", net, Nat::Cone, 1);
+    wait_path(&lab, [a, b], "direct", 30);
+    // A black hole for large datagrams between the two NATs only (an MTU
+    // problem on the direct route): probes and keepalives still pass.
+    let (pa, pb) = (
+        format!("10.{}.{a}.2", 200 + net),
+        format!("10.{}.{b}.2", 200 + net),
+    );
+    let rules = format!(
+        "table ip fmhole {{\n chain f {{ type filter hook forward priority 0; policy accept;\n  \
+         ip saddr {pa} ip daddr {pb} meta length > 400 drop\n  \
+         ip saddr {pb} ip daddr {pa} meta length > 400 drop\n }}\n}}\n"
+    );
+    let f = lab.path("hole.nft");
+    std::fs::write(&f, rules).unwrap();
+    lab.ns(&lab.router, "nft", &["-f", &f]).unwrap();
+    let bytes = 20_000_000;
+    let r = transfer(&lab, a, b, bytes, 5305);
+    assert_transfer(
+        "with large frames dropped on the direct path",
+        bytes,
+        &r,
+        &lab,
+    );
+    let (path, why) = nat_path(&lab, a);
+    println!("{}", lab.status_table(a));
+    assert_eq!(path, "relay", "{why}");
+    assert!(why.contains("loses") && why.contains("data"), "{why}");
+}

@@ -86,6 +86,9 @@ pub enum Reason {
     NoDirectAnswer(u64),
     /// The direct path loses this share of probes (percent); the relay less.
     DirectLossy(u32),
+    /// The direct path answers probes but loses this share of the data
+    /// (percent, from the receiver's reports): e.g. large frames vanish.
+    DirectDropsData(u32),
     /// Nothing answers at the moment; keeping the last path.
     NothingAnswers,
 }
@@ -99,6 +102,9 @@ impl fmt::Display for Reason {
             Reason::Roamed => write!(f, "peer's frames come from a new endpoint"),
             Reason::NoDirectAnswer(s) => write!(f, "no direct candidate answered for {s} s"),
             Reason::DirectLossy(p) => write!(f, "direct path loses {p}% of probes"),
+            Reason::DirectDropsData(p) => {
+                write!(f, "direct path answers probes but loses {p}% of data")
+            }
             Reason::NothingAnswers => write!(f, "no path answers; keeping the last one"),
         }
     }
@@ -124,7 +130,19 @@ pub struct PathStat {
     learned: bool,
     /// A relay scheduled at the long interval because direct was healthy.
     sparse: bool,
+    /// Not to be promoted before this (it was left for dropping data).
+    penalty_until: Option<Duration>,
+    /// The next penalty if it is left again.
+    penalty: Duration,
 }
+
+/// How long a direct path left for dropping data is not promoted again; it
+/// doubles with every repeat, up to [`PENALTY_MAX`].
+const PENALTY_FIRST: Duration = Duration::from_secs(30);
+/// Longest such penalty.
+const PENALTY_MAX: Duration = Duration::from_secs(600);
+/// How long data loss must stay high before the direct path is left.
+const DATA_BAD_FOR: Duration = Duration::from_secs(2);
 
 /// Probes remembered per path.
 const WINDOW: usize = 16;
@@ -143,6 +161,8 @@ impl PathStat {
             next_probe: now,
             learned,
             sparse: false,
+            penalty_until: None,
+            penalty: PENALTY_FIRST,
         }
     }
 
@@ -182,6 +202,9 @@ pub struct Paths {
     direct_lost_since: Option<Duration>,
     /// Relayed paths are in use (a relay is configured).
     relays: usize,
+    /// Since when the data on the active direct path has been lost badly,
+    /// and how badly (from the receiver's reports).
+    data_bad: Option<(Duration, f64)>,
 }
 
 /// Most paths kept per peer (candidates from the hub plus learned ones).
@@ -198,6 +221,7 @@ impl Paths {
             next_id: 1,
             direct_lost_since: None,
             relays: 0,
+            data_bad: None,
         }
     }
 
@@ -356,15 +380,31 @@ impl Paths {
         Some((p.via, id))
     }
 
+    /// The data loss the receiver reports on the active path (0..1).
+    pub fn note_data_loss(&mut self, now: Duration, loss: f64) {
+        if !self.active.is_some_and(|v| v.direct().is_some()) {
+            self.data_bad = None;
+            return;
+        }
+        if loss >= self.cfg.bad_loss {
+            let since = self.data_bad.map_or(now, |(t, _)| t);
+            self.data_bad = Some((since, loss));
+        } else {
+            self.data_bad = None;
+        }
+    }
+
     /// The active path is direct, answers, and loses little.
     fn direct_healthy(&self, now: Duration) -> bool {
-        self.active
-            .filter(|v| v.direct().is_some())
-            .and_then(|v| self.paths.iter().find(|p| p.via == v))
-            .is_some_and(|p| {
-                p.up(now, self.cfg.down_after)
-                    && p.loss(now, self.cfg.probe_timeout) <= self.cfg.good_loss
-            })
+        self.data_bad.is_none()
+            && self
+                .active
+                .filter(|v| v.direct().is_some())
+                .and_then(|v| self.paths.iter().find(|p| p.via == v))
+                .is_some_and(|p| {
+                    p.up(now, self.cfg.down_after)
+                        && p.loss(now, self.cfg.probe_timeout) <= self.cfg.good_loss
+                })
     }
 
     /// A probe answer arrived.
@@ -456,8 +496,14 @@ impl Paths {
             .active
             .and_then(|v| self.paths.iter().find(|p| p.via == v));
         let promotable = |d: &PathStat| {
-            d.streak >= self.cfg.promote_streak && d.loss(now, to) <= self.cfg.good_loss
+            d.streak >= self.cfg.promote_streak
+                && d.loss(now, to) <= self.cfg.good_loss
+                && d.penalty_until.is_none_or(|t| now >= t)
         };
+        let drops_data = self
+            .data_bad
+            .filter(|(t, _)| now.saturating_sub(*t) >= DATA_BAD_FOR)
+            .map(|(_, l)| l);
         let no_direct_for = || {
             now.saturating_sub(self.direct_lost_since.unwrap_or(now))
                 .as_secs()
@@ -466,7 +512,13 @@ impl Paths {
             Some(c) if c.via.direct().is_some() => {
                 let c_loss = c.loss(now, to);
                 let c_up = c.up(now, down);
-                if !c_up {
+                if let (Some(dl), Some(r)) = (drops_data, &best_relay) {
+                    if r.loss(now, to) + 0.2 < dl {
+                        Some((r.via, Reason::DirectDropsData((dl * 100.0).round() as u32)))
+                    } else {
+                        None
+                    }
+                } else if !c_up {
                     match (&best_direct, &best_relay) {
                         (Some(d), _) if promotable(d) => Some((d.via, Reason::DirectAnswers)),
                         (_, Some(r)) => Some((r.via, Reason::NoDirectAnswer(no_direct_for()))),
@@ -519,6 +571,17 @@ impl Paths {
         };
         match next {
             Some((v, r)) => {
+                if let Reason::DirectDropsData(_) = r {
+                    // Keep traffic off that direct path for a while: its probes
+                    // still pass, so without this it would be promoted again.
+                    if let Some(old) = self.active {
+                        if let Some(p) = self.paths.iter_mut().find(|p| p.via == old) {
+                            p.penalty_until = Some(now + p.penalty);
+                            p.penalty = (p.penalty * 2).min(PENALTY_MAX);
+                        }
+                    }
+                }
+                self.data_bad = None;
                 self.active = Some(v);
                 self.reason = r;
             }
@@ -528,6 +591,7 @@ impl Paths {
                         (Via::Direct(_), Reason::Roamed) => Reason::Roamed,
                         (Via::Direct(_), _) => Reason::DirectAnswers,
                         (Via::Relay(_), Reason::DirectLossy(p)) => Reason::DirectLossy(p),
+                        (Via::Relay(_), Reason::DirectDropsData(p)) => Reason::DirectDropsData(p),
                         (Via::Relay(_), _) => Reason::NoDirectAnswer(no_direct_for()),
                     }
                 }
@@ -571,6 +635,17 @@ mod tests {
         secs: u64,
         answer: impl Fn(Via) -> Option<Duration>,
     ) -> Duration {
+        drive_with(p, from, secs, answer, |_, _| {})
+    }
+
+    /// [`drive`], calling `each` every 10 ms step.
+    fn drive_with(
+        p: &mut Paths,
+        from: Duration,
+        secs: u64,
+        answer: impl Fn(Via) -> Option<Duration>,
+        mut each: impl FnMut(&mut Paths, Duration),
+    ) -> Duration {
         let mut acks: Vec<(Duration, u32)> = Vec::new();
         let mut t = from;
         let end = from + Duration::from_secs(secs);
@@ -585,6 +660,7 @@ mod tests {
                 let (_, id) = acks.remove(0);
                 p.on_ack(t, id);
             }
+            each(p, t);
             p.choose(t);
             t += ms(10);
         }
@@ -663,6 +739,37 @@ mod tests {
             p.reason()
         );
         assert_eq!(switches, 1, "one move, no flapping");
+    }
+
+    #[test]
+    fn a_direct_path_that_answers_probes_but_drops_data_is_left_and_kept_off() {
+        let hub = [7; 32];
+        let mut p = Paths::new(PathConfig::default());
+        p.set_relays(ms(0), &[hub]);
+        p.set_direct(ms(0), &[addr(1)]);
+        let t = drive(&mut p, ms(0), 5, |_| Some(ms(20)));
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+        // Probes still pass both ways; the receiver reports 50% data loss
+        // (as it would every 20 ms while traffic flows).
+        let t = drive_with(
+            &mut p,
+            t,
+            4,
+            |_| Some(ms(20)),
+            |p, t| {
+                if p.current().is_some_and(|v| v.direct().is_some()) {
+                    p.note_data_loss(t, 0.5)
+                }
+            },
+        );
+        assert_eq!(p.current(), Some(Via::Relay(hub)));
+        assert_eq!(p.reason(), Reason::DirectDropsData(50));
+        // Direct keeps answering probes, but stays out for the penalty...
+        let t2 = drive(&mut p, t, 20, |_| Some(ms(20)));
+        assert_eq!(p.current(), Some(Via::Relay(hub)));
+        // ...and is tried again after it (30 s).
+        drive(&mut p, t2, 15, |_| Some(ms(20)));
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
     }
 
     #[test]

@@ -1172,6 +1172,7 @@ impl Session {
                         bytes,
                     },
                 );
+                self.paths.note_data_loss(now, self.cc.loss());
             }
             Control::ConvReset { conv } => {
                 if self.convs.contains_key(&conv) {
