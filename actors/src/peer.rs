@@ -61,6 +61,8 @@ pub struct PeerStatus {
     pub last_heartbeat_s: Option<f64>,
     /// KCP data segments retransmitted to this peer.
     pub retransmits: u64,
+    /// Times traffic moved to another path.
+    pub path_changes: u64,
     /// Times the session was restarted by the supervisor.
     pub restarts: u64,
     /// Open KCP conversations.
@@ -158,6 +160,7 @@ impl PeerActor {
             last_heartbeat_s: s
                 .and_then(|s| s.last_ack.map(|a| s.at.saturating_sub(a).as_secs_f64())),
             retransmits: st.map_or(0, |s| s.retransmits),
+            path_changes: st.map_or(0, |s| s.path_changes),
             restarts: self.restarts,
             convs: st.map_or(0, |s| s.convs),
         }

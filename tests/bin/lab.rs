@@ -392,6 +392,10 @@ fn bench(args: &[&str]) -> Result<()> {
                 "{}",
                 lab.status(k).map(|v| v.to_string()).unwrap_or_default()
             );
+            // The TUN device's own counters (kernel queue drops are not ours).
+            if let Ok(o) = lab.exec(k, "ip", &["-s", "link", "show", "fm0"]) {
+                println!("{}", String::from_utf8_lossy(&o.stdout));
+            }
         }
     }
     println!();

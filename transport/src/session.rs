@@ -216,6 +216,8 @@ pub struct SessionStats {
     pub loss: f64,
     /// KCP data segments sent again (retransmissions).
     pub retransmits: u64,
+    /// Times traffic moved to another path (direct endpoint or relay).
+    pub path_changes: u64,
 }
 
 /// Shared sink for KCP output (the kcp crate writes through `std::io::Write`).
@@ -348,6 +350,8 @@ pub struct Session {
     paths: Paths,
     /// The path the frame being dispatched arrived on.
     rx_via: Option<Via>,
+    /// The path traffic used when last checked (to count and log moves).
+    last_path: Option<Via>,
     /// Frames inside [`Inner::Relay`] messages: (key named in it, frame).
     relayed: VecDeque<(PublicKey, Vec<u8>)>,
     /// Next time to ask the hubs to coordinate a punch.
@@ -432,6 +436,7 @@ impl Session {
                 p
             },
             rx_via: None,
+            last_path: None,
             relayed: VecDeque::new(),
             next_punch_req: Duration::ZERO,
             incarnation,
@@ -519,6 +524,24 @@ impl Session {
     pub fn punch(&mut self, now: Duration, eps: &[SocketAddr]) {
         self.now = self.now.max(now);
         self.paths.punch(now, eps);
+    }
+
+    /// Count and log a move of the traffic to another path.
+    fn track_path(&mut self) {
+        let now = self.paths.current();
+        if now != self.last_path {
+            if self.last_path.is_some() && now.is_some() {
+                self.stats.path_changes += 1;
+                tracing::info!(
+                    peer = %self.remote[..6].iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                    from = ?self.last_path,
+                    to = ?now,
+                    why = %self.paths.reason(),
+                    "path changed"
+                );
+            }
+            self.last_path = now;
+        }
     }
 
     /// Frames that arrived inside relay messages, with the key they name.
@@ -1048,6 +1071,7 @@ impl Session {
         self.rx_via = Some(from);
         self.dispatch(ctx.now, plain);
         self.rx_via = None;
+        self.track_path();
         Ok(())
     }
 
@@ -1378,6 +1402,7 @@ impl Session {
                 }
             }
             self.paths.choose(now);
+            self.track_path();
             if self.paths.wants_punch(now) && now >= self.next_punch_req {
                 self.events.push_back(Event::PunchWanted);
                 self.next_punch_req = now + PUNCH_REQUEST_EVERY;
