@@ -278,6 +278,11 @@ fn readiness<D: Datagram + 'static>(sock: Arc<D>) -> impl Stream<Item = SockRead
     })
 }
 
+/// The largest frame fastmesh sends on a direct path (1452 bytes of UDP
+/// payload fit a 1500-byte path over IPv4 and IPv6); larger ones are relayed
+/// frames, sent one by one so the kernel may fragment them.
+const MAX_DIRECT_FRAME: usize = 1452;
+
 /// The data-plane actor.
 pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
     node: Node,
@@ -381,7 +386,10 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             self.batch.clear();
             self.batch.extend_from_slice(&self.txbuf);
             let mut n = 1;
-            while n < max_segs && self.batch.len() + seg <= 65_000 {
+            // A frame larger than any direct one (a relayed frame) may need
+            // IP fragmentation, which UDP GSO does not do: send it alone.
+            let batchable = seg <= MAX_DIRECT_FRAME;
+            while batchable && n < max_segs && self.batch.len() + seg <= 65_000 {
                 let Some(to) = self.node.poll_transmit(now, &mut self.txbuf) else {
                     break;
                 };

@@ -167,9 +167,6 @@ struct PeerArgs {
     no_offload: bool,
 }
 
-/// Packets the kernel may queue on the TUN device for fastmesh to read.
-const TUN_TX_QUEUE_LEN: u32 = 2048;
-
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -533,10 +530,6 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     let mut b = tun_rs::DeviceBuilder::new()
         .name(&tun_name)
         .mtu(mtu)
-        // Room for bursts while the data plane is busy receiving: with the
-        // default 500 the kernel dropped ~7% of a bulk flow's ACKs at the
-        // receiving peer's device in the namespace benchmark.
-        .tx_queue_len(TUN_TX_QUEUE_LEN)
         .offload(offload);
     for n in &overlay {
         match n.addr {

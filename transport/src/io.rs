@@ -132,10 +132,46 @@ pub struct FastUdp {
     state: quinn_udp::UdpSocketState,
 }
 
+/// Let the kernel fragment datagrams larger than the path MTU instead of
+/// refusing them (quinn-udp sets don't-fragment for path MTU discovery).
+/// fastmesh's own frames fit a 1500-byte path; only frames a hub relays
+/// (65 bytes more) can exceed it, and they should arrive in two fragments
+/// rather than not at all. Best effort: on failure the default stays.
+fn allow_fragmentation(sock: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, val: libc::c_int| {
+        // SAFETY: setsockopt with a pointer to a live c_int and its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    let v4 = set(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+    );
+    let v6 = set(
+        libc::IPPROTO_IPV6,
+        libc::IPV6_MTU_DISCOVER,
+        libc::IPV6_PMTUDISC_DONT,
+    );
+    if v4 != 0 && v6 != 0 {
+        tracing::debug!("could not allow fragmentation on the UDP socket");
+    }
+}
+
 impl FastUdp {
     /// Wrap a bound, non-blocking std socket (must be called inside a tokio runtime).
     pub fn new(sock: std::net::UdpSocket) -> io::Result<FastUdp> {
         let state = quinn_udp::UdpSocketState::new((&sock).into())?;
+        allow_fragmentation(&sock);
         Ok(FastUdp {
             sock: tokio::net::UdpSocket::from_std(sock)?,
             state,
