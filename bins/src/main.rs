@@ -167,6 +167,59 @@ struct PeerArgs {
     no_offload: bool,
 }
 
+/// Unicast addresses of this host's interfaces, except loopback, link-local
+/// IPv6 and the device `skip` (the mesh's TUN); IPv6 ones only if `v6`
+/// (a socket bound to `[::]` also reaches IPv4). Sorted, at most 16.
+fn local_addresses(skip: &str, v6: bool) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0 {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if name.to_bytes() == skip.as_bytes() {
+            continue;
+        }
+        // SAFETY: ifa_addr points at a sockaddr of the family it names.
+        let ip = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    Some(std::net::IpAddr::from(
+                        u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                    ))
+                }
+                libc::AF_INET6 if v6 => {
+                    let a = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                    // Link-local needs a scope id a peer cannot use.
+                    (ip.segments()[0] & 0xffc0 != 0xfe80).then_some(std::net::IpAddr::V6(ip))
+                }
+                _ => None,
+            }
+        };
+        if let Some(ip) = ip {
+            out.push(ip);
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort();
+    out.dedup();
+    out.truncate(16);
+    out
+}
+
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -553,10 +606,18 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         ..SessionConfig::default()
     };
     let local_endpoints = if local.ip().is_unspecified() {
-        vec![]
+        // Every address of this host the socket can use (not loopback, not
+        // the mesh's own device): peers on the same LAN reach us there.
+        let port = sock.local_addr().map_or(local.port(), |a| a.port());
+        local_addresses(&tun_name, local.is_ipv6())
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .take(transport::wire::MAX_ADDRS - 1)
+            .collect()
     } else {
         vec![local]
     };
+    tracing::debug!(?local_endpoints, "local candidates");
     let setup = PeerSetup {
         me: key.public,
         overlay,

@@ -511,6 +511,26 @@ fn cone_nats_form_a_direct_path_and_the_hub_relays_nothing() {
     let (lab, [a, b]) = nat_lab("fmn1", 21, Nat::Cone, 1);
     let t = wait_path(&lab, [a, b], "direct", 30);
     println!("direct through two cone NATs {t:?} after the mesh was up");
+    // The hub lists each peer's observed (public) endpoint first, then its
+    // local addresses as further candidates.
+    let hub = lab.status(0).unwrap();
+    for k in [a, b] {
+        let m = hub["status"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == format!("peer{k}"))
+            .cloned()
+            .unwrap();
+        let eps: Vec<String> = m["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(eps[0], format!("10.221.{k}.2:4800"), "{eps:?}");
+        assert!(eps.contains(&format!("172.16.{k}.2:4800")), "{eps:?}");
+    }
     println!("{}", lab.status_table(a));
     let before = relayed(&lab, 0);
     let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 5);
