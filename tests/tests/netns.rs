@@ -429,6 +429,54 @@ fn bad_input_and_shutdown_behave() {
 
 // ------------------------------------------------------------------ NAT
 
+/// Start a TCP transfer of `bytes` from `from` to `to` in the background;
+/// returns the receiver and sender processes (logs recvPORT.log, sendPORT.log).
+fn start_transfer(
+    lab: &Lab,
+    from: usize,
+    to: usize,
+    bytes: u64,
+    port: u16,
+) -> (std::process::Child, std::process::Child) {
+    let me = lab_bin();
+    let rx = lab
+        .spawn(
+            to,
+            &format!("recv{port}.log"),
+            &me,
+            &["tcp-recv", &port.to_string()],
+        )
+        .unwrap();
+    lab.wait_listening(to, port, false).unwrap();
+    let dst = format!("{}:{port}", lab.nodes[to].overlay);
+    let tx = lab
+        .spawn(
+            from,
+            &format!("send{port}.log"),
+            &me,
+            &["tcp-send", &dst, &bytes.to_string()],
+        )
+        .unwrap();
+    (rx, tx)
+}
+
+/// Wait for a transfer from [`start_transfer`] and check it.
+fn finish_transfer(
+    lab: &Lab,
+    what: &str,
+    bytes: u64,
+    port: u16,
+    procs: (std::process::Child, std::process::Child),
+    since: Instant,
+) {
+    let (mut rx, mut tx) = procs;
+    let _ = tx.wait();
+    let _ = rx.wait();
+    let sent = lab.log(&format!("send{port}.log")).trim().to_string();
+    let got = lab.log(&format!("recv{port}.log")).trim().to_string();
+    assert_transfer(what, bytes, &(since.elapsed(), sent, got), lab);
+}
+
 /// A lab whose peers sit behind NATs of kind `nat`: node 0 is a hub, nodes
 /// `1..hubs` more hubs (public), then two peers, each behind its own NAT.
 /// Returns the lab and the indices of the two peers.
@@ -571,21 +619,8 @@ fn nat_mappings_flushed_mid_transfer_the_path_recovers() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (lab, [a, b]) = nat_lab("fmn3", 23, Nat::Cone, 1);
     wait_path(&lab, [a, b], "direct", 30);
-    let me = lab_bin();
     let bytes: u64 = 150_000_000;
-    let mut rx = lab
-        .spawn(b, "recv5303.log", &me, &["tcp-recv", "5303"])
-        .unwrap();
-    lab.wait_listening(b, 5303, false).unwrap();
-    let dst = format!("{}:5303", lab.nodes[b].overlay);
-    let mut tx = lab
-        .spawn(
-            a,
-            "send5303.log",
-            &me,
-            &["tcp-send", &dst, &bytes.to_string()],
-        )
-        .unwrap();
+    let procs = start_transfer(&lab, a, b, bytes, 5303);
     let tx_bytes = |l: &Lab| {
         l.status(a)
             .ok()
@@ -600,16 +635,13 @@ fn nat_mappings_flushed_mid_transfer_the_path_recovers() {
     // Both NATs forget every mapping while data flows.
     lab.flush_nat(a).unwrap();
     lab.flush_nat(b).unwrap();
-    let t = Instant::now();
-    let _ = tx.wait();
-    let _ = rx.wait();
-    let sent = lab.log("send5303.log");
-    let got = lab.log("recv5303.log");
-    assert_transfer(
+    finish_transfer(
+        &lab,
         "across a NAT mapping flush",
         bytes,
-        &(t.elapsed(), sent.trim().to_string(), got.trim().to_string()),
-        &lab,
+        5303,
+        procs,
+        Instant::now(),
     );
     wait_path(&lab, [a, b], "direct", 30);
     let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 3);
@@ -631,39 +663,21 @@ fn two_hubs_one_killed_while_relaying_nothing_stops() {
         .unwrap_or_else(|| panic!("relaying hub {via:?} not found"));
     let other = 1 - which;
     println!("relayed through hub {which}; killing it");
-    let me = lab_bin();
     let bytes: u64 = 40_000_000;
-    let mut rx = lab
-        .spawn(b, "recv5304.log", &me, &["tcp-recv", "5304"])
-        .unwrap();
-    lab.wait_listening(b, 5304, false).unwrap();
-    let dst = format!("{}:5304", lab.nodes[b].overlay);
-    let mut tx = lab
-        .spawn(
-            a,
-            "send5304.log",
-            &me,
-            &["tcp-send", &dst, &bytes.to_string()],
-        )
-        .unwrap();
+    let procs = start_transfer(&lab, a, b, bytes, 5304);
     let before = relayed(&lab, which);
     lab.wait(Duration::from_secs(20), |l| {
         relayed(l, which) > before + 2_000
     })
     .expect("transfer under way through the relay");
     lab.kill9(which);
-    let t = Instant::now();
-    let _ = tx.wait();
-    let _ = rx.wait();
-    assert_transfer(
+    finish_transfer(
+        &lab,
         "with the relaying hub killed mid-transfer",
         bytes,
-        &(
-            t.elapsed(),
-            lab.log("send5304.log").trim().to_string(),
-            lab.log("recv5304.log").trim().to_string(),
-        ),
-        &lab,
+        5304,
+        procs,
+        Instant::now(),
     );
     assert!(relayed(&lab, other) > 1_000, "the other hub took over");
     let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 3);

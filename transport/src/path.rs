@@ -667,6 +667,15 @@ mod tests {
         t
     }
 
+    /// Paths with one direct candidate (`addr(1)`) and one relay.
+    fn direct_and_relay() -> ([u8; 32], Paths) {
+        let hub = [7; 32];
+        let mut p = Paths::new(PathConfig::default());
+        p.set_relays(ms(0), &[hub]);
+        p.set_direct(ms(0), &[addr(1)]);
+        (hub, p)
+    }
+
     #[test]
     fn without_relays_the_hubs_candidate_is_used_and_roaming_follows_frames() {
         let mut p = Paths::new(PathConfig::default());
@@ -680,10 +689,7 @@ mod tests {
 
     #[test]
     fn direct_wins_when_it_answers_and_relay_takes_over_when_it_does_not() {
-        let hub = [7; 32];
-        let mut p = Paths::new(PathConfig::default());
-        p.set_relays(ms(0), &[hub]);
-        p.set_direct(ms(0), &[addr(1)]);
+        let (hub, mut p) = direct_and_relay();
         // Both answer: direct (20 ms) is chosen over the relay (60 ms).
         let t = drive(&mut p, ms(0), 5, |v| {
             Some(if v.direct().is_some() { ms(20) } else { ms(60) })
@@ -706,10 +712,7 @@ mod tests {
 
     #[test]
     fn a_direct_path_that_loses_badly_is_left_for_the_relay_without_flapping() {
-        let hub = [7; 32];
-        let mut p = Paths::new(PathConfig::default());
-        p.set_relays(ms(0), &[hub]);
-        p.set_direct(ms(0), &[addr(1)]);
+        let (hub, mut p) = direct_and_relay();
         let t = drive(&mut p, ms(0), 5, |_| Some(ms(20)));
         assert_eq!(p.current(), Some(Via::Direct(addr(1))));
         // Direct answers only every other probe (50% loss): relay.
@@ -743,10 +746,7 @@ mod tests {
 
     #[test]
     fn a_direct_path_that_answers_probes_but_drops_data_is_left_and_kept_off() {
-        let hub = [7; 32];
-        let mut p = Paths::new(PathConfig::default());
-        p.set_relays(ms(0), &[hub]);
-        p.set_direct(ms(0), &[addr(1)]);
+        let (hub, mut p) = direct_and_relay();
         let t = drive(&mut p, ms(0), 5, |_| Some(ms(20)));
         assert_eq!(p.current(), Some(Via::Direct(addr(1))));
         // Probes still pass both ways; the receiver reports 50% data loss
@@ -774,10 +774,7 @@ mod tests {
 
     #[test]
     fn unanswered_paths_back_off() {
-        let hub = [7; 32];
-        let mut p = Paths::new(PathConfig::default());
-        p.set_relays(ms(0), &[hub]);
-        p.set_direct(ms(0), &[addr(1)]);
+        let (hub, mut p) = direct_and_relay();
         let mut direct_probes = 0;
         let mut t = ms(0);
         while t < Duration::from_secs(60) {
