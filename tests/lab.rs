@@ -109,6 +109,10 @@ pub enum Nat {
     /// `masquerade fully-random`: a new random port for every destination
     /// (endpoint-dependent mapping, a "symmetric" NAT): hole punching fails.
     Random,
+    /// Behind the same NAT as node `j` (an earlier node), on its own LAN
+    /// segment 172.16.`k`.0/24 that the NAT routes to node `j`'s segment
+    /// without translation (two machines at one site).
+    SameAs(usize),
 }
 
 impl Lab {
@@ -219,6 +223,9 @@ impl Lab {
 
     /// Node `k` in `ns` behind a NAT namespace: router <-> NAT <-> node.
     fn add_nat_node(&mut self, net: u8, k: usize, ns: &str, mode: Nat) -> Result<()> {
+        if let Nat::SameAs(j) = mode {
+            return self.add_behind_existing_nat(net, k, j, ns);
+        }
         let prefix = self.prefix.clone();
         let router = self.router.clone();
         let x = format!("{prefix}-x{k}");
@@ -281,8 +288,8 @@ impl Lab {
             &["route", "add", "default", "via", &format!("172.16.{k}.1")],
         )?;
         let how = match mode {
-            Nat::Cone => "masquerade",
             Nat::Random => "masquerade fully-random",
+            _ => "masquerade",
         };
         let rules = format!(
             "table ip fmnat {{\n\
@@ -294,6 +301,56 @@ impl Lab {
         let f = self.path(&format!("nat{k}.nft"));
         std::fs::write(&f, rules)?;
         self.ns(&x, "nft", &["-f", &f])?;
+        self.nodes.push(LabNode {
+            ns: ns.to_string(),
+            underlay: Ipv4Addr::new(172, 16, k as u8, 2),
+            overlay: Ipv4Addr::new(10, 99, net, k as u8),
+            overlay6: format!("fd99:{net}::{k}"),
+            control: self.dir.join(format!("n{k}.sock")),
+        });
+        self.procs.push(None);
+        Ok(())
+    }
+
+    /// Node `k` in `ns` on a second LAN segment of node `j`'s NAT.
+    fn add_behind_existing_nat(&mut self, net: u8, k: usize, j: usize, ns: &str) -> Result<()> {
+        let prefix = self.prefix.clone();
+        let x = format!("{prefix}-x{j}");
+        let (d, b) = (format!("{prefix}d{k}"), format!("{prefix}b{k}"));
+        sh(
+            "ip",
+            &[
+                "link", "add", &d, "netns", &x, "type", "veth", "peer", "name", &b, "netns", ns,
+            ],
+        )?;
+        self.ns(&x, "ip", &["link", "set", &d, "gso_max_segs", "1"])?;
+        self.ns(ns, "ip", &["link", "set", &b, "gso_max_segs", "1"])?;
+        self.ns(
+            &x,
+            "ip",
+            &["addr", "add", &format!("172.16.{k}.1/24"), "dev", &d],
+        )?;
+        self.ns(&x, "ip", &["link", "set", &d, "up"])?;
+        self.ns(ns, "ip", &["link", "set", "lo", "up"])?;
+        self.ns(
+            ns,
+            "ip",
+            &["addr", "add", &format!("172.16.{k}.2/24"), "dev", &b],
+        )?;
+        self.ns(ns, "ip", &["link", "set", &b, "up"])?;
+        self.ns(
+            ns,
+            "ip",
+            &["route", "add", "default", "via", &format!("172.16.{k}.1")],
+        )?;
+        // Out through the NAT like node j; to node j's segment untranslated.
+        self.ns(
+            &x,
+            "nft",
+            &[
+                "add", "rule", "ip", "fmnat", "pass", "iifname", &d, "accept",
+            ],
+        )?;
         self.nodes.push(LabNode {
             ns: ns.to_string(),
             underlay: Ipv4Addr::new(172, 16, k as u8, 2),

@@ -119,6 +119,12 @@ pub fn table(v: &Value) -> String {
             s["revoked"]
         ));
         out.push_str(&format!(
+            "relay  {} frames ({}) forwarded, {} dropped\n",
+            s["relayed"].as_u64().unwrap_or(0),
+            fmt_bytes(s["relayed_bytes"].as_u64().unwrap_or(0)),
+            s["relay_dropped"].as_u64().unwrap_or(0)
+        ));
+        out.push_str(&format!(
             "{:<16} {:<14} {:<28} {:<24} {:>9}\n",
             "NAME", "KEY", "OVERLAY", "ENDPOINT", "LAST SEEN"
         ));

@@ -718,3 +718,36 @@ fn a_direct_path_that_drops_large_frames_is_left_for_the_relay() {
     assert_eq!(path, "relay", "{why}");
     assert!(why.contains("loses") && why.contains("data"), "{why}");
 }
+
+#[test]
+fn two_peers_behind_one_nat_find_each_other_on_the_lan() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Peer 2 sits on a second segment of peer 1's NAT: their public
+    // endpoints do not reach each other (no hairpin), their local ones do.
+    let kinds = [None, Some(Nat::Cone), Some(Nat::SameAs(1))];
+    let mut lab = Lab::with_nat("fmn6", 26, 2, &kinds).expect("namespace lab with NAT");
+    lab.start_hub(1.0).unwrap();
+    lab.start_peer(1, &[]).unwrap();
+    lab.start_peer(2, &[]).unwrap();
+    if let Err(e) = lab.wait(Duration::from_secs(40), |l| {
+        l.peer_ready(1) && l.peer_ready(2)
+    }) {
+        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    }
+    let t = wait_path(&lab, [1, 2], "direct", 30);
+    println!("direct over the LAN {t:?} after the mesh was up");
+    println!("{}", lab.status_table(1));
+    let endpoint = |k: usize| {
+        lab.status(k).unwrap()["status"]["peers"][0]["endpoint"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(endpoint(1), "172.16.2.2:4800");
+    assert_eq!(endpoint(2), "172.16.1.2:4800");
+    let before = relayed(&lab, 0);
+    let bytes = 20_000_000;
+    let r = transfer(&lab, 1, 2, bytes, 5306);
+    assert_transfer("between two peers behind one NAT", bytes, &r, &lab);
+    assert!(relayed(&lab, 0) - before < 20);
+}
