@@ -224,7 +224,19 @@ impl Lab {
     /// Node `k` in `ns` behind a NAT namespace: router <-> NAT <-> node.
     fn add_nat_node(&mut self, net: u8, k: usize, ns: &str, mode: Nat) -> Result<()> {
         if let Nat::SameAs(j) = mode {
-            return self.add_behind_existing_nat(net, k, j, ns);
+            // A second LAN segment of node j's NAT: out through it like node
+            // j, to node j's segment untranslated.
+            let x = format!("{}-x{j}", self.prefix);
+            self.lan_segment(net, k, &x, ns)?;
+            let d = format!("{}d{k}", self.prefix);
+            self.ns(
+                &x,
+                "nft",
+                &[
+                    "add", "rule", "ip", "fmnat", "pass", "iifname", &d, "accept",
+                ],
+            )?;
+            return Ok(());
         }
         let prefix = self.prefix.clone();
         let router = self.router.clone();
@@ -233,7 +245,6 @@ impl Lab {
         self.namespaces.push(x.clone());
         let sub = 200 + net;
         let (a, c) = (format!("{prefix}a{k}"), format!("{prefix}c{k}"));
-        let (d, b) = (format!("{prefix}d{k}"), format!("{prefix}b{k}"));
         sh(
             "ip",
             &[
@@ -241,15 +252,8 @@ impl Lab {
                 &x,
             ],
         )?;
-        sh(
-            "ip",
-            &[
-                "link", "add", &d, "netns", &x, "type", "veth", "peer", "name", &b, "netns", ns,
-            ],
-        )?;
-        for (n, dev) in [(&router, &a), (&x, &c), (&x, &d), (&ns.to_string(), &b)] {
-            self.ns(n, "ip", &["link", "set", dev, "gso_max_segs", "1"])?;
-        }
+        self.ns(&router, "ip", &["link", "set", &a, "gso_max_segs", "1"])?;
+        self.ns(&x, "ip", &["link", "set", &c, "gso_max_segs", "1"])?;
         self.ns(
             &router,
             "ip",
@@ -262,35 +266,19 @@ impl Lab {
             "ip",
             &["addr", "add", &format!("10.{sub}.{k}.2/24"), "dev", &c],
         )?;
-        self.ns(
-            &x,
-            "ip",
-            &["addr", "add", &format!("172.16.{k}.1/24"), "dev", &d],
-        )?;
         self.ns(&x, "ip", &["link", "set", &c, "up"])?;
-        self.ns(&x, "ip", &["link", "set", &d, "up"])?;
         self.ns(
             &x,
             "ip",
             &["route", "add", "default", "via", &format!("10.{sub}.{k}.1")],
         )?;
         self.ns(&x, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        self.ns(ns, "ip", &["link", "set", "lo", "up"])?;
-        self.ns(
-            ns,
-            "ip",
-            &["addr", "add", &format!("172.16.{k}.2/24"), "dev", &b],
-        )?;
-        self.ns(ns, "ip", &["link", "set", &b, "up"])?;
-        self.ns(
-            ns,
-            "ip",
-            &["route", "add", "default", "via", &format!("172.16.{k}.1")],
-        )?;
+        self.lan_segment(net, k, &x, ns)?;
         let how = match mode {
             Nat::Random => "masquerade fully-random",
             _ => "masquerade",
         };
+        let d = format!("{prefix}d{k}");
         let rules = format!(
             "table ip fmnat {{\n\
              chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"{c}\" {how}; }}\n\
@@ -301,36 +289,30 @@ impl Lab {
         let f = self.path(&format!("nat{k}.nft"));
         std::fs::write(&f, rules)?;
         self.ns(&x, "nft", &["-f", &f])?;
-        self.nodes.push(LabNode {
-            ns: ns.to_string(),
-            underlay: Ipv4Addr::new(172, 16, k as u8, 2),
-            overlay: Ipv4Addr::new(10, 99, net, k as u8),
-            overlay6: format!("fd99:{net}::{k}"),
-            control: self.dir.join(format!("n{k}.sock")),
-        });
-        self.procs.push(None);
         Ok(())
     }
 
-    /// Node `k` in `ns` on a second LAN segment of node `j`'s NAT.
-    fn add_behind_existing_nat(&mut self, net: u8, k: usize, j: usize, ns: &str) -> Result<()> {
-        let prefix = self.prefix.clone();
-        let x = format!("{prefix}-x{j}");
-        let (d, b) = (format!("{prefix}d{k}"), format!("{prefix}b{k}"));
+    /// The LAN segment 172.16.`k`.0/24 between NAT namespace `x` (.1) and
+    /// node `k` in `ns` (.2, default route via the NAT), and the node's record.
+    fn lan_segment(&mut self, net: u8, k: usize, x: &str, ns: &str) -> Result<()> {
+        let (d, b) = (
+            format!("{}d{k}", self.prefix),
+            format!("{}b{k}", self.prefix),
+        );
         sh(
             "ip",
             &[
-                "link", "add", &d, "netns", &x, "type", "veth", "peer", "name", &b, "netns", ns,
+                "link", "add", &d, "netns", x, "type", "veth", "peer", "name", &b, "netns", ns,
             ],
         )?;
-        self.ns(&x, "ip", &["link", "set", &d, "gso_max_segs", "1"])?;
+        self.ns(x, "ip", &["link", "set", &d, "gso_max_segs", "1"])?;
         self.ns(ns, "ip", &["link", "set", &b, "gso_max_segs", "1"])?;
         self.ns(
-            &x,
+            x,
             "ip",
             &["addr", "add", &format!("172.16.{k}.1/24"), "dev", &d],
         )?;
-        self.ns(&x, "ip", &["link", "set", &d, "up"])?;
+        self.ns(x, "ip", &["link", "set", &d, "up"])?;
         self.ns(ns, "ip", &["link", "set", "lo", "up"])?;
         self.ns(
             ns,
@@ -342,14 +324,6 @@ impl Lab {
             ns,
             "ip",
             &["route", "add", "default", "via", &format!("172.16.{k}.1")],
-        )?;
-        // Out through the NAT like node j; to node j's segment untranslated.
-        self.ns(
-            &x,
-            "nft",
-            &[
-                "add", "rule", "ip", "fmnat", "pass", "iifname", &d, "accept",
-            ],
         )?;
         self.nodes.push(LabNode {
             ns: ns.to_string(),

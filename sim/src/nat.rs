@@ -150,15 +150,7 @@ impl Datagram for SimNat {
         &self,
         buf: &mut [u8],
     ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
-        async move {
-            loop {
-                self.readable().await?;
-                match self.try_recv_from(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    r => return r,
-                }
-            }
-        }
+        crate::turmoil_net::recv_when_readable(self, buf)
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.pool[0].local_addr()

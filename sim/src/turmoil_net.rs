@@ -133,6 +133,21 @@ impl MemTun {
     }
 }
 
+/// `recv_from` for a [`Datagram`] that has readiness and `try_recv_from`:
+/// wait until readable, try, and wait again on a spurious wakeup.
+pub async fn recv_when_readable<D: Datagram + Sync>(
+    d: &D,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr)> {
+    loop {
+        d.readable().await?;
+        match d.try_recv_from(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
 impl PacketDevice for MemTun {
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
         async move {

@@ -80,15 +80,7 @@ impl Datagram for Rebindable {
         &self,
         buf: &mut [u8],
     ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
-        async move {
-            loop {
-                self.readable().await?;
-                match self.try_recv_from(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    r => return r,
-                }
-            }
-        }
+        crate::turmoil_net::recv_when_readable(self, buf)
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.cur().local_addr()
