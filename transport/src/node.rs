@@ -10,7 +10,7 @@
 use crate::crypto::{EntropySource, ResponderHello, StaticKeypair};
 use crate::path::Via;
 use crate::session::{Ctx, Event, Session, SessionConfig, SessionStats};
-use crate::wire::{Control, Frame, PublicKey};
+use crate::wire::{Control, Frame, Inner, PublicKey};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -492,25 +492,29 @@ impl Node {
         &mut self,
         now: Duration,
         sender: PublicKey,
-        items: VecDeque<(PublicKey, Vec<u8>)>,
+        items: VecDeque<Vec<u8>>,
         depth: u8,
     ) {
-        for (key, mut frame) in items {
+        // Each item: inner type, 32-byte key, frame (length checked on receipt).
+        for mut msg in items {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&msg[1..33]);
             if self.relaying {
+                let len = (msg.len() - 33) as u64;
                 let ok = key != sender
                     && self
                         .sessions
                         .get_mut(&key)
-                        .is_some_and(|d| d.is_established() && d.queue_relay(&sender, &frame));
+                        .is_some_and(|d| d.is_established() && d.queue_relay(&sender, msg));
                 if ok {
                     self.stats.relayed += 1;
-                    self.stats.relayed_bytes += frame.len() as u64;
+                    self.stats.relayed_bytes += len;
                     self.ready.insert(key);
                 } else {
                     self.stats.relay_dropped += 1;
                 }
             } else if depth == 0 && self.relays.contains(&sender) {
-                self.handle_via(now, Via::Relay(sender), &mut frame, depth + 1);
+                self.handle_via(now, Via::Relay(sender), &mut msg[33..], depth + 1);
             } else {
                 self.stats.relay_dropped += 1;
             }
@@ -632,11 +636,15 @@ impl Node {
                 let to = match via {
                     Via::Direct(a) => Some(a),
                     Via::Relay(hub) => {
-                        // Wrap the frame in our session with the relay.
-                        std::mem::swap(buf, &mut self.scratch);
+                        // Wrap the frame in a relay message in our session
+                        // with the hub.
+                        self.scratch.clear();
+                        self.scratch.push(Inner::Relay as u8);
+                        self.scratch.extend_from_slice(&k);
+                        self.scratch.extend_from_slice(buf);
                         self.sessions
                             .get_mut(&hub)
-                            .and_then(|h| h.seal_relay(now, &k, &self.scratch, buf))
+                            .and_then(|h| h.seal_now(now, &self.scratch, buf))
                     }
                 };
                 match to {

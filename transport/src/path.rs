@@ -207,6 +207,14 @@ pub struct Paths {
     data_bad: Option<(Duration, f64)>,
 }
 
+/// What [`Paths::decide`] found.
+enum Decision {
+    /// Move the traffic to this path, for this reason.
+    Move(Via, Reason),
+    /// Stay; update the reason if given.
+    Stay(Option<Reason>),
+}
+
 /// Most paths kept per peer (candidates from the hub plus learned ones).
 pub const MAX_PATHS: usize = 12;
 
@@ -434,6 +442,9 @@ impl Paths {
 
     /// An authenticated frame arrived over `via`.
     pub fn on_rx(&mut self, now: Duration, via: Via) {
+        if self.active == Some(via) {
+            return; // the common case: nothing new
+        }
         if let Via::Direct(a) = via {
             self.add(now, via, true);
             // Roaming: the peer's direct frames now come from `a`.
@@ -456,28 +467,11 @@ impl Paths {
         if !self.probing() {
             return;
         }
-        let (to, down) = (self.cfg.probe_timeout, self.cfg.down_after);
-        let up = |p: &&PathStat| p.up(now, down);
-        let rtt = |p: &PathStat| p.srtt.unwrap_or(Duration::from_secs(1));
-        let best_direct = self
+        let down = self.cfg.down_after;
+        let any_direct_up = self
             .paths
             .iter()
-            .filter(|p| p.via.direct().is_some())
-            .filter(up)
-            .min_by(|a, b| {
-                let la = (a.loss(now, to) * 10.0) as u32;
-                let lb = (b.loss(now, to) * 10.0) as u32;
-                la.cmp(&lb).then(rtt(a).cmp(&rtt(b)))
-            })
-            .cloned();
-        let best_relay = self
-            .paths
-            .iter()
-            .filter(|p| p.via.direct().is_none())
-            .filter(up)
-            .min_by_key(|p| rtt(p))
-            .cloned();
-        let any_direct_up = best_direct.is_some();
+            .any(|p| p.via.direct().is_some() && p.up(now, down));
         if any_direct_up {
             self.direct_lost_since = None;
         } else if self.direct_lost_since.is_none() {
@@ -492,6 +486,48 @@ impl Paths {
                 }
             }
         }
+        match self.decide(now) {
+            Decision::Move(v, r) => {
+                if let Reason::DirectDropsData(_) = r {
+                    // Keep traffic off that direct path for a while: its probes
+                    // still pass, so without this it would be promoted again.
+                    if let Some(old) = self.active {
+                        if let Some(p) = self.paths.iter_mut().find(|p| p.via == old) {
+                            p.penalty_until = Some(now + p.penalty);
+                            p.penalty = (p.penalty * 2).min(PENALTY_MAX);
+                        }
+                    }
+                }
+                self.data_bad = None;
+                self.active = Some(v);
+                self.reason = r;
+            }
+            Decision::Stay(Some(r)) => self.reason = r,
+            Decision::Stay(None) => {}
+        }
+    }
+
+    /// The choice on the current measurements (no state changes).
+    fn decide(&self, now: Duration) -> Decision {
+        let (to, down) = (self.cfg.probe_timeout, self.cfg.down_after);
+        let up = |p: &&PathStat| p.up(now, down);
+        let rtt = |p: &PathStat| p.srtt.unwrap_or(Duration::from_secs(1));
+        let best_direct = self
+            .paths
+            .iter()
+            .filter(|p| p.via.direct().is_some())
+            .filter(up)
+            .min_by(|a, b| {
+                let la = (a.loss(now, to) * 10.0) as u32;
+                let lb = (b.loss(now, to) * 10.0) as u32;
+                la.cmp(&lb).then(rtt(a).cmp(&rtt(b)))
+            });
+        let best_relay = self
+            .paths
+            .iter()
+            .filter(|p| p.via.direct().is_none())
+            .filter(up)
+            .min_by_key(|p| rtt(p));
         let cur = self
             .active
             .and_then(|v| self.paths.iter().find(|p| p.via == v));
@@ -512,44 +548,35 @@ impl Paths {
             Some(c) if c.via.direct().is_some() => {
                 let c_loss = c.loss(now, to);
                 let c_up = c.up(now, down);
-                if let (Some(dl), Some(r)) = (drops_data, &best_relay) {
-                    if r.loss(now, to) + 0.2 < dl {
-                        Some((r.via, Reason::DirectDropsData((dl * 100.0).round() as u32)))
-                    } else {
-                        None
-                    }
+                if let (Some(dl), Some(r)) = (drops_data, best_relay) {
+                    (r.loss(now, to) + 0.2 < dl)
+                        .then(|| (r.via, Reason::DirectDropsData((dl * 100.0).round() as u32)))
                 } else if !c_up {
-                    match (&best_direct, &best_relay) {
+                    match (best_direct, best_relay) {
                         (Some(d), _) if promotable(d) => Some((d.via, Reason::DirectAnswers)),
                         (_, Some(r)) => Some((r.via, Reason::NoDirectAnswer(no_direct_for()))),
                         _ => None,
                     }
                 } else if c_loss >= self.cfg.bad_loss {
-                    match &best_relay {
-                        Some(r) if r.loss(now, to) + 0.2 < c_loss => {
-                            Some((r.via, Reason::DirectLossy((c_loss * 100.0).round() as u32)))
-                        }
-                        _ => None,
-                    }
+                    best_relay
+                        .filter(|r| r.loss(now, to) + 0.2 < c_loss)
+                        .map(|r| (r.via, Reason::DirectLossy((c_loss * 100.0).round() as u32)))
                 } else {
-                    match &best_direct {
-                        // Another direct candidate much better: move.
-                        Some(d)
-                            if d.via != c.via
+                    // Another direct candidate much better: move.
+                    best_direct
+                        .filter(|d| {
+                            d.via != c.via
                                 && promotable(d)
                                 && rtt(d) * 2 < rtt(c)
-                                && d.loss(now, to) <= c_loss =>
-                        {
-                            Some((d.via, Reason::DirectAnswers))
-                        }
-                        _ => None,
-                    }
+                                && d.loss(now, to) <= c_loss
+                        })
+                        .map(|d| (d.via, Reason::DirectAnswers))
                 }
             }
             Some(c) => {
                 // On a relay: a good direct path wins unless it is much slower.
                 let c_up = c.up(now, down);
-                match &best_direct {
+                match best_direct {
                     Some(d)
                         if promotable(d)
                             && (!c_up || rtt(d) <= rtt(c) * 2 + Duration::from_millis(50)) =>
@@ -557,50 +584,34 @@ impl Paths {
                         Some((d.via, Reason::DirectAnswers))
                     }
                     _ if !c_up => best_relay
-                        .as_ref()
                         .filter(|r| r.via != c.via)
                         .map(|r| (r.via, Reason::NoDirectAnswer(no_direct_for()))),
                     _ => None,
                 }
             }
-            None => match (&best_direct, &best_relay) {
+            None => match (best_direct, best_relay) {
                 (Some(d), _) if d.streak >= 1 => Some((d.via, Reason::DirectAnswers)),
                 (_, Some(r)) => Some((r.via, Reason::NoDirectAnswer(no_direct_for()))),
                 _ => None,
             },
         };
-        match next {
-            Some((v, r)) => {
-                if let Reason::DirectDropsData(_) = r {
-                    // Keep traffic off that direct path for a while: its probes
-                    // still pass, so without this it would be promoted again.
-                    if let Some(old) = self.active {
-                        if let Some(p) = self.paths.iter_mut().find(|p| p.via == old) {
-                            p.penalty_until = Some(now + p.penalty);
-                            p.penalty = (p.penalty * 2).min(PENALTY_MAX);
-                        }
-                    }
-                }
-                self.data_bad = None;
-                self.active = Some(v);
-                self.reason = r;
-            }
-            None => match cur {
-                Some(c) if c.up(now, down) => {
-                    self.reason = match (c.via, self.reason) {
-                        (Via::Direct(_), Reason::Roamed) => Reason::Roamed,
-                        (Via::Direct(_), _) => Reason::DirectAnswers,
-                        (Via::Relay(_), Reason::DirectLossy(p)) => Reason::DirectLossy(p),
-                        (Via::Relay(_), Reason::DirectDropsData(p)) => Reason::DirectDropsData(p),
-                        (Via::Relay(_), _) => Reason::NoDirectAnswer(no_direct_for()),
-                    }
-                }
-                Some(_) if best_relay.is_none() && best_direct.is_none() => {
-                    self.reason = Reason::NothingAnswers;
-                }
-                _ => {}
-            },
+        if let Some((v, r)) = next {
+            return Decision::Move(v, r);
         }
+        // Staying: keep the reason current.
+        Decision::Stay(match cur {
+            Some(c) if c.up(now, down) => Some(match (c.via, self.reason) {
+                (Via::Direct(_), Reason::Roamed) => Reason::Roamed,
+                (Via::Direct(_), _) => Reason::DirectAnswers,
+                (Via::Relay(_), Reason::DirectLossy(p)) => Reason::DirectLossy(p),
+                (Via::Relay(_), Reason::DirectDropsData(p)) => Reason::DirectDropsData(p),
+                (Via::Relay(_), _) => Reason::NoDirectAnswer(no_direct_for()),
+            }),
+            Some(_) if best_relay.is_none() && best_direct.is_none() => {
+                Some(Reason::NothingAnswers)
+            }
+            _ => None,
+        })
     }
 
     /// Whether to ask the hubs to coordinate a punch: direct candidates exist,
@@ -774,7 +785,7 @@ mod tests {
 
     #[test]
     fn unanswered_paths_back_off() {
-        let (hub, mut p) = direct_and_relay();
+        let (_, mut p) = direct_and_relay();
         let mut direct_probes = 0;
         let mut t = ms(0);
         while t < Duration::from_secs(60) {

@@ -352,8 +352,9 @@ pub struct Session {
     rx_via: Option<Via>,
     /// The path traffic used when last checked (to count and log moves).
     last_path: Option<Via>,
-    /// Frames inside [`Inner::Relay`] messages: (key named in it, frame).
-    relayed: VecDeque<(PublicKey, Vec<u8>)>,
+    /// [`Inner::Relay`] messages received, whole: type byte, the 32-byte key
+    /// named in it, the frame.
+    relayed: VecDeque<Vec<u8>>,
     /// Next time to ask the hubs to coordinate a punch.
     next_punch_req: Duration,
     incarnation: u64,
@@ -552,40 +553,34 @@ impl Session {
         self.last_path = now;
     }
 
-    /// Frames that arrived inside relay messages, with the key they name.
-    pub fn take_relayed(&mut self) -> VecDeque<(PublicKey, Vec<u8>)> {
+    /// Relay messages that arrived, whole (see [`wire::Inner::Relay`]).
+    pub fn take_relayed(&mut self) -> VecDeque<Vec<u8>> {
         std::mem::take(&mut self.relayed)
     }
 
-    /// Queue `frame` (a whole frame of another session) inside a relay
-    /// message naming `key`, sent over this session's own path.
-    pub fn queue_relay(&mut self, key: &PublicKey, frame: &[u8]) -> bool {
-        if self.current.is_none() || self.urgent.len() >= MAX_RELAYED {
+    /// Forward a relay message received in another session: `msg` is that
+    /// message whole; its key is replaced by `src` (the node it came from)
+    /// and it goes over this session's own path.
+    pub fn queue_relay(&mut self, src: &PublicKey, mut msg: Vec<u8>) -> bool {
+        if self.current.is_none() || self.urgent.len() >= MAX_RELAYED || msg.len() < 33 {
             return false;
         }
-        let mut v = Vec::with_capacity(1 + 32 + frame.len());
-        v.push(Inner::Relay as u8);
-        v.extend_from_slice(key);
-        v.extend_from_slice(frame);
-        self.urgent.push_back(Out::Plain(v));
+        msg[1..33].copy_from_slice(src);
+        self.urgent.push_back(Out::Plain(msg));
         true
     }
 
-    /// Seal `frame` inside a relay message naming `key` into `buf` now;
-    /// returns where to send it (this session's direct endpoint).
-    pub fn seal_relay(
+    /// Seal the plaintext `plain` into `buf` now, outside the queues (the
+    /// node wrapping another session's frame for this relay); returns where
+    /// to send it (this session's direct endpoint).
+    pub fn seal_now(
         &mut self,
         now: Duration,
-        key: &PublicKey,
-        frame: &[u8],
+        plain: &[u8],
         buf: &mut Vec<u8>,
     ) -> Option<SocketAddr> {
         let to = self.endpoint()?;
-        let mut v = Vec::with_capacity(1 + 32 + frame.len());
-        v.push(Inner::Relay as u8);
-        v.extend_from_slice(key);
-        v.extend_from_slice(frame);
-        if self.seal(&v, buf) {
+        if self.seal(plain, buf) {
             self.count_tx(now, buf.len());
             Some(to)
         } else {
@@ -1109,9 +1104,7 @@ impl Session {
                     self.stats.malformed += 1;
                     return;
                 }
-                let mut k = [0u8; 32];
-                k.copy_from_slice(&body[..32]);
-                self.relayed.push_back((k, body[32..].to_vec()));
+                self.relayed.push_back(plain.to_vec());
             }
             None => self.stats.malformed += 1,
         }
@@ -1410,6 +1403,9 @@ impl Session {
                 self.urgent
                     .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
             }
+            // Path choice only changes with probe rounds and answers (which
+            // call `choose` themselves), so it is not redone on every timer.
+            let probed = self.paths.poll_timeout().is_some_and(|t| t <= now);
             while let Some((via, id)) = self.paths.poll_probe(now) {
                 if let Ok(m) = (Control::PathProbe { id }).encode() {
                     let mut v = Vec::with_capacity(1 + m.len());
@@ -1418,11 +1414,13 @@ impl Session {
                     self.urgent.push_back(Out::PlainTo(via, v));
                 }
             }
-            self.paths.choose(now);
-            self.track_path();
-            if self.paths.wants_punch(now) && now >= self.next_punch_req {
-                self.events.push_back(Event::PunchWanted);
-                self.next_punch_req = now + PUNCH_REQUEST_EVERY;
+            if probed {
+                self.paths.choose(now);
+                self.track_path();
+                if self.paths.wants_punch(now) && now >= self.next_punch_req {
+                    self.events.push_back(Event::PunchWanted);
+                    self.next_punch_req = now + PUNCH_REQUEST_EVERY;
+                }
             }
         }
     }
