@@ -15,6 +15,7 @@
 //! inside turmoil hosts and in the binaries.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod dataplane;
 pub mod heartbeat;

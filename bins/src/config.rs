@@ -120,7 +120,7 @@ pub fn write_new_key(path: &Path, force: bool) -> Result<StaticKeypair> {
             path.display()
         );
     }
-    let kp = StaticKeypair::generate();
+    let kp = StaticKeypair::generate(&mut transport::os_entropy()?);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true).mode(0o600);
     let mut f = opts

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use transport::crypto::{EntropySource, StaticKeypair};
+use transport::crypto::StaticKeypair;
 use transport::{Admission, Node, NodeConfig, SessionConfig};
 
 #[derive(Parser)]
@@ -421,7 +421,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
             key,
             psk,
             wall_ms(),
-            EntropySource::Os,
+            transport::os_entropy()?,
         );
         let reg_ctx = Context::<RegistryActor>::new();
         let plane =
@@ -642,7 +642,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             key,
             psk,
             wall_ms(),
-            EntropySource::Os,
+            transport::os_entropy()?,
         );
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
         let sup_ctx = Context::<Supervisor>::new();

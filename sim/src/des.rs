@@ -8,12 +8,12 @@
 //! and every delivered packet and event is recorded with its time and folded
 //! into a trace digest.
 
+use crate::impair::{LinkSpec, Pipeline};
 use blake2::{Blake2b512, Digest};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::SocketAddr;
 use std::time::Duration;
 use transport::crypto::{EntropySource, StaticKeypair};
-use transport::impair::{LinkSpec, Pipeline};
 use transport::node::{Node, NodeConfig};
 use transport::session::Event;
 use transport::wire::PublicKey;

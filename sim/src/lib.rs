@@ -1,5 +1,8 @@
 //! fastmesh simulation.
 //!
+//! * [`impair`]: seeded sans-IO impairment stages (loss, burst loss, delay,
+//!   jitter, reordering, duplication, bottleneck) and [`Impaired`], the
+//!   datagram wrapper that applies them on tokio's (turmoil's) clock.
 //! * [`des`]: a discrete-event network that runs sans-IO nodes over seeded
 //!   impaired links in simulated time (fast, bit-for-bit reproducible).
 //! * [`traffic`]: self-checking inner packets.
@@ -9,10 +12,15 @@
 //! * [`nat`]: a NAT in front of a turmoil host (cone or random ports).
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod bulk;
 pub mod des;
+pub mod impair;
+pub mod impaired;
 pub mod nat;
 pub mod traffic;
 pub mod turmoil_net;
 pub mod world;
+
+pub use impaired::Impaired;

@@ -7,6 +7,8 @@
 //! cuts whole links in bursts, it is not per-packet loss).
 
 use crate::des::SIM_PSK;
+use crate::impair::LinkSpec;
+use crate::Impaired;
 use blake2::{Blake2b512, Digest};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -16,9 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use transport::crypto::{EntropySource, StaticKeypair};
-use transport::impair::LinkSpec;
 use transport::wire::PublicKey;
-use transport::{Datagram, Impaired, Node, NodeConfig, PacketDevice};
+use transport::{Datagram, Node, NodeConfig, PacketDevice};
 
 /// A turmoil UDP socket as a [`Datagram`].
 pub struct TurmoilUdp(pub turmoil::net::UdpSocket);

@@ -10,8 +10,10 @@
 //! directory and survives its crashes.
 
 use crate::des::SIM_PSK;
+use crate::impair::LinkSpec;
 use crate::nat::{NatKind, SimNat};
 use crate::turmoil_net::{AppSender, MemTun, TurmoilUdp};
+use crate::Impaired;
 use actix::prelude::*;
 use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
 use fastmesh_actors::heartbeat::HeartbeatConfig;
@@ -28,9 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use transport::crypto::{EntropySource, StaticKeypair};
-use transport::impair::LinkSpec;
 use transport::wire::{IpNet, PublicKey};
-use transport::{Admission, Datagram, Impaired, Node, NodeConfig};
+use transport::{Admission, Datagram, Node, NodeConfig};
 
 /// UDP port of every host.
 pub const PORT: u16 = 4000;

@@ -2,12 +2,12 @@
 
 use fastmesh_tests::overlay;
 use sim::des::{pair, pair_idle, Net, SIM_PSK};
+use sim::impair::LinkSpec;
 use sim::traffic::{self, Kind};
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
-use transport::impair::LinkSpec;
 use transport::session::Event;
 use transport::{Admission, NodeConfig};
 

@@ -3,8 +3,8 @@
 
 use sim::bulk;
 use sim::des::pair;
+use sim::impair::LinkSpec;
 use std::time::Duration;
-use transport::impair::LinkSpec;
 use transport::{NodeConfig, SessionConfig};
 
 #[test]

@@ -3,10 +3,10 @@
 
 use fastmesh_tests::{overlay, schedule_mixed};
 use sim::des::pair;
+use sim::impair::LinkSpec;
 use sim::traffic::{self, Kind};
 use sim::turmoil_net::{MemTun, Mesh};
 use std::time::Duration;
-use transport::impair::LinkSpec;
 use transport::NodeConfig;
 
 fn des_digest(seed: u64) -> ([u8; 32], usize) {

@@ -11,10 +11,10 @@ use fastmesh_tests::overlay;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sim::des::pair;
+use sim::impair::LinkSpec;
 use sim::traffic::{self, Kind};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use transport::impair::LinkSpec;
 use transport::{NodeConfig, SessionConfig};
 
 const ONE_WAY: Duration = Duration::from_millis(50);

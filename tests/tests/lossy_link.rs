@@ -3,9 +3,9 @@
 use fastmesh_tests::{delivered, schedule_mixed};
 use proptest::prelude::*;
 use sim::des::pair;
+use sim::impair::LinkSpec;
 use sim::traffic;
 use std::time::Duration;
-use transport::impair::LinkSpec;
 use transport::NodeConfig;
 
 #[test]

@@ -1,12 +1,12 @@
 //! The whole mesh in turmoil: a hub and five peers running the real actors,
 //! in-memory TUN devices, seeded links. Every test is deterministic.
 
+use sim::impair::LinkSpec;
 use sim::nat::NatKind;
 use sim::traffic::{self, Kind};
 use sim::world::{World, WorldConfig};
 use std::collections::BTreeSet;
 use std::time::Duration;
-use transport::impair::LinkSpec;
 
 const HB: Duration = Duration::from_secs(1);
 

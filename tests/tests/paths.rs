@@ -1,8 +1,8 @@
 //! Path probing between two nodes (sans-IO, discrete-event network).
 
 use sim::des::pair;
+use sim::impair::LinkSpec;
 use std::time::Duration;
-use transport::impair::LinkSpec;
 use transport::path::Via;
 use transport::NodeConfig;
 

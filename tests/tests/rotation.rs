@@ -3,11 +3,11 @@
 
 use fastmesh_tests::{delivered, schedule_mixed};
 use sim::des::pair;
+use sim::impair::LinkSpec;
 use sim::traffic;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
-use transport::impair::LinkSpec;
 use transport::{NodeConfig, SessionConfig};
 
 fn cfg(rekey: Duration, messages: u64) -> NodeConfig {

@@ -1,33 +1,25 @@
-//! fastmesh transport: everything that moves bytes between nodes. No actors.
+//! fastmesh transport: the I/O half. The protocol itself is the sans-IO
+//! [`proto`] crate; this crate moves its bytes through real devices.
 //!
 //! ```text
-//! outbound:  IP packet --Node::send_ip--> Session --TCP? KCP conv per flow : datagram-->
-//!            pacer (KCP data only) --seal (ChaCha20-Poly1305)--> Node::poll_transmit --> Datagram::send_to
-//! inbound:   Datagram::recv_from --> Node::handle_datagram --index--> Session --open, replay check-->
-//!            KCP reassembly / datagram --> Node::poll_rx --> PacketDevice::send
+//! outbound:  TUN (PacketDevice::recv_many, TSO split) --> Node::send_ip ... Node::poll_transmit
+//!            --> Datagram::try_send_gso (UDP GSO)
+//! inbound:   Datagram::try_recv_batch (recvmmsg + UDP GRO) --> Node::handle_datagram ... Node::poll_rx
+//!            --> PacketDevice::try_send_many (TUN, TCP GRO coalescing)
 //! ```
 //!
-//! * [`io`]: the [`Datagram`] and [`PacketDevice`] traits, tokio UDP and tun-rs
-//!   implementations, and the seeded [`Impaired`] wrapper.
-//! * [`impair`]: sans-IO impairment stages (loss, burst loss, delay, jitter,
-//!   reordering, duplication, bottleneck).
-//! * [`wire`]: frame header view and control messages.
-//! * [`crypto`]: Noise IKpsk1 handshake, AEAD, replay window.
-//! * [`session`] / [`node`]: the sans-IO protocol core, clock injected.
-//! * [`cc`]: rate control and pacing for KCP.
+//! * [`io`]: the [`Datagram`] and [`PacketDevice`] traits and their tokio UDP
+//!   ([`FastUdp`]) and tun-rs implementations.
+//!
+//! The protocol modules are re-exported under their own names
+//! (`transport::session`, `transport::wire`, ...) so that the layers above
+//! name one crate for "what moves bytes between nodes".
 
 #![warn(missing_docs)]
 
-pub mod cc;
-pub mod crypto;
-pub mod impair;
 pub mod io;
-pub mod ip;
-pub mod node;
-pub mod path;
-pub mod session;
-pub mod wire;
 
-pub use io::{Datagram, FastUdp, Impaired, PacketDevice};
-pub use node::{Admission, Node, NodeConfig, NodeStats};
-pub use session::{Event, FlowMode, KcpProfile, SessionConfig, SessionStats};
+pub use io::{os_entropy, Datagram, FastUdp, PacketDevice};
+pub use proto::{cc, crypto, driver, ip, node, path, session, wire};
+pub use proto::{Admission, Driver, Event, FlowMode, KcpProfile, Node, NodeConfig, NodeStats};
+pub use proto::{SessionConfig, SessionStats};

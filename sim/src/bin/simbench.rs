@@ -5,11 +5,11 @@
 
 use sim::bulk;
 use sim::des::pair;
+use sim::impair::LinkSpec;
 use sim::traffic::{self, Kind};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
-use transport::impair::LinkSpec;
 use transport::{FlowMode, KcpProfile, NodeConfig, SessionConfig};
 
 #[derive(Clone, Copy)]

@@ -71,10 +71,11 @@ impl StaticKeypair {
         StaticKeypair { private, public }
     }
 
-    /// A new key pair from the OS random source.
-    pub fn generate() -> StaticKeypair {
+    /// A new key pair drawn from `entropy` (seeded from the OS by the
+    /// binaries: `transport::os_entropy`).
+    pub fn generate(entropy: &mut EntropySource) -> StaticKeypair {
         let mut p = [0u8; 32];
-        rand::rng().fill_bytes(&mut p);
+        entropy.fill(&mut p);
         StaticKeypair::from_private(p)
     }
 
@@ -86,27 +87,26 @@ impl StaticKeypair {
     }
 }
 
-/// Where handshake ephemerals come from: the OS, or a seeded stream so that a
-/// simulation replays bit for bit.
-pub enum EntropySource {
-    /// getrandom.
-    Os,
-    /// Deterministic ChaCha20 stream (simulation only).
-    Seeded(Box<ChaCha20Rng>),
-}
+/// Where keys, handshake ephemerals, indices and incarnations come from: a
+/// ChaCha20 stream. The protocol core makes no OS calls, so the caller seeds
+/// it: with 32 bytes from the OS in the binaries (`transport::os_entropy`),
+/// with a number in simulations so that they replay bit for bit.
+pub struct EntropySource(Box<ChaCha20Rng>);
 
 impl EntropySource {
-    /// A seeded source.
+    /// A source seeded with 32 bytes of real entropy.
+    pub fn from_seed(seed: [u8; 32]) -> EntropySource {
+        EntropySource(Box::new(ChaCha20Rng::from_seed(seed)))
+    }
+
+    /// A deterministic source (simulations and tests only: 64 bits of seed).
     pub fn seeded(seed: u64) -> EntropySource {
-        EntropySource::Seeded(Box::new(ChaCha20Rng::seed_from_u64(seed)))
+        EntropySource(Box::new(ChaCha20Rng::seed_from_u64(seed)))
     }
 
     /// Fill `out` with random bytes.
     pub fn fill(&mut self, out: &mut [u8]) {
-        match self {
-            EntropySource::Os => rand::rng().fill_bytes(out),
-            EntropySource::Seeded(r) => r.fill_bytes(out),
-        }
+        self.0.fill_bytes(out);
     }
 
     /// A random u32.
@@ -117,14 +117,9 @@ impl EntropySource {
     }
 
     fn fork(&mut self) -> Box<dyn Random> {
-        match self {
-            EntropySource::Os => DefaultResolver.resolve_rng().expect("os rng"),
-            EntropySource::Seeded(r) => {
-                let mut seed = [0u8; 32];
-                r.fill_bytes(&mut seed);
-                Box::new(SeededRandom(ChaCha20Rng::from_seed(seed)))
-            }
-        }
+        let mut seed = [0u8; 32];
+        self.0.fill_bytes(&mut seed);
+        Box::new(SeededRandom(ChaCha20Rng::from_seed(seed)))
     }
 }
 
@@ -141,11 +136,8 @@ struct Resolver(std::sync::Mutex<Option<Box<dyn Random>>>);
 
 impl CryptoResolver for Resolver {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
-        self.0
-            .lock()
-            .ok()?
-            .take()
-            .or_else(|| DefaultResolver.resolve_rng())
+        // Each handshake gets its own fork of the caller's entropy, once.
+        self.0.lock().ok()?.take()
     }
     fn resolve_dh(&self, c: &DHChoice) -> Option<Box<dyn Dh>> {
         DefaultResolver.resolve_dh(c)

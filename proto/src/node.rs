@@ -4,8 +4,8 @@
 //! is client and server on one port. The node demultiplexes incoming frames by
 //! the receiver index in their header (so a peer whose address changes keeps its
 //! session), answers handshakes from allowed keys, and merges the sessions'
-//! output. Poll order: inputs, `handle_timeout`, `poll_transmit`, `poll_rx`,
-//! `poll_event`.
+//! output. Poll order: inputs, then [`Node::service`] (`handle_timeout`,
+//! `poll_transmit`, `poll_rx`, `poll_event`; see [`crate::driver`]).
 
 use crate::crypto::{EntropySource, ResponderHello, StaticKeypair};
 use crate::path::Via;
@@ -158,6 +158,8 @@ pub struct Node {
     relaying: bool,
     relays: Vec<PublicKey>,
     scratch: Vec<u8>,
+    /// The frame buffer [`Node::service`] lends to `poll_transmit`.
+    txbuf: Vec<u8>,
     local: StaticKeypair,
     psk: [u8; 32],
     incarnation: u64,
@@ -194,6 +196,7 @@ impl Node {
             relaying: cfg.relay,
             relays: Vec::new(),
             scratch: Vec::with_capacity(2048),
+            txbuf: Vec::with_capacity(2048),
             local,
             psk,
             incarnation: u64::from_le_bytes(inc),
@@ -657,6 +660,14 @@ impl Node {
             }
         }
         None
+    }
+
+    pub(crate) fn take_txbuf(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.txbuf)
+    }
+
+    pub(crate) fn put_txbuf(&mut self, buf: Vec<u8>) {
+        self.txbuf = buf;
     }
 
     /// Next inner IP packet received, with the key of the peer it came from.

@@ -3,7 +3,7 @@
 //! A [`Stage`] takes a packet that enters it at time `at` and yields the times at
 //! which zero, one or more copies leave it. Stages compose into a [`Pipeline`]
 //! (`rate limit -> loss -> delay/jitter -> reorder -> duplicate`); the same pipeline
-//! drives the discrete-event simulator (`sim::des`) and the [`crate::Impaired`]
+//! drives the discrete-event simulator ([`crate::des`]) and the [`crate::Impaired`]
 //! datagram wrapper used over real or turmoil sockets. Every stage owns a ChaCha
 //! RNG seeded from the link seed: same seed, same drops, same delays.
 

@@ -16,6 +16,8 @@
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 
+pub mod segment;
+
 /// The protocol version carried in byte 0 of every frame.
 pub const VERSION: u8 = 1;
 

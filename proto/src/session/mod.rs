@@ -1,0 +1,593 @@
+//! A sans-IO session with one remote node: Noise handshake, AEAD data frames
+//! with a replay window, and KCP conversations for reliable flows.
+//!
+//! Nothing here reads a clock or touches a socket. The owner ([`crate::node::Node`])
+//! feeds inputs with the current time and polls outputs, in this order:
+//!
+//! 1. inputs: `send_ip`, `send_control*`, `on_init`, `on_resp`, `on_data`
+//! 2. `handle_timeout(now)` whenever `poll_timeout()` has passed (it also flushes
+//!    KCP conversations touched by the inputs, once per batch)
+//! 3. `poll_transmit(now, buf)` until it returns `None`
+//! 4. `poll_rx()` / `poll_event()` until empty
+//!
+//! Outbound, an inner TCP packet goes into the KCP conversation of its flow
+//! (one conversation per 5-tuple, so a lost segment stalls only its own flow);
+//! anything else goes out at once as an encrypted datagram. Packets for KCP wait
+//! in their conversation's queue and enter KCP only as the pacer (at the rate the
+//! [`RateControl`] allows) and the inflight cap permit, conversations taking
+//! turns; KCP output carrying data (including retransmissions) is released by
+//! the same pacer. Datagrams, acks and control frames are never queued behind it;
+//! acks wait at most [`ACK_DELAY`] so that they share frames.
+
+mod config;
+mod keys;
+mod mux;
+mod pacing;
+mod timers;
+
+pub use config::{FlowMode, KcpProfile, SessionConfig};
+pub use keys::Ctx;
+
+use crate::cc::{Pacer, RateControl, Report};
+use crate::ip;
+use crate::path::{PathConfig, Paths, Via};
+use crate::wire::{self, Control, Inner, PublicKey};
+use keys::{Keypair, PendingInit};
+use mux::{Conv, KcpSink};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Something the owner of a session should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A handshake completed; traffic flows.
+    Established,
+    /// Nothing authenticated arrived for `dead_after`.
+    DeadLink,
+    /// Traffic arrived again after [`Event::DeadLink`].
+    Recovered,
+    /// The remote restarted (new incarnation); KCP conversations were reset.
+    PeerRestarted,
+    /// A control message for the layer above (registry, peer map, punching).
+    Control(Control),
+    /// No direct path answers: ask a hub to make both sides punch now.
+    PunchWanted,
+    /// The node dropped this session to make room for a newcomer (it had
+    /// been silent for [`crate::node::EVICT_SILENT`] at the session cap).
+    Evicted,
+}
+
+/// Counters kept per session. Bytes are UDP payload bytes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionStats {
+    /// Frames sent (all kinds).
+    pub tx_frames: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Authenticated frames received.
+    pub rx_frames: u64,
+    /// Bytes of authenticated frames received.
+    pub rx_bytes: u64,
+    /// Inner IP packets handed in for sending.
+    pub ip_tx: u64,
+    /// Inner IP packets delivered.
+    pub ip_rx: u64,
+    /// Frames whose tag did not verify.
+    pub auth_failed: u64,
+    /// Frames dropped by the replay window.
+    pub replayed: u64,
+    /// Inner packets dropped: no session yet and the pending queue was full.
+    pub pending_dropped: u64,
+    /// Inner packets dropped: a conversation's backlog was full.
+    pub backlog_dropped: u64,
+    /// Inner packets dropped: too large or not IP.
+    pub malformed: u64,
+    /// KCP conversations currently open.
+    pub convs: usize,
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Latest smoothed RTT from pings.
+    pub srtt: Option<Duration>,
+    /// Path loss estimated by the controller (0..1).
+    pub loss: f64,
+    /// KCP data segments sent again (retransmissions).
+    pub retransmits: u64,
+    /// Times traffic moved to another path (direct endpoint or relay).
+    pub path_changes: u64,
+}
+
+enum Out {
+    /// A finished frame (handshake messages) for one path.
+    RawTo(Via, Vec<u8>),
+    /// Plaintext starting with its inner-type byte, sealed at send time.
+    Plain(Vec<u8>),
+    /// Plaintext for one path (probes and their answers).
+    PlainTo(Via, Vec<u8>),
+}
+
+/// Relayed frames a session holds for the node before they are dropped.
+const MAX_RELAYED: usize = 1024;
+
+/// While no direct path answers, how often to ask the hubs to coordinate a punch.
+pub const PUNCH_REQUEST_EVERY: Duration = Duration::from_secs(10);
+
+/// Conversation id of the reliable control channel.
+pub const CONV_CONTROL: u32 = 0;
+/// Conversation id shared by non-TCP traffic in all-KCP mode and by flows past the limit.
+pub const CONV_SHARED: u32 = 1;
+const TOMBSTONES: usize = 1024;
+/// Longest an ack waits so that acks for a burst of segments share one frame.
+pub const ACK_DELAY: Duration = Duration::from_millis(4);
+
+/// KCP data silence after which the rate controller probes the path afresh.
+pub const IDLE_RESTART: Duration = Duration::from_millis(500);
+
+/// One remote node's session. See the module docs for the poll order.
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    remote: PublicKey,
+    my_bit: u32,
+    paths: Paths,
+    /// The path the frame being dispatched arrived on.
+    rx_via: Option<Via>,
+    /// The path traffic used when last checked (to count and log moves).
+    last_path: Option<Via>,
+    /// [`Inner::Relay`] messages received, whole: type byte, the 32-byte key
+    /// named in it, the frame.
+    relayed: VecDeque<Vec<u8>>,
+    /// Next time to ask the hubs to coordinate a punch.
+    next_punch_req: Duration,
+    incarnation: u64,
+    /// When the current keys were installed (old keys expire from here).
+    installed_at: Duration,
+    remote_incarnation: Option<u64>,
+    last_init_ts: u64,
+    current: Option<Keypair>,
+    previous: Option<Keypair>,
+    next: Option<Keypair>,
+    pending_init: Option<PendingInit>,
+    next_handshake: Option<Duration>,
+    handshake_attempts: u32,
+    wanted: bool,
+    pending: VecDeque<Vec<u8>>,
+    urgent: VecDeque<Out>,
+    /// Packets waiting in conversation queues (sum of `Conv::queue` lengths).
+    queued: usize,
+    /// Running average size of packets admitted into KCP (bytes, for the inflight cap).
+    avg_seg: f64,
+    /// KCP output carrying data (new or retransmitted), per conversation,
+    /// released by the pacer round-robin across conversations.
+    paced: BTreeMap<u32, VecDeque<Vec<u8>>>,
+    paced_len: usize,
+    paced_last: u32,
+    /// Last conversation served by the pacer; queues are served round-robin
+    /// so a bulk flow's backlog never delays another flow's packets.
+    rr_conv: u32,
+    rx: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    sink: KcpSink,
+    convs: BTreeMap<u32, Conv>,
+    flows: BTreeMap<ip::FlowKey, u32>,
+    tombstones: VecDeque<u32>,
+    tombstone_set: BTreeSet<u32>,
+    next_conv: u32,
+    dirty: bool,
+    cc: RateControl,
+    pacer: Pacer,
+    now: Duration,
+    last_rx: Duration,
+    /// When the node admitted this session (for eviction at the cap).
+    born: Duration,
+    last_tx: Duration,
+    last_kcp_tx: Duration,
+    next_ping: Duration,
+    next_feedback: Duration,
+    reported: u64,
+    next_expiry: Duration,
+    dead: bool,
+    srtt: Option<Duration>,
+    stats: SessionStats,
+}
+
+impl Session {
+    /// A session with `remote`, reachable at `endpoint` if known.
+    /// `incarnation` is random per session object: the remote sees it in every
+    /// handshake, and a new value tells it that this side's state (KCP
+    /// conversations) is fresh, whether the process restarted or only this
+    /// session was dropped and created again (expiry, revocation, restart of
+    /// the session by a supervisor).
+    pub fn new(
+        cfg: Arc<SessionConfig>,
+        local: &PublicKey,
+        remote: PublicKey,
+        endpoint: Option<SocketAddr>,
+        incarnation: u64,
+    ) -> Session {
+        let initial_rate = 64.0 * 1400.0 / 0.1;
+        let max_rate = cfg.max_rate;
+        Session {
+            cfg,
+            remote,
+            my_bit: u32::from(local < &remote),
+            paths: {
+                let mut p = Paths::new(PathConfig::default());
+                if let Some(ep) = endpoint {
+                    p.set_direct(Duration::ZERO, &[ep]);
+                }
+                p
+            },
+            rx_via: None,
+            last_path: None,
+            relayed: VecDeque::new(),
+            next_punch_req: Duration::ZERO,
+            incarnation,
+            installed_at: Duration::ZERO,
+            remote_incarnation: None,
+            last_init_ts: 0,
+            current: None,
+            previous: None,
+            next: None,
+            pending_init: None,
+            next_handshake: None,
+            handshake_attempts: 0,
+            wanted: false,
+            pending: VecDeque::new(),
+            urgent: VecDeque::new(),
+            queued: 0,
+            avg_seg: 1000.0,
+            paced: BTreeMap::new(),
+            paced_len: 0,
+            paced_last: 0,
+            rr_conv: 0,
+            rx: VecDeque::new(),
+            events: VecDeque::new(),
+            sink: KcpSink::default(),
+            convs: BTreeMap::new(),
+            flows: BTreeMap::new(),
+            tombstones: VecDeque::new(),
+            tombstone_set: BTreeSet::new(),
+            next_conv: 1,
+            dirty: false,
+            cc: RateControl::new(initial_rate, max_rate),
+            pacer: Pacer::default(),
+            now: Duration::ZERO,
+            last_rx: Duration::ZERO,
+            born: Duration::ZERO,
+            last_tx: Duration::ZERO,
+            last_kcp_tx: Duration::ZERO,
+            next_ping: Duration::ZERO,
+            next_feedback: Duration::ZERO,
+            reported: 0,
+            next_expiry: Duration::ZERO,
+            dead: false,
+            srtt: None,
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// The remote's public key.
+    pub fn remote(&self) -> &PublicKey {
+        &self.remote
+    }
+
+    /// Where frames to the remote go.
+    /// The direct endpoint in use (None while relayed or unknown).
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.paths.current().and_then(|v| v.direct())
+    }
+
+    /// The path in use.
+    pub fn path(&self) -> Option<Via> {
+        self.paths.current()
+    }
+
+    /// All paths, their measurements, and why the current one.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// Point the session at a new endpoint (e.g. from the hub's peer map).
+    pub fn set_endpoint(&mut self, ep: SocketAddr) {
+        self.paths.set_direct(self.now, &[ep]);
+    }
+
+    /// The direct candidates from the hub's peer map, best first.
+    pub fn set_candidates(&mut self, eps: &[SocketAddr]) {
+        self.paths.set_direct(self.now, eps);
+    }
+
+    /// The hubs that may relay to this peer.
+    pub fn set_relays(&mut self, relays: &[PublicKey]) {
+        self.paths.set_relays(self.now, relays);
+    }
+
+    /// The hub asked both sides to try these candidates now.
+    pub fn punch(&mut self, now: Duration, eps: &[SocketAddr]) {
+        self.now = self.now.max(now);
+        self.paths.punch(now, eps);
+    }
+
+    /// Count and log a move of the traffic to another path.
+    fn track_path(&mut self) {
+        let (prev, now) = (self.last_path, self.paths.current());
+        if now == prev {
+            return;
+        }
+        let relay = |v: Option<Via>| matches!(v, Some(Via::Relay(_)));
+        if relay(now) != relay(prev) {
+            let m = self.kcp_mtu();
+            for c in self.convs.values_mut() {
+                let _ = c.kcp.set_mtu(m);
+            }
+        }
+        if prev.is_some() && now.is_some() {
+            self.stats.path_changes += 1;
+            tracing::info!(
+                peer = %self.remote[..6].iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                from = ?prev,
+                to = ?now,
+                why = %self.paths.reason(),
+                "path changed"
+            );
+        }
+        self.last_path = now;
+    }
+
+    /// Relay messages that arrived, whole (see [`wire::Inner::Relay`]).
+    pub fn take_relayed(&mut self) -> VecDeque<Vec<u8>> {
+        std::mem::take(&mut self.relayed)
+    }
+
+    /// Forward a relay message received in another session: `msg` is that
+    /// message whole; its key is replaced by `src` (the node it came from)
+    /// and it goes over this session's own path.
+    pub fn queue_relay(&mut self, src: &PublicKey, mut msg: Vec<u8>) -> bool {
+        if self.current.is_none() || self.urgent.len() >= MAX_RELAYED || msg.len() < 33 {
+            return false;
+        }
+        msg[1..33].copy_from_slice(src);
+        self.urgent.push_back(Out::Plain(msg));
+        true
+    }
+
+    /// Seal the plaintext `plain` into `buf` now, outside the queues (the
+    /// node wrapping another session's frame for this relay); returns where
+    /// to send it (this session's direct endpoint).
+    pub fn seal_now(
+        &mut self,
+        now: Duration,
+        plain: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Option<SocketAddr> {
+        let to = self.endpoint()?;
+        if self.seal(plain, buf) {
+            self.count_tx(now, buf.len());
+            Some(to)
+        } else {
+            None
+        }
+    }
+
+    /// Is there a usable key?
+    pub fn is_established(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Has the link been declared dead (and not recovered)?
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        let mut s = self.stats.clone();
+        s.convs = self.convs.len();
+        s.srtt = self.srtt;
+        s.loss = self.cc.loss();
+        s
+    }
+
+    /// Time of the last authenticated frame.
+    pub fn last_rx(&self) -> Duration {
+        self.last_rx
+    }
+
+    /// Last sign of life: the last authenticated frame, or the admission.
+    pub fn last_activity(&self) -> Duration {
+        self.last_rx.max(self.born)
+    }
+
+    /// Record when the node admitted this session.
+    pub fn set_born(&mut self, now: Duration) {
+        self.born = now;
+    }
+
+    /// KCP segments waiting (queued or unacknowledged) over all conversations.
+    pub fn kcp_backlog(&self) -> usize {
+        self.convs.values().map(|c| c.kcp.wait_snd()).sum::<usize>() + self.queued + self.paced_len
+    }
+
+    /// Queue an inner IP packet for the remote.
+    pub fn send_ip(&mut self, ctx: &mut Ctx, pkt: &[u8]) {
+        self.now = ctx.now;
+        self.stats.ip_tx += 1;
+        let Some(info) = ip::parse(pkt) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if self.current.is_none() {
+            self.wanted = true;
+            if self.pending.len() >= self.cfg.max_pending {
+                self.pending.pop_front();
+                self.stats.pending_dropped += 1;
+            }
+            self.pending.push_back(pkt.to_vec());
+            if self.pending_init.is_none() {
+                self.start_handshake(ctx);
+            }
+            return;
+        }
+        self.route(ctx.now, pkt, &info);
+    }
+
+    /// Send a control message as an encrypted datagram (unreliable, not queued
+    /// behind KCP). Returns false if there is no session yet.
+    pub fn send_control(&mut self, msg: &Control) -> bool {
+        if self.current.is_none() {
+            return false;
+        }
+        let mut v = vec![Inner::Control as u8];
+        if msg.encode_into(&mut v).is_err() {
+            return false;
+        }
+        self.urgent.push_back(Out::Plain(v));
+        true
+    }
+
+    /// Send a control message reliably, in order, over the control conversation.
+    pub fn send_control_reliable(&mut self, now: Duration, msg: &Control) -> bool {
+        let Ok(v) = msg.encode() else { return false };
+        let c = self.conv(now, CONV_CONTROL);
+        if c.kcp.send(&v).is_err() {
+            return false;
+        }
+        c.last_active = now;
+        self.dirty = true;
+        true
+    }
+
+    fn dispatch(&mut self, now: Duration, plain: &[u8]) {
+        let Some((&kind, body)) = plain.split_first() else {
+            return;
+        };
+        match Inner::from_u8(kind) {
+            Some(Inner::Ip) => self.deliver(now, body, None),
+            Some(Inner::Kcp) => self.on_kcp(now, body),
+            Some(Inner::Control) => match Control::decode(body) {
+                Ok(m) => self.on_control(now, m),
+                Err(_) => self.stats.malformed += 1,
+            },
+            Some(Inner::Keepalive) => {}
+            Some(Inner::Relay) => {
+                if body.len() < 32 + wire::DATA_HEADER_LEN || self.relayed.len() >= MAX_RELAYED {
+                    self.stats.malformed += 1;
+                    return;
+                }
+                self.relayed.push_back(plain.to_vec());
+            }
+            None => self.stats.malformed += 1,
+        }
+    }
+
+    fn on_control(&mut self, now: Duration, m: Control) {
+        match m {
+            Control::Ping { ts_us } => {
+                self.send_control(&Control::Pong { ts_us });
+            }
+            Control::Pong { ts_us } => {
+                let sent = Duration::from_micros(ts_us);
+                if sent <= now {
+                    let rtt = now - sent;
+                    self.srtt = Some(match self.srtt {
+                        Some(s) => (s * 7 + rtt) / 8,
+                        None => rtt,
+                    });
+                    self.cc.on_rtt(now, rtt);
+                }
+            }
+            Control::Feedback {
+                frames,
+                highest,
+                bytes,
+            } => {
+                self.cc.on_report(
+                    now,
+                    Report {
+                        frames,
+                        highest,
+                        bytes,
+                    },
+                );
+                self.paths.note_data_loss(now, self.cc.loss());
+            }
+            Control::ConvReset { conv } => {
+                if self.convs.contains_key(&conv) {
+                    self.close_conv(conv);
+                }
+            }
+            Control::PathProbe { id } => {
+                // Answer on the path the probe came by.
+                if let (Some(via), Ok(m)) = (self.rx_via, Control::PathAck { id }.encode()) {
+                    let mut v = Vec::with_capacity(1 + m.len());
+                    v.push(Inner::Control as u8);
+                    v.extend_from_slice(&m);
+                    self.urgent.push_back(Out::PlainTo(via, v));
+                }
+            }
+            Control::PathAck { id } => self.paths.on_ack(now, id),
+            other => self.events.push_back(Event::Control(other)),
+        }
+    }
+
+    /// Write the next frame to send into `buf`; returns its destination.
+    pub fn poll_transmit(&mut self, now: Duration, buf: &mut Vec<u8>) -> Option<Via> {
+        let path = self.paths.current()?;
+        loop {
+            let mut to = path;
+            let plain = if let Some(o) = self.urgent.pop_front() {
+                match o {
+                    Out::RawTo(via, f) => {
+                        buf.clear();
+                        buf.extend_from_slice(&f);
+                        self.count_tx(now, buf.len());
+                        return Some(via);
+                    }
+                    Out::PlainTo(via, p) => {
+                        to = via;
+                        p
+                    }
+                    Out::Plain(p) => {
+                        if p.first() == Some(&(Inner::Ip as u8)) {
+                            // Datagrams never wait, but they use the path, so KCP yields.
+                            self.pacer.on_send(
+                                now,
+                                p.len() + wire::DATA_OVERHEAD,
+                                self.cc.pacing_rate(),
+                            );
+                        }
+                        p
+                    }
+                }
+            } else if self.paced_len > 0 && self.pacer.ready(now) && self.current.is_some() {
+                let p = self.pop_paced();
+                self.pacer
+                    .on_send(now, p.len() + wire::DATA_OVERHEAD, self.cc.pacing_rate());
+                p
+            } else {
+                return None;
+            };
+            if self.seal(&plain, buf) {
+                self.count_tx(now, buf.len());
+                return Some(to);
+            }
+        }
+    }
+
+    fn count_tx(&mut self, now: Duration, n: usize) {
+        self.stats.tx_frames += 1;
+        self.stats.tx_bytes += n as u64;
+        self.last_tx = now;
+    }
+
+    /// Next inner IP packet received from the remote.
+    pub fn poll_rx(&mut self) -> Option<Vec<u8>> {
+        self.rx.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}

@@ -1,0 +1,312 @@
+//! The conversation multiplexer: which inner packets use KCP and which
+//! conversation (one per TCP flow), opening, expiring and resetting
+//! conversations, and feeding received KCP segments to them.
+
+use super::FlowMode;
+use super::{Out, Session, ACK_DELAY, CONV_CONTROL, CONV_SHARED, IDLE_RESTART, TOMBSTONES};
+use crate::ip;
+use crate::path::Via;
+use crate::wire::{self, segment::Segment, Control, Inner};
+use kcp::Kcp;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Shared sink for KCP output (the kcp crate writes through `std::io::Write`).
+#[derive(Clone, Default)]
+pub(super) struct KcpSink(pub(super) Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl std::io::Write for KcpSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut v = Vec::with_capacity(buf.len() + 1);
+        v.push(Inner::Kcp as u8);
+        v.extend_from_slice(buf);
+        self.0
+            .lock()
+            .map_err(|_| std::io::ErrorKind::Other)?
+            .push(v);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub(super) struct Conv {
+    pub(super) kcp: Kcp<KcpSink>,
+    /// Inner packets waiting for the pacer before they enter KCP.
+    pub(super) queue: VecDeque<Vec<u8>>,
+    /// Acks owed since this time (sent within [`super::ACK_DELAY`] so they batch).
+    pub(super) ack_owed: Option<Duration>,
+    pub(super) last_active: Duration,
+    pub(super) next_update_ms: u32,
+    /// One past the highest KCP sequence number sent (to spot retransmissions).
+    pub(super) next_sn: u32,
+}
+
+impl Session {
+    pub(super) fn route(&mut self, now: Duration, pkt: &[u8], info: &ip::IpInfo) {
+        let conv = match (self.cfg.flow_mode, info.proto) {
+            (FlowMode::AllDatagram, _) => None,
+            // Pure TCP acks need no retransmission (the next ack covers a lost
+            // one) and must not queue behind a lost data segment: that would
+            // stall the sender's ack clock (and its delivery-rate samples).
+            (FlowMode::Auto, ip::PROTO_TCP) if ip::tcp_pure_ack(pkt) => None,
+            (_, ip::PROTO_TCP) => Some(self.conv_for_flow(now, info)),
+            (FlowMode::AllKcp, _) => Some(CONV_SHARED),
+            (FlowMode::Auto, _) => None,
+        };
+        match conv {
+            None => {
+                if pkt.len() + 1 > self.cfg.plain_budget() {
+                    self.stats.malformed += 1;
+                    return;
+                }
+                let mut v = Vec::with_capacity(pkt.len() + 1);
+                v.push(Inner::Ip as u8);
+                v.extend_from_slice(pkt);
+                self.urgent.push_back(Out::Plain(v));
+            }
+            Some(id) => {
+                let max_backlog = self.cfg.max_backlog;
+                let c = self.conv(now, id);
+                if c.queue.len() >= max_backlog {
+                    self.stats.backlog_dropped += 1;
+                    return;
+                }
+                // Idle = nothing queued, nothing unacknowledged, no data sent
+                // for a while (not a transfer stalled on its window).
+                let idle = self.queued == 0
+                    && self.paced_len == 0
+                    && now.saturating_sub(self.last_kcp_tx) >= IDLE_RESTART
+                    && self.convs.values().all(|c| c.kcp.wait_snd() == 0);
+                let c = self.conv(now, id);
+                c.queue.push_back(pkt.to_vec());
+                c.last_active = now;
+                self.queued += 1;
+                self.dirty = true;
+                if idle {
+                    self.cc.restart_from_idle(now);
+                }
+            }
+        }
+    }
+
+    pub(super) fn conv_for_flow(&mut self, now: Duration, info: &ip::IpInfo) -> u32 {
+        let Some(key) = info.flow() else {
+            return CONV_SHARED;
+        };
+        if let Some(&c) = self.flows.get(&key) {
+            if self.convs.contains_key(&c) {
+                return c;
+            }
+        }
+        let mine = self
+            .convs
+            .keys()
+            .filter(|&&c| c > CONV_SHARED && c & 1 == self.my_bit)
+            .count();
+        if mine >= self.cfg.max_convs && !self.evict_idle(now) {
+            return CONV_SHARED;
+        }
+        let id = (self.next_conv << 1) | self.my_bit;
+        self.next_conv = self.next_conv.wrapping_add(1).max(1);
+        self.flows.insert(key, id);
+        self.conv(now, id);
+        id
+    }
+
+    pub(super) fn evict_idle(&mut self, now: Duration) -> bool {
+        let victim = self
+            .convs
+            .iter()
+            .filter(|(&id, c)| id > CONV_SHARED && id & 1 == self.my_bit && c.kcp.wait_snd() == 0)
+            .min_by_key(|(_, c)| c.last_active)
+            .map(|(&id, _)| id);
+        match victim {
+            Some(id) => {
+                self.close_conv(id);
+                let _ = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn close_conv(&mut self, id: u32) {
+        if let Some(c) = self.convs.remove(&id) {
+            self.queued -= c.queue.len();
+        }
+        self.flows.retain(|_, c| *c != id);
+        if id > CONV_SHARED && self.tombstone_set.insert(id) {
+            self.tombstones.push_back(id);
+            if self.tombstones.len() > TOMBSTONES {
+                if let Some(old) = self.tombstones.pop_front() {
+                    self.tombstone_set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// KCP's MTU: the whole plaintext budget on a direct path; on a relayed
+    /// one, less the relay's wrapping, so relayed frames never need IP
+    /// fragmentation (KCP splits larger inner packets into two segments).
+    pub(super) fn kcp_mtu(&self) -> usize {
+        let relayed = matches!(self.paths.current(), Some(Via::Relay(_)));
+        self.cfg.plain_budget() - 1 - if relayed { wire::RELAY_OVERHEAD } else { 0 }
+    }
+
+    pub(super) fn conv(&mut self, now: Duration, id: u32) -> &mut Conv {
+        let kcp_mtu = self.kcp_mtu();
+        let cfg = &self.cfg;
+        let sink = &self.sink;
+        self.convs.entry(id).or_insert_with(|| {
+            let mut kcp = Kcp::new(id, sink.clone());
+            let (nodelay, interval, resend, min_rto) = cfg.profile.params();
+            kcp.set_nodelay(nodelay, interval as i32, resend as i32, true);
+            kcp.set_rx_minrto(min_rto);
+            let _ = kcp.set_mtu(kcp_mtu);
+            // The controller limits inflight (`window_full`); KCP only by the receiver.
+            kcp.set_wndsize(cfg.rcv_wnd, cfg.rcv_wnd);
+            kcp.set_maximum_resend_times(u32::MAX);
+            let ms = now.as_millis() as u32;
+            let _ = kcp.update(ms);
+            Conv {
+                kcp,
+                queue: VecDeque::new(),
+                ack_owed: None,
+                last_active: now,
+                next_update_ms: ms,
+                next_sn: 0,
+            }
+        })
+    }
+
+    pub(super) fn reset_convs(&mut self) {
+        self.convs.clear();
+        self.flows.clear();
+        self.queued = 0;
+        self.paced.clear();
+        self.paced_len = 0;
+        self.tombstones.clear();
+        self.tombstone_set.clear();
+        if let Ok(mut s) = self.sink.0.lock() {
+            s.clear();
+        }
+    }
+
+    pub(super) fn deliver(&mut self, now: Duration, pkt: &[u8], conv: Option<u32>) {
+        let Some(info) = ip::parse(pkt) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if let (Some(c), Some(key)) = (conv, info.flow()) {
+            if c > CONV_SHARED {
+                self.flows.entry(key).or_insert(c);
+            }
+        }
+        let _ = now;
+        self.stats.ip_rx += 1;
+        self.rx.push_back(pkt.to_vec());
+    }
+
+    pub(super) fn on_kcp(&mut self, now: Duration, segs: &[u8]) {
+        let Some(first) = Segment::new_checked(segs) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let id = first.conv();
+        if !self.convs.contains_key(&id) {
+            let remote_made = id > CONV_SHARED && id & 1 != self.my_bit;
+            let remote_count = self
+                .convs
+                .keys()
+                .filter(|&&c| c > CONV_SHARED && c & 1 != self.my_bit)
+                .count();
+            let acceptable = id <= CONV_SHARED
+                || (remote_made
+                    && !self.tombstone_set.contains(&id)
+                    && remote_count < 2 * self.cfg.max_convs);
+            if !acceptable {
+                self.send_control(&Control::ConvReset { conv: id });
+                return;
+            }
+        }
+        let c = self.conv(now, id);
+        c.last_active = now;
+        c.ack_owed.get_or_insert(now);
+        let bad_input = c.kcp.input(segs).is_err();
+        let mut msgs = Vec::new();
+        while let Ok(n) = c.kcp.peeksize() {
+            let mut m = vec![0u8; n];
+            match c.kcp.recv(&mut m) {
+                Ok(k) => {
+                    m.truncate(k);
+                    msgs.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        if bad_input {
+            self.stats.malformed += 1;
+        }
+        for m in msgs {
+            if id == CONV_CONTROL {
+                match Control::decode(&m) {
+                    Ok(msg) => self.on_control(now, msg),
+                    Err(_) => self.stats.malformed += 1,
+                }
+            } else {
+                self.deliver(now, &m, Some(id));
+            }
+        }
+    }
+
+    /// Run KCP's clock for the conversations that are due, and flush at once
+    /// those that got new data (`admitted`), owe acks, or (`control_dirty`)
+    /// carry a new control message.
+    pub(super) fn update_convs(
+        &mut self,
+        now: Duration,
+        admitted: &BTreeSet<u32>,
+        control_dirty: bool,
+    ) {
+        let now_ms = now.as_millis() as u32;
+        for (id, c) in self.convs.iter_mut() {
+            let due = (now_ms.wrapping_sub(c.next_update_ms) as i32) >= 0;
+            let fresh = admitted.contains(id) || (control_dirty && *id == CONV_CONTROL);
+            let acks = c.ack_owed.is_some_and(|a| now >= a + ACK_DELAY);
+            if due || fresh || acks {
+                let _ = c.kcp.update(now_ms);
+                if fresh || acks {
+                    let _ = c.kcp.flush();
+                }
+                c.ack_owed = None;
+                c.next_update_ms = now_ms.wrapping_add(c.kcp.check(now_ms).max(1));
+            }
+        }
+    }
+
+    /// Once a second: close flow conversations idle for `conv_idle` with
+    /// nothing unacknowledged.
+    pub(super) fn expire_convs(&mut self, now: Duration) {
+        if now < self.next_expiry || self.convs.is_empty() {
+            return;
+        }
+        self.next_expiry = now + Duration::from_secs(1);
+        let idle = self.cfg.conv_idle;
+        let expired: Vec<u32> = self
+            .convs
+            .iter()
+            .filter(|(&id, c)| {
+                id > CONV_SHARED
+                    && c.kcp.wait_snd() == 0
+                    && now.saturating_sub(c.last_active) >= idle
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            self.close_conv(id);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Pacing: packets enter KCP only as the rate controller's pacer and the
+//! inflight cap allow, conversations taking turns; KCP output carrying data
+//! (new or retransmitted) is released by the same pacer, round-robin.
+
+use super::{Out, Session};
+use crate::wire::{self, segment::segments};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+impl Session {
+    /// The conversation that may send next: round-robin over those with queued
+    /// packets, each allowed while the total inflight is under the controller's
+    /// cap or its own inflight is under its fair share (so a flow stuck on
+    /// losses cannot take the whole window from the others).
+    pub(super) fn next_admissible(&self) -> Option<u32> {
+        // The cap is in bytes; KCP counts segments, so convert with the
+        // average size of what was admitted (small packets => more segments).
+        let cap = (self.cc.inflight_cap() / self.avg_seg).max(32.0);
+        let total: usize = self.convs.values().map(|c| c.kcp.wait_snd()).sum();
+        let busy = self
+            .convs
+            .values()
+            .filter(|c| !c.queue.is_empty() || c.kcp.wait_snd() > 0)
+            .count()
+            .max(1);
+        let share = (cap / busy as f64).max(4.0);
+        self.convs
+            .range(self.rr_conv.wrapping_add(1)..)
+            .chain(self.convs.range(..=self.rr_conv))
+            .find(|(id, c)| {
+                !c.queue.is_empty()
+                    && !self.paced.contains_key(id)
+                    && ((total as f64) < cap || (c.kcp.wait_snd() as f64) < share)
+            })
+            .map(|(id, _)| *id)
+    }
+
+    /// Move queued packets into KCP as the pacer and the window allow, one
+    /// conversation after another. Returns the conversations that got data.
+    pub(super) fn admit(&mut self, now: Duration) -> BTreeSet<u32> {
+        let mut touched = BTreeSet::new();
+        if self.current.is_none() {
+            return touched;
+        }
+        let rate = self.cc.pacing_rate();
+        // A conversation with output still waiting for the pacer is skipped
+        // (`next_admissible`), so retransmissions go before its new data,
+        // while other conversations are not held back by them.
+        let mut budget = self.pacer.budget(now, rate);
+        while self.queued > 0 && budget > 0.0 {
+            let Some(id) = self.next_admissible() else {
+                break;
+            };
+            let c = self.convs.get_mut(&id).expect("found above");
+            let pkt = c.queue.pop_front().expect("non-empty");
+            self.queued -= 1;
+            self.rr_conv = id;
+            if c.kcp.send(&pkt).is_err() {
+                self.stats.malformed += 1;
+                continue;
+            }
+            let seg = (pkt.len() + 1 + kcp::KCP_OVERHEAD + wire::DATA_OVERHEAD) as f64;
+            self.avg_seg = self.avg_seg * 0.95 + seg * 0.05;
+            budget -= seg;
+            touched.insert(id);
+        }
+        touched
+    }
+
+    pub(super) fn collect_kcp(&mut self, now: Duration) {
+        let out = match self.sink.0.lock() {
+            Ok(mut s) => std::mem::take(&mut *s),
+            Err(_) => return,
+        };
+        for pkt in out {
+            let mut conv = None;
+            for seg in segments(&pkt[1..]).filter(|s| s.is_push()) {
+                conv = Some(seg.conv());
+                if let Some(c) = self.convs.get_mut(&seg.conv()) {
+                    if (seg.sn().wrapping_sub(c.next_sn) as i32) < 0 {
+                        self.stats.retransmits += 1;
+                    } else {
+                        c.next_sn = seg.sn().wrapping_add(1);
+                    }
+                }
+            }
+            // Output carrying data waits for the pacer; acks and probes do not.
+            if let Some(conv) = conv {
+                self.last_kcp_tx = now;
+                self.paced.entry(conv).or_default().push_back(pkt);
+                self.paced_len += 1;
+            } else {
+                self.urgent.push_back(Out::Plain(pkt));
+            }
+        }
+    }
+
+    pub(super) fn pop_paced(&mut self) -> Vec<u8> {
+        let key = self
+            .paced
+            .range(self.paced_last.wrapping_add(1)..)
+            .next()
+            .or_else(|| self.paced.iter().next())
+            .map(|(k, _)| *k)
+            .expect("paced_len > 0");
+        let q = self.paced.get_mut(&key).expect("key from map");
+        let p = q.pop_front().expect("queues in the map are non-empty");
+        if q.is_empty() {
+            self.paced.remove(&key);
+        }
+        self.paced_len -= 1;
+        self.paced_last = key;
+        p
+    }
+}

@@ -1,0 +1,177 @@
+//! Timers: when the session next needs [`Session::handle_timeout`], and what
+//! it does then (KCP updates and flushes, conversation expiry, key rotation,
+//! handshake retries, dead-link detection, pings, receiver reports,
+//! keepalives, path probes and choice).
+
+use super::{Ctx, Event, Out, Session, ACK_DELAY, PUNCH_REQUEST_EVERY};
+use crate::cc::RateControl;
+use crate::wire::{Control, Inner};
+use std::time::Duration;
+
+impl Session {
+    /// The rate controller (read-only, for diagnostics and benchmarks).
+    pub fn rate_control(&self) -> &RateControl {
+        &self.cc
+    }
+
+    /// Timer state, for diagnosing a stuck driver.
+    pub fn debug_timers(&self) -> String {
+        format!(
+            "now {:?} dirty {} hs {:?} ping {:?} fb {:?} last_rx {:?} last_tx {:?} queued {} pacer {:?} convs {:?} expiry {:?}",
+            self.now, self.dirty, self.next_handshake, self.next_ping, self.next_feedback, self.last_rx, self.last_tx,
+            self.queued, self.pacer.next_send(),
+            self.convs.iter().map(|(k, c)| (*k, c.next_update_ms)).collect::<Vec<_>>(), self.next_expiry
+        )
+    }
+
+    /// When `handle_timeout` should next run.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if self.dirty {
+            return Some(self.now);
+        }
+        let mut t: Option<Duration> = None;
+        let mut at = |d: Duration| t = Some(t.map_or(d, |x: Duration| x.min(d)));
+        if let Some(h) = self.next_handshake {
+            if self.wanted || self.current.is_some() {
+                at(h);
+            }
+        }
+        if let Some(due) = self.rekey_due() {
+            if self.pending_init.is_none() && !self.dead {
+                at(due);
+            }
+        }
+        if self.previous.is_some() {
+            at(self.installed_at + self.cfg.old_key_window);
+        }
+        if self.current.is_some() {
+            at(self.next_ping);
+            if self
+                .current
+                .as_ref()
+                .is_some_and(|k| k.rx.frames > self.reported)
+            {
+                at(self.next_feedback);
+            }
+            if !self.dead {
+                at(self.last_rx + self.cfg.dead_after);
+            }
+            if self.pending_init.is_none() && self.next_handshake.is_none() {
+                at(self.last_tx + self.cfg.keepalive);
+            }
+        }
+        if self.current.is_some() {
+            if let Some(t) = self.paths.poll_timeout() {
+                at(t);
+            }
+        }
+        if (self.paced_len > 0 || (self.queued > 0 && self.next_admissible().is_some()))
+            && self.current.is_some()
+            && self.paths.current().is_some()
+        {
+            at(self.pacer.next_send());
+        }
+        if !self.convs.is_empty() {
+            let base = self.now.as_millis() as u64;
+            let now_ms = base as u32;
+            for c in self.convs.values() {
+                let d = c.next_update_ms.wrapping_sub(now_ms) as i32;
+                at(Duration::from_millis(
+                    (base as i64 + d.max(0) as i64) as u64,
+                ));
+            }
+            at(self.next_expiry);
+            for c in self.convs.values() {
+                if let Some(a) = c.ack_owed {
+                    at(a + ACK_DELAY);
+                }
+            }
+        }
+        t
+    }
+
+    /// Run timers due at `ctx.now` and flush KCP conversations.
+    pub fn handle_timeout(&mut self, ctx: &mut Ctx) {
+        let now = ctx.now;
+        self.now = now;
+        let dirty = std::mem::take(&mut self.dirty);
+        let admitted = self.admit(now);
+        self.update_convs(now, &admitted, dirty);
+        self.collect_kcp(now);
+        self.expire_convs(now);
+        // Key rotation: by age (the side with the higher key a little later,
+        // so normally one side starts it) or by volume.
+        if let Some(due) = self.rekey_due() {
+            if now >= due && self.pending_init.is_none() && !self.dead {
+                self.start_handshake(ctx);
+            }
+        }
+        if self.previous.is_some() && now >= self.installed_at + self.cfg.old_key_window {
+            if let Some(old) = self.previous.take() {
+                ctx.indices.remove(&old.local_index);
+            }
+        }
+        if let Some(h) = self.next_handshake {
+            if now >= h && (self.wanted || self.current.is_some()) {
+                if self.current.is_none() || self.dead || self.pending_init.is_some() {
+                    self.start_handshake(ctx);
+                } else {
+                    self.next_handshake = None;
+                }
+            }
+        }
+        if self.current.is_some() {
+            if !self.dead && now.saturating_sub(self.last_rx) >= self.cfg.dead_after {
+                self.dead = true;
+                self.events.push_back(Event::DeadLink);
+                self.handshake_attempts = 0;
+                self.start_handshake(ctx);
+            }
+            if now >= self.next_ping {
+                let active = now.saturating_sub(self.last_kcp_tx) < Duration::from_secs(1);
+                self.send_control(&Control::Ping {
+                    ts_us: now.as_micros() as u64,
+                });
+                self.next_ping = now
+                    + if active {
+                        Duration::from_millis(50)
+                    } else {
+                        self.cfg.keepalive
+                    };
+            }
+            let rx = self.current.as_ref().map(|k| k.rx).expect("current");
+            if rx.frames > self.reported && now >= self.next_feedback {
+                self.reported = rx.frames;
+                self.send_control(&Control::Feedback {
+                    frames: rx.frames,
+                    highest: rx.highest,
+                    bytes: rx.bytes,
+                });
+                self.next_feedback = now + Duration::from_millis(20);
+            }
+            if now.saturating_sub(self.last_tx) >= self.cfg.keepalive && self.urgent.is_empty() {
+                self.urgent
+                    .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
+            }
+            // Path choice only changes with probe rounds and answers (which
+            // call `choose` themselves), so it is not redone on every timer.
+            let probed = self.paths.poll_timeout().is_some_and(|t| t <= now);
+            while let Some((via, id)) = self.paths.poll_probe(now) {
+                if let Ok(m) = (Control::PathProbe { id }).encode() {
+                    let mut v = Vec::with_capacity(1 + m.len());
+                    v.push(Inner::Control as u8);
+                    v.extend_from_slice(&m);
+                    self.urgent.push_back(Out::PlainTo(via, v));
+                }
+            }
+            if probed {
+                self.paths.choose(now);
+                self.track_path();
+                if self.paths.wants_punch(now) && now >= self.next_punch_req {
+                    self.events.push_back(Event::PunchWanted);
+                    self.next_punch_req = now + PUNCH_REQUEST_EVERY;
+                }
+            }
+        }
+    }
+}
