@@ -2,11 +2,16 @@
 //! receive path, for machines without cargo-fuzz (it needs a nightly
 //! toolchain). Inputs are valid frames and messages with random byte flips,
 //! truncations, extensions and splices, plus pure noise. A panic anywhere is a
-//! crash: the fuzzer prints the target, the input in hex and exits 1.
+//! crash: [`run`] returns it with its input (the `fastmesh-fuzz` binary prints
+//! the target and the input in hex and exits 1).
 //!
 //! ```text
-//! fastmesh-fuzz TARGET COUNT [SEED]     TARGET: frame control ip node handshake all
+//! fastmesh-fuzz TARGET COUNT [SEED]     TARGET: frame control ip node inner handshake all
 //! ```
+//!
+//! `inner` reaches past decryption: mutated plaintexts are sealed with the
+//! sender's real keys, so the receiver's dispatch, KCP input, control decode
+//! and relay handling see every mutation.
 //!
 //! `node` drives two established nodes: the mutated frames go into the
 //! receiver's `Node::handle_datagram` (header parse, index lookup, replay
@@ -125,7 +130,8 @@ struct Pair {
     a: Node,
     b: Node,
     now: Duration,
-    buf: Vec<u8>,
+    fa: crate::Frames,
+    fb: crate::Frames,
     kb: [u8; 32],
 }
 
@@ -138,7 +144,8 @@ impl Pair {
             a,
             b,
             now: Duration::ZERO,
-            buf: Vec::with_capacity(2048),
+            fa: crate::Frames::default(),
+            fb: crate::Frames::default(),
             kb,
         };
         p.a.connect(p.now, &kb).unwrap();
@@ -154,38 +161,113 @@ impl Pair {
         let from_a: SocketAddr = A.parse().unwrap();
         let from_b: SocketAddr = crate::NODE_B.parse().unwrap();
         for _ in 0..4 {
-            self.a.handle_timeout(self.now);
-            while self.a.poll_transmit(self.now, &mut self.buf).is_some() {
-                if let Some(s) = seen.as_deref_mut() {
+            self.a.service(self.now, &mut self.fa);
+            if let Some(s) = seen.as_deref_mut() {
+                for f in self.fa.iter() {
                     if s.len() < 64 {
-                        s.push(self.buf.clone());
+                        s.push(f.to_vec());
                     }
                 }
-                self.b.handle_datagram(self.now, from_a, &mut self.buf);
             }
-            self.b.handle_timeout(self.now);
-            while self.b.poll_transmit(self.now, &mut self.buf).is_some() {
-                self.a.handle_datagram(self.now, from_b, &mut self.buf);
-            }
-            while self.b.poll_rx().is_some() {}
-            while self.a.poll_event().is_some() {}
-            while self.b.poll_event().is_some() {}
+            self.fa.hand_to(&mut self.b, from_a, self.now);
+            self.b.service(self.now, &mut self.fb);
+            self.fb.hand_to(&mut self.a, from_b, self.now);
         }
     }
 }
 
-fn crash(target: &str, input: &[u8]) -> ! {
-    let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
-    eprintln!("CRASH in {target}: input {hex}");
-    std::process::exit(1);
+/// What a fuzz run found wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FuzzError {
+    /// A panic on this input.
+    Crash {
+        /// The target.
+        target: String,
+        /// The input that panicked.
+        input: Vec<u8>,
+    },
+    /// Genuine traffic no longer flowed after the fuzzing.
+    SessionLost {
+        /// The target.
+        target: String,
+        /// Genuine packets delivered of the 10 sent.
+        delivered: u64,
+    },
+    /// No such target.
+    UnknownTarget(String),
 }
 
-/// Fuzz `target` with `count` inputs from `seed`; returns inputs run. A panic
-/// prints the input and exits the process with status 1.
-pub fn run(target: &str, count: u64, seed: u64) -> u64 {
+impl std::fmt::Display for FuzzError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FuzzError::Crash { target, input } => {
+                let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
+                write!(f, "CRASH in {target}: input {hex}")
+            }
+            FuzzError::SessionLost { target, delivered } => write!(
+                f,
+                "{target}: the session did not survive the fuzzing ({delivered} of 10 genuine packets delivered)"
+            ),
+            FuzzError::UnknownTarget(t) => write!(f, "unknown target {t}"),
+        }
+    }
+}
+
+/// What a fuzz run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Inputs run.
+    pub inputs: u64,
+    /// Inputs the code under test refused and counted (decode errors, drops
+    /// in the node's or session's counters).
+    pub rejected: u64,
+}
+
+/// Every target, in the order `all` runs them.
+pub const TARGETS: [&str; 6] = ["frame", "control", "ip", "node", "inner", "handshake"];
+
+fn crash(target: &str, input: &[u8]) -> FuzzError {
+    FuzzError::Crash {
+        target: target.to_string(),
+        input: input.to_vec(),
+    }
+}
+
+/// Send 10 genuine datagrams from A to B; an error unless all arrive.
+fn genuine_traffic_flows(p: &mut Pair, target: &str) -> Result<(), FuzzError> {
+    let ka = *p.a.public_key();
+    let before = p.b.peer_stats(&ka).map_or(0, |s| s.ip_rx);
+    let kb = p.kb;
+    for i in 0..10u32 {
+        let now = p.now;
+        let pkt = sim::traffic::packet(
+            Ipv4Addr::new(10, 9, 0, 1),
+            Ipv4Addr::new(10, 9, 0, 2),
+            sim::traffic::Kind::Udp,
+            2,
+            i,
+            100,
+        );
+        p.a.send_ip(now, &kb, &pkt).unwrap();
+        p.exchange(None);
+    }
+    let delivered = p.b.peer_stats(&ka).map_or(0, |s| s.ip_rx) - before;
+    if delivered < 10 {
+        return Err(FuzzError::SessionLost {
+            target: target.to_string(),
+            delivered,
+        });
+    }
+    Ok(())
+}
+
+/// Fuzz `target` with `count` inputs from `seed`. A panic is caught and
+/// returned with its input; so is a session that stopped working.
+pub fn run(target: &str, count: u64, seed: u64) -> Result<Summary, FuzzError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut input = Vec::with_capacity(4096);
     let mut done = 0u64;
+    let mut rejected = 0u64;
     match target {
         "frame" | "control" | "ip" => {
             let seeds = match target {
@@ -219,19 +301,16 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
                 let s = &seeds[rng.random_range(0..seeds.len())];
                 mutate(&mut rng, s, &mut input);
                 let r = catch_unwind(AssertUnwindSafe(|| match target {
-                    "control" => {
-                        let _ = Control::decode(&input);
-                    }
+                    "control" => Control::decode(&input).is_err(),
                     "ip" => {
-                        let _ = transport::ip::parse(&input).map(|i| i.flow());
                         let _ = transport::ip::tcp_pure_ack(&input);
+                        transport::ip::parse(&input).map(|i| i.flow()).is_none()
                     }
-                    _ => {
-                        let _ = Frame::parse(&input);
-                    }
+                    _ => Frame::parse(&input).is_err(),
                 }));
-                if r.is_err() {
-                    crash(target, &input);
+                match r {
+                    Ok(refused) => rejected += u64::from(refused),
+                    Err(_) => return Err(crash(target, &input)),
                 }
                 done += 1;
             }
@@ -249,18 +328,17 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
             };
             let (mut a, mut b, _ka, kb) = crate::two_nodes_with(seed, [9u8; 32], unlimited);
             let from: SocketAddr = A.parse().unwrap();
-            let mut buf = Vec::new();
+            let (mut fa, mut fb) = (crate::Frames::default(), crate::Frames::default());
             let mut seeds = Vec::new();
             for i in 0..8u64 {
                 let now = Duration::from_secs(i + 1);
                 a.connect(now, &kb).unwrap();
-                while a.poll_transmit(now, &mut buf).is_some() {
-                    seeds.push(buf.clone());
-                    b.handle_datagram(now, from, &mut buf.clone());
-                }
-                while b.poll_transmit(now, &mut buf).is_some() {
-                    seeds.push(buf.clone());
-                }
+                a.service(now, &mut fa);
+                seeds.extend(fa.iter().map(|f| f.to_vec()));
+                fa.hand_to(&mut b, from, now);
+                b.service(now, &mut fb);
+                seeds.extend(fb.iter().map(|f| f.to_vec()));
+                fb.hand_to(&mut a, crate::NODE_B.parse().unwrap(), now);
             }
             let mut t = Duration::from_secs(100);
             while done < count {
@@ -272,11 +350,12 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
                     a.handle_datagram(t, crate::NODE_B.parse().unwrap(), &mut input.clone());
                 }));
                 if r.is_err() {
-                    crash(target, &input);
+                    return Err(crash(target, &input));
                 }
                 done += 1;
             }
             let st = b.stats();
+            rejected = st.malformed + st.handshake_failed + st.init_refused + st.unknown_index;
             println!(
                 "handshake: drops at the responder: malformed {} handshake_failed {} init_refused {} unknown_index {}",
                 st.malformed, st.handshake_failed, st.init_refused, st.unknown_index
@@ -313,13 +392,12 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
                     seq += 1;
                     p.a.send_ip(now, &kb, &pkt).unwrap();
                 }
-                p.a.handle_timeout(now);
+                p.a.service(now, &mut p.fa);
                 frames.clear();
-                while p.a.poll_transmit(now, &mut p.buf).is_some() {
-                    frames.push(p.buf.clone());
-                }
+                frames.extend(p.fa.iter().map(|f| f.to_vec()));
+                p.fa.clear();
                 for f in &frames {
-                    for _ in 0..64 {
+                    for _ in 0..64.min(count - done) {
                         mutate(&mut rng, f, &mut input);
                         // Init frames cost a Diffie-Hellman each: keep them rare.
                         if input.len() == transport::wire::INIT_FRAME_LEN
@@ -329,56 +407,133 @@ pub fn run(target: &str, count: u64, seed: u64) -> u64 {
                         }
                         let r = catch_unwind(AssertUnwindSafe(|| {
                             p.b.handle_datagram(now, from, &mut input);
-                            while p.b.poll_rx().is_some() {}
+                            p.b.drain_rx(&mut p.fb);
                         }));
                         if r.is_err() {
-                            crash(target, &input);
+                            return Err(crash(target, &input));
                         }
                         done += 1;
                     }
                     let mut orig = f.clone();
                     p.b.handle_datagram(now, from, &mut orig);
                 }
-                p.b.handle_timeout(now);
-                while p.b.poll_transmit(now, &mut p.buf).is_some() {
-                    p.a.handle_datagram(now, from_b, &mut p.buf);
-                }
-                while p.b.poll_rx().is_some() {}
-                while p.a.poll_event().is_some() {}
-                while p.b.poll_event().is_some() {}
+                p.b.service(now, &mut p.fb);
+                p.fb.hand_to(&mut p.a, from_b, now);
             }
             // The session survived all of it.
-            let ka = *p.a.public_key();
-            let before = p.b.peer_stats(&ka).map_or(0, |s| s.ip_rx);
-            let kb = p.kb;
-            for i in 0..10u32 {
-                let now = p.now;
-                let pkt = sim::traffic::packet(
-                    Ipv4Addr::new(10, 9, 0, 1),
-                    Ipv4Addr::new(10, 9, 0, 2),
-                    sim::traffic::Kind::Udp,
-                    2,
-                    i,
-                    100,
-                );
-                p.a.send_ip(now, &kb, &pkt).unwrap();
-                p.exchange(None);
-            }
-            let after = p.b.peer_stats(&ka).map_or(0, |s| s.ip_rx);
+            genuine_traffic_flows(&mut p, target)?;
             let st = p.b.stats();
             println!(
-                "node: after fuzzing, 10 genuine packets -> {} delivered; drops: malformed {} unknown_index {} auth_failed {} replayed {} handshake_failed {}",
-                after - before, st.malformed, st.unknown_index, st.auth_failed, st.replayed, st.handshake_failed
+                "node: drops: malformed {} unknown_index {} auth_failed {} replayed {} handshake_failed {}",
+                st.malformed, st.unknown_index, st.auth_failed, st.replayed, st.handshake_failed
             );
-            if after < before + 10 {
-                eprintln!("the session did not survive the fuzzing");
-                std::process::exit(1);
+            rejected = st.malformed
+                + st.unknown_index
+                + st.auth_failed
+                + st.replayed
+                + st.handshake_failed;
+        }
+        "inner" => {
+            // Behind decryption: mutated plaintexts (IP datagrams, KCP
+            // segments, control messages, relay wrappers, keepalives) sealed
+            // with A's real session keys, so B authenticates every one and
+            // its dispatch, KCP input, control decode and relay handling see
+            // the mutations.
+            let mut p = Pair::new(seed);
+            let ka = *p.a.public_key();
+            let seeds = inner_seeds();
+            let from: SocketAddr = A.parse().unwrap();
+            let mut frame = Vec::with_capacity(4096);
+            let before = p.b.peer_stats(&ka).map(|s| s.malformed).unwrap_or(0);
+            while done < count {
+                let s = &seeds[rng.random_range(0..seeds.len())];
+                mutate(&mut rng, s, &mut input);
+                if input.is_empty() {
+                    input.push(0);
+                }
+                // Keep the inner-type byte valid most of the time.
+                if rng.random_range(0..4) != 0 {
+                    input[0] = s[0];
+                }
+                let kb = p.kb;
+                let now = p.now;
+                if p.a.seal_plaintext(now, &kb, &input, &mut frame).is_none() {
+                    continue;
+                }
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    p.b.handle_datagram(now, from, &mut frame);
+                    p.b.service(now, &mut p.fb);
+                    p.fb.clear();
+                }));
+                if r.is_err() {
+                    return Err(crash(target, &input));
+                }
+                done += 1;
+                if done % 256 == 0 {
+                    p.exchange(None);
+                }
             }
+            genuine_traffic_flows(&mut p, target)?;
+            let st = p.b.peer_stats(&ka).unwrap_or_default();
+            rejected = st.malformed - before;
+            println!(
+                "inner: {} inputs authenticated; malformed {} backlog_dropped {} relay_dropped {}",
+                done,
+                rejected,
+                st.backlog_dropped,
+                p.b.stats().relay_dropped
+            );
         }
-        _ => {
-            eprintln!("unknown target {target}");
-            std::process::exit(2);
-        }
+        other => return Err(FuzzError::UnknownTarget(other.to_string())),
     }
-    done
+    Ok(Summary {
+        inputs: done,
+        rejected,
+    })
+}
+
+/// Plaintexts B could receive from A: one of each inner type, with real KCP
+/// segments taken from a TCP flow.
+fn inner_seeds() -> Vec<Vec<u8>> {
+    use transport::wire::Inner;
+    let (src, dst) = (Ipv4Addr::new(10, 9, 0, 1), Ipv4Addr::new(10, 9, 0, 2));
+    let with = |t: Inner, body: &[u8]| {
+        let mut v = vec![t as u8];
+        v.extend_from_slice(body);
+        v
+    };
+    let udp = sim::traffic::packet(src, dst, sim::traffic::Kind::Udp, 1, 0, 200);
+    let mut seeds = vec![with(Inner::Ip, &udp), with(Inner::Keepalive, &[])];
+    for c in controls() {
+        seeds.push(with(Inner::Control, &c));
+    }
+    // A relay wrapper: the 32-byte key of a node, then a whole frame.
+    let mut relay = vec![Inner::Relay as u8];
+    relay.extend_from_slice(&[3u8; 32]);
+    relay.extend_from_slice(&[1, 3, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    relay.extend_from_slice(&[0u8; 48]);
+    seeds.push(relay);
+    // KCP segments: what A's session builds for a TCP flow, in the form the
+    // kcp crate writes them (conversation, command, ..., payload).
+    for i in 0..4u32 {
+        let tcp = sim::traffic::packet(
+            src,
+            dst,
+            sim::traffic::Kind::Tcp,
+            1,
+            i,
+            100 + 50 * i as usize,
+        );
+        let mut seg = Vec::new();
+        seg.extend_from_slice(&((1u32 << 1) | 1).to_le_bytes()); // a remote-made conversation
+        seg.extend_from_slice(&[81, 0]); // push, no fragment
+        seg.extend_from_slice(&128u16.to_le_bytes());
+        seg.extend_from_slice(&(i * 10).to_le_bytes()); // ts
+        seg.extend_from_slice(&i.to_le_bytes()); // sn
+        seg.extend_from_slice(&0u32.to_le_bytes()); // una
+        seg.extend_from_slice(&(tcp.len() as u32).to_le_bytes());
+        seg.extend_from_slice(&tcp);
+        seeds.push(with(Inner::Kcp, &seg));
+    }
+    seeds
 }

@@ -662,6 +662,20 @@ impl Node {
         None
     }
 
+    /// Seal `plain` (inner-type byte first) into `buf` as a data frame of the
+    /// session with `peer`, as if this node had built it, and return where
+    /// it would go. For fuzzing the receive path behind decryption: nothing
+    /// here checks that `plain` is well formed.
+    pub fn seal_plaintext(
+        &mut self,
+        now: Duration,
+        peer: &PublicKey,
+        plain: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Option<SocketAddr> {
+        self.sessions.get_mut(peer)?.seal_now(now, plain, buf)
+    }
+
     pub(crate) fn take_txbuf(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.txbuf)
     }

@@ -17,6 +17,32 @@ use transport::crypto::{EntropySource, StaticKeypair};
 use transport::node::{Node, NodeConfig};
 use transport::session::Event;
 use transport::wire::PublicKey;
+use transport::Driver;
+
+/// A [`Driver`] that collects a node's output, for drivers that route it
+/// afterwards (the simulators) or inspect it (tests).
+#[derive(Debug, Default)]
+pub struct Collect {
+    /// Frames to send, with their destination.
+    pub frames: Vec<(SocketAddr, Vec<u8>)>,
+    /// Inner packets delivered, with the peer they came from.
+    pub packets: Vec<(PublicKey, Vec<u8>)>,
+    /// Events, with their peer.
+    pub events: Vec<(PublicKey, Event)>,
+}
+
+impl Driver for Collect {
+    fn transmit(&mut self, to: SocketAddr, frame: &[u8]) -> bool {
+        self.frames.push((to, frame.to_vec()));
+        true
+    }
+    fn deliver(&mut self, from: &PublicKey, pkt: Vec<u8>) {
+        self.packets.push((*from, pkt));
+    }
+    fn event(&mut self, peer: PublicKey, _endpoint: Option<SocketAddr>, event: Event) {
+        self.events.push((peer, event));
+    }
+}
 
 /// A delivered inner packet.
 #[derive(Debug, Clone)]
@@ -115,7 +141,7 @@ pub struct Net {
     seq: u64,
     wire: BTreeMap<(usize, usize), WireStats>,
     trace: Blake2b512,
-    buf: Vec<u8>,
+    out: Collect,
     times: Vec<Duration>,
     tap: Option<Tap>,
 }
@@ -144,7 +170,7 @@ impl Net {
             seq: 0,
             wire: BTreeMap::new(),
             trace: Blake2b512::new(),
-            buf: Vec::with_capacity(2048),
+            out: Collect::default(),
             times: Vec::new(),
             tap: None,
         }
@@ -271,68 +297,69 @@ impl Net {
         self.nodes.iter().position(|n| n.addr == addr)
     }
 
-    fn flush(&mut self) {
-        for i in 0..self.nodes.len() {
-            if !self.nodes[i].up {
-                continue;
-            }
-            while let Some(to) = self.nodes[i].node.poll_transmit(self.now, &mut self.buf) {
-                let from_addr = self.nodes[i].addr;
-                let Some(j) = self.index_of(to) else { continue };
-                let w = self.wire.entry((i, j)).or_default();
-                w.packets += 1;
-                w.bytes += self.buf.len() as u64;
-                if self.cut.contains(&(i, j)) {
-                    continue;
-                }
-                if let Some(tap) = self.tap.as_mut() {
-                    if !tap(i, j, &mut self.buf) {
-                        continue;
-                    }
-                }
-                let seed = self.seed;
-                let spec = self.specs.get(&(i, j)).unwrap_or(&self.default_spec);
-                let link = self.links.entry((i, j)).or_insert_with(|| {
-                    spec.build(seed ^ ((i as u64) << 32 | j as u64).wrapping_mul(0x9e37_79b9))
-                });
-                self.times.clear();
-                link.apply(self.now, self.buf.len(), &mut self.times);
-                for &at in &self.times {
-                    self.seq += 1;
-                    self.inflight.push(Arrival {
-                        at,
-                        seq: self.seq,
-                        to,
-                        from: from_addr,
-                        data: self.buf.clone(),
-                    });
-                }
-            }
+    /// One node's poll sequence ([`Node::service`]), then its frames onto
+    /// their links and its deliveries and events into the record.
+    fn service(&mut self, i: usize) {
+        let now = self.now;
+        self.nodes[i].node.service(now, &mut self.out);
+        let mut frames = std::mem::take(&mut self.out.frames);
+        for (to, data) in frames.drain(..) {
+            self.send(i, to, data);
+        }
+        self.out.frames = frames;
+        let n = &mut self.nodes[i];
+        for (from, pkt) in self.out.packets.drain(..) {
+            self.trace.update((now.as_micros() as u64).to_le_bytes());
+            self.trace.update([0, i as u8]);
+            self.trace.update(&from[..4]);
+            self.trace.update(&pkt);
+            n.rx.push(Delivery { at: now, from, pkt });
+        }
+        for (k, e) in self.out.events.drain(..) {
+            self.trace.update((now.as_micros() as u64).to_le_bytes());
+            self.trace.update([1, i as u8]);
+            self.trace.update(&k[..4]);
+            self.trace.update(format!("{e:?}").as_bytes());
+            n.events.push((now, k, e));
         }
     }
 
-    fn collect(&mut self) {
-        for (i, n) in self.nodes.iter_mut().enumerate() {
-            while let Some((from, pkt)) = n.node.poll_rx() {
-                self.trace
-                    .update((self.now.as_micros() as u64).to_le_bytes());
-                self.trace.update([0, i as u8]);
-                self.trace.update(&from[..4]);
-                self.trace.update(&pkt);
-                n.rx.push(Delivery {
-                    at: self.now,
-                    from,
-                    pkt,
-                });
+    /// A frame from host `i` onto the link towards `to` (counted, then cut,
+    /// tapped or impaired).
+    fn send(&mut self, i: usize, to: SocketAddr, mut data: Vec<u8>) {
+        let from_addr = self.nodes[i].addr;
+        let Some(j) = self.index_of(to) else { return };
+        let w = self.wire.entry((i, j)).or_default();
+        w.packets += 1;
+        w.bytes += data.len() as u64;
+        if self.cut.contains(&(i, j)) {
+            return;
+        }
+        if let Some(tap) = self.tap.as_mut() {
+            if !tap(i, j, &mut data) {
+                return;
             }
-            while let Some((k, e)) = n.node.poll_event() {
-                self.trace
-                    .update((self.now.as_micros() as u64).to_le_bytes());
-                self.trace.update([1, i as u8]);
-                self.trace.update(&k[..4]);
-                self.trace.update(format!("{e:?}").as_bytes());
-                n.events.push((self.now, k, e));
-            }
+        }
+        let seed = self.seed;
+        let spec = self.specs.get(&(i, j)).unwrap_or(&self.default_spec);
+        let link = self.links.entry((i, j)).or_insert_with(|| {
+            spec.build(seed ^ ((i as u64) << 32 | j as u64).wrapping_mul(0x9e37_79b9))
+        });
+        self.times.clear();
+        link.apply(self.now, data.len(), &mut self.times);
+        for (k, &at) in self.times.iter().enumerate() {
+            self.seq += 1;
+            self.inflight.push(Arrival {
+                at,
+                seq: self.seq,
+                to,
+                from: from_addr,
+                data: if k + 1 == self.times.len() {
+                    std::mem::take(&mut data)
+                } else {
+                    data.clone()
+                },
+            });
         }
     }
 
@@ -356,8 +383,11 @@ impl Net {
     pub fn run_until(&mut self, until: Duration) {
         let mut spins = 0u32;
         loop {
-            self.flush();
-            self.collect();
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].up {
+                    self.service(i);
+                }
+            }
             let Some(next) = self.next_time() else {
                 self.now = until.max(self.now);
                 return;
@@ -395,11 +425,6 @@ impl Net {
                 let a = self.apps.pop().expect("peeked");
                 if self.nodes[a.node].up {
                     let _ = self.nodes[a.node].node.send_ip(self.now, &a.peer, &a.pkt);
-                }
-            }
-            for n in self.nodes.iter_mut() {
-                if n.up && n.node.poll_timeout().is_some_and(|t| t <= self.now) {
-                    n.node.handle_timeout(self.now);
                 }
             }
         }

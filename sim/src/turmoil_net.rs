@@ -6,7 +6,7 @@
 //! loss, jitter and bottlenecks come from [`Impaired`] (turmoil's `fail_rate`
 //! cuts whole links in bursts, it is not per-packet loss).
 
-use crate::des::SIM_PSK;
+use crate::des::{Collect, SIM_PSK};
 use crate::impair::LinkSpec;
 use crate::Impaired;
 use blake2::{Blake2b512, Digest};
@@ -260,24 +260,23 @@ pub async fn drive<D: Datagram, P: PacketDevice>(
     trace: Arc<Mutex<Trace>>,
 ) -> io::Result<()> {
     let epoch = tokio::time::Instant::now();
-    let mut buf = Vec::with_capacity(2048);
+    let mut out = Collect::default();
     let mut rbuf = vec![0u8; 65_536];
     let mut tbuf = vec![0u8; 65_536];
     loop {
         let now = epoch.elapsed();
-        if node.poll_timeout().is_some_and(|t| t <= now) {
-            node.handle_timeout(now);
+        let next = node.service(now, &mut out);
+        for (to, frame) in out.frames.drain(..) {
+            sock.send_to(&frame, to).await?;
         }
-        while let Some(to) = node.poll_transmit(now, &mut buf) {
-            sock.send_to(&buf, to).await?;
-        }
-        while let Some((_k, p)) = node.poll_rx() {
+        for (_from, p) in out.packets.drain(..) {
             if let Ok(mut t) = trace.lock() {
                 t.add(now, &host, &p);
             }
             dev.send(&p).await?;
         }
-        let deadline = node.poll_timeout().map(|t| epoch + t.max(now));
+        out.events.clear();
+        let deadline = next.map(|t| epoch + t.max(now));
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,

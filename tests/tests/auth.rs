@@ -173,17 +173,13 @@ fn a_flood_of_bogus_initiations_is_rate_limited_before_any_crypto() {
     assert!(st.init_rate_limited >= 4_900, "{st:?}");
     assert_eq!(st.init_rate_limited + st.handshake_failed, 5_000, "{st:?}");
     // No reply to any of them.
-    let mut buf = Vec::new();
-    assert!(b.poll_transmit(Duration::from_secs(1), &mut buf).is_none());
+    let mut out = fastmesh_tests::Frames::default();
+    b.service(Duration::from_secs(1), &mut out);
+    assert!(out.is_empty(), "{} replies", out.len());
     // A genuine peer from another address still gets its handshake through.
     let now = Duration::from_secs(1);
     a.connect(now, &kb).unwrap();
-    while a.poll_transmit(now, &mut buf).is_some() {
-        b.handle_datagram(now, a_addr, &mut buf);
-    }
-    while b.poll_transmit(now, &mut buf).is_some() {
-        a.handle_datagram(now, b_addr, &mut buf);
-    }
+    fastmesh_tests::exchange(&mut a, a_addr, &mut b, b_addr, now);
     assert!(a.session(&kb).unwrap().is_established());
 }
 
@@ -198,17 +194,7 @@ fn handshake(
     let kh = *hub.public_key();
     from.add_peer(kh, Some(hub_addr));
     from.connect(now, &kh).unwrap();
-    let mut buf = Vec::new();
-    for _ in 0..4 {
-        while from.poll_transmit(now, &mut buf).is_some() {
-            hub.handle_datagram(now, addr, &mut buf);
-        }
-        hub.handle_timeout(now);
-        while hub.poll_transmit(now, &mut buf).is_some() {
-            from.handle_datagram(now, hub_addr, &mut buf);
-        }
-        from.handle_timeout(now);
-    }
+    fastmesh_tests::exchange(from, addr, hub, hub_addr, now);
 }
 
 #[test]

@@ -1,6 +1,11 @@
 //! The data plane: the actor that owns the UDP socket and every peer's session
 //! (through [`Node`]), and the TUN reader actor that feeds it.
 //!
+//! The actor is thin: inputs go to the [`Node`], then the node's one poll
+//! sequence ([`Node::service`]) hands its output to [`plane_io`], the
+//! [`transport::Driver`] that batches frames onto the socket and packets onto
+//! TUN.
+//!
 //! Design for speed: the socket is driven by readiness, not by messages. When
 //! it becomes readable the actor drains up to [`RX_BURST`] datagrams into one
 //! reused buffer, decrypts them in place, and writes what they carry straight
@@ -11,21 +16,25 @@
 //! the buffers cycle through a fixed pool (the pool also bounds how far the
 //! reader can run ahead of the sessions).
 
+mod alarm;
+mod plane_io;
+mod reader;
+
+pub use reader::{Batch, TunBatch, TunReader};
+
 use crate::peermap::Router;
 use actix::prelude::*;
+use alarm::{alarm_set, AlarmFired, AlarmShared, AlarmStream};
 use futures_util::Stream;
-use std::cell::{Cell, RefCell};
+use plane_io::PlaneIo;
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context as TaskCx, Poll, Waker};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use transport::path::Via;
 use transport::wire::{Control, PublicKey};
 use transport::{Datagram, Event, Node, NodeStats, PacketDevice, SessionStats};
@@ -175,94 +184,6 @@ pub struct Snapshot {
     pub peers: Vec<PeerSnapshot>,
 }
 
-/// A batch of packets read from TUN, packed in one buffer.
-#[derive(Debug)]
-pub struct Batch {
-    buf: Vec<u8>,
-    lens: Vec<u16>,
-    slot: usize,
-}
-
-impl Batch {
-    fn new(slot: usize) -> Batch {
-        Batch {
-            buf: vec![0; slot * BATCH_SLOTS],
-            lens: Vec::with_capacity(BATCH_SLOTS),
-            slot,
-        }
-    }
-
-    /// The packets.
-    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        self.lens
-            .iter()
-            .enumerate()
-            .map(|(i, n)| &self.buf[i * self.slot..i * self.slot + *n as usize])
-    }
-}
-
-/// A batch of TUN packets for the data plane.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct TunBatch(pub Batch);
-
-/// A deadline the actor moves; its stream fires when the deadline passes.
-#[derive(Default)]
-struct AlarmShared {
-    deadline: Cell<Option<Instant>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-struct AlarmStream {
-    shared: Rc<AlarmShared>,
-    sleep: Pin<Box<Sleep>>,
-    armed: Option<Instant>,
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-struct AlarmFired;
-
-impl Stream for AlarmStream {
-    type Item = AlarmFired;
-    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<Option<AlarmFired>> {
-        let this = self.get_mut();
-        {
-            let mut w = this.shared.waker.borrow_mut();
-            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *w = Some(cx.waker().clone());
-            }
-        }
-        let d = this.shared.deadline.get();
-        if d != this.armed {
-            if let Some(d) = d {
-                this.sleep.as_mut().reset(d);
-            }
-            this.armed = d;
-        }
-        if this.armed.is_none() {
-            return Poll::Pending;
-        }
-        match this.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                this.armed = None;
-                this.shared.deadline.set(None);
-                Poll::Ready(Some(AlarmFired))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-fn alarm_set(a: &AlarmShared, d: Option<Instant>) {
-    if a.deadline.get() != d {
-        a.deadline.set(d);
-        if let Some(w) = a.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-}
-
 #[derive(Message)]
 #[rtype(result = "()")]
 struct SockReady(Option<io::ErrorKind>);
@@ -278,33 +199,15 @@ fn readiness<D: Datagram + 'static>(sock: Arc<D>) -> impl Stream<Item = SockRead
     })
 }
 
-/// The largest frame fastmesh sends on a direct path (1452 bytes of UDP
-/// payload fit a 1500-byte path over IPv4 and IPv6); larger ones are relayed
-/// frames, sent one by one so the kernel may fragment them.
-const MAX_DIRECT_FRAME: usize = 1452;
-
 /// The data-plane actor.
 pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
     node: Node,
-    sock: Arc<D>,
-    tun: Option<Arc<P>>,
-    router: Router,
-    events: Recipient<NetEvent>,
+    /// Where the node's output goes (socket and TUN), as its [`Driver`].
+    io: PlaneIo<D, P>,
     recycle: Option<mpsc::Sender<Batch>>,
     epoch: Instant,
     alarm: Rc<AlarmShared>,
-    txbuf: Vec<u8>,
-    batch: Vec<u8>,
     rxbufs: Vec<Vec<u8>>,
-    /// A batch the socket refused (full); resent when writable.
-    pending: Option<(SocketAddr, usize)>,
-    /// A frame in `txbuf` that did not fit the previous batch.
-    carry: Option<SocketAddr>,
-    /// Packets waiting for one batched TUN write (`tun_n` of them in use;
-    /// the buffers are kept for reuse).
-    tun_out: Vec<Vec<u8>>,
-    tun_n: usize,
-    stats: PlaneStats,
 }
 
 impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
@@ -320,21 +223,11 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
     ) -> Self {
         Dataplane {
             node,
-            sock,
-            tun,
-            router: Router::default(),
-            events,
+            io: PlaneIo::new(sock, tun, events),
             recycle,
             epoch: Instant::now(),
             alarm: Rc::default(),
-            txbuf: Vec::with_capacity(2048),
-            batch: Vec::with_capacity(65_536),
             rxbufs: (0..RX_BUFS).map(|_| vec![0; 65_536]).collect(),
-            pending: None,
-            carry: None,
-            tun_out: Vec::new(),
-            tun_n: 0,
-            stats: PlaneStats::default(),
         }
     }
 
@@ -342,131 +235,24 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
         self.epoch.elapsed()
     }
 
-    /// Run timers, send what is ready, deliver what arrived, report events,
-    /// and set the alarm for the next timer.
+    /// The node's poll sequence ([`Node::service`]), then the alarm for its
+    /// next deadline, and a wait for the socket if it filled up.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         let now = self.now();
-        if self.node.poll_timeout().is_some_and(|t| t <= now) {
-            self.node.handle_timeout(now);
+        let next = self.node.service(now, &mut self.io);
+        if self.io.take_blocked() {
+            self.wait_writable(ctx);
         }
-        self.transmit(now, ctx);
-        while let Some((from, pkt)) = self.node.poll_rx() {
-            self.deliver(&from, &pkt);
-        }
-        self.flush_tun();
-        while let Some((peer, event)) = self.node.poll_event() {
-            let endpoint = self.node.session(&peer).and_then(|s| s.endpoint());
-            self.events.do_send(NetEvent {
-                peer,
-                endpoint,
-                event,
-            });
-        }
-        let next = self.node.poll_timeout().map(|t| self.epoch + t.max(now));
-        alarm_set(&self.alarm, next);
-    }
-
-    /// Send what the sessions have ready. Consecutive frames to one endpoint
-    /// of one size go out together (UDP GSO where the socket has it): the
-    /// batch ends at a shorter frame, another endpoint, or the segment limit.
-    fn transmit(&mut self, now: Duration, ctx: &mut Context<Self>) {
-        if self.pending.is_some() {
-            return; // waiting for the socket to drain
-        }
-        let max_segs = self.sock.max_gso_segments().clamp(1, 64);
-        loop {
-            let first = match self.carry.take() {
-                Some(to) => to,
-                None => match self.node.poll_transmit(now, &mut self.txbuf) {
-                    Some(to) => to,
-                    None => return,
-                },
-            };
-            let seg = self.txbuf.len();
-            self.batch.clear();
-            self.batch.extend_from_slice(&self.txbuf);
-            let mut n = 1;
-            // A frame larger than any direct one (a relayed frame) may need
-            // IP fragmentation, which UDP GSO does not do: send it alone.
-            let batchable = seg <= MAX_DIRECT_FRAME;
-            while batchable && n < max_segs && self.batch.len() + seg <= 65_000 {
-                let Some(to) = self.node.poll_transmit(now, &mut self.txbuf) else {
-                    break;
-                };
-                let len = self.txbuf.len();
-                if to != first || len > seg {
-                    self.carry = Some(to);
-                    break;
-                }
-                self.batch.extend_from_slice(&self.txbuf);
-                n += 1;
-                if len < seg {
-                    break;
-                }
-            }
-            match self.sock.try_send_gso(&self.batch, seg, first) {
-                Ok(k) => {
-                    self.stats.udp_tx += k as u64;
-                    if n > 1 {
-                        self.stats.gso_batches += 1;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.pending = Some((first, seg));
-                    self.wait_writable(ctx);
-                    return;
-                }
-                Err(_) => self.stats.udp_send_failed += n as u64,
-            }
-        }
+        alarm_set(&self.alarm, next.map(|t| self.epoch + t.max(now)));
     }
 
     /// Resume sending when the socket has room again.
     fn wait_writable(&self, ctx: &mut Context<Self>) {
-        let sock = self.sock.clone();
+        let sock = self.io.sock.clone();
         ctx.add_stream(futures_util::stream::once(async move {
             let _ = sock.writable().await;
             SockWritable
         }));
-    }
-
-    fn deliver(&mut self, from: &PublicKey, pkt: &[u8]) {
-        let Some(tun) = &self.tun else {
-            return;
-        };
-        let ok = transport::ip::parse(pkt).is_some_and(|i| self.router.owns(from, &i.src));
-        if !ok {
-            self.stats.bad_source += 1;
-            return;
-        }
-        // Queue for one batched write (the device may coalesce TCP segments).
-        let h = tun.headroom();
-        if self.tun_n == self.tun_out.len() {
-            self.tun_out.push(Vec::with_capacity(h + 2048));
-        }
-        let b = &mut self.tun_out[self.tun_n];
-        b.clear();
-        b.resize(h, 0);
-        b.extend_from_slice(pkt);
-        self.tun_n += 1;
-        if self.tun_n >= TUN_WRITE_BATCH {
-            self.flush_tun();
-        }
-    }
-
-    fn flush_tun(&mut self) {
-        if self.tun_n == 0 {
-            return;
-        }
-        let Some(tun) = &self.tun else {
-            self.tun_n = 0;
-            return;
-        };
-        let n = self.tun_n;
-        let failed = tun.try_send_many(&mut self.tun_out[..n]);
-        self.stats.tun_written += (n - failed) as u64;
-        self.stats.tun_write_failed += failed as u64;
-        self.tun_n = 0;
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -487,7 +273,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             })
             .collect();
         Snapshot {
-            plane: self.stats.clone(),
+            plane: self.io.stats.clone(),
             node: self.node.stats().clone(),
             peers,
         }
@@ -500,7 +286,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Actor for Dataplane<D, P>
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Control traffic must not wait behind a flood of packets.
         ctx.set_mailbox_capacity(1024);
-        ctx.add_stream(readiness(self.sock.clone()));
+        ctx.add_stream(readiness(self.io.sock.clone()));
         let sleep = Box::pin(tokio::time::sleep_until(self.epoch));
         ctx.add_stream(AlarmStream {
             shared: self.alarm.clone(),
@@ -520,14 +306,14 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
         }
         let mut meta = [(0usize, 1usize, SocketAddr::from(([0, 0, 0, 0], 0))); RX_BUFS];
         for _ in 0..RX_BURST {
-            match self.sock.try_recv_batch(&mut self.rxbufs, &mut meta) {
+            match self.io.sock.try_recv_batch(&mut self.rxbufs, &mut meta) {
                 Ok(k) => {
                     let now = self.now();
                     for (i, &(n, stride, from)) in meta.iter().enumerate().take(k) {
                         let mut off = 0;
                         while off < n {
                             let end = (off + stride).min(n);
-                            self.stats.udp_rx += 1;
+                            self.io.stats.udp_rx += 1;
                             self.node
                                 .handle_datagram(now, from, &mut self.rxbufs[i][off..end]);
                             off = end;
@@ -535,9 +321,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
                     }
                     // Hand decrypted packets to TUN as they come, so the
                     // reassembly queues stay short.
-                    while let Some((from, pkt)) = self.node.poll_rx() {
-                        self.deliver(&from, &pkt);
-                    }
+                    self.node.drain_rx(&mut self.io);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP errors (port unreachable) surface here on Linux; skip them.
@@ -549,7 +333,6 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
         } else {
             // Only drops (e.g. a flood of bogus initiations): no timer or
             // session changed, nothing to send.
-            self.flush_tun();
         }
     }
 
@@ -560,16 +343,9 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockWritabl
     for Dataplane<D, P>
 {
     fn handle(&mut self, _: SockWritable, ctx: &mut Context<Self>) {
-        if let Some((to, seg)) = self.pending {
-            match self.sock.try_send_gso(&self.batch, seg, to) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait_writable(ctx);
-                    return;
-                }
-                Ok(k) => self.stats.udp_tx += k as u64,
-                Err(_) => self.stats.udp_send_failed += 1,
-            }
-            self.pending = None;
+        if !self.io.resume() {
+            self.wait_writable(ctx);
+            return;
         }
         self.pump(ctx);
     }
@@ -589,18 +365,18 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<TunBatch> for Dat
     type Result = ();
     fn handle(&mut self, b: TunBatch, ctx: &mut Context<Self>) {
         let batch = b.0;
-        self.stats.batches += 1;
+        self.io.stats.batches += 1;
         let now = self.now();
         for pkt in batch.packets() {
-            self.stats.tun_read += 1;
+            self.io.stats.tun_read += 1;
             let dst = transport::ip::parse(pkt).map(|i| i.dst);
-            match dst.and_then(|d| self.router.route(&d)) {
+            match dst.and_then(|d| self.io.router.route(&d)) {
                 Some(k) => {
                     if self.node.send_ip(now, k, pkt).is_err() {
-                        self.stats.no_route += 1;
+                        self.io.stats.no_route += 1;
                     }
                 }
-                None => self.stats.no_route += 1,
+                None => self.io.stats.no_route += 1,
             }
         }
         if let Some(r) = &self.recycle {
@@ -633,7 +409,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
                 // retry backoff (the supervisor paces these).
                 let _ = self.node.connect(now, &key);
             }
-            Cmd::SetRouter(r) => self.router = r,
+            Cmd::SetRouter(r) => self.io.router = r,
             Cmd::Send { to, msg, reliable } => {
                 let sent = if reliable {
                     self.node.send_control_reliable(now, &to, &msg)
@@ -654,102 +430,6 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<GetSnapshot> for 
     type Result = MessageResult<GetSnapshot>;
     fn handle(&mut self, _: GetSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(self.snapshot())
-    }
-}
-
-/// Reads IP packets from the TUN device in batches and hands them to the data plane.
-pub struct TunReader<P: PacketDevice + 'static> {
-    dev: Arc<P>,
-    to: Recipient<TunBatch>,
-    free: Option<mpsc::Receiver<Batch>>,
-    scratch: Vec<u8>,
-    /// Packets truncated or unreadable.
-    pub errors: u64,
-}
-
-impl<P: PacketDevice + 'static> TunReader<P> {
-    /// A reader of `dev` with a pool of batches sized for packets up to
-    /// `max_packet` bytes. Returns the reader and the channel batches go back
-    /// through (give it to [`Dataplane::new`]).
-    pub fn new(
-        dev: Arc<P>,
-        to: Recipient<TunBatch>,
-        max_packet: usize,
-    ) -> (TunReader<P>, mpsc::Sender<Batch>) {
-        let (tx, rx) = mpsc::channel(BATCH_POOL);
-        let slot = max_packet.clamp(576, 65_535);
-        for _ in 0..BATCH_POOL {
-            let _ = tx.try_send(Batch::new(slot));
-        }
-        (
-            TunReader {
-                dev,
-                to,
-                free: Some(rx),
-                scratch: Vec::new(),
-                errors: 0,
-            },
-            tx,
-        )
-    }
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Fillable(Batch);
-
-impl<P: PacketDevice + 'static> Actor for TunReader<P> {
-    type Context = Context<Self>;
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        let Some(free) = self.free.take() else {
-            return;
-        };
-        // A batch is read only when a free buffer exists: the pool is the
-        // back-pressure between TUN and the sessions.
-        let s =
-            futures_util::stream::unfold((free, self.dev.clone()), |(mut free, dev)| async move {
-                let b = free.recv().await?;
-                dev.readable().await.ok()?;
-                Some((Fillable(b), (free, dev)))
-            });
-        ctx.add_stream(s);
-    }
-}
-
-impl<P: PacketDevice + 'static> StreamHandler<Fillable> for TunReader<P> {
-    fn handle(&mut self, f: Fillable, ctx: &mut Context<Self>) {
-        let mut b = f.0;
-        b.lens.clear();
-        let slot = b.slot;
-        let need = self.dev.min_slots().clamp(1, BATCH_SLOTS);
-        let mut lens = [0usize; BATCH_SLOTS];
-        while BATCH_SLOTS - b.lens.len() >= need {
-            let used = b.lens.len();
-            let mut slots: Vec<&mut [u8]> = b.buf[used * slot..].chunks_mut(slot).collect();
-            let room = slots.len();
-            match self
-                .dev
-                .try_recv_many(&mut self.scratch, &mut slots, &mut lens[..room])
-            {
-                Ok(0) => break,
-                Ok(n) => b.lens.extend(lens[..n].iter().map(|&l| l as u16)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                    ctx.stop();
-                    break;
-                }
-                Err(_) => {
-                    self.errors += 1;
-                    break;
-                }
-            }
-        }
-        // Even an empty batch goes through, so the buffer returns to the pool.
-        self.to.do_send(TunBatch(b));
-    }
-
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        ctx.stop();
     }
 }
 
