@@ -42,6 +42,9 @@ fn help_explains_first_steps() {
     ] {
         assert!(out.contains(w), "peer --help lacks {w}");
     }
+    // The MTU default it names is the one the code uses.
+    let mtu = format!("default: {}", transport::node::tun_mtu_for(1452));
+    assert!(out.contains(&mtu), "peer --help does not say {mtu}:\n{out}");
 }
 
 #[test]

@@ -358,7 +358,13 @@ mod tests {
             "{}",
             c.btl_bw()
         );
-        assert!(c.inflight_cap() > 0.0);
+        // The inflight cap covers the path's bandwidth-delay product
+        // (1 MB/s x 50 ms = 50 kB) with its gain and loss compensation, and
+        // not grossly more.
+        let bdp = 1_000_000.0 * 0.050;
+        let cap = c.inflight_cap();
+        assert!(cap >= 2.0 * bdp / 0.9 * 0.95, "{cap}");
+        assert!(cap <= STARTUP_GAIN * bdp / 0.9 * 1.05, "{cap}");
     }
 
     #[test]

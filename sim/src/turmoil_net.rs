@@ -385,7 +385,9 @@ impl Mesh {
                         NodeConfig::default(),
                         StaticKeypair::from_seed(key_seed),
                         SIM_PSK,
-                        1_700_000_000_000,
+                        // Wall clock at this start: it keeps going across restarts.
+                        1_700_000_000_000
+                            + turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64,
                         EntropySource::seeded(seed),
                     );
                     let mut routes = Vec::new();

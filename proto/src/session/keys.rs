@@ -23,6 +23,9 @@ pub(super) struct Keypair {
     pub(super) send_counter: u64,
     pub(super) replay: ReplayWindow,
     pub(super) rx: Report,
+    /// The remote's incarnation named in the handshake that made these keys,
+    /// applied when they are confirmed (responder side).
+    pub(super) incarnation: Option<u64>,
 }
 
 impl Keypair {
@@ -44,6 +47,7 @@ impl Keypair {
                 highest: 0,
                 bytes: 0,
             },
+            incarnation: None,
         }
     }
 }
@@ -140,10 +144,11 @@ impl Session {
         from: Via,
     ) -> bool {
         self.now = ctx.now;
-        if hello.timestamp <= self.last_init_ts
-            && self.remote_incarnation == Some(hello.incarnation)
-        {
-            return false; // replayed initiation
+        // Timestamps only grow, across the remote's restarts too (they come
+        // from its wall clock): an older or repeated one is a replay, whatever
+        // incarnation it names.
+        if hello.timestamp <= self.last_init_ts {
+            return false;
         }
         if self.pending_init.is_some() && self.my_bit == 1 {
             // Both sides initiated at once: the lower key stays the initiator.
@@ -164,12 +169,16 @@ impl Session {
                 return false;
             }
         };
-        self.check_incarnation(ctx.now, incarnation);
         if let Some(old) = self.next.take() {
             ctx.indices.remove(&old.local_index);
         }
-        self.next = Some(Keypair::new(keys, ctx.now, idx, sender_index));
-        self.paths.on_rx(ctx.now, from);
+        // A new incarnation resets the conversations, and the path follows
+        // the remote, only once the initiator proves it is live (its first
+        // frame under the new keys, see `on_data`): a replayed initiation
+        // changes nothing but the answer it gets.
+        let mut kp = Keypair::new(keys, ctx.now, idx, sender_index);
+        kp.incarnation = Some(incarnation);
+        self.next = Some(kp);
         self.urgent.push_back(Out::RawTo(from, frame));
         true
     }
@@ -307,7 +316,10 @@ impl Session {
         kp.rx.bytes += wire_len as u64;
         kp.rx.highest = kp.rx.highest.max(counter + 1);
         if which == 2 {
-            let kp = self.next.take().expect("present");
+            let mut kp = self.next.take().expect("present");
+            if let Some(inc) = kp.incarnation.take() {
+                self.check_incarnation(ctx.now, inc);
+            }
             self.install(ctx, kp);
         }
         if newest && which != 1 {

@@ -25,6 +25,9 @@ mod mux;
 mod pacing;
 mod timers;
 
+#[cfg(test)]
+mod tests;
+
 pub use config::{FlowMode, KcpProfile, SessionConfig};
 pub use keys::Ctx;
 
