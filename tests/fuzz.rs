@@ -469,7 +469,7 @@ pub fn run(target: &str, count: u64, seed: u64) -> Result<Summary, FuzzError> {
                     return Err(crash(target, &input));
                 }
                 done += 1;
-                if done % 256 == 0 {
+                if done.is_multiple_of(256) {
                     p.exchange(None);
                 }
             }

@@ -390,7 +390,7 @@ impl Paths {
 
     /// The data loss the receiver reports on the active path (0..1).
     pub fn note_data_loss(&mut self, now: Duration, loss: f64) {
-        if !self.active.is_some_and(|v| v.direct().is_some()) {
+        if self.active.is_none_or(|v| v.direct().is_none()) {
             self.data_bad = None;
             return;
         }
@@ -731,7 +731,7 @@ mod tests {
         let lossy = |v: Via| {
             if v.direct().is_some() {
                 n.set(n.get() + 1);
-                (n.get() % 2 == 0).then_some(ms(20))
+                (n.get() & 1 == 0).then_some(ms(20))
             } else {
                 Some(ms(40))
             }

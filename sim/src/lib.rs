@@ -13,6 +13,9 @@
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+// The Datagram and PacketDevice impls here spell out the `+ Send` futures their
+// traits require rather than relying on `async fn` inference.
+#![allow(clippy::manual_async_fn)]
 
 pub mod bulk;
 pub mod des;

@@ -466,7 +466,7 @@ fn start_transfer(
     to: usize,
     bytes: u64,
     port: u16,
-) -> (std::process::Child, std::process::Child) {
+) -> Transfer {
     let me = lab_bin();
     let rx = lab
         .spawn(
