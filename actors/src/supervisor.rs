@@ -293,14 +293,13 @@ impl Supervisor {
                 self.observed = Some(observed);
                 self.hb.on_hub_ack(&hub, seq, now);
             }
-            Control::PunchNotify { peer, candidates }
-                if self.map.get(&peer).is_some() => {
-                    tracing::debug!(peer = %short_key(&peer), ?candidates, "hub asks to punch");
-                    self.plane.do_send(Cmd::Punch {
-                        key: peer,
-                        candidates,
-                    });
-                }
+            Control::PunchNotify { peer, candidates } if self.map.get(&peer).is_some() => {
+                tracing::debug!(peer = %short_key(&peer), ?candidates, "hub asks to punch");
+                self.plane.do_send(Cmd::Punch {
+                    key: peer,
+                    candidates,
+                });
+            }
             Control::Nack { code, message } => match code {
                 ErrorCode::AddressInUse
                 | ErrorCode::BadRequest

@@ -459,14 +459,8 @@ fn bad_input_and_shutdown_behave() {
 // ------------------------------------------------------------------ NAT
 
 /// Start a TCP transfer of `bytes` from `from` to `to` in the background;
-/// returns the receiver and sender processes (logs recvPORT.log, sendPORT.log).
-fn start_transfer(
-    lab: &Lab,
-    from: usize,
-    to: usize,
-    bytes: u64,
-    port: u16,
-) -> Transfer {
+/// returns its processes and start time (logs recvPORT.log, sendPORT.log).
+fn start_transfer(lab: &Lab, from: usize, to: usize, bytes: u64, port: u16) -> Transfer {
     let me = lab_bin();
     let rx = lab
         .spawn(
