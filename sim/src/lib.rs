@@ -9,6 +9,7 @@
 //! * [`turmoil_net`]: turmoil adapters for the transport traits, an in-memory
 //!   packet device, and a builder for N nodes over seeded impaired links.
 //! * [`world`]: a hub and N peers running the real actors in turmoil.
+//! * [`pumps`]: traffic between a world's peers at fixed rates, and what arrived.
 //! * [`nat`]: a NAT in front of a turmoil host (cone or random ports).
 
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ pub mod des;
 pub mod impair;
 pub mod impaired;
 pub mod nat;
+pub mod pumps;
 pub mod traffic;
 pub mod turmoil_net;
 pub mod world;

@@ -3,6 +3,7 @@
 
 use sim::impair::LinkSpec;
 use sim::nat::NatKind;
+use sim::pumps::Pumps;
 use sim::traffic::{self, Kind};
 use sim::world::{World, WorldConfig};
 use std::collections::BTreeSet;
@@ -136,109 +137,6 @@ fn five_peers_reach_each_other() {
     assert!(got.is_some(), "IPv6 packet delivered");
 }
 
-/// Packets pumped from one peer to another at a fixed rate, and what arrived.
-struct Pump {
-    from: usize,
-    to: usize,
-    flow: u16,
-    kind: Kind,
-    every: Duration,
-    next: Duration,
-    sent: Vec<Duration>,
-}
-
-#[derive(Default)]
-struct Driver {
-    pumps: Vec<Pump>,
-    /// (flow, seq) -> simulated time of delivery.
-    got: std::collections::BTreeMap<(u16, u32), Duration>,
-}
-
-impl Driver {
-    fn pump(
-        &mut self,
-        from: usize,
-        to: usize,
-        flow: u16,
-        kind: Kind,
-        every: Duration,
-        now: Duration,
-    ) {
-        self.pumps.push(Pump {
-            from,
-            to,
-            flow,
-            kind,
-            every,
-            next: now,
-            sent: Vec::new(),
-        });
-    }
-
-    /// Step until `cond` or `limit`; pumps send as time passes.
-    fn run(
-        &mut self,
-        sim: &mut turmoil::Sim<'static>,
-        w: &mut World,
-        limit: Duration,
-        mut cond: impl FnMut(&World, &Driver, Duration) -> bool,
-    ) -> Option<Duration> {
-        let start = sim.elapsed();
-        loop {
-            let now = sim.elapsed();
-            if cond(w, self, now) {
-                return Some(now - start);
-            }
-            if now - start > limit {
-                return None;
-            }
-            for p in self.pumps.iter_mut() {
-                while p.next <= now {
-                    let seq = p.sent.len() as u32;
-                    let pkt = traffic::packet(
-                        w.peers[p.from].overlay,
-                        w.peers[p.to].overlay,
-                        p.kind,
-                        p.flow,
-                        seq,
-                        400,
-                    );
-                    if w.peers[p.from].apps.send(pkt) {
-                        p.sent.push(now);
-                    }
-                    p.next += p.every;
-                }
-            }
-            sim.step().expect("step");
-            let now = sim.elapsed();
-            for peer in w.peers.iter_mut() {
-                for pkt in peer.take_delivered() {
-                    if let Some(t) = traffic::read(&pkt) {
-                        self.got.entry((t.flow, t.seq)).or_insert(now);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Packets of `flow` sent in [from, to) and how many of them arrived.
-    fn delivered(&self, flow: u16, from: Duration, to: Duration) -> (usize, usize) {
-        let p = self.pumps.iter().find(|p| p.flow == flow).expect("flow");
-        let sent: Vec<u32> = p
-            .sent
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t >= from && **t < to)
-            .map(|(i, _)| i as u32)
-            .collect();
-        let got = sent
-            .iter()
-            .filter(|s| self.got.contains_key(&(flow, **s)))
-            .count();
-        (sent.len(), got)
-    }
-}
-
 fn form(w: &mut World, sim: &mut turmoil::Sim<'static>, limit: Duration) {
     if w.run_until(sim, limit, |w| w.all_connected()).is_none() {
         panic!("mesh did not form:\n{}", w.dump());
@@ -258,7 +156,7 @@ fn hub_crash_keeps_direct_paths_and_peers_reregister_after_restart() {
     let mut sim = sim(120);
     let mut w = world(&mut sim, clean(), 2, "hubcrash");
     form(&mut w, &mut sim, Duration::from_secs(20));
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     let t0 = sim.elapsed();
     d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), t0);
     d.pump(2, 3, 2, Kind::Udp, Duration::from_millis(20), t0);
@@ -342,7 +240,7 @@ fn nat_rebinding_traffic_follows_within_one_heartbeat() {
     let mut sim = sim(120);
     let mut w = world(&mut sim, clean(), 4, "rebind");
     form(&mut w, &mut sim, Duration::from_secs(20));
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(10), sim.elapsed());
     d.run(&mut sim, &mut w, Duration::from_secs(1), |_, _, _| false);
     w.peers[1]
@@ -362,8 +260,7 @@ fn nat_rebinding_traffic_follows_within_one_heartbeat() {
     // Traffic resumes: a packet sent after the move is delivered.
     let resumed = d
         .run(&mut sim, &mut w, Duration::from_secs(5), |_, d, _| {
-            let p = &d.pumps[0];
-            p.sent
+            d.sent(1)
                 .iter()
                 .enumerate()
                 .any(|(i, t)| *t >= at && d.got.contains_key(&(1, i as u32)))
@@ -423,7 +320,7 @@ fn two_hubs_losing_the_first_changes_nothing() {
         (5, 5),
         "registered with both"
     );
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), sim.elapsed());
     sim.crash("hub");
     let down = sim.elapsed();
@@ -510,7 +407,7 @@ fn revoked_node_leaves_every_map_loses_its_sessions_and_cannot_return() {
     let mut w = world(&mut sim, clean(), 9, "revoke");
     form(&mut w, &mut sim, Duration::from_secs(20));
     let short3 = fastmesh_actors::registry::short_key(&w.peers[3].key);
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     d.pump(3, 0, 1, Kind::Udp, Duration::from_millis(20), sim.elapsed());
     d.pump(3, 1, 2, Kind::Tcp, Duration::from_millis(20), sim.elapsed());
     d.run(&mut sim, &mut w, Duration::from_secs(1), |_, _, _| false);
@@ -622,7 +519,7 @@ fn without_a_direct_path_traffic_goes_through_the_hub_then_back_to_direct() {
     assert_eq!(path_of(&w, 0, 2).unwrap().0, "direct", "others stay direct");
     // Traffic both ways through the relay.
     let before = hub_relayed(&w);
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     let start = sim.elapsed();
     d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), start);
     d.pump(1, 0, 2, Kind::Udp, Duration::from_millis(20), start);
@@ -690,7 +587,7 @@ fn sim_cone_nats_punch_a_direct_path() {
     // is proven) pass; then measure.
     w.run_until(&mut sim, Duration::from_secs(20), |_| false);
     let r0 = hub_relayed(&w);
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     let start = sim.elapsed();
     d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), start);
     d.run(&mut sim, &mut w, Duration::from_secs(5), |_, _, _| false);
@@ -712,7 +609,7 @@ fn sim_random_port_nats_use_the_relay() {
     w.run_until(&mut sim, Duration::from_secs(30), |w| both_on(w, "relay"))
         .unwrap_or_else(|| panic!("not relayed:\n{}", w.dump()));
     let r0 = hub_relayed(&w);
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     let start = sim.elapsed();
     d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), start);
     d.pump(1, 0, 2, Kind::Udp, Duration::from_millis(20), start);
@@ -742,7 +639,7 @@ fn sim_nat_mapping_flush_mid_transfer_recovers() {
     let mut w = nat_world(&mut sim, NatKind::Cone, "natflush", 1);
     w.run_until(&mut sim, Duration::from_secs(30), |w| both_on(w, "direct"))
         .unwrap_or_else(|| panic!("no direct path:\n{}", w.dump()));
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     let start = sim.elapsed();
     d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(10), start);
     d.pump(1, 0, 2, Kind::Tcp, Duration::from_millis(10), start);
@@ -794,7 +691,7 @@ fn sim_two_hubs_relaying_hub_crashes_nothing_stops() {
     let via = relaying(&w).expect("relaying hub");
     let hub0 = fastmesh_actors::registry::short_key(&w.hub_key);
     let (dead, alive) = if via == hub0 { ("hub", 1) } else { ("hub1", 0) };
-    let mut d = Driver::default();
+    let mut d = Pumps::default();
     let start = sim.elapsed();
     d.pump(0, 1, 1, Kind::Tcp, Duration::from_millis(20), start);
     d.run(&mut sim, &mut w, Duration::from_secs(2), |_, _, _| false);
