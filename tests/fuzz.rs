@@ -470,7 +470,12 @@ pub fn run(target: &str, count: u64, seed: u64) -> Result<Summary, FuzzError> {
                 }
                 done += 1;
                 if done.is_multiple_of(256) {
-                    p.exchange(None);
+                    // Genuine traffic on the state the mutations left (a
+                    // panic here is charged to the last input).
+                    let r = catch_unwind(AssertUnwindSafe(|| p.exchange(None)));
+                    if r.is_err() {
+                        return Err(crash(target, &input));
+                    }
                 }
             }
             genuine_traffic_flows(&mut p, target)?;
