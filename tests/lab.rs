@@ -95,6 +95,8 @@ pub struct Lab {
     procs: Vec<Option<Child>>,
     hub_pub: String,
     namespaces: Vec<String>,
+    /// The WAN router process in the router namespace, if any.
+    wan: Option<Child>,
 }
 
 /// A NAT in front of a node: a namespace between it and the router doing
@@ -143,6 +145,7 @@ impl Lab {
             procs: Vec::new(),
             hub_pub: String::new(),
             namespaces: Vec::new(),
+            wan: None,
         };
         // A leftover from a killed run would make `ip netns add` fail.
         lab.remove_namespaces_named(peers + 1);
@@ -619,6 +622,81 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(100));
         }
         Err(anyhow!("condition not met within {timeout:?}"))
+    }
+
+    /// Put a WAN between all nodes: every packet the router forwards goes
+    /// through `fastmesh-lab wan-router` (at `lab_exe`) with `spec`, seeded
+    /// with `seed`. Called again, it replaces the spec; `None` removes the WAN.
+    pub fn set_wan(
+        &mut self,
+        lab_exe: &Path,
+        spec: Option<crate::wan::WanSpec>,
+        seed: u64,
+    ) -> Result<()> {
+        use crate::wan::{WAN_DEV, WAN_TABLE};
+        if let Some(mut c) = self.wan.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let r = self.router.clone();
+        let _ = self.ns(&r, "ip", &["route", "flush", "table", WAN_TABLE]);
+        // Rules first (idempotent: delete any old ones).
+        while self
+            .ns(&r, "ip", &["rule", "del", "lookup", WAN_TABLE])
+            .is_ok()
+        {}
+        let Some(spec) = spec else {
+            return Ok(());
+        };
+        let f = std::fs::File::create(self.dir.join("wan.log"))?;
+        let mut a: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            r.clone(),
+            lab_exe.display().to_string(),
+            "wan-router".into(),
+            WAN_DEV.into(),
+        ];
+        a.extend(spec.args());
+        a.push(seed.to_string());
+        self.wan = Some(
+            Command::new("ip")
+                .args(&a)
+                .stdin(Stdio::null())
+                .stdout(f.try_clone()?)
+                .stderr(f)
+                .spawn()?,
+        );
+        self.wait(Duration::from_secs(5), |l| {
+            l.ns(&r, "ip", &["link", "show", WAN_DEV]).is_ok()
+        })
+        .map_err(|e| anyhow!("WAN router did not come up: {e}\n{}", self.log("wan.log")))?;
+        for k in ["all", "default", WAN_DEV] {
+            self.ns(
+                &r,
+                "sysctl",
+                &["-qw", &format!("net.ipv4.conf.{k}.rp_filter=0")],
+            )?;
+        }
+        self.ns(&r, "ip", &["link", "set", WAN_DEV, "up"])?;
+        self.ns(
+            &r,
+            "ip",
+            &[
+                "route", "replace", "default", "dev", WAN_DEV, "table", WAN_TABLE,
+            ],
+        )?;
+        for k in 0..self.nodes.len() {
+            let veth = format!("{}a{k}", self.prefix);
+            self.ns(
+                &r,
+                "ip",
+                &[
+                    "rule", "add", "iif", &veth, "lookup", WAN_TABLE, "priority", "100",
+                ],
+            )?;
+        }
+        Ok(())
     }
 
     /// Drop `pct` percent of the packets the router forwards (each direction), 0 to clear.

@@ -10,6 +10,9 @@ use transport::wire::PublicKey;
 /// The network-namespace lab (end-to-end tests, demo, benchmark).
 pub mod lab;
 
+/// A WAN (delay, rate limit, loss) in the lab's router, in user space.
+pub mod wan;
+
 /// Mutation fuzzing of decoders, handshake and the receive path.
 pub mod fuzz;
 

@@ -8,6 +8,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+mod wan_bench;
+
 const USAGE: &str = "usage:
   fastmesh-lab demo                        build a 3-peer mesh in namespaces, show it working, clean up
   fastmesh-lab bench [SECS] [LOSSES] [CCS] iperf3/ping through the mesh vs direct over the same veth
@@ -19,7 +21,17 @@ const USAGE: &str = "usage:
   fastmesh-lab tcp-recv PORT               accept one TCP connection, print bytes, hash, seconds
   fastmesh-lab tcp-send ADDR:PORT BYTES    send BYTES pseudo-random bytes, print bytes and hash
   fastmesh-lab udp-echo PORT SECS          echo UDP datagrams for SECS seconds
-  fastmesh-lab udp-ping ADDR:PORT COUNT    send COUNT datagrams 1 ms apart, print sent and echoed";
+  fastmesh-lab udp-ping ADDR:PORT COUNT    send COUNT datagrams 1 ms apart, print sent and echoed
+  fastmesh-lab wan [SECS] [LOSSES] [PROFILES] [WHAT]
+                                           TCP and message RTT over an emulated WAN: fastmesh (inner
+                                           cubic, bbr), no tunnel, kcptun with and without FEC
+                                           (defaults: 8 0,1,5,10,20 50:100,200:20 all;
+                                           PROFILE = RTT_MS:MBIT; WHAT = all or a comma list of
+                                           mesh,direct,kcptun,kcptun-fec)
+  fastmesh-lab wan-router DEV RTT_MS MBIT QUEUE_MS LOSS_PCT JITTER_MS SEED
+                                           the WAN: forward packets read from TUN DEV after the delays
+  fastmesh-lab msg-echo PORT               echo 64-byte TCP messages
+  fastmesh-lab msg-ping ADDR:PORT COUNT MS send COUNT 64-byte messages MS apart, print RTT p50/p99";
 
 fn main() {
     if let Err(e) = run() {
@@ -57,6 +69,21 @@ fn run() -> Result<()> {
         ["udp-echo", port, secs] => {
             udp_echo(port.parse().context("port")?, secs.parse().context("secs")?)
         }
+        ["wan-router", dev, rest @ ..] if rest.len() == 6 => {
+            let spec = fastmesh_tests::wan::WanSpec::parse(&rest[..5])?;
+            let seed = rest[5].parse().context("seed")?;
+            let st =
+                fastmesh_tests::wan::run_router(dev, spec, seed, Duration::from_secs(24 * 3600))?;
+            println!("{st:?}");
+            Ok(())
+        }
+        ["wan", rest @ ..] => wan_bench::wan(rest),
+        ["msg-echo", port] => wan_bench::msg_echo(port.parse().context("port")?),
+        ["msg-ping", addr, count, every_ms] => wan_bench::msg_ping(
+            addr.parse().context("address")?,
+            count.parse().context("count")?,
+            every_ms.parse().context("interval ms")?,
+        ),
         ["udp-ping", addr, count] => udp_ping(
             addr.parse().context("address")?,
             count.parse().context("count")?,
@@ -258,6 +285,12 @@ struct Iperf {
 }
 
 fn iperf(lab: &Lab, dst: &str, secs: u32, cc: &str) -> Result<Iperf> {
+    iperf_via(lab, dst, 5201, secs, cc)
+}
+
+/// iperf3 from node 1 to `dst:port`, with the server on node 2 port 5201
+/// (`port` differs when a proxy in between forwards to it).
+fn iperf_via(lab: &Lab, dst: &str, port: u16, secs: u32, cc: &str) -> Result<Iperf> {
     let mut srv = lab.spawn(2, "iperf-s.log", "iperf3", &["-s", "-1", "-p", "5201"])?;
     lab.wait_listening(2, 5201, false)?;
     let pids: Vec<u32> = [1, 2].iter().filter_map(|k| lab.pid(*k)).collect();
@@ -270,7 +303,7 @@ fn iperf(lab: &Lab, dst: &str, secs: u32, cc: &str) -> Result<Iperf> {
             "-c",
             dst,
             "-p",
-            "5201",
+            &port.to_string(),
             "-t",
             &secs.to_string(),
             "-C",
