@@ -41,7 +41,7 @@ pub struct WanSpec {
 impl WanSpec {
     /// The impairment stages of one direction.
     pub fn link(&self) -> LinkSpec {
-        let rate_bps = (self.rate_mbit > 0.0).then(|| (self.rate_mbit * 1e6) as u64);
+        let rate_bps = (self.rate_mbit > 0.0).then_some((self.rate_mbit * 1e6) as u64);
         LinkSpec {
             loss: self.loss_pct / 100.0,
             latency: Duration::from_micros(self.rtt_ms * 500),
