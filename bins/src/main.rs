@@ -141,7 +141,7 @@ struct PeerArgs {
     /// TUN device name [default: fm0].
     #[arg(long)]
     tun: Option<String>,
-    /// TUN MTU [default: 1395, so direct frames fit a 1500-byte path unfragmented].
+    /// TUN MTU [default: 1387, so direct frames, FEC included, fit a 1500-byte path unfragmented].
     #[arg(long)]
     mtu: Option<u16>,
     /// KCP profile: normal, fast or turbo [default: fast].

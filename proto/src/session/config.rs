@@ -87,6 +87,9 @@ pub struct SessionConfig {
     pub rekey_after: Duration,
     /// ...or after this many frames sent under them, whichever comes first.
     pub rekey_after_messages: u64,
+    /// Forward error correction for KCP data frames when the path loses
+    /// packets (see `session::fec`).
+    pub fec: bool,
     /// After a rotation, frames under the previous keys are accepted this
     /// long (they may still be in flight), then refused.
     pub old_key_window: Duration,
@@ -109,6 +112,7 @@ impl Default for SessionConfig {
             max_rate: 2.5e9 / 8.0 * 4.0,
             rekey_after: Duration::from_secs(120),
             rekey_after_messages: 1 << 40,
+            fec: true,
             old_key_window: Duration::from_secs(10),
         }
     }
@@ -124,9 +128,10 @@ impl SessionConfig {
     }
 
     /// Largest inner IP packet that never needs more than one UDP datagram,
-    /// on either path (datagram: 1 type byte; KCP: plus a 24-byte segment header).
+    /// on either path (datagram: 1 type byte; KCP: plus a 24-byte segment
+    /// header and room for the FEC wrapping, [`super::fec::FEC_RESERVE`]).
     /// This is the TUN MTU to configure.
     pub fn tun_mtu(&self) -> usize {
-        self.plain_budget() - 1 - kcp::KCP_OVERHEAD
+        self.plain_budget() - 1 - kcp::KCP_OVERHEAD - super::fec::FEC_RESERVE
     }
 }

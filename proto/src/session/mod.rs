@@ -20,6 +20,7 @@
 //! acks wait at most [`ACK_DELAY`] so that they share frames.
 
 mod config;
+pub mod fec;
 mod keys;
 mod mux;
 mod pacing;
@@ -99,6 +100,12 @@ pub struct SessionStats {
     pub retransmits: u64,
     /// Times traffic moved to another path (direct endpoint or relay).
     pub path_changes: u64,
+    /// KCP data frames sent inside a forward-error-correction group.
+    pub fec_data: u64,
+    /// Parity frames sent.
+    pub fec_parity: u64,
+    /// KCP frames rebuilt from parity instead of waiting for a retransmission.
+    pub fec_recovered: u64,
 }
 
 enum Out {
@@ -192,6 +199,8 @@ pub struct Session {
     dead: bool,
     srtt: Option<Duration>,
     stats: SessionStats,
+    fec_tx: fec::FecTx,
+    fec_rx: fec::FecRx,
 }
 
 impl Session {
@@ -267,6 +276,8 @@ impl Session {
             dead: false,
             srtt: None,
             stats: SessionStats::default(),
+            fec_tx: fec::FecTx::default(),
+            fec_rx: fec::FecRx::default(),
         }
     }
 
@@ -473,6 +484,8 @@ impl Session {
                 Err(_) => self.stats.malformed += 1,
             },
             Some(Inner::Keepalive) => {}
+            Some(Inner::FecData) => self.on_fec_data(now, body),
+            Some(Inner::FecParity) => self.on_fec_parity(now, body),
             Some(Inner::Relay) => {
                 if body.len() < 32 + wire::DATA_HEADER_LEN || self.relayed.len() >= MAX_RELAYED {
                     self.stats.malformed += 1;
@@ -565,6 +578,11 @@ impl Session {
                 }
             } else if self.paced_len > 0 && self.pacer.ready(now) && self.current.is_some() {
                 let p = self.pop_paced();
+                let p = if p.first() == Some(&(Inner::Kcp as u8)) {
+                    self.fec_wrap(now, p)
+                } else {
+                    p // bulk parity, already wrapped
+                };
                 self.pacer
                     .on_send(now, p.len() + wire::DATA_OVERHEAD, self.cc.pacing_rate());
                 p

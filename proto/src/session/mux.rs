@@ -153,7 +153,10 @@ impl Session {
     /// fragmentation (KCP splits larger inner packets into two segments).
     pub(super) fn kcp_mtu(&self) -> usize {
         let relayed = matches!(self.paths.current(), Some(Via::Relay(_)));
-        self.cfg.plain_budget() - 1 - if relayed { wire::RELAY_OVERHEAD } else { 0 }
+        self.cfg.plain_budget()
+            - 1
+            - super::fec::FEC_RESERVE
+            - if relayed { wire::RELAY_OVERHEAD } else { 0 }
     }
 
     pub(super) fn conv(&mut self, now: Duration, id: u32) -> &mut Conv {

@@ -31,6 +31,9 @@ impl Session {
         }
         let mut t: Option<Duration> = None;
         let mut at = |d: Duration| t = Some(t.map_or(d, |x: Duration| x.min(d)));
+        if let Some(d) = self.fec_deadline() {
+            at(d);
+        }
         if let Some(h) = self.next_handshake {
             if self.wanted || self.current.is_some() {
                 at(h);
@@ -98,6 +101,9 @@ impl Session {
         let admitted = self.admit(now);
         self.update_convs(now, &admitted, dirty);
         self.collect_kcp(now);
+        if self.fec_deadline().is_some_and(|d| d <= now) {
+            self.fec_close(now);
+        }
         self.expire_convs(now);
         // Key rotation: by age (the side with the higher key a little later,
         // so normally one side starts it) or by volume.

@@ -71,6 +71,12 @@ pub enum Inner {
     /// A whole frame of another session, after the 32-byte key of the node it
     /// is for (peer to hub) or from (hub to peer): relaying through a hub.
     Relay = 4,
+    /// KCP segments sent as a member of a forward-error-correction group:
+    /// group u16le, index u8, then the segments (see `session::fec`).
+    FecData = 5,
+    /// A Reed–Solomon parity shard of a group: group u16le, index u8, data
+    /// frames k u8, parity frames m u8, then the shard.
+    FecParity = 6,
 }
 
 impl Inner {
@@ -82,6 +88,8 @@ impl Inner {
             2 => Some(Inner::Control),
             3 => Some(Inner::Keepalive),
             4 => Some(Inner::Relay),
+            5 => Some(Inner::FecData),
+            6 => Some(Inner::FecParity),
             _ => None,
         }
     }
