@@ -518,6 +518,22 @@ fn inner_seeds() -> Vec<Vec<u8>> {
     relay.extend_from_slice(&[1, 3, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     relay.extend_from_slice(&[0u8; 48]);
     seeds.push(relay);
+    // FEC: a data frame of group 7 and a parity shard for a group of one.
+    let seg = {
+        let mut v = Vec::new();
+        v.extend_from_slice(&3u32.to_le_bytes());
+        v.extend_from_slice(&[81, 0, 128, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        v.extend_from_slice(&4u32.to_le_bytes());
+        v.extend_from_slice(b"abcd");
+        v
+    };
+    let mut data = vec![Inner::FecData as u8, 7, 0, 0];
+    data.extend_from_slice(&seg);
+    seeds.push(data);
+    let mut parity = vec![Inner::FecParity as u8, 7, 0, 0, 1, 1];
+    parity.extend_from_slice(&(seg.len() as u16).to_le_bytes());
+    parity.extend_from_slice(&seg);
+    seeds.push(parity);
     // KCP segments: what A's session builds for a TCP flow, in the form the
     // kcp crate writes them (conversation, command, ..., payload).
     for i in 0..4u32 {

@@ -63,6 +63,13 @@ pub struct PeerStatus {
     pub retransmits: u64,
     /// Times traffic moved to another path.
     pub path_changes: u64,
+    /// KCP data frames sent in FEC groups, parity frames sent, and frames
+    /// rebuilt from parity on receipt.
+    pub fec_data: u64,
+    /// Parity frames sent.
+    pub fec_parity: u64,
+    /// Frames from this peer rebuilt from parity.
+    pub fec_recovered: u64,
     /// Times the session was restarted by the supervisor.
     pub restarts: u64,
     /// Open KCP conversations.
@@ -161,6 +168,9 @@ impl PeerActor {
                 .and_then(|s| s.last_ack.map(|a| s.at.saturating_sub(a).as_secs_f64())),
             retransmits: st.map_or(0, |s| s.retransmits),
             path_changes: st.map_or(0, |s| s.path_changes),
+            fec_data: st.map_or(0, |s| s.fec_data),
+            fec_parity: st.map_or(0, |s| s.fec_parity),
+            fec_recovered: st.map_or(0, |s| s.fec_recovered),
             restarts: self.restarts,
             convs: st.map_or(0, |s| s.convs),
         }

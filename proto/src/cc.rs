@@ -65,6 +65,11 @@ pub struct RateControl {
     loss: f64,
     initial_rate: f64,
     max_rate: f64,
+    /// The sender had more to send than the pacer let out (set by the
+    /// session with every report).
+    backlogged: bool,
+    /// `btl_bw` when the current probe round began.
+    probe_base: f64,
 }
 
 impl RateControl {
@@ -84,7 +89,19 @@ impl RateControl {
             loss: 0.0,
             initial_rate,
             max_rate,
+            backlogged: false,
+            probe_base: 0.0,
         }
+    }
+
+    /// Whether the sender is holding data back for the pacer. A probe round
+    /// that finds more bandwidth while it is (the estimate, not the path, was
+    /// the limit: typically a flow that grew after the controller had settled
+    /// at its earlier, smaller rate) sends the controller back to startup, so
+    /// it finds the path's rate in a few round trips instead of 25% per
+    /// probe cycle; the inner TCP meanwhile sees the tunnel's queue as delay.
+    pub fn set_backlogged(&mut self, backlogged: bool) {
+        self.backlogged = backlogged;
     }
 
     /// Phase name, for diagnostics.
@@ -196,6 +213,7 @@ impl RateControl {
         if now.saturating_sub(self.round_start) < self.round() {
             return;
         }
+        tracing::trace!(phase = ?self.phase, btl_bw = self.btl_bw, backlogged = self.backlogged, loss = self.loss, min_rtt = ?self.min_rtt(), "cc round");
         self.round_start = now;
         match self.phase {
             Phase::Startup => {
@@ -214,10 +232,25 @@ impl RateControl {
                 if now.saturating_sub(self.phase_start) >= self.round() * 2 {
                     self.phase = Phase::ProbeBw(2);
                     self.phase_start = now;
+                    self.probe_base = self.btl_bw;
                 }
             }
             Phase::ProbeBw(i) => {
-                self.phase = Phase::ProbeBw((i + 1) % CYCLE.len());
+                // What the probing round delivered is reported about a
+                // round trip later: judge it at the end of the next round.
+                let after_probe = CYCLE[(i + CYCLE.len() - 1) % CYCLE.len()] > 1.0;
+                let probed_up = after_probe && self.btl_bw >= self.probe_base * 1.15;
+                if probed_up && self.backlogged {
+                    self.phase = Phase::Startup;
+                    self.full_bw = self.btl_bw;
+                    self.full_bw_rounds = 0;
+                } else {
+                    let next = (i + 1) % CYCLE.len();
+                    if CYCLE[next] > 1.0 {
+                        self.probe_base = self.btl_bw;
+                    }
+                    self.phase = Phase::ProbeBw(next);
+                }
                 self.phase_start = now;
             }
         }
@@ -389,6 +422,48 @@ mod tests {
                     c.pacing_rate()
                 );
             }
+        }
+    }
+
+    /// Reports for `rounds` rounds of 50 ms delivering `rate` bytes/s.
+    fn deliver(c: &mut RateControl, r: &mut Report, t: &mut u64, rounds: u64, rate: f64) {
+        for _ in 0..rounds * 2 {
+            *t += 25;
+            r.frames += 10;
+            r.highest += 10;
+            r.bytes += (rate * 0.025) as u64;
+            c.on_report(ms(*t), *r);
+        }
+    }
+
+    #[test]
+    fn a_backlogged_sender_whose_probe_finds_more_returns_to_startup() {
+        for backlogged in [true, false] {
+            let mut c = RateControl::new(100_000.0, 1e9);
+            c.on_rtt(ms(0), ms(50));
+            let mut r = Report {
+                frames: 0,
+                highest: 0,
+                bytes: 0,
+            };
+            let mut t = 0;
+            // Settle at 1 MB/s (startup ends when growth stops).
+            deliver(&mut c, &mut r, &mut t, 40, 1_000_000.0);
+            assert!(c.phase().starts_with("ProbeBw"), "{}", c.phase());
+            c.set_backlogged(backlogged);
+            // The flow grows: every round delivers what the pacer allowed.
+            let mut entered = false;
+            for _ in 0..40 {
+                let rate = c.pacing_rate();
+                deliver(&mut c, &mut r, &mut t, 1, rate);
+                entered |= c.phase() == "Startup";
+            }
+            assert_eq!(
+                entered,
+                backlogged,
+                "backlogged {backlogged}: {}",
+                c.phase()
+            );
         }
     }
 }

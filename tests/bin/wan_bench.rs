@@ -139,6 +139,9 @@ fn stop(procs: impl IntoIterator<Item = Child>) {
 
 fn mbit(r: &Result<Iperf>) -> String {
     match r {
+        Ok(i) if std::env::var_os("FASTMESH_BENCH_STATUS").is_some() => {
+            format!("{:.1} ({} retx)", i.bps / 1e6, i.retrans)
+        }
         Ok(i) => format!("{:.1}", i.bps / 1e6),
         Err(e) => format!(
             "err: {}",
@@ -182,39 +185,41 @@ pub fn wan(args: &[&str]) -> Result<()> {
         .arg("tcp_bbr")
         .output();
     let exe = std::env::current_exe()?;
-    let mut lab = Lab::new("fmw", 41, 2)?;
-    lab.start_hub(1.0)?;
-    lab.start_peer(1, &[])?;
-    lab.start_peer(2, &[])?;
-    lab.wait(Duration::from_secs(20), |l| {
-        l.peer_ready(1) && l.peer_ready(2)
-    })
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
-    let mesh = lab.nodes[2].overlay.to_string();
-    let direct = lab.nodes[2].underlay.to_string();
     let me = exe.display().to_string();
-    let mut echo = lab.spawn(2, "echo.log", &me, &["msg-echo", &ECHO_PORT.to_string()])?;
-    lab.wait_listening(2, ECHO_PORT, false)?;
     println!(
         "fastmesh {} | iperf3 -t {secs}, one flow, Mbit/s; messages: 64 B every 20 ms over TCP, echoed, RTT p50 / p99 ms",
         env!("CARGO_PKG_VERSION")
     );
     println!("WAN: the lab router's user-space stages (fastmesh_tests::wan), queue 50 ms at the rate, loss i.i.d. each way");
+    println!("A new lab per profile, the WAN in place before the mesh starts (so every RTT estimate is the WAN's).");
     println!();
     println!("| RTT ms | Mbit/s | loss | fastmesh cubic | fastmesh bbr | no tunnel cubic | no tunnel bbr | kcptun | kcptun FEC 10/3 | msgs fastmesh | msgs no tunnel | msgs kcptun | msgs kcptun FEC |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let skip = || -> Result<Iperf> { bail!("skipped") };
     let skip_ms = || -> Result<(f64, f64)> { bail!("skipped") };
     for (seed, &(rtt, rate)) in profiles.iter().enumerate() {
+        let wan = |loss: f64| WanSpec {
+            rtt_ms: rtt,
+            rate_mbit: rate,
+            queue_ms: 50,
+            loss_pct: loss,
+            jitter_ms: 0,
+        };
+        let mut lab = Lab::new("fmw", 41, 2)?;
+        lab.set_wan(&exe, Some(wan(0.0)), 7 + seed as u64)?;
+        lab.start_hub(1.0)?;
+        lab.start_peer(1, &[])?;
+        lab.start_peer(2, &[])?;
+        lab.wait(Duration::from_secs(30), |l| {
+            l.peer_ready(1) && l.peer_ready(2)
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+        let mesh = lab.nodes[2].overlay.to_string();
+        let direct = lab.nodes[2].underlay.to_string();
+        let mut echo = lab.spawn(2, "echo.log", &me, &["msg-echo", &ECHO_PORT.to_string()])?;
+        lab.wait_listening(2, ECHO_PORT, false)?;
         for &loss in &losses {
-            let spec = WanSpec {
-                rtt_ms: rtt,
-                rate_mbit: rate,
-                queue_ms: 50,
-                loss_pct: loss,
-                jitter_ms: 0,
-            };
-            lab.set_wan(&exe, Some(spec), 7 + seed as u64)?;
+            lab.set_wan(&exe, Some(wan(loss)), 7 + seed as u64)?;
             // Let the sessions measure the new path.
             std::thread::sleep(Duration::from_secs(2));
             let run = |w: &str, dst: &str, port: u16, cc: &str| {
@@ -269,14 +274,28 @@ pub fn wan(args: &[&str]) -> Result<()> {
                 ms(&kc[1].1),
             );
         }
-    }
-    lab.set_wan(&exe, None, 0)?;
-    let _ = echo.kill();
-    let _ = echo.wait();
-    if std::env::var_os("FASTMESH_BENCH_STATUS").is_some() {
-        for k in [1, 2] {
-            println!("{}", lab.status_table(k));
+        if std::env::var_os("FASTMESH_BENCH_STATUS").is_some() {
+            for k in [1, 2] {
+                println!("{}", lab.status_table(k));
+                // Receive-buffer overflows in the node (kernel drops before fastmesh).
+                if let Ok(o) = lab.exec(k, "cat", &["/proc/net/snmp"]) {
+                    let t = String::from_utf8_lossy(&o.stdout);
+                    for l in t.lines().filter(|l| l.starts_with("Udp:")) {
+                        println!("{l}");
+                    }
+                }
+            }
+            if let Ok(o) = lab.ns(
+                &lab.router,
+                "ip",
+                &["-s", "link", "show", fastmesh_tests::wan::WAN_DEV],
+            ) {
+                println!("{}", String::from_utf8_lossy(&o.stdout));
+            }
         }
+        lab.set_wan(&exe, None, 0)?;
+        let _ = echo.kill();
+        let _ = echo.wait();
     }
     Ok(())
 }

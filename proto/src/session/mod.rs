@@ -518,6 +518,7 @@ impl Session {
                 highest,
                 bytes,
             } => {
+                self.cc.set_backlogged(self.queued > 0);
                 self.cc.on_report(
                     now,
                     Report {
