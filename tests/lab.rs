@@ -634,20 +634,47 @@ impl Lab {
         seed: u64,
     ) -> Result<()> {
         use crate::wan::{WAN_DEV, WAN_TABLE};
+        let r = self.router.clone();
         if let Some(mut c) = self.wan.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let r = self.router.clone();
-        let _ = self.ns(&r, "ip", &["route", "flush", "table", WAN_TABLE]);
-        // Rules first (idempotent: delete any old ones).
-        while self
-            .ns(&r, "ip", &["rule", "del", "lookup", WAN_TABLE])
-            .is_ok()
-        {}
+        let ip = |l: &Lab, args: &[&str]| l.ns(&r, "ip", args);
         let Some(spec) = spec else {
+            let _ = ip(self, &["route", "flush", "table", WAN_TABLE]);
+            while ip(self, &["rule", "del", "lookup", WAN_TABLE]).is_ok() {}
             return Ok(());
         };
+        // While the router restarts (its TUN device, and the route through
+        // it, gone), forwarded packets hit this blackhole instead of taking
+        // the main table's undelayed path: a short outage, not a fast path
+        // that would teach the sessions a sub-millisecond RTT.
+        ip(
+            self,
+            &[
+                "route",
+                "replace",
+                "blackhole",
+                "default",
+                "table",
+                WAN_TABLE,
+                "metric",
+                "1000",
+            ],
+        )?;
+        let rules = ip(self, &["rule", "show", "lookup", WAN_TABLE])?;
+        if rules.stdout.is_empty() {
+            for k in 0..self.nodes.len() {
+                let veth = format!("{}a{k}", self.prefix);
+                // A node on another node's NAT segment has no veth of its own here.
+                let _ = ip(
+                    self,
+                    &[
+                        "rule", "add", "iif", &veth, "lookup", WAN_TABLE, "priority", "100",
+                    ],
+                );
+            }
+        }
         let f = std::fs::File::create(self.dir.join("wan.log"))?;
         let mut a: Vec<String> = vec![
             "netns".into(),
@@ -668,34 +695,20 @@ impl Lab {
                 .spawn()?,
         );
         self.wait(Duration::from_secs(5), |l| {
-            l.ns(&r, "ip", &["link", "show", WAN_DEV]).is_ok()
+            ip(l, &["link", "show", WAN_DEV]).is_ok()
         })
         .map_err(|e| anyhow!("WAN router did not come up: {e}\n{}", self.log("wan.log")))?;
         for k in ["all", "default", WAN_DEV] {
-            self.ns(
-                &r,
-                "sysctl",
-                &["-qw", &format!("net.ipv4.conf.{k}.rp_filter=0")],
-            )?;
+            let key = format!("net.ipv4.conf.{k}.rp_filter=0");
+            self.ns(&r, "sysctl", &["-qw", &key])?;
         }
-        self.ns(&r, "ip", &["link", "set", WAN_DEV, "up"])?;
-        self.ns(
-            &r,
-            "ip",
+        ip(self, &["link", "set", WAN_DEV, "up"])?;
+        ip(
+            self,
             &[
-                "route", "replace", "default", "dev", WAN_DEV, "table", WAN_TABLE,
+                "route", "replace", "default", "dev", WAN_DEV, "table", WAN_TABLE, "metric", "1",
             ],
         )?;
-        for k in 0..self.nodes.len() {
-            let veth = format!("{}a{k}", self.prefix);
-            self.ns(
-                &r,
-                "ip",
-                &[
-                    "rule", "add", "iif", &veth, "lookup", WAN_TABLE, "priority", "100",
-                ],
-            )?;
-        }
         Ok(())
     }
 
