@@ -191,7 +191,7 @@ pub fn wan(args: &[&str]) -> Result<()> {
         env!("CARGO_PKG_VERSION")
     );
     println!("WAN: the lab router's user-space stages (fastmesh_tests::wan), queue 50 ms at the rate, loss i.i.d. each way");
-    println!("A new lab per profile, the WAN in place before the mesh starts (so every RTT estimate is the WAN's).");
+    println!("A new lab per row, the WAN in place before the mesh starts (every estimate is of this WAN, nothing carried over from another row).");
     println!();
     println!("| RTT ms | Mbit/s | loss | fastmesh cubic | fastmesh bbr | no tunnel cubic | no tunnel bbr | kcptun | kcptun FEC 10/3 | msgs fastmesh | msgs no tunnel | msgs kcptun | msgs kcptun FEC |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -205,22 +205,21 @@ pub fn wan(args: &[&str]) -> Result<()> {
             loss_pct: loss,
             jitter_ms: 0,
         };
-        let mut lab = Lab::new("fmw", 41, 2)?;
-        lab.set_wan(&exe, Some(wan(0.0)), 7 + seed as u64)?;
-        lab.start_hub(1.0)?;
-        lab.start_peer(1, &[])?;
-        lab.start_peer(2, &[])?;
-        lab.wait(Duration::from_secs(30), |l| {
-            l.peer_ready(1) && l.peer_ready(2)
-        })
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
-        let mesh = lab.nodes[2].overlay.to_string();
-        let direct = lab.nodes[2].underlay.to_string();
-        let mut echo = lab.spawn(2, "echo.log", &me, &["msg-echo", &ECHO_PORT.to_string()])?;
-        lab.wait_listening(2, ECHO_PORT, false)?;
         for &loss in &losses {
+            let mut lab = Lab::new("fmw", 41, 2)?;
             lab.set_wan(&exe, Some(wan(loss)), 7 + seed as u64)?;
-            // Let the sessions measure the new path.
+            lab.start_hub(1.0)?;
+            lab.start_peer(1, &[])?;
+            lab.start_peer(2, &[])?;
+            lab.wait(Duration::from_secs(30), |l| {
+                l.peer_ready(1) && l.peer_ready(2)
+            })
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+            let mesh = lab.nodes[2].overlay.to_string();
+            let direct = lab.nodes[2].underlay.to_string();
+            let mut echo = lab.spawn(2, "echo.log", &me, &["msg-echo", &ECHO_PORT.to_string()])?;
+            lab.wait_listening(2, ECHO_PORT, false)?;
+            // Let the sessions measure the path.
             std::thread::sleep(Duration::from_secs(2));
             let run = |w: &str, dst: &str, port: u16, cc: &str| {
                 if on(w) {
@@ -273,29 +272,28 @@ pub fn wan(args: &[&str]) -> Result<()> {
                 ms(&kc[0].1),
                 ms(&kc[1].1),
             );
-        }
-        if std::env::var_os("FASTMESH_BENCH_STATUS").is_some() {
-            for k in [1, 2] {
-                println!("{}", lab.status_table(k));
-                // Receive-buffer overflows in the node (kernel drops before fastmesh).
-                if let Ok(o) = lab.exec(k, "cat", &["/proc/net/snmp"]) {
-                    let t = String::from_utf8_lossy(&o.stdout);
-                    for l in t.lines().filter(|l| l.starts_with("Udp:")) {
-                        println!("{l}");
+            if std::env::var_os("FASTMESH_BENCH_STATUS").is_some() {
+                for k in [1, 2] {
+                    println!("{}", lab.status_table(k));
+                    // Receive-buffer overflows in the node (kernel drops before fastmesh).
+                    if let Ok(o) = lab.exec(k, "cat", &["/proc/net/snmp"]) {
+                        let t = String::from_utf8_lossy(&o.stdout);
+                        for l in t.lines().filter(|l| l.starts_with("Udp:")) {
+                            println!("{l}");
+                        }
                     }
                 }
+                if let Ok(o) = lab.ns(
+                    &lab.router,
+                    "ip",
+                    &["-s", "link", "show", fastmesh_tests::wan::WAN_DEV],
+                ) {
+                    println!("{}", String::from_utf8_lossy(&o.stdout));
+                }
             }
-            if let Ok(o) = lab.ns(
-                &lab.router,
-                "ip",
-                &["-s", "link", "show", fastmesh_tests::wan::WAN_DEV],
-            ) {
-                println!("{}", String::from_utf8_lossy(&o.stdout));
-            }
+            let _ = echo.kill();
+            let _ = echo.wait();
         }
-        lab.set_wan(&exe, None, 0)?;
-        let _ = echo.kill();
-        let _ = echo.wait();
     }
     Ok(())
 }

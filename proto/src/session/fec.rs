@@ -139,7 +139,14 @@ impl Session {
     /// `FecData` of the open group when the path loses enough to want parity,
     /// else unchanged. Parity frames of a group that fills up are queued.
     pub(super) fn fec_wrap(&mut self, now: Duration, plain: Vec<u8>) -> Vec<u8> {
-        if !self.cfg.fec || parity_for(MAX_GROUP, self.cc.loss()) == 0 {
+        let on = self.cfg.fec && parity_for(MAX_GROUP, self.cc.loss()) > 0;
+        if on != self.fec_on {
+            self.fec_on = on;
+            for c in self.convs.values_mut() {
+                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, on);
+            }
+        }
+        if !on {
             if !self.fec_tx.shards.is_empty() {
                 self.fec_close(now);
             }

@@ -201,6 +201,8 @@ pub struct Session {
     stats: SessionStats,
     fec_tx: fec::FecTx,
     fec_rx: fec::FecRx,
+    /// Whether data frames currently go with parity.
+    fec_on: bool,
 }
 
 impl Session {
@@ -278,6 +280,7 @@ impl Session {
             stats: SessionStats::default(),
             fec_tx: fec::FecTx::default(),
             fec_rx: fec::FecRx::default(),
+            fec_on: false,
         }
     }
 

@@ -163,11 +163,10 @@ impl Session {
         let kcp_mtu = self.kcp_mtu();
         let cfg = &self.cfg;
         let sink = &self.sink;
+        let fec_on = self.fec_on;
         self.convs.entry(id).or_insert_with(|| {
             let mut kcp = Kcp::new(id, sink.clone());
-            let (nodelay, interval, resend, min_rto) = cfg.profile.params();
-            kcp.set_nodelay(nodelay, interval as i32, resend as i32, true);
-            kcp.set_rx_minrto(min_rto);
+            tune_resend(&mut kcp, cfg.profile, fec_on);
             let _ = kcp.set_mtu(kcp_mtu);
             // The controller limits inflight (`window_full`); KCP only by the receiver.
             kcp.set_wndsize(cfg.rcv_wnd, cfg.rcv_wnd);
@@ -312,4 +311,20 @@ impl Session {
             self.close_conv(id);
         }
     }
+}
+
+/// KCP's retransmission settings for `profile`. While FEC protects the data
+/// frames, a segment is not resent fast (after a few later segments were
+/// acknowledged) but only after a group's worth were, or at its timeout:
+/// parity usually rebuilds it first, and resending what parity repairs
+/// doubles the cost of every loss.
+pub(super) fn tune_resend(kcp: &mut Kcp<KcpSink>, profile: super::KcpProfile, fec_on: bool) {
+    let (nodelay, interval, resend, min_rto) = profile.params();
+    let resend = if fec_on && resend > 0 {
+        (super::fec::MAX_GROUP + 4) as u32
+    } else {
+        resend
+    };
+    kcp.set_nodelay(nodelay, interval as i32, resend as i32, true);
+    kcp.set_rx_minrto(min_rto);
 }
