@@ -11,7 +11,7 @@
 //! kernel forwards them by the main table to the destination's veth.
 
 use anyhow::{Context, Result};
-use sim::impair::{LinkSpec, Pipeline};
+use sim::impair::{Held, LinkSpec, Pipeline};
 use std::collections::{BTreeMap, BinaryHeap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Condvar, Mutex};
@@ -83,30 +83,6 @@ impl WanSpec {
     }
 }
 
-struct Held {
-    at: Instant,
-    seq: u64,
-    data: Vec<u8>,
-}
-
-impl PartialEq for Held {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Held {}
-impl PartialOrd for Held {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Held {
-    // Earliest release first out of the max-heap.
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 /// Counters of the router, printed when it ends.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WanStats {
@@ -126,7 +102,10 @@ pub fn run_router(dev: &str, spec: WanSpec, seed: u64, limit: Duration) -> Resul
         .with_context(|| format!("cannot create TUN device {dev}"))?;
     let tun = Arc::new(tun);
     let epoch = Instant::now();
-    let queue = Arc::new((Mutex::new(BinaryHeap::<Held>::new()), Condvar::new()));
+    let queue = Arc::new((
+        Mutex::new(BinaryHeap::<Held<Vec<u8>>>::new()),
+        Condvar::new(),
+    ));
     let writer = {
         let (tun, queue) = (tun.clone(), queue.clone());
         std::thread::spawn(move || loop {
@@ -134,7 +113,7 @@ pub fn run_router(dev: &str, spec: WanSpec, seed: u64, limit: Duration) -> Resul
                 let (m, cv) = &*queue;
                 let mut q = m.lock().expect("wan queue");
                 loop {
-                    let now = Instant::now();
+                    let now = epoch.elapsed();
                     match q.peek() {
                         Some(h) if h.at <= now => break q.pop().expect("peeked"),
                         Some(h) => {
@@ -145,7 +124,7 @@ pub fn run_router(dev: &str, spec: WanSpec, seed: u64, limit: Duration) -> Resul
                     }
                 }
             };
-            let _ = tun.send(&due.data);
+            let _ = tun.send(&due.item);
         })
     };
     let _ = writer;
@@ -189,9 +168,9 @@ pub fn run_router(dev: &str, spec: WanSpec, seed: u64, limit: Duration) -> Resul
         for &t in &times {
             seq += 1;
             q.push(Held {
-                at: epoch + t,
+                at: t,
                 seq,
-                data: pkt.to_vec(),
+                item: pkt.to_vec(),
             });
         }
         cv.notify_one();

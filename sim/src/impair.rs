@@ -11,6 +11,36 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
 
+/// Something held until `at` (a packet a stage delayed). In a
+/// `BinaryHeap` the earliest comes out first, ties in `seq` order.
+#[derive(Debug)]
+pub struct Held<T> {
+    /// Release time.
+    pub at: Duration,
+    /// Tie-breaker: order of admission.
+    pub seq: u64,
+    /// What is held.
+    pub item: T,
+}
+
+impl<T> PartialEq for Held<T> {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl<T> Eq for Held<T> {}
+impl<T> PartialOrd for Held<T> {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl<T> Ord for Held<T> {
+    // BinaryHeap is a max-heap: invert so the earliest release pops first.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
 /// One impairment.
 pub trait Stage: Send {
     /// A packet of `len` bytes enters at `at`; push the times its copies leave.

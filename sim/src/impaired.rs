@@ -2,7 +2,7 @@
 //! through seeded [`crate::impair`] pipelines, released on tokio's clock (so
 //! turmoil's simulated clock drives it in the simulator).
 
-use crate::impair::{LinkSpec, Pipeline};
+use crate::impair::{Held, LinkSpec, Pipeline};
 use std::collections::{BTreeMap, BinaryHeap};
 use std::future::Future;
 use std::io;
@@ -11,34 +11,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 use transport::Datagram;
 
-struct Held {
-    at: Duration,
-    seq: u64,
-    from: SocketAddr,
-    data: Vec<u8>,
-}
-
-impl PartialEq for Held {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Held {}
-impl PartialOrd for Held {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Held {
-    // BinaryHeap is a max-heap: invert so the earliest release pops first.
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 struct ImpairState {
     links: BTreeMap<SocketAddr, Pipeline>,
-    held: BinaryHeap<Held>,
+    held: BinaryHeap<Held<(SocketAddr, Vec<u8>)>>,
     seq: u64,
     scratch: Vec<Duration>,
 }
@@ -106,9 +81,10 @@ impl<D: Datagram> Impaired<D> {
         match st.held.peek() {
             Some(h) if h.at <= now => {
                 let h = st.held.pop().expect("peeked");
-                let n = h.data.len().min(buf.len());
-                buf[..n].copy_from_slice(&h.data[..n]);
-                Ok(Some((n, h.from)))
+                let (from, data) = h.item;
+                let n = data.len().min(buf.len());
+                buf[..n].copy_from_slice(&data[..n]);
+                Ok(Some((n, from)))
             }
             Some(h) => Err(Some(h.at)),
             None => Err(None),
@@ -133,8 +109,7 @@ impl<D: Datagram> Impaired<D> {
             st.held.push(Held {
                 at,
                 seq,
-                from,
-                data: data.to_vec(),
+                item: (from, data.to_vec()),
             });
         }
     }
