@@ -108,6 +108,29 @@ impl IpInfo {
     }
 }
 
+/// TCP flag bits (the 14th header byte).
+pub const TCP_FIN: u8 = 0x01;
+/// SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// RST.
+pub const TCP_RST: u8 = 0x04;
+/// ACK.
+pub const TCP_ACK: u8 = 0x10;
+
+/// The TCP header and payload of an unfragmented TCP packet (at least the
+/// 20-byte fixed header), or None.
+pub fn tcp_header(p: &[u8]) -> Option<&[u8]> {
+    match transport_part(p)? {
+        (PROTO_TCP, true, l4) if l4.len() >= 20 => Some(l4),
+        _ => None,
+    }
+}
+
+/// The flags of an unfragmented TCP packet.
+pub fn tcp_flags(p: &[u8]) -> Option<u8> {
+    tcp_header(p).map(|t| t[13])
+}
+
 /// True for a TCP segment that carries no data and no SYN, FIN or RST: a pure
 /// acknowledgement (possibly with SACK blocks or a window update). TCP's
 /// acknowledgements are cumulative, so losing one costs nothing the next one

@@ -16,6 +16,7 @@
 //! * [`path`]: direct candidates and relays, probed and chosen.
 //! * [`cc`]: rate control and pacing for KCP.
 //! * [`ip`]: inner IP header parsing (flows, ownership checks).
+//! * [`split`]: split TCP, terminating inner connections on each side (smoltcp).
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
@@ -27,6 +28,7 @@ pub mod ip;
 pub mod node;
 pub mod path;
 pub mod session;
+pub mod split;
 pub mod wire;
 
 pub use driver::Driver;

@@ -9,7 +9,9 @@
 
 use crate::crypto::{EntropySource, ResponderHello, StaticKeypair};
 use crate::path::Via;
+use crate::ip;
 use crate::session::{Ctx, Event, Session, SessionConfig, SessionStats};
+use crate::split::{Split, SplitConfig, SplitStats, Verdict};
 use crate::wire::{Control, Frame, Inner, PublicKey};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -43,6 +45,8 @@ pub struct NodeConfig {
     pub max_sessions: usize,
     /// Forward relay messages between the node's sessions (a hub).
     pub relay: bool,
+    /// Split TCP (see [`crate::split`]).
+    pub split: SplitConfig,
 }
 
 /// How long a session must have been silent before a newcomer may replace it
@@ -58,6 +62,7 @@ impl Default for NodeConfig {
             init_rate_total: 1000.0,
             max_sessions: 16_384,
             relay: false,
+            split: SplitConfig::default(),
         }
     }
 }
@@ -173,6 +178,7 @@ pub struct Node {
     now: Duration,
     stats: NodeStats,
     limiter: InitLimiter,
+    split: Split,
 }
 
 impl Node {
@@ -189,7 +195,9 @@ impl Node {
         let mut inc = [0u8; 8];
         entropy.fill(&mut inc);
         let (cfg_rate, cfg_total) = (cfg.init_rate_per_source, cfg.init_rate_total);
+        let split = Split::new(cfg.split, cfg.session.tun_mtu());
         Node {
+            split,
             cfg: Arc::new(cfg.session),
             admission: cfg.admission,
             max_sessions: cfg.max_sessions.max(1),
@@ -231,6 +239,11 @@ impl Node {
     /// Drop counters.
     pub fn stats(&self) -> &NodeStats {
         &self.stats
+    }
+
+    /// Split TCP counters.
+    pub fn split_stats(&self) -> SplitStats {
+        self.split.stats()
     }
 
     /// Per-peer counters.
@@ -312,6 +325,7 @@ impl Node {
             };
             s.close(&mut ctx);
         }
+        self.split.forget_peer(key);
         self.ready.remove(key);
     }
 
@@ -338,6 +352,20 @@ impl Node {
         peer: &PublicKey,
         pkt: &[u8],
     ) -> Result<(), SendError> {
+        if !self.sessions.contains_key(peer) {
+            self.stats.no_route += 1;
+            return Err(SendError::UnknownPeer);
+        }
+        if let Some(info) = ip::parse(pkt).filter(|i| i.proto == ip::PROTO_TCP) {
+            if self.split.on_outbound(now, peer, pkt, &info) == Verdict::Taken {
+                self.now = now;
+                self.ready.insert(*peer);
+                if self.sessions.get(peer).is_some_and(|s| !s.is_established()) {
+                    let _ = self.ensure_handshake(now, peer);
+                }
+                return Ok(());
+            }
+        }
         let (mut ctx, sessions) = self.ctx(now);
         let Some(s) = sessions.get_mut(peer) else {
             self.stats.no_route += 1;
@@ -593,12 +621,20 @@ impl Node {
         self.sessions
             .values()
             .filter_map(|s| s.poll_timeout())
+            .chain(self.split.poll_timeout(self.now))
             .min()
     }
 
     /// Run due timers of all sessions.
     pub fn handle_timeout(&mut self, now: Duration) {
         let mut evs = Vec::new();
+        self.split.poll(now, &mut self.sessions);
+        for (peer, syn) in self.split.take_fallback() {
+            let (mut ctx, sessions) = self.ctx(now);
+            if let Some(s) = sessions.get_mut(&peer) {
+                s.send_ip(&mut ctx, &syn);
+            }
+        }
         let (mut ctx, sessions) = self.ctx(now);
         for (key, s) in sessions.iter_mut() {
             if s.poll_timeout().is_some_and(|t| t <= now) {
@@ -686,6 +722,9 @@ impl Node {
 
     /// Next inner IP packet received, with the key of the peer it came from.
     pub fn poll_rx(&mut self) -> Option<(PublicKey, Vec<u8>)> {
+        if let Some(p) = self.split.poll_out() {
+            return Some(p);
+        }
         for (k, s) in self.sessions.iter_mut() {
             if let Some(p) = s.poll_rx() {
                 return Some((*k, p));

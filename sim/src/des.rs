@@ -9,6 +9,8 @@
 //! into a trace digest.
 
 use crate::impair::{LinkSpec, Pipeline};
+use crate::tcp_host::TcpHost;
+use std::net::IpAddr;
 use blake2::{Blake2b512, Digest};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::SocketAddr;
@@ -144,6 +146,8 @@ pub struct Net {
     out: Collect,
     times: Vec<Duration>,
     tap: Option<Tap>,
+    hosts: BTreeMap<usize, TcpHost>,
+    routes: BTreeMap<IpAddr, PublicKey>,
 }
 
 /// Sees every datagram before its link: `(from, to, bytes)`; may modify the
@@ -173,6 +177,8 @@ impl Net {
             out: Collect::default(),
             times: Vec::new(),
             tap: None,
+            hosts: BTreeMap::new(),
+            routes: BTreeMap::new(),
         }
     }
 
@@ -253,6 +259,28 @@ impl Net {
         });
     }
 
+    /// Put a TCP host on host `i`'s TUN side: packets the node delivers go
+    /// to it (and are not recorded), packets it sends go into the node,
+    /// routed by [`Net::route`].
+    pub fn attach_host(&mut self, i: usize, host: TcpHost) {
+        self.hosts.insert(i, host);
+    }
+
+    /// Host packets for `ip` go to the peer `key`.
+    pub fn route(&mut self, ip: IpAddr, key: PublicKey) {
+        self.routes.insert(ip, key);
+    }
+
+    /// The TCP host on host `i`.
+    pub fn host(&self, i: usize) -> &TcpHost {
+        &self.hosts[&i]
+    }
+
+    /// The TCP host on host `i`, mutably (to add applications).
+    pub fn host_mut(&mut self, i: usize) -> &mut TcpHost {
+        self.hosts.get_mut(&i).expect("host attached")
+    }
+
     /// Host `i`.
     pub fn node(&self, i: usize) -> &SimNode {
         &self.nodes[i]
@@ -307,6 +335,21 @@ impl Net {
             self.send(i, to, data);
         }
         self.out.frames = frames;
+        if let Some(h) = self.hosts.get_mut(&i) {
+            for (from, pkt) in self.out.packets.drain(..) {
+                self.trace.update((now.as_micros() as u64).to_le_bytes());
+                self.trace.update([2, i as u8]);
+                self.trace.update(&from[..4]);
+                self.trace.update(&pkt);
+                h.input(pkt);
+            }
+            for pkt in h.poll(now) {
+                let to = transport::ip::parse(&pkt).and_then(|p| self.routes.get(&p.dst));
+                if let Some(k) = to {
+                    let _ = self.nodes[i].node.send_ip(now, k, &pkt);
+                }
+            }
+        }
         let n = &mut self.nodes[i];
         for (from, pkt) in self.out.packets.drain(..) {
             self.trace.update((now.as_micros() as u64).to_le_bytes());
@@ -379,6 +422,15 @@ impl Net {
         t
     }
 
+    /// The earliest time a TCP host needs polling.
+    fn host_time(&mut self) -> Option<Duration> {
+        let now = self.now;
+        self.hosts
+            .iter_mut()
+            .filter_map(|(_, h)| h.poll_at(now))
+            .min()
+    }
+
     /// Run until simulated time `until`.
     pub fn run_until(&mut self, until: Duration) {
         let mut spins = 0u32;
@@ -388,7 +440,11 @@ impl Net {
                     self.service(i);
                 }
             }
-            let Some(next) = self.next_time() else {
+            let next = match (self.next_time(), self.host_time()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let Some(next) = next else {
                 self.now = until.max(self.now);
                 return;
             };

@@ -10,6 +10,8 @@
 //!   packet device, and a builder for N nodes over seeded impaired links.
 //! * [`world`]: a hub and N peers running the real actors in turmoil.
 //! * [`pumps`]: traffic between a world's peers at fixed rates, and what arrived.
+//! * [`tcp_host`]: real TCP endpoints (smoltcp) on a node's TUN side, for
+//!   the discrete-event network.
 //! * [`nat`]: a NAT in front of a turmoil host (cone or random ports).
 
 #![warn(missing_docs)]
@@ -24,6 +26,7 @@ pub mod impair;
 pub mod impaired;
 pub mod nat;
 pub mod pumps;
+pub mod tcp_host;
 pub mod traffic;
 pub mod turmoil_net;
 pub mod world;

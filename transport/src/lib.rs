@@ -20,6 +20,6 @@
 pub mod io;
 
 pub use io::{os_entropy, Datagram, FastUdp, PacketDevice};
-pub use proto::{cc, crypto, driver, ip, node, path, session, wire};
+pub use proto::{cc, crypto, driver, ip, node, path, session, split, wire};
 pub use proto::{Admission, Driver, Event, FlowMode, KcpProfile, Node, NodeConfig, NodeStats};
 pub use proto::{SessionConfig, SessionStats};

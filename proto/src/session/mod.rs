@@ -24,6 +24,7 @@ pub mod fec;
 mod keys;
 mod mux;
 mod pacing;
+mod stream;
 mod timers;
 
 #[cfg(test)]
@@ -31,6 +32,7 @@ mod tests;
 
 pub use config::{FlowMode, KcpProfile, SessionConfig};
 pub use keys::Ctx;
+pub use stream::{is_stream, Refusal, StreamEvent, StreamMsg, STREAM_BIT};
 
 use crate::cc::{Pacer, RateControl, Report};
 use crate::ip;
@@ -106,6 +108,10 @@ pub struct SessionStats {
     pub fec_parity: u64,
     /// KCP frames rebuilt from parity instead of waiting for a retransmission.
     pub fec_recovered: u64,
+    /// Stream conversations this side opened (split TCP connections).
+    pub streams_opened: u64,
+    /// Bytes of split TCP data queued for the remote.
+    pub stream_tx_bytes: u64,
 }
 
 enum Out {
@@ -203,6 +209,10 @@ pub struct Session {
     fec_rx: fec::FecRx,
     /// Whether data frames currently go with parity.
     fec_on: bool,
+    /// Stream conversations with messages for the proxy.
+    streams_ready: BTreeSet<u32>,
+    /// Stream conversations that closed.
+    streams_gone: VecDeque<u32>,
 }
 
 impl Session {
@@ -281,6 +291,8 @@ impl Session {
             fec_tx: fec::FecTx::default(),
             fec_rx: fec::FecRx::default(),
             fec_on: false,
+            streams_ready: BTreeSet::new(),
+            streams_gone: VecDeque::new(),
         }
     }
 

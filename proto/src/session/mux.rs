@@ -42,6 +42,12 @@ pub(super) struct Conv {
     pub(super) next_update_ms: u32,
     /// One past the highest KCP sequence number sent (to spot retransmissions).
     pub(super) next_sn: u32,
+    /// Stream conversations: messages received, not yet taken by the proxy.
+    pub(super) rx_msgs: VecDeque<super::StreamMsg>,
+    /// Data bytes in `rx_msgs`.
+    pub(super) rx_bytes: usize,
+    /// Stream conversations: the proxy is done; drop when quiet.
+    pub(super) closing: bool,
 }
 
 impl Session {
@@ -120,7 +126,14 @@ impl Session {
         let victim = self
             .convs
             .iter()
-            .filter(|(&id, c)| id > CONV_SHARED && id & 1 == self.my_bit && c.kcp.wait_snd() == 0)
+            .filter(|(&id, c)| {
+                // A stream conversation is a live connection, however quiet:
+                // only one its proxy is done with may go.
+                id > CONV_SHARED
+                    && id & 1 == self.my_bit
+                    && c.kcp.wait_snd() == 0
+                    && (!super::is_stream(id) || c.closing)
+            })
             .min_by_key(|(_, c)| c.last_active)
             .map(|(&id, _)| id);
         match victim {
@@ -136,6 +149,10 @@ impl Session {
     pub(super) fn close_conv(&mut self, id: u32) {
         if let Some(c) = self.convs.remove(&id) {
             self.queued -= c.queue.len();
+            if super::is_stream(id) {
+                self.streams_ready.remove(&id);
+                self.streams_gone.push_back(id);
+            }
         }
         self.flows.retain(|_, c| *c != id);
         if id > CONV_SHARED && self.tombstone_set.insert(id) {
@@ -180,11 +197,17 @@ impl Session {
                 last_active: now,
                 next_update_ms: ms,
                 next_sn: 0,
+                rx_msgs: VecDeque::new(),
+                rx_bytes: 0,
+                closing: false,
             }
         })
     }
 
     pub(super) fn reset_convs(&mut self) {
+        self.streams_ready.clear();
+        self.streams_gone
+            .extend(self.convs.keys().copied().filter(|&c| super::is_stream(c)));
         self.convs.clear();
         self.flows.clear();
         self.queued = 0;
@@ -238,6 +261,13 @@ impl Session {
         c.last_active = now;
         c.ack_owed.get_or_insert(now);
         let bad_input = c.kcp.input(segs).is_err();
+        if super::is_stream(id) {
+            if bad_input {
+                self.stats.malformed += 1;
+            }
+            self.pull_stream(now, id);
+            return;
+        }
         let mut msgs = Vec::new();
         while let Ok(n) = c.kcp.peeksize() {
             let mut m = vec![0u8; n];
@@ -301,9 +331,16 @@ impl Session {
             .convs
             .iter()
             .filter(|(&id, c)| {
+                let quiet = now.saturating_sub(c.last_active);
                 id > CONV_SHARED
                     && c.kcp.wait_snd() == 0
-                    && now.saturating_sub(c.last_active) >= idle
+                    && c.queue.is_empty()
+                    && if super::is_stream(id) {
+                        // Open connections stay (TCP may idle for hours).
+                        c.closing && quiet >= super::stream::STREAM_LINGER
+                    } else {
+                        quiet >= idle
+                    }
             })
             .map(|(&id, _)| id)
             .collect();

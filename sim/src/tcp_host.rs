@@ -1,0 +1,362 @@
+//! Real TCP endpoints for the discrete-event network: a host's IP stack
+//! (smoltcp, with CUBIC congestion control) on a node's in-memory TUN side.
+//!
+//! Offered loads do not react to delay; a TCP does. With these hosts the
+//! simulator sees what the namespace lab sees: a transfer's speed is what its
+//! TCP gets out of the path the mesh gives it (RTT, jitter, loss), whether
+//! the mesh splits the connection or carries its packets.
+//!
+//! A host runs simple applications, each one connection ([`App`]): a sender
+//! of a checkable byte pattern, a sink that checks it (optionally reading
+//! slowly, answering after the sender's FIN, or resetting midway), and
+//! records what happened to its connection.
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// Byte `o` of the pattern every sender writes (not periodic at any
+/// power-of-two length, so a misplaced segment shows).
+pub fn pattern(o: u64) -> u8 {
+    (o.wrapping_mul(131) ^ (o >> 11) ^ (o >> 19)) as u8
+}
+
+/// What an application does.
+#[derive(Debug, Clone)]
+pub enum AppKind {
+    /// Connect to `to` from `port`, write `total` pattern bytes, then close
+    /// the sending side (FIN) and read whatever comes back.
+    Send {
+        /// Destination.
+        to: SocketAddr,
+        /// Local port.
+        port: u16,
+        /// Bytes to write.
+        total: u64,
+    },
+    /// Accept one connection on `port`, read and check the pattern.
+    Sink {
+        /// Port to listen on.
+        port: u16,
+        /// Read at most this many bytes per second (None: as fast as it comes).
+        rate: Option<f64>,
+        /// After the sender's FIN, write this many pattern bytes back, then close.
+        reply: u64,
+        /// Reset the connection after reading this many bytes.
+        abort_after: Option<u64>,
+    },
+}
+
+/// What happened to an application's connection.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppStats {
+    /// When the connection was established.
+    pub connected_at: Option<Duration>,
+    /// Pattern bytes written.
+    pub written: u64,
+    /// Bytes read.
+    pub read: u64,
+    /// A byte read differed from the pattern at its offset.
+    pub corrupt: bool,
+    /// When the peer's FIN arrived (all its data read).
+    pub fin_at: Option<Duration>,
+    /// The connection was refused (closed before it was established).
+    pub refused: bool,
+    /// The connection was reset after it was established.
+    pub reset: bool,
+    /// When the sending side finished writing (sender) or replying (sink).
+    pub done_writing_at: Option<Duration>,
+}
+
+/// One application on a host.
+pub struct App {
+    /// What it does.
+    pub kind: AppKind,
+    /// What happened.
+    pub stats: AppStats,
+    handle: SocketHandle,
+    closed_tx: bool,
+    was_open: bool,
+    tokens: f64,
+    last: Duration,
+}
+
+struct Link {
+    rx: VecDeque<Vec<u8>>,
+    tx: Vec<Vec<u8>>,
+    mtu: usize,
+}
+
+struct RxTok(Vec<u8>);
+struct TxTok<'a>(&'a mut Vec<Vec<u8>>);
+
+impl phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0u8; len];
+        let r = f(&mut b);
+        self.0.push(b);
+        r
+    }
+}
+
+impl Device for Link {
+    type RxToken<'a>
+        = RxTok
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TxTok<'a>
+    where
+        Self: 'a;
+    fn receive(&mut self, _t: SmolInstant) -> Option<(RxTok, TxTok<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((RxTok(p), TxTok(&mut self.tx)))
+    }
+    fn transmit(&mut self, _t: SmolInstant) -> Option<TxTok<'_>> {
+        Some(TxTok(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = self.mtu;
+        c
+    }
+}
+
+fn t(now: Duration) -> SmolInstant {
+    SmolInstant::from_micros(now.as_micros() as i64)
+}
+
+/// A host: one address, an IP stack, applications.
+pub struct TcpHost {
+    addr: IpAddr,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    link: Link,
+    /// The applications, in the order added.
+    pub apps: Vec<App>,
+    buffer: usize,
+}
+
+impl TcpHost {
+    /// A host at `addr` whose TUN device has MTU `mtu`; every socket gets
+    /// two buffers of `buffer` bytes (its TCP window).
+    pub fn new(addr: IpAddr, mtu: usize, buffer: usize) -> TcpHost {
+        let mut link = Link {
+            rx: VecDeque::new(),
+            tx: Vec::new(),
+            mtu,
+        };
+        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut link, t(Duration::ZERO));
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::from(addr), prefix));
+        });
+        match addr {
+            IpAddr::V4(a) => {
+                let _ = iface.routes_mut().add_default_ipv4_route(a);
+            }
+            IpAddr::V6(a) => {
+                let _ = iface.routes_mut().add_default_ipv6_route(a);
+            }
+        }
+        TcpHost {
+            addr,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            link,
+            apps: Vec::new(),
+            buffer,
+        }
+    }
+
+    /// The host's address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// Start an application now; returns its index in [`TcpHost::apps`].
+    pub fn add(&mut self, now: Duration, kind: AppKind) -> usize {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; self.buffer]),
+            tcp::SocketBuffer::new(vec![0u8; self.buffer]),
+        );
+        s.set_congestion_control(tcp::CongestionControl::Cubic);
+        s.set_nagle_enabled(false);
+        match &kind {
+            AppKind::Send { to, port, .. } => {
+                let local = IpEndpoint::new(IpAddress::from(self.addr), *port);
+                s.connect(self.iface.context(), *to, local)
+                    .expect("valid endpoints");
+            }
+            AppKind::Sink { port, .. } => {
+                s.listen(IpListenEndpoint::from(*port)).expect("valid port");
+            }
+        }
+        let handle = self.sockets.add(s);
+        self.apps.push(App {
+            kind,
+            stats: AppStats::default(),
+            handle,
+            closed_tx: false,
+            was_open: false,
+            tokens: 0.0,
+            last: now,
+        });
+        self.apps.len() - 1
+    }
+
+    /// A packet from the node's TUN side.
+    pub fn input(&mut self, pkt: Vec<u8>) {
+        self.link.rx.push_back(pkt);
+    }
+
+    /// Run the stack and the applications at `now`; returns the packets the
+    /// host sends (to the node's TUN side).
+    pub fn poll(&mut self, now: Duration) -> Vec<Vec<u8>> {
+        for _ in 0..4096 {
+            self.iface.poll(t(now), &mut self.link, &mut self.sockets);
+            let before = self.link.tx.len();
+            let moved = self.run_apps(now);
+            self.iface.poll(t(now), &mut self.link, &mut self.sockets);
+            if !moved && self.link.tx.len() == before && self.link.rx.is_empty() {
+                break;
+            }
+        }
+        std::mem::take(&mut self.link.tx)
+    }
+
+    /// When the host next needs [`TcpHost::poll`] (its TCP timers, a
+    /// rate-limited reader's next read).
+    pub fn poll_at(&mut self, now: Duration) -> Option<Duration> {
+        if !self.link.rx.is_empty() {
+            return Some(now);
+        }
+        let mut at = self
+            .iface
+            .poll_at(t(now), &self.sockets)
+            .map(|i| Duration::from_micros(i.total_micros().max(0) as u64));
+        for a in &self.apps {
+            if let AppKind::Sink { rate: Some(_), .. } = a.kind {
+                let s = self.sockets.get::<tcp::Socket>(a.handle);
+                if s.can_recv() {
+                    let next = now + Duration::from_millis(10);
+                    at = Some(at.map_or(next, |x| x.min(next)));
+                }
+            }
+        }
+        at
+    }
+
+    fn run_apps(&mut self, now: Duration) -> bool {
+        let mut moved = false;
+        for a in &mut self.apps {
+            let s = self.sockets.get_mut::<tcp::Socket>(a.handle);
+            let st = s.state();
+            if matches!(st, tcp::State::Established) && a.stats.connected_at.is_none() {
+                a.stats.connected_at = Some(now);
+                a.was_open = true;
+            }
+            if st == tcp::State::Closed {
+                if !a.was_open {
+                    a.stats.refused = true;
+                } else if a.stats.fin_at.is_none() || !a.closed_tx {
+                    a.stats.reset = true;
+                }
+                continue;
+            }
+            // Read (checking the pattern).
+            let limited = matches!(a.kind, AppKind::Sink { rate: Some(_), .. });
+            let mut budget = match &a.kind {
+                AppKind::Sink { rate: Some(r), .. } => {
+                    let dt = now.saturating_sub(a.last).as_secs_f64();
+                    a.tokens = (a.tokens + dt * r).min(r * 0.1);
+                    a.last = now;
+                    a.tokens as usize
+                }
+                _ => usize::MAX,
+            };
+            while budget > 0 && s.can_recv() {
+                let off = a.stats.read;
+                let (n, bad) = s
+                    .recv(|b| {
+                        let n = b.len().min(budget);
+                        let bad = b[..n]
+                            .iter()
+                            .enumerate()
+                            .any(|(i, &x)| x != pattern(off + i as u64));
+                        (n, (n, bad))
+                    })
+                    .unwrap_or((0, false));
+                if n == 0 {
+                    break;
+                }
+                a.stats.read += n as u64;
+                a.stats.corrupt |= bad;
+                budget -= n;
+                if limited {
+                    a.tokens -= n as f64;
+                }
+                moved = true;
+            }
+            if let AppKind::Sink {
+                abort_after: Some(x),
+                ..
+            } = a.kind
+            {
+                if a.stats.read >= x {
+                    s.abort();
+                    moved = true;
+                    continue;
+                }
+            }
+            if a.stats.fin_at.is_none() && a.was_open && !s.may_recv() && s.recv_queue() == 0 {
+                a.stats.fin_at = Some(now);
+                moved = true;
+            }
+            // Write.
+            let total = match &a.kind {
+                AppKind::Send { total, .. } => Some(*total),
+                AppKind::Sink { reply, .. } if a.stats.fin_at.is_some() => Some(*reply),
+                AppKind::Sink { .. } => None,
+            };
+            if let Some(total) = total {
+                while a.stats.written < total && s.can_send() {
+                    let off = a.stats.written;
+                    let n = s
+                        .send(|b| {
+                            let n = (b.len() as u64).min(total - off) as usize;
+                            for (i, x) in b[..n].iter_mut().enumerate() {
+                                *x = pattern(off + i as u64);
+                            }
+                            (n, n)
+                        })
+                        .unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    a.stats.written += n as u64;
+                    moved = true;
+                }
+                if a.stats.written >= total && !a.closed_tx {
+                    s.close();
+                    a.closed_tx = true;
+                    a.stats.done_writing_at = Some(now);
+                    moved = true;
+                }
+            }
+        }
+        moved
+    }
+}
