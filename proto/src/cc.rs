@@ -29,7 +29,9 @@ const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const BW_WINDOW_ROUNDS: u32 = 10;
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 /// Loss beyond this is not compensated for when probing.
-const MAX_LOSS_COMPENSATION: f64 = 0.15;
+const MAX_LOSS_COMPENSATION: f64 = 0.3;
+/// Delivery-rate samples the bandwidth filter keeps however old they are.
+const MIN_BW_SAMPLES: usize = 25;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -70,6 +72,10 @@ pub struct RateControl {
     backlogged: bool,
     /// `btl_bw` when the current probe round began.
     probe_base: f64,
+    /// Per report while no queue was building: (when, frames expected,
+    /// frames received), over the loss horizon.
+    clean: VecDeque<(Duration, u64, u64)>,
+    clean_loss: f64,
 }
 
 impl RateControl {
@@ -91,6 +97,8 @@ impl RateControl {
             max_rate,
             backlogged: false,
             probe_base: 0.0,
+            clean: VecDeque::new(),
+            clean_loss: 0.0,
         }
     }
 
@@ -166,6 +174,13 @@ impl RateControl {
                 return; // stale or reordered report
             }
         }
+        if let Some(&(_, last)) = self.reports.back() {
+            if self.queue_quiet() {
+                let dh = r.highest.saturating_sub(last.highest);
+                let df = r.frames.saturating_sub(last.frames).min(dh);
+                self.clean.push_back((now, dh, df));
+            }
+        }
         self.reports.push_back((now, r));
         // Loss over a longer horizon (8 rounds) for stability.
         let horizon = self.round() * 8;
@@ -177,6 +192,21 @@ impl RateControl {
         if dh >= 20 {
             let df = r.frames.saturating_sub(r0.frames).min(dh);
             self.loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
+        }
+        while self.clean.len() > 1
+            && self
+                .clean
+                .front()
+                .is_some_and(|(t, _, _)| now.saturating_sub(*t) > horizon)
+        {
+            self.clean.pop_front();
+        }
+        let (dh, df) = self
+            .clean
+            .iter()
+            .fold((0, 0), |(h, f), &(_, dh, df)| (h + dh, f + df));
+        if dh >= 20 {
+            self.clean_loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
         }
         // Delivery rate over about one round.
         let span_start = self
@@ -194,7 +224,11 @@ impl RateControl {
         self.bw_samples.push_back((now, rate));
         let keep = self.round() * BW_WINDOW_ROUNDS;
         while let Some(&(t, _)) = self.bw_samples.front() {
-            if now.saturating_sub(t) > keep {
+            // Age alone does not expire the newest samples: after a stall
+            // (KCP's window held by one lost segment, no reports meanwhile)
+            // the first report would otherwise be the whole filter, and
+            // what a stalled sender delivered says nothing about the path.
+            if now.saturating_sub(t) > keep && self.bw_samples.len() > MIN_BW_SAMPLES {
                 self.bw_samples.pop_front();
             } else {
                 break;
@@ -216,6 +250,13 @@ impl RateControl {
         tracing::trace!(phase = ?self.phase, btl_bw = self.btl_bw, backlogged = self.backlogged, loss = self.loss, min_rtt = ?self.min_rtt(), "cc round");
         self.round_start = now;
         match self.phase {
+            Phase::Startup if self.queue_building() => {
+                // The queue grows: the rate passed the bottleneck's (an
+                // earlier signal than the delivered rate levelling off,
+                // which comes only after the queue overflowed).
+                self.phase = Phase::Drain;
+                self.phase_start = now;
+            }
             Phase::Startup => {
                 if self.btl_bw >= self.full_bw * 1.25 {
                     self.full_bw = self.btl_bw;
@@ -267,8 +308,43 @@ impl RateControl {
             Phase::ProbeBw(i) if CYCLE[i] > 1.0 => {
                 CYCLE[i] / (1.0 - self.loss.min(MAX_LOSS_COMPENSATION))
             }
+            // Cruising: the delivered rate is what survives the path's
+            // random loss, so pacing at it would leave that share of the
+            // path unused. Send that much more while no queue builds. Only
+            // loss seen while the queue was short counts (`clean_loss`):
+            // a bottleneck's overflow comes with a full queue, and paying
+            // it back would only overflow it more.
+            Phase::ProbeBw(i) if CYCLE[i] == 1.0 && !self.queue_building() => {
+                1.0 / (1.0 - self.clean_loss.min(MAX_LOSS_COMPENSATION))
+            }
             Phase::ProbeBw(i) => CYCLE[i],
         }
+    }
+
+    /// Do the recent round trips (the least of the last few pings) exceed
+    /// the minimum by more than a quarter of it (at least 5 ms, at most 30)?
+    fn queue_building(&self) -> bool {
+        let Some(recent) = self.recent_rtt.iter().map(|(_, r)| *r).min() else {
+            return false;
+        };
+        let m = self.min_rtt();
+        let slack = (m / 4).clamp(Duration::from_millis(5), Duration::from_millis(30));
+        recent > m + slack
+    }
+
+    /// Were all the recent round trips within the slack of the minimum
+    /// (no queue at any time lately)?
+    fn queue_quiet(&self) -> bool {
+        let m = self.min_rtt();
+        let slack = (m / 4).clamp(Duration::from_millis(5), Duration::from_millis(30));
+        self.recent_rtt.iter().all(|(_, r)| *r <= m + slack)
+    }
+
+    /// Loss counted only over reports that came while the recent round
+    /// trips showed no queue: the path's own (random) loss, not a
+    /// bottleneck's overflow (see `gain`; FEC and ack copies use it too).
+    pub fn clean_loss(&self) -> f64 {
+        self.clean_loss
     }
 
     /// Pacing rate for KCP data in bytes/s.
@@ -293,13 +369,16 @@ impl RateControl {
         } else {
             self.initial_rate
         };
-        let gain = if self.phase == Phase::Startup {
-            STARTUP_GAIN
+        // Startup paces at 2.9x but keeps the window at 2 BDP, so its
+        // overshoot cannot exceed a bottleneck queue of one BDP.
+        let gain = 2.0;
+        let loss = if self.phase == Phase::Startup {
+            // Startup's loss is mostly its own overflow: do not feed it.
+            0.0
         } else {
-            2.0
+            self.loss.min(MAX_LOSS_COMPENSATION)
         };
-        base * gain * self.min_rtt().as_secs_f64().max(0.01)
-            / (1.0 - self.loss.min(MAX_LOSS_COMPENSATION))
+        base * gain * self.min_rtt().as_secs_f64().max(0.01) / (1.0 - loss)
     }
 }
 

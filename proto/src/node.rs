@@ -8,8 +8,8 @@
 //! `poll_transmit`, `poll_rx`, `poll_event`; see [`crate::driver`]).
 
 use crate::crypto::{EntropySource, ResponderHello, StaticKeypair};
-use crate::path::Via;
 use crate::ip;
+use crate::path::Via;
 use crate::session::{Ctx, Event, Session, SessionConfig, SessionStats};
 use crate::split::{Split, SplitConfig, SplitStats, Verdict};
 use crate::wire::{Control, Frame, Inner, PublicKey};

@@ -244,7 +244,11 @@ impl Split {
             tx: Vec::new(),
             mtu,
         };
-        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut pipe, smol_now(Duration::ZERO));
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ip),
+            &mut pipe,
+            smol_now(Duration::ZERO),
+        );
         // Any address routed "via" one of the interface's own takes part in
         // any-IP mode: the proxy answers for every remote address. The
         // interface's own addresses are never used (sockets always name both
@@ -362,8 +366,8 @@ impl Split {
         if self.dirty || !self.out.is_empty() || !self.fallback.is_empty() {
             return Some(now);
         }
-        let house = (!self.flows.is_empty() || !self.ended.is_empty())
-            .then_some(self.next_housekeeping);
+        let house =
+            (!self.flows.is_empty() || !self.ended.is_empty()).then_some(self.next_housekeeping);
         match (self.next_at, house) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -566,7 +570,12 @@ impl Split {
     }
 
     /// Move what can move between flow `k`'s stream and its socket.
-    fn exchange(&mut self, now: Duration, k: &FlowKey, sessions: &mut BTreeMap<PublicKey, Session>) {
+    fn exchange(
+        &mut self,
+        now: Duration,
+        k: &FlowKey,
+        sessions: &mut BTreeMap<PublicKey, Session>,
+    ) {
         let Some(f) = self.flows.get_mut(k) else {
             return;
         };
@@ -687,13 +696,27 @@ impl Split {
         let chunk = s.stream_chunk();
         let mut room = s.stream_room(conv);
         while room > 0 && sock.can_recv() {
-            let want = room.min(chunk);
-            let Ok(data) = sock.recv(|b| {
-                let n = b.len().min(want);
-                (n, b[..n].to_vec())
-            }) else {
+            // Whole segments while the stream has a queue (the rest will have
+            // company before the pacer gets to it); a short piece only when
+            // the stream would otherwise idle (interactive traffic).
+            if sock.recv_queue() < chunk && s.stream_queued(conv) > 0 {
                 break;
-            };
+            }
+            let want = room.min(chunk);
+            // The ring buffer may hand out a piece short of its end: take
+            // a second piece so a message still fills its segment.
+            let mut data = Vec::with_capacity(want);
+            while data.len() < want {
+                let need = want - data.len();
+                let got = sock.recv(|b| {
+                    let n = b.len().min(need);
+                    data.extend_from_slice(&b[..n]);
+                    (n, n)
+                });
+                if !matches!(got, Ok(n) if n > 0) {
+                    break;
+                }
+            }
             if data.is_empty() {
                 break;
             }
@@ -702,7 +725,10 @@ impl Split {
         }
         let drained = sock.recv_queue() == 0;
         match state {
-            tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+            tcp::State::CloseWait
+            | tcp::State::LastAck
+            | tcp::State::Closing
+            | tcp::State::TimeWait
                 if !f.fin_out && drained =>
             {
                 s.stream_send(now, conv, &StreamMsg::Fin);
@@ -891,6 +917,11 @@ pub fn reset_for(syn: &[u8]) -> Option<Vec<u8>> {
         }
         _ => return None,
     };
-    repr.emit(&mut TcpPacket::new_unchecked(&mut buf[hlen..]), &from, &to, &caps);
+    repr.emit(
+        &mut TcpPacket::new_unchecked(&mut buf[hlen..]),
+        &from,
+        &to,
+        &caps,
+    );
     Some(buf)
 }

@@ -10,9 +10,9 @@
 
 use crate::impair::{LinkSpec, Pipeline};
 use crate::tcp_host::TcpHost;
-use std::net::IpAddr;
 use blake2::{Blake2b512, Digest};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::time::Duration;
 use transport::crypto::{EntropySource, StaticKeypair};
@@ -20,6 +20,9 @@ use transport::node::{Node, NodeConfig};
 use transport::session::Event;
 use transport::wire::PublicKey;
 use transport::Driver;
+
+/// Configurations for the two hosts of a pair.
+pub type NodeConfigPair = (NodeConfig, NodeConfig);
 
 /// A [`Driver`] that collects a node's output, for drivers that route it
 /// afterwards (the simulators) or inspect it (tests).
@@ -498,6 +501,13 @@ impl Net {
 /// Returns the net and the two keys.
 pub fn pair(seed: u64, cfg: NodeConfig, spec: LinkSpec) -> (Net, PublicKey, PublicKey) {
     let (mut net, ka, kb) = pair_idle(seed, cfg, spec);
+    establish(&mut net, ka, kb);
+    (net, ka, kb)
+}
+
+/// Host 0 starts a handshake with host 1; run until both sides have keys
+/// (at most two simulated minutes).
+fn establish(net: &mut Net, ka: PublicKey, kb: PublicKey) {
     net.node_mut(0)
         .node
         .connect(Duration::ZERO, &kb)
@@ -517,16 +527,37 @@ pub fn pair(seed: u64, cfg: NodeConfig, spec: LinkSpec) -> (Net, PublicKey, Publ
     {
         net.run_for(Duration::from_millis(10));
     }
-    (net, ka, kb)
 }
 
 /// Like [`pair`] but without starting a handshake.
 pub fn pair_idle(seed: u64, cfg: NodeConfig, spec: LinkSpec) -> (Net, PublicKey, PublicKey) {
+    pair_idle_with(seed, cfg.clone(), cfg, spec)
+}
+
+/// Like [`pair`], each host with its own configuration.
+pub fn pair_with(
+    seed: u64,
+    a: NodeConfig,
+    b: NodeConfig,
+    spec: LinkSpec,
+) -> (Net, PublicKey, PublicKey) {
+    let (mut net, ka, kb) = pair_idle_with(seed, a, b, spec);
+    establish(&mut net, ka, kb);
+    (net, ka, kb)
+}
+
+/// Like [`pair_idle`], each host with its own configuration.
+pub fn pair_idle_with(
+    seed: u64,
+    cfg_a: NodeConfig,
+    cfg_b: NodeConfig,
+    spec: LinkSpec,
+) -> (Net, PublicKey, PublicKey) {
     let mut net = Net::new(seed, spec);
     let a_addr: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
     let b_addr: SocketAddr = "10.0.0.2:4000".parse().expect("addr");
-    let mut a = net.make_node(cfg.clone(), 1, SIM_PSK);
-    let mut b = net.make_node(cfg, 2, SIM_PSK);
+    let mut a = net.make_node(cfg_a, 1, SIM_PSK);
+    let mut b = net.make_node(cfg_b, 2, SIM_PSK);
     let (ka, kb) = (*a.public_key(), *b.public_key());
     a.add_peer(kb, Some(b_addr));
     b.add_peer(ka, Some(a_addr));

@@ -158,7 +158,11 @@ impl TcpHost {
             tx: Vec::new(),
             mtu,
         };
-        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut link, t(Duration::ZERO));
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ip),
+            &mut link,
+            t(Duration::ZERO),
+        );
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(IpAddress::from(addr), prefix));
@@ -359,4 +363,74 @@ impl TcpHost {
         }
         moved
     }
+}
+
+/// Host 0's TCP host address in [`tcp_pair`].
+pub const HOST_A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 1));
+/// Host 1's.
+pub const HOST_B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 2));
+
+/// Two nodes (configured `a` and `b`) over `spec` both ways with a session
+/// up, and a TCP host on each ([`HOST_A`], [`HOST_B`]) whose sockets have
+/// `buffer`-byte windows.
+pub fn tcp_pair(
+    seed: u64,
+    a: crate::des::NodeConfigPair,
+    spec: crate::impair::LinkSpec,
+    buffer: usize,
+) -> (
+    crate::des::Net,
+    transport::wire::PublicKey,
+    transport::wire::PublicKey,
+) {
+    let (mut net, ka, kb) = crate::des::pair_with(seed, a.0, a.1, spec);
+    let mtu = net.node(0).node.session_config().tun_mtu();
+    net.attach_host(0, TcpHost::new(HOST_A, mtu, buffer));
+    net.attach_host(1, TcpHost::new(HOST_B, mtu, buffer));
+    net.route(HOST_B, kb);
+    net.route(HOST_A, ka);
+    (net, ka, kb)
+}
+
+/// Send `total` bytes from host 0 to a sink on host 1 (port `port`); run
+/// until the sink saw the FIN or `limit` passed. Returns the sink's and
+/// the sender's stats and the goodput in bit/s (start to FIN, or to the
+/// end of the run).
+pub fn transfer(
+    net: &mut crate::des::Net,
+    total: u64,
+    port: u16,
+    limit: Duration,
+) -> (AppStats, AppStats, f64) {
+    let now = net.now();
+    let k = net.host_mut(1).add(
+        now,
+        AppKind::Sink {
+            port,
+            rate: None,
+            reply: 0,
+            abort_after: None,
+        },
+    );
+    let s = net.host_mut(0).add(
+        now,
+        AppKind::Send {
+            to: SocketAddr::new(HOST_B, port),
+            port: 40_000u16.wrapping_add(port),
+            total,
+        },
+    );
+    let end = now + limit;
+    while net.now() < end && net.host(1).apps[k].stats.fin_at.is_none() {
+        net.run_for(Duration::from_millis(50));
+    }
+    let st = net.host(1).apps[k].stats.clone();
+    let snd = net.host(0).apps[s].stats.clone();
+    let secs = st
+        .fin_at
+        .unwrap_or(net.now())
+        .saturating_sub(now)
+        .as_secs_f64();
+    let bps = st.read as f64 * 8.0 / secs.max(1e-9);
+    (st, snd, bps)
 }

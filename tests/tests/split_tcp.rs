@@ -1,17 +1,16 @@
 //! Split TCP between real TCP endpoints (smoltcp hosts with CUBIC on each
 //! node's TUN side), over simulated long, lossy links.
 
-use sim::des::{pair, Net};
+use sim::des::Net;
 use sim::impair::LinkSpec;
-use sim::tcp_host::{AppKind, AppStats, TcpHost};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use sim::tcp_host::{tcp_pair, AppKind, AppStats, HOST_B};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use transport::split::SplitConfig;
 use transport::wire::PublicKey;
 use transport::NodeConfig;
 
-const A: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1));
-const B: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2));
+const B: IpAddr = HOST_B;
 /// Socket buffers of the end hosts (their TCP windows): enough for the
 /// bandwidth-delay product of the paths below, as a tuned host would have.
 const HOST_BUF: usize = 4 << 20;
@@ -28,19 +27,7 @@ fn cfg(split: bool) -> NodeConfig {
 
 /// Two nodes with TCP hosts at A and B over `spec` both ways.
 fn lab(seed: u64, a_split: bool, b_split: bool, spec: LinkSpec) -> (Net, PublicKey, PublicKey) {
-    let (mut net, ka, kb) = pair(seed, cfg(a_split), spec);
-    if a_split != b_split {
-        // pair() gives both the same config; rebuild B's node with its own.
-        let mut b = net.make_node(cfg(b_split), 2, sim::des::SIM_PSK);
-        b.add_peer(ka, Some("10.0.0.1:4000".parse().expect("addr")));
-        net.restart(1, b);
-    }
-    let mtu = net.node(0).node.session_config().tun_mtu();
-    net.attach_host(0, TcpHost::new(A, mtu, HOST_BUF));
-    net.attach_host(1, TcpHost::new(B, mtu, HOST_BUF));
-    net.route(B, kb);
-    net.route(A, ka);
-    (net, ka, kb)
+    tcp_pair(seed, (cfg(a_split), cfg(b_split)), spec, HOST_BUF)
 }
 
 fn send(net: &mut Net, total: u64, port: u16) -> usize {
@@ -55,7 +42,13 @@ fn send(net: &mut Net, total: u64, port: u16) -> usize {
     )
 }
 
-fn sink(net: &mut Net, port: u16, rate: Option<f64>, reply: u64, abort_after: Option<u64>) -> usize {
+fn sink(
+    net: &mut Net,
+    port: u16,
+    rate: Option<f64>,
+    reply: u64,
+    abort_after: Option<u64>,
+) -> usize {
     let now = net.now();
     net.host_mut(1).add(
         now,
@@ -72,25 +65,11 @@ fn app(net: &Net, host: usize, i: usize) -> AppStats {
     net.host(host).apps[i].stats.clone()
 }
 
-/// Transfer `total` bytes from A to B; returns the sink's stats, the
-/// goodput in Mbit/s (from the start to the sink's FIN) and the run's end.
+/// Transfer `total` bytes from A to B; the sink's stats and the goodput in Mbit/s.
 fn transfer(net: &mut Net, total: u64, limit: Duration) -> (AppStats, f64) {
-    let k = sink(net, 5001, None, 0, None);
-    let start = net.now();
-    let s = send(net, total, 5001);
-    let end = start + limit;
-    while net.now() < end && app(net, 1, k).fin_at.is_none() {
-        net.run_for(Duration::from_millis(100));
-    }
-    let st = app(net, 1, k);
-    let snd = app(net, 0, s);
+    let (st, snd, bps) = sim::tcp_host::transfer(net, total, 5001, limit);
     assert!(!snd.refused && !snd.reset, "sender: {snd:?}");
-    let secs = st
-        .fin_at
-        .unwrap_or(net.now())
-        .saturating_sub(start)
-        .as_secs_f64();
-    (st.clone(), st.read as f64 * 8.0 / secs / 1e6)
+    (st, bps / 1e6)
 }
 
 fn long_link(loss: f64) -> LinkSpec {
@@ -108,7 +87,10 @@ fn split_tcp_delivers_every_byte_over_5_percent_loss_at_100ms() {
     assert_eq!(st.read, total, "every byte once");
     assert!(!st.corrupt, "in order, unchanged");
     assert!(st.fin_at.is_some(), "FIN carried through");
-    let (sa, sb) = (net.node(0).node.split_stats(), net.node(1).node.split_stats());
+    let (sa, sb) = (
+        net.node(0).node.split_stats(),
+        net.node(1).node.split_stats(),
+    );
     assert_eq!((sa.opened, sb.accepted), (1, 1), "{sa:?} {sb:?}");
     assert!(
         net.node(0).node.peer_stats(&kb).expect("s").stream_tx_bytes >= total,
@@ -178,7 +160,10 @@ fn half_close_carries_the_reply_after_the_fin() {
     assert!(!a.corrupt && !b.corrupt);
     assert!(a.fin_at.is_some(), "A saw B's FIN: {a:?}");
     assert!(!a.reset && !b.reset, "{a:?} {b:?}");
-    let (sa, sb) = (net.node(0).node.split_stats(), net.node(1).node.split_stats());
+    let (sa, sb) = (
+        net.node(0).node.split_stats(),
+        net.node(1).node.split_stats(),
+    );
     assert_eq!((sa.closed, sb.closed), (1, 1), "{sa:?} {sb:?}");
     assert_eq!((sa.active, sb.active), (0, 0));
 }
@@ -213,14 +198,20 @@ fn a_slow_receiver_bounds_what_the_sender_may_write() {
     }
     let (a, b) = (app(&net, 0, s), app(&net, 1, k));
     assert!(!b.corrupt);
-    println!("slow receiver: written {} read {} worst gap {worst} backlog {worst_backlog}", a.written, b.read);
+    println!(
+        "slow receiver: written {} read {} worst gap {worst} backlog {worst_backlog}",
+        a.written, b.read
+    );
     // What may sit between the two applications: A's host send buffer, the
     // proxies' socket buffers, the stream conversation's queue and KCP's
     // windows (4096 segments each side), B's host receive buffer.
     let seg = net.node(0).node.session_config().tun_mtu() as u64;
     let bound = 2 * HOST_BUF as u64 + 4 * (128 << 10) + 2 * 4096 * seg + (256 << 10);
     assert!(worst <= bound, "gap {worst} > {bound}");
-    assert!(worst_backlog <= 4096, "sender backlog {worst_backlog} segments");
+    assert!(
+        worst_backlog <= 4096,
+        "sender backlog {worst_backlog} segments"
+    );
     // And it kept going at the reader's pace (30 s at 100 kB/s).
     assert!(b.read as f64 >= rate * 25.0, "read {}", b.read);
 }

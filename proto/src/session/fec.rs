@@ -11,6 +11,10 @@
 //! for a retransmission. A group of one with one parity frame is plain
 //! duplication.
 //!
+//! Bulk data of split TCP connections goes without parity (see
+//! [`Session::fec_wrap`]): it is recovered by retransmission, which costs
+//! the lost frames only, and no end host's TCP sees the delay.
+//!
 //! The number of parity frames is the smallest that leaves less than
 //! [`RESIDUAL`] chance of the group losing more than it can repair, at the
 //! loss the rate controller measures; below [`MIN_LOSS`] FEC is off and frames
@@ -138,13 +142,20 @@ impl Session {
     /// Wrap a paced KCP frame (`Inner::Kcp` + segments) for sending: as
     /// `FecData` of the open group when the path loses enough to want parity,
     /// else unchanged. Parity frames of a group that fills up are queued.
-    pub(super) fn fec_wrap(&mut self, now: Duration, plain: Vec<u8>) -> Vec<u8> {
-        let on = self.cfg.fec && parity_for(MAX_GROUP, self.cc.loss()) > 0;
+    /// A frame of a `bulk` conversation (see [`super::mux::Conv::bulk`]) is
+    /// never wrapped: a split connection's bulk data reaches no TCP that
+    /// would see its recovery as jitter, so parity would cost bandwidth for
+    /// nothing that retransmission does not do.
+    pub(super) fn fec_wrap(&mut self, now: Duration, plain: Vec<u8>, bulk: bool) -> Vec<u8> {
+        let on = self.cfg.fec && parity_for(MAX_GROUP, self.cc.clean_loss()) > 0;
         if on != self.fec_on {
             self.fec_on = on;
             for c in self.convs.values_mut() {
-                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, on);
+                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, on && !c.bulk);
             }
+        }
+        if bulk {
+            return plain;
         }
         if !on {
             if !self.fec_tx.shards.is_empty() {
@@ -191,7 +202,7 @@ impl Session {
         if k == 0 {
             return;
         }
-        let m = parity_for(k, self.cc.loss()).max(1);
+        let m = parity_for(k, self.cc.clean_loss()).max(1);
         let size = tx
             .shards
             .iter()
@@ -216,7 +227,10 @@ impl Session {
             if k > SMALL_GROUP {
                 // Bulk parity takes its turn in the pacer like a flow, so
                 // it neither exceeds the rate nor holds other flows back.
-                self.paced.entry(PARITY_TURN).or_default().push_back(v);
+                self.paced
+                    .entry(PARITY_TURN)
+                    .or_default()
+                    .push_back((v, false));
                 self.paced_len += 1;
             } else {
                 // A message's few copies go at once, outside the pacer.

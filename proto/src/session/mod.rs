@@ -108,6 +108,8 @@ pub struct SessionStats {
     pub fec_parity: u64,
     /// KCP frames rebuilt from parity instead of waiting for a retransmission.
     pub fec_recovered: u64,
+    /// Ack-only KCP frames sent a second time (lossy path).
+    pub ack_copies: u64,
     /// Stream conversations this side opened (split TCP connections).
     pub streams_opened: u64,
     /// Bytes of split TCP data queued for the remote.
@@ -175,7 +177,8 @@ pub struct Session {
     avg_seg: f64,
     /// KCP output carrying data (new or retransmitted), per conversation,
     /// released by the pacer round-robin across conversations.
-    paced: BTreeMap<u32, VecDeque<Vec<u8>>>,
+    /// Each frame with whether it carries a retransmission.
+    paced: BTreeMap<u32, VecDeque<(Vec<u8>, bool)>>,
     paced_len: usize,
     paced_last: u32,
     /// Last conversation served by the pacer; queues are served round-robin
@@ -593,9 +596,13 @@ impl Session {
                     }
                 }
             } else if self.paced_len > 0 && self.pacer.ready(now) && self.current.is_some() {
-                let p = self.pop_paced();
+                let (p, retx) = self.pop_paced();
+                // A bulk stream's retransmissions do get parity: a segment
+                // lost twice would wait for KCP's backed-off timeout while
+                // the whole window queues behind it.
+                let bulk = !retx && self.convs.get(&self.paced_last).is_some_and(|c| c.bulk);
                 let p = if p.first() == Some(&(Inner::Kcp as u8)) {
-                    self.fec_wrap(now, p)
+                    self.fec_wrap(now, p, bulk)
                 } else {
                     p // bulk parity, already wrapped
                 };

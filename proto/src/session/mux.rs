@@ -48,6 +48,10 @@ pub(super) struct Conv {
     pub(super) rx_bytes: usize,
     /// Stream conversations: the proxy is done; drop when quiet.
     pub(super) closing: bool,
+    /// A stream conversation with more data queued than it may send now
+    /// (limited by the path, not by its application): its frames go
+    /// without FEC. Set as data is admitted.
+    pub(super) bulk: bool,
 }
 
 impl Session {
@@ -200,6 +204,7 @@ impl Session {
                 rx_msgs: VecDeque::new(),
                 rx_bytes: 0,
                 closing: false,
+                bulk: false,
             }
         })
     }

@@ -7,6 +7,9 @@ use crate::wire::{self, segment::segments};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+/// Path loss from which KCP's ack-only frames are sent twice.
+pub const ACK_COPY_LOSS: f64 = 0.01;
+
 impl Session {
     /// The conversation that may send next: round-robin over those with queued
     /// packets, each allowed while the total inflight is under the controller's
@@ -53,6 +56,15 @@ impl Session {
             };
             let c = self.convs.get_mut(&id).expect("found above");
             let pkt = c.queue.pop_front().expect("non-empty");
+            // Bulk: a stream with more queued behind this, or a window's
+            // worth still unacknowledged. Interactive streams send a
+            // message and wait, and keep FEC.
+            let bulk = super::is_stream(id)
+                && (!c.queue.is_empty() || c.kcp.wait_snd() >= 2 * super::fec::MAX_GROUP);
+            if bulk != c.bulk {
+                c.bulk = bulk;
+                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, self.fec_on && !bulk);
+            }
             self.queued -= 1;
             self.rr_conv = id;
             if c.kcp.send(&pkt).is_err() {
@@ -74,11 +86,13 @@ impl Session {
         };
         for pkt in out {
             let mut conv = None;
+            let mut retx = false;
             for seg in segments(&pkt[1..]).filter(|s| s.is_push()) {
                 conv = Some(seg.conv());
                 if let Some(c) = self.convs.get_mut(&seg.conv()) {
                     if (seg.sn().wrapping_sub(c.next_sn) as i32) < 0 {
                         self.stats.retransmits += 1;
+                        retx = true;
                     } else {
                         c.next_sn = seg.sn().wrapping_add(1);
                     }
@@ -87,15 +101,23 @@ impl Session {
             // Output carrying data waits for the pacer; acks and probes do not.
             if let Some(conv) = conv {
                 self.last_kcp_tx = now;
-                self.paced.entry(conv).or_default().push_back(pkt);
+                self.paced.entry(conv).or_default().push_back((pkt, retx));
                 self.paced_len += 1;
             } else {
+                // Acks (and window probes) go at once. On a lossy path they
+                // go twice: a lost ack for a segment that arrived behind a
+                // hole makes KCP resend it (later acks count against it), so
+                // each lost ack would cost a data frame on the way back.
+                if self.cc.clean_loss() >= ACK_COPY_LOSS {
+                    self.urgent.push_back(Out::Plain(pkt.clone()));
+                    self.stats.ack_copies += 1;
+                }
                 self.urgent.push_back(Out::Plain(pkt));
             }
         }
     }
 
-    pub(super) fn pop_paced(&mut self) -> Vec<u8> {
+    pub(super) fn pop_paced(&mut self) -> (Vec<u8>, bool) {
         let key = self
             .paced
             .range(self.paced_last.wrapping_add(1)..)

@@ -128,7 +128,13 @@ impl StreamMsg {
     /// Decode one message (a whole KCP message).
     pub fn decode(b: &[u8]) -> Result<StreamMsg, BadStreamMsg> {
         let (&tag, rest) = b.split_first().ok_or(BadStreamMsg)?;
-        let bare = |m: StreamMsg| if rest.is_empty() { Ok(m) } else { Err(BadStreamMsg) };
+        let bare = |m: StreamMsg| {
+            if rest.is_empty() {
+                Ok(m)
+            } else {
+                Err(BadStreamMsg)
+            }
+        };
         match tag {
             0 => {
                 let (&fam, a) = rest.split_first().ok_or(BadStreamMsg)?;
@@ -225,6 +231,11 @@ impl Session {
         let limit = cap.clamp(256, usize::from(self.cfg.rcv_wnd));
         let used = c.queue.len() + c.kcp.wait_snd();
         limit.saturating_sub(used) * self.stream_chunk()
+    }
+
+    /// Messages of `conv` waiting to enter KCP.
+    pub fn stream_queued(&self, conv: u32) -> usize {
+        self.convs.get(&conv).map_or(0, |c| c.queue.len())
     }
 
     /// Queue `msg` on stream conversation `conv` (data no larger than
@@ -336,8 +347,14 @@ mod tests {
         let v4 = |p| SocketAddr::from(([10, 7, 0, 2], p));
         let v6a = |p| SocketAddr::new("fd00::7".parse().unwrap(), p);
         for m in [
-            StreamMsg::Open { src: v4(40000), dst: v4(22) },
-            StreamMsg::Open { src: v6a(1), dst: v6a(65535) },
+            StreamMsg::Open {
+                src: v4(40000),
+                dst: v4(22),
+            },
+            StreamMsg::Open {
+                src: v6a(1),
+                dst: v6a(65535),
+            },
             StreamMsg::Accept,
             StreamMsg::Refuse(Refusal::Reset),
             StreamMsg::Refuse(Refusal::Unreachable),
@@ -352,7 +369,16 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        for b in [&[][..], &[0, 5], &[0, 4, 1, 2], &[1, 0], &[2, 3], &[3], &[6], &[4, 4]] {
+        for b in [
+            &[][..],
+            &[0, 5],
+            &[0, 4, 1, 2],
+            &[1, 0],
+            &[2, 3],
+            &[3],
+            &[6],
+            &[4, 4],
+        ] {
             assert_eq!(StreamMsg::decode(b), Err(BadStreamMsg), "{b:?}");
         }
     }

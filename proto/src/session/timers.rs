@@ -133,14 +133,22 @@ impl Session {
                 self.handshake_attempts = 0;
                 self.start_handshake(ctx);
             }
+            let active = now.saturating_sub(self.last_kcp_tx) < Duration::from_secs(1);
+            // While data flows the controller wants fresh RTT samples (its
+            // queue signal); a ping scheduled at the idle interval is
+            // brought forward as soon as data starts.
+            let busy_every =
+                (self.cc.min_rtt() / 4).clamp(Duration::from_millis(10), Duration::from_millis(50));
+            if active && self.next_ping > now + busy_every {
+                self.next_ping = now;
+            }
             if now >= self.next_ping {
-                let active = now.saturating_sub(self.last_kcp_tx) < Duration::from_secs(1);
                 self.send_control(&Control::Ping {
                     ts_us: now.as_micros() as u64,
                 });
                 self.next_ping = now
                     + if active {
-                        Duration::from_millis(50)
+                        busy_every
                     } else {
                         self.cfg.keepalive
                     };
