@@ -147,6 +147,8 @@ const DATA_BAD_FOR: Duration = Duration::from_secs(2);
 /// Probes remembered per path.
 const WINDOW: usize = 16;
 /// Decided probes the loss estimate looks at.
+/// Decided probes a loss comparison between paths needs on each side.
+const MIN_DECIDED: usize = 6;
 const LOSS_WINDOW: usize = 10;
 
 impl PathStat {
@@ -182,6 +184,16 @@ impl PathStat {
             return 0.0;
         }
         decided.iter().filter(|a| !**a).count() as f64 / decided.len() as f64
+    }
+
+    /// Probes decided (answered, or unanswered past `timeout`) among the
+    /// last [`LOSS_WINDOW`]: how much [`PathStat::loss`] is worth.
+    fn decided(&self, now: Duration, timeout: Duration) -> usize {
+        self.probes
+            .iter()
+            .filter(|(_, t, acked)| *acked || now.saturating_sub(*t) >= timeout)
+            .take(LOSS_WINDOW)
+            .count()
     }
 
     fn up(&self, now: Duration, down_after: Duration) -> bool {
@@ -388,6 +400,20 @@ impl Paths {
         Some((p.via, id))
     }
 
+    /// The remote reports receiving our data on the active path: the path
+    /// works both ways (its report came back), as good as an answered
+    /// probe for keeping it up. On a lossy path a few probes in a row can
+    /// go unanswered while data flows; that must not count as the path
+    /// being down.
+    pub fn note_alive(&mut self, now: Duration) {
+        let Some(v) = self.active else { return };
+        if let Some(p) = self.paths.iter_mut().find(|p| p.via == v) {
+            if p.last_ack.is_some() {
+                p.last_ack = Some(now);
+            }
+        }
+    }
+
     /// The data loss the receiver reports on the active path (0..1).
     pub fn note_data_loss(&mut self, now: Duration, loss: f64) {
         if self.active.is_none_or(|v| v.direct().is_none()) {
@@ -558,8 +584,15 @@ impl Paths {
                         _ => None,
                     }
                 } else if c_loss >= self.cfg.bad_loss {
+                    // Both losses must rest on enough probes: a relay with
+                    // one answer so far reads as lossless (over a lossy
+                    // WAN it may lose more than the direct path).
                     best_relay
-                        .filter(|r| r.loss(now, to) + 0.2 < c_loss)
+                        .filter(|r| {
+                            r.decided(now, to) >= MIN_DECIDED
+                                && c.decided(now, to) >= MIN_DECIDED
+                                && r.loss(now, to) + 0.2 < c_loss
+                        })
                         .map(|r| (r.via, Reason::DirectLossy((c_loss * 100.0).round() as u32)))
                 } else {
                     // Another direct candidate much better: move.

@@ -216,6 +216,8 @@ pub struct Session {
     streams_ready: BTreeSet<u32>,
     /// Stream conversations that closed.
     streams_gone: VecDeque<u32>,
+    /// Frames the remote last reported receiving (to see reports advance).
+    cc_frames_seen: u64,
 }
 
 impl Session {
@@ -296,6 +298,7 @@ impl Session {
             fec_on: false,
             streams_ready: BTreeSet::new(),
             streams_gone: VecDeque::new(),
+            cc_frames_seen: 0,
         }
     }
 
@@ -537,6 +540,12 @@ impl Session {
                 bytes,
             } => {
                 self.cc.set_backlogged(self.queued > 0);
+                if self.cc_frames_seen < frames {
+                    self.cc_frames_seen = frames;
+                    if self.rx_via == self.paths.current() {
+                        self.paths.note_alive(now);
+                    }
+                }
                 self.cc.on_report(
                     now,
                     Report {
@@ -545,7 +554,7 @@ impl Session {
                         bytes,
                     },
                 );
-                self.paths.note_data_loss(now, self.cc.loss());
+                self.paths.note_data_loss(now, self.cc.clean_loss());
             }
             Control::ConvReset { conv } => {
                 if self.convs.contains_key(&conv) {
