@@ -186,4 +186,7 @@ pub struct PeerFile {
     pub heartbeat: Option<f64>,
     /// TUN segmentation offload (default true).
     pub offload: Option<bool>,
+    /// Split TCP: terminate inner TCP connections at each peer and carry
+    /// them as streams (default true).
+    pub split_tcp: Option<bool>,
 }

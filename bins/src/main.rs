@@ -165,6 +165,10 @@ struct PeerArgs {
     /// Do not use TUN segmentation offload (TSO/GRO); read and write one packet at a time.
     #[arg(long)]
     no_offload: bool,
+    /// Do not split TCP: carry inner TCP connections as packets, and decline
+    /// peers' split connections (they then send theirs as packets too).
+    #[arg(long)]
+    no_split_tcp: bool,
 }
 
 /// Unicast addresses of this host's interfaces, except loopback, link-local
@@ -580,6 +584,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     let local = sock.local_addr()?;
 
     let offload = !a.no_offload && f.offload.unwrap_or(true);
+    let split_tcp = !a.no_split_tcp && f.split_tcp.unwrap_or(true);
     let mut b = tun_rs::DeviceBuilder::new()
         .name(&tun_name)
         .mtu(mtu)
@@ -595,6 +600,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         tun = %tun_name,
         mtu,
         offload,
+        split_tcp,
         %local,
         key = %key_hex(&key.public),
         overlay = ?overlay.iter().map(|n| format!("{}/{}", n.addr, n.prefix)).collect::<Vec<_>>(),
@@ -637,6 +643,10 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             NodeConfig {
                 admission: Admission::KnownPeers,
                 session,
+                split: transport::split::SplitConfig {
+                    enabled: split_tcp,
+                    ..Default::default()
+                },
                 ..NodeConfig::default()
             },
             key,

@@ -50,6 +50,26 @@ pub enum AppKind {
         /// Reset the connection after reading this many bytes.
         abort_after: Option<u64>,
     },
+    /// Accept one connection on `port` and echo what it reads.
+    Echo {
+        /// Port to listen on.
+        port: u16,
+    },
+    /// Connect to `to` from `port` and send a `size`-byte message every
+    /// `every`, `count` times, each stamped with its send time; record the
+    /// round-trip time of each echo.
+    Ping {
+        /// Destination (an [`AppKind::Echo`]).
+        to: SocketAddr,
+        /// Local port.
+        port: u16,
+        /// Interval between messages.
+        every: Duration,
+        /// Messages to send.
+        count: u32,
+        /// Message size (at least 8).
+        size: usize,
+    },
 }
 
 /// What happened to an application's connection.
@@ -71,6 +91,8 @@ pub struct AppStats {
     pub reset: bool,
     /// When the sending side finished writing (sender) or replying (sink).
     pub done_writing_at: Option<Duration>,
+    /// Round-trip times of the echoed messages ([`AppKind::Ping`]).
+    pub rtts: Vec<Duration>,
 }
 
 /// One application on a host.
@@ -84,6 +106,10 @@ pub struct App {
     was_open: bool,
     tokens: f64,
     last: Duration,
+    /// Ping: messages sent, next send time, bytes of a partial echo.
+    sent_msgs: u32,
+    next_send: Duration,
+    partial: Vec<u8>,
 }
 
 struct Link {
@@ -204,8 +230,13 @@ impl TcpHost {
                 s.connect(self.iface.context(), *to, local)
                     .expect("valid endpoints");
             }
-            AppKind::Sink { port, .. } => {
+            AppKind::Sink { port, .. } | AppKind::Echo { port } => {
                 s.listen(IpListenEndpoint::from(*port)).expect("valid port");
+            }
+            AppKind::Ping { to, port, .. } => {
+                let local = IpEndpoint::new(IpAddress::from(self.addr), *port);
+                s.connect(self.iface.context(), *to, local)
+                    .expect("valid endpoints");
             }
         }
         let handle = self.sockets.add(s);
@@ -217,6 +248,9 @@ impl TcpHost {
             was_open: false,
             tokens: 0.0,
             last: now,
+            sent_msgs: 0,
+            next_send: now,
+            partial: Vec::new(),
         });
         self.apps.len() - 1
     }
@@ -252,6 +286,12 @@ impl TcpHost {
             .poll_at(t(now), &self.sockets)
             .map(|i| Duration::from_micros(i.total_micros().max(0) as u64));
         for a in &self.apps {
+            if let AppKind::Ping { count, .. } = a.kind {
+                if a.sent_msgs < count && a.stats.connected_at.is_some() {
+                    let next = a.next_send.max(now);
+                    at = Some(at.map_or(next, |x| x.min(next)));
+                }
+            }
             if let AppKind::Sink { rate: Some(_), .. } = a.kind {
                 let s = self.sockets.get::<tcp::Socket>(a.handle);
                 if s.can_recv() {
@@ -271,6 +311,7 @@ impl TcpHost {
             if matches!(st, tcp::State::Established) && a.stats.connected_at.is_none() {
                 a.stats.connected_at = Some(now);
                 a.was_open = true;
+                a.next_send = now;
             }
             if st == tcp::State::Closed {
                 if !a.was_open {
@@ -279,6 +320,62 @@ impl TcpHost {
                     a.stats.reset = true;
                 }
                 continue;
+            }
+            match a.kind {
+                AppKind::Echo { .. } => {
+                    while s.can_recv() && s.can_send() {
+                        let room = s.send_capacity() - s.send_queue();
+                        let data = s
+                            .recv(|b| {
+                                let n = b.len().min(room);
+                                (n, b[..n].to_vec())
+                            })
+                            .unwrap_or_default();
+                        if data.is_empty() {
+                            break;
+                        }
+                        a.stats.read += data.len() as u64;
+                        let _ = s.send_slice(&data);
+                        moved = true;
+                    }
+                    continue;
+                }
+                AppKind::Ping {
+                    every, count, size, ..
+                } => {
+                    let size = size.max(8);
+                    while a.was_open
+                        && a.sent_msgs < count
+                        && now >= a.next_send
+                        && s.send_capacity() - s.send_queue() >= size
+                    {
+                        let mut m = vec![0u8; size];
+                        m[..8].copy_from_slice(&(now.as_micros() as u64).to_le_bytes());
+                        let _ = s.send_slice(&m);
+                        a.sent_msgs += 1;
+                        a.stats.written += size as u64;
+                        a.next_send += every;
+                        moved = true;
+                    }
+                    while s.can_recv() {
+                        let data = s.recv(|b| (b.len(), b.to_vec())).unwrap_or_default();
+                        if data.is_empty() {
+                            break;
+                        }
+                        a.stats.read += data.len() as u64;
+                        a.partial.extend_from_slice(&data);
+                        while a.partial.len() >= size {
+                            let mut t = [0u8; 8];
+                            t.copy_from_slice(&a.partial[..8]);
+                            let sent = Duration::from_micros(u64::from_le_bytes(t));
+                            a.stats.rtts.push(now.saturating_sub(sent));
+                            a.partial.drain(..size);
+                        }
+                        moved = true;
+                    }
+                    continue;
+                }
+                _ => {}
             }
             // Read (checking the pattern).
             let limited = matches!(a.kind, AppKind::Sink { rate: Some(_), .. });
@@ -333,7 +430,7 @@ impl TcpHost {
             let total = match &a.kind {
                 AppKind::Send { total, .. } => Some(*total),
                 AppKind::Sink { reply, .. } if a.stats.fin_at.is_some() => Some(*reply),
-                AppKind::Sink { .. } => None,
+                AppKind::Sink { .. } | AppKind::Echo { .. } | AppKind::Ping { .. } => None,
             };
             if let Some(total) = total {
                 while a.stats.written < total && s.can_send() {
@@ -433,4 +530,43 @@ pub fn transfer(
         .as_secs_f64();
     let bps = st.read as f64 * 8.0 / secs.max(1e-9);
     (st, snd, bps)
+}
+
+/// Echo server on host 1 port `port`, and host 0 sending `count` 64-byte
+/// messages `every` apart to it; runs until the last echo or `limit`.
+/// Returns the round-trip times (sorted) and how many were sent.
+pub fn messages(
+    net: &mut crate::des::Net,
+    port: u16,
+    every: Duration,
+    count: u32,
+    limit: Duration,
+) -> (Vec<Duration>, u32) {
+    let now = net.now();
+    net.host_mut(1).add(now, AppKind::Echo { port });
+    let p = net.host_mut(0).add(
+        now,
+        AppKind::Ping {
+            to: SocketAddr::new(HOST_B, port),
+            port: 41_000u16.wrapping_add(port),
+            every,
+            count,
+            size: 64,
+        },
+    );
+    let end = now + limit;
+    while net.now() < end && net.host(0).apps[p].stats.rtts.len() < count as usize {
+        net.run_for(Duration::from_millis(100));
+    }
+    let mut r = net.host(0).apps[p].stats.rtts.clone();
+    r.sort();
+    (r, count)
+}
+
+/// The `q` quantile (0..=1) of sorted `v` (zero if empty).
+pub fn quantile(v: &[Duration], q: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
 }

@@ -226,3 +226,27 @@ fn with_splitting_off_on_the_far_side_connections_still_work() {
     assert_eq!(net.node(0).node.split_stats().declined, 1);
     assert_eq!(net.node(1).node.split_stats().accepted, 0);
 }
+
+#[test]
+fn messages_over_a_lossy_link_mostly_skip_the_retransmission_wait() {
+    // 64-byte messages every 20 ms over a split connection, 50 ms RTT, 5%
+    // loss each way. Without redundancy about one message in ten (a loss on
+    // the way out or back, or behind an earlier loss) waits at least one
+    // retransmission timeout; FEC sends a lone message's frame two or three
+    // times, so p99 stays within a few ms of the RTT.
+    let spec = LinkSpec::latency(Duration::from_millis(25)).with_loss(0.05);
+    let (mut net, _, _) = tcp_pair(19, (cfg(true), cfg(true)), spec, 1 << 20);
+    let (r, n) = sim::tcp_host::messages(
+        &mut net,
+        5300,
+        Duration::from_millis(20),
+        500,
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.len(), n as usize, "every message echoed");
+    let p50 = sim::tcp_host::quantile(&r, 0.5);
+    let p99 = sim::tcp_host::quantile(&r, 0.99);
+    println!("messages at 5% loss, 50 ms RTT: p50 {p50:?} p99 {p99:?}");
+    assert!(p50 < Duration::from_millis(60), "p50 {p50:?}");
+    assert!(p99 < Duration::from_millis(80), "p99 {p99:?}");
+}

@@ -8,7 +8,7 @@
 //! (defaults: 8 0,1,5,10,20 50:100,200:20; PROFILE = RTT_MS:MBIT)
 
 use sim::impair::LinkSpec;
-use sim::tcp_host::{tcp_pair, transfer};
+use sim::tcp_host::{messages, quantile, tcp_pair, transfer};
 use std::time::Duration;
 use transport::split::SplitConfig;
 use transport::NodeConfig;
@@ -48,10 +48,18 @@ fn main() {
         .collect();
     println!("simulated: one CUBIC flow (smoltcp, 4 MiB windows) for {secs} s, bottleneck queue 50 ms, loss i.i.d. each way");
     println!();
-    println!("| RTT ms | Mbit/s | loss | split Mbit/s | split wire/payload | packets Mbit/s | packets wire/payload |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| RTT ms | Mbit/s | loss | split Mbit/s | split wire/payload | packets Mbit/s | packets wire/payload | msgs split p50 / p99 ms |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     if let Ok(l) = std::env::var("SIMTCP_TRACE") {
-        trace(l.parse().expect("loss %"));
+        let v: Vec<f64> = l
+            .split(':')
+            .map(|x| x.parse().expect("LOSS[:RTT:MBIT]"))
+            .collect();
+        trace(
+            v[0],
+            *v.get(1).unwrap_or(&50.0) as u64,
+            *v.get(2).unwrap_or(&100.0) as u64,
+        );
         return;
     }
     for &(rtt, mbit) in &profiles {
@@ -85,18 +93,41 @@ fn main() {
                     );
                 }
             }
-            println!("| {rtt} | {mbit} | {loss}% | {} | {} |", row[0], row[1]);
+            let (mut net, _, _) = tcp_pair(2, (cfg(true), cfg(true)), spec.clone(), 1 << 20);
+            let n = (secs * 50) as u32;
+            let (r, _) = messages(
+                &mut net,
+                5300,
+                Duration::from_millis(20),
+                n,
+                Duration::from_secs(secs + 10),
+            );
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let m = format!(
+                "{:.0} / {:.0}{}",
+                ms(quantile(&r, 0.5)),
+                ms(quantile(&r, 0.99)),
+                if r.len() < n as usize {
+                    format!(" ({} of {n})", r.len())
+                } else {
+                    String::new()
+                }
+            );
+            println!(
+                "| {rtt} | {mbit} | {loss}% | {} | {} | {m} |",
+                row[0], row[1]
+            );
         }
     }
 }
 
-/// Every 250 ms of one split transfer over 50 ms / 100 Mbit/s at `loss` %:
+/// Every 250 ms of one split transfer over `rtt` ms / `mbit` Mbit/s at `loss` %:
 /// what the sender's controller and KCP are doing.
-fn trace(loss: f64) {
+fn trace(loss: f64, rtt: u64, mbit: u64) {
     use sim::tcp_host::{AppKind, HOST_B};
-    let spec = LinkSpec::latency(Duration::from_millis(25))
+    let spec = LinkSpec::latency(Duration::from_millis(rtt / 2))
         .with_loss(loss / 100.0)
-        .with_rate(100_000_000, 625_000);
+        .with_rate(mbit * 1_000_000, (mbit * 1_000_000 / 8 / 20) as usize);
     let (mut net, _, kb) = tcp_pair(1, (cfg(true), cfg(true)), spec, 4 << 20);
     let now = net.now();
     net.host_mut(1).add(
