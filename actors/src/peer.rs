@@ -70,6 +70,10 @@ pub struct PeerStatus {
     pub fec_parity: u64,
     /// Frames from this peer rebuilt from parity.
     pub fec_recovered: u64,
+    /// Split TCP connections opened to this peer.
+    pub streams_opened: u64,
+    /// Bytes of split TCP data sent to this peer.
+    pub stream_tx_bytes: u64,
     /// Times the session was restarted by the supervisor.
     pub restarts: u64,
     /// Open KCP conversations.
@@ -171,6 +175,8 @@ impl PeerActor {
             fec_data: st.map_or(0, |s| s.fec_data),
             fec_parity: st.map_or(0, |s| s.fec_parity),
             fec_recovered: st.map_or(0, |s| s.fec_recovered),
+            streams_opened: st.map_or(0, |s| s.streams_opened),
+            stream_tx_bytes: st.map_or(0, |s| s.stream_tx_bytes),
             restarts: self.restarts,
             convs: st.map_or(0, |s| s.convs),
         }

@@ -427,6 +427,16 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("relayed".into(), n.relayed),
         ("relayed_bytes".into(), n.relayed_bytes),
         ("drop_relay".into(), n.relay_dropped),
+        ("split_opened".into(), s.split.opened),
+        ("split_accepted".into(), s.split.accepted),
+        ("split_refused".into(), s.split.refused),
+        ("split_declined".into(), s.split.declined),
+        ("split_reset".into(), s.split.reset),
+        ("split_closed".into(), s.split.closed),
+        ("split_over_limit".into(), s.split.over_limit),
+        ("split_active".into(), s.split.active as u64),
+        ("drop_split_late".into(), s.split.late),
+        ("drop_split_bad_msgs".into(), s.split.bad_msgs),
     ])
 }
 

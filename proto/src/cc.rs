@@ -25,6 +25,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 const STARTUP_GAIN: f64 = 2.885;
+const DRAIN_GAIN: f64 = 0.75;
 const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const BW_WINDOW_ROUNDS: u32 = 10;
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
@@ -247,7 +248,7 @@ impl RateControl {
         if now.saturating_sub(self.round_start) < self.round() {
             return;
         }
-        tracing::trace!(phase = ?self.phase, btl_bw = self.btl_bw, backlogged = self.backlogged, loss = self.loss, min_rtt = ?self.min_rtt(), "cc round");
+        tracing::trace!(phase = ?self.phase, btl_bw = self.btl_bw, backlogged = self.backlogged, loss = self.loss, clean_loss = self.clean_loss, min_rtt = ?self.min_rtt(), recent = ?self.recent_rtt.iter().map(|r| r.1).collect::<Vec<_>>(), "cc round");
         self.round_start = now;
         match self.phase {
             Phase::Startup if self.queue_building() => {
@@ -270,7 +271,9 @@ impl RateControl {
                 }
             }
             Phase::Drain => {
-                if now.saturating_sub(self.phase_start) >= self.round() * 2 {
+                let drained = !self.queue_building();
+                let long = now.saturating_sub(self.phase_start) >= self.round() * 3;
+                if (drained && now.saturating_sub(self.phase_start) >= self.round()) || long {
                     self.phase = Phase::ProbeBw(2);
                     self.phase_start = now;
                     self.probe_base = self.btl_bw;
@@ -300,7 +303,10 @@ impl RateControl {
     fn gain(&self) -> f64 {
         match self.phase {
             Phase::Startup => STARTUP_GAIN,
-            Phase::Drain => 1.0 / STARTUP_GAIN,
+            // Startup now leaves as the queue starts to grow, so the queue
+            // to drain is small: a gentle drain, which does not hold frames
+            // KCP already sent (their timeout running) behind the pacer.
+            Phase::Drain => DRAIN_GAIN,
             // The probing round sends enough that, after random loss, the
             // delivered rate can still exceed the estimate by 25%. Delivery
             // can never exceed the bottleneck, so this cannot inflate the

@@ -49,7 +49,7 @@ use smoltcp::wire::{
     HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr,
     Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -230,6 +230,8 @@ pub struct Split {
     ended_order: VecDeque<(Duration, FlowKey)>,
     out: VecDeque<(PublicKey, Vec<u8>)>,
     fallback: Vec<(PublicKey, Vec<u8>)>,
+    /// Conversations of no connection already answered with a Reset.
+    told: BTreeSet<(PublicKey, u32)>,
     dirty: bool,
     next_at: Option<Duration>,
     next_housekeeping: Duration,
@@ -274,6 +276,7 @@ impl Split {
             ended_order: VecDeque::new(),
             out: VecDeque::new(),
             fallback: Vec::new(),
+            told: BTreeSet::new(),
             dirty: false,
             next_at: None,
             next_housekeeping: Duration::ZERO,
@@ -523,8 +526,22 @@ impl Split {
             return;
         };
         let StreamMsg::Open { src, dst } = msg else {
-            self.stats.bad_msgs += 1;
-            s.stream_send(now, conv, &StreamMsg::Reset);
+            // A conversation whose connection ended here (its messages
+            // still in flight), or one the remote opened without `Open`.
+            // Data means the remote still thinks it open: tell it once.
+            // Never answer a Reset (or anything else) with a Reset: two
+            // sides that both forgot the connection would bounce Resets
+            // for as long as they kept each other's conversation busy.
+            tracing::debug!(conv, msg = ?kind(&msg), "stream message for no connection");
+            if matches!(msg, StreamMsg::Data(_)) && !self.told.contains(&(*peer, conv)) {
+                self.stats.bad_msgs += 1;
+                s.stream_send(now, conv, &StreamMsg::Reset);
+                self.told.insert((*peer, conv));
+                if self.told.len() > MAX_ENDED {
+                    self.told.pop_first();
+                }
+            }
+            while s.stream_take(now, conv).is_some() {}
             s.stream_close(conv);
             return;
         };
@@ -658,7 +675,10 @@ impl Split {
                     self.stats.reset += 1;
                     break;
                 }
-                _ => self.stats.bad_msgs += 1,
+                (stage, m) => {
+                    tracing::debug!(conv, ?stage, fin_in = f.fin_in, msg = ?kind(&m), "stream message out of order");
+                    self.stats.bad_msgs += 1;
+                }
             }
         }
         if f.reset {
@@ -765,6 +785,7 @@ impl Split {
             let Some(f) = self.flows.remove(&k) else {
                 continue;
             };
+            tracing::debug!(conv = ?f.conv, src = %f.src, dst = %f.dst, reset = f.reset, "split connection ended");
             if !f.reset {
                 self.stats.closed += 1;
             }
@@ -848,6 +869,18 @@ impl Split {
         }
         f.reset = true;
         self.dirty = true;
+    }
+}
+
+/// A message's kind, for logs (not its data).
+fn kind(m: &StreamMsg) -> &'static str {
+    match m {
+        StreamMsg::Open { .. } => "open",
+        StreamMsg::Accept => "accept",
+        StreamMsg::Refuse(_) => "refuse",
+        StreamMsg::Data(_) => "data",
+        StreamMsg::Fin => "fin",
+        StreamMsg::Reset => "reset",
     }
 }
 

@@ -50,7 +50,24 @@ fn a_clean_link_retransmits_almost_nothing() {
     let spec = LinkSpec::latency(Duration::from_millis(20));
     let (mut net, _ka, kb) = pair(3, NodeConfig::default(), spec);
     let expect = schedule_mixed(&mut net, kb, 2_000, Duration::from_secs(4), 4, 3);
-    net.run_for(Duration::from_secs(10));
+    for _ in 0..20 {
+        net.run_for(Duration::from_millis(250));
+        if std::env::var_os("PROBE").is_some() {
+            let st = net.node(0).node.peer_stats(&kb).expect("session");
+            println!(
+                "{:?} retx {} {}",
+                net.now(),
+                st.retransmits,
+                net.node(0)
+                    .node
+                    .session(&kb)
+                    .unwrap()
+                    .rate_control()
+                    .phase()
+            );
+        }
+    }
+    net.run_for(Duration::from_secs(5));
     traffic::verify(delivered(&net, 1), &expect).expect("all delivered");
     let st = net.node(0).node.peer_stats(&kb).expect("session");
     let tcp_pkts = expect.values().map(|&n| n as u64).sum::<u64>();

@@ -179,6 +179,21 @@ fn a_reset_reaches_the_other_side() {
     assert!(a.reset, "A's connection was reset: {a:?}");
     assert!(a.written < 10 << 20, "A stopped early: {a:?}");
     assert_eq!(net.node(0).node.split_stats().active, 0);
+    // Afterwards the link goes quiet: the messages still in flight for the
+    // ended connection are dropped, no side answers a Reset with a Reset,
+    // and receiver reports do not answer each other (each side would keep
+    // the other reporting every 20 ms forever).
+    let frames = |net: &Net| net.wire(0, 1).packets + net.wire(1, 0).packets;
+    net.run_for(Duration::from_secs(5));
+    let before = frames(&net);
+    net.run_for(Duration::from_secs(10));
+    // Keepalive traffic only: per 5 s each side pings, is answered and
+    // reports what it received (3 frames each way).
+    assert!(
+        frames(&net) - before <= 24,
+        "{} frames in 10 s after the connection ended",
+        frames(&net) - before
+    );
 }
 
 #[test]

@@ -180,6 +180,8 @@ pub struct Snapshot {
     pub plane: PlaneStats,
     /// Node (drop) counters.
     pub node: NodeStats,
+    /// Split TCP counters.
+    pub split: transport::split::SplitStats,
     /// Every peer.
     pub peers: Vec<PeerSnapshot>,
 }
@@ -275,6 +277,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
         Snapshot {
             plane: self.io.stats.clone(),
             node: self.node.stats().clone(),
+            split: self.node.split_stats(),
             peers,
         }
     }

@@ -218,6 +218,9 @@ pub struct Session {
     streams_gone: VecDeque<u32>,
     /// Frames the remote last reported receiving (to see reports advance).
     cc_frames_seen: u64,
+    /// Something other than a receiver report arrived since our last
+    /// report (reports must not answer reports).
+    data_since_report: bool,
 }
 
 impl Session {
@@ -299,6 +302,7 @@ impl Session {
             streams_ready: BTreeSet::new(),
             streams_gone: VecDeque::new(),
             cc_frames_seen: 0,
+            data_since_report: false,
         }
     }
 
@@ -497,6 +501,9 @@ impl Session {
         let Some((&kind, body)) = plain.split_first() else {
             return;
         };
+        if Inner::from_u8(kind) != Some(Inner::Control) {
+            self.data_since_report = true;
+        }
         match Inner::from_u8(kind) {
             Some(Inner::Ip) => self.deliver(now, body, None),
             Some(Inner::Kcp) => self.on_kcp(now, body),
@@ -519,6 +526,9 @@ impl Session {
     }
 
     fn on_control(&mut self, now: Duration, m: Control) {
+        if !matches!(m, Control::Feedback { .. }) {
+            self.data_since_report = true;
+        }
         match m {
             Control::Ping { ts_us } => {
                 self.send_control(&Control::Pong { ts_us });

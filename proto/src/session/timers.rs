@@ -53,6 +53,7 @@ impl Session {
                 .current
                 .as_ref()
                 .is_some_and(|k| k.rx.frames > self.reported)
+                && self.data_since_report
             {
                 at(self.next_feedback);
             }
@@ -154,8 +155,12 @@ impl Session {
                     };
             }
             let rx = self.current.as_ref().map(|k| k.rx).expect("current");
-            if rx.frames > self.reported && now >= self.next_feedback {
+            // Reports follow data only: a report is itself a frame, and
+            // answering frames with reports would keep two idle sides
+            // reporting to each other every 20 ms forever.
+            if rx.frames > self.reported && self.data_since_report && now >= self.next_feedback {
                 self.reported = rx.frames;
+                self.data_since_report = false;
                 self.send_control(&Control::Feedback {
                     frames: rx.frames,
                     highest: rx.highest,

@@ -69,7 +69,12 @@ fn main() {
                 .with_rate(mbit * 1_000_000, (mbit * 1_000_000 / 8 / 20) as usize);
             let mut row = Vec::new();
             for split in [true, false] {
-                let (mut net, _, _) = tcp_pair(1, (cfg(split), cfg(split)), spec.clone(), 4 << 20);
+                let seed = std::env::var("SIMTCP_SEED")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(1);
+                let (mut net, _, _) =
+                    tcp_pair(seed, (cfg(split), cfg(split)), spec.clone(), 4 << 20);
                 let w0 = net.wire(0, 1).bytes;
                 // More than the link can carry in `secs`: goodput is the rate.
                 let total = mbit * 1_000_000 / 8 * secs * 2;
