@@ -23,7 +23,10 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             heartbeat: Duration::from_secs(5),
-            expire_beats: 3,
+            // At 20% loss each way three heartbeats in a row are lost
+            // every minute or so; the hub then dropped live peers, and
+            // every peer tore down its direct sessions with them.
+            expire_beats: 6,
             log_len: 1024,
         }
     }

@@ -104,7 +104,7 @@ struct HubArgs {
     /// Heartbeat interval in seconds [default: 5].
     #[arg(long)]
     heartbeat: Option<f64>,
-    /// Drop a member after this many silent heartbeats [default: 3].
+    /// Drop a member after this many silent heartbeats [default: 6; fewer drops live peers on lossy links].
     #[arg(long)]
     expire_beats: Option<u32>,
     /// Control socket for `fastmesh status` [default: /run/fastmesh/hub.sock].
@@ -385,7 +385,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
         .or(f.data_dir)
         .unwrap_or_else(|| PathBuf::from("/var/lib/fastmesh"));
     let heartbeat = secs(a.heartbeat.or(f.heartbeat).unwrap_or(5.0), "heartbeat")?;
-    let expire_beats = a.expire_beats.or(f.expire_beats).unwrap_or(3).max(1);
+    let expire_beats = a.expire_beats.or(f.expire_beats).unwrap_or(6).max(1);
     let control = a
         .control
         .or(f.control)
