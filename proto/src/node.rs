@@ -357,7 +357,11 @@ impl Node {
             return Err(SendError::UnknownPeer);
         }
         if let Some(info) = ip::parse(pkt).filter(|i| i.proto == ip::PROTO_TCP) {
-            if self.split.on_outbound(now, peer, pkt, &info) == Verdict::Taken {
+            let worth = self
+                .sessions
+                .get(peer)
+                .is_some_and(|s| s.split_worthwhile());
+            if self.split.on_outbound(now, peer, pkt, &info, worth) == Verdict::Taken {
                 self.now = now;
                 self.ready.insert(*peer);
                 if self.sessions.get(peer).is_some_and(|s| !s.is_established()) {

@@ -302,12 +302,15 @@ impl Split {
 
     /// A TCP packet from the TUN device for `peer`: take it into the proxy,
     /// or say to send it as a plain packet.
+    /// `worth` says whether splitting pays on this peer's path (see
+    /// [`Session::split_worthwhile`]); it only decides for new connections.
     pub fn on_outbound(
         &mut self,
         now: Duration,
         peer: &PublicKey,
         pkt: &[u8],
         info: &ip::IpInfo,
+        worth: bool,
     ) -> Verdict {
         let (Some(key), Some((sp, dp))) = (info.flow(), info.ports) else {
             return Verdict::Pass;
@@ -337,7 +340,7 @@ impl Split {
             }
             return Verdict::Taken;
         }
-        if !self.cfg.enabled || !ip::tcp_flags(pkt).is_some_and(is_pure_syn) {
+        if !self.cfg.enabled || !worth || !ip::tcp_flags(pkt).is_some_and(is_pure_syn) {
             return Verdict::Pass;
         }
         if self.flows.len() >= self.cfg.max_flows {

@@ -20,6 +20,10 @@ use super::{Session, CONV_SHARED};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+/// Paths with a smoothed RTT at least this long get split TCP (shorter
+/// ones only if they lose packets).
+pub const SPLIT_MIN_RTT: Duration = Duration::from_millis(10);
+
 /// Set in the conversation id of every stream conversation.
 pub const STREAM_BIT: u32 = 1 << 31;
 
@@ -214,6 +218,20 @@ impl Session {
         self.stats.streams_opened += 1;
         self.stream_send(now, id, &StreamMsg::Open { src, dst });
         Some(id)
+    }
+
+    /// Does splitting a new TCP connection to this peer pay? Yes unless
+    /// the path is known to be short and clean (RTT under
+    /// [`SPLIT_MIN_RTT`], no loss measured without a queue): there the end
+    /// hosts' TCPs lose nothing to the path, and terminating every
+    /// connection costs CPU that a fast LAN-like path turns into lost
+    /// throughput (a flat namespace link: ~300 Mbit/s split against ~650
+    /// as packets, `fastmesh-lab bench`). Unknown RTT counts as long.
+    pub fn split_worthwhile(&self) -> bool {
+        match self.srtt {
+            None => true,
+            Some(rtt) => rtt >= SPLIT_MIN_RTT || self.cc.clean_loss() >= super::fec::MIN_LOSS,
+        }
     }
 
     /// Bytes of data one [`StreamMsg::Data`] should carry (it then fills one
