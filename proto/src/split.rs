@@ -152,15 +152,33 @@ struct Flow {
     since: Duration,
 }
 
-/// The virtual link between smoltcp and the TUN device.
-struct Pipe {
-    rx: VecDeque<Vec<u8>>,
-    tx: Vec<Vec<u8>>,
-    mtu: usize,
+/// A smoltcp device made of two packet queues: what the TUN side handed in
+/// (`rx`) and what smoltcp sends (`tx`). The proxy's link to the TUN
+/// device, and the simulated hosts' link to their node (`sim::tcp_host`).
+pub struct QueueDevice {
+    /// Packets for smoltcp to receive.
+    pub rx: VecDeque<Vec<u8>>,
+    /// Packets smoltcp sent.
+    pub tx: Vec<Vec<u8>>,
+    /// The link's MTU.
+    pub mtu: usize,
 }
 
-struct RxTok(Vec<u8>);
-struct TxTok<'a>(&'a mut Vec<Vec<u8>>);
+impl QueueDevice {
+    /// Empty queues on a link of MTU `mtu`.
+    pub fn new(mtu: usize) -> QueueDevice {
+        QueueDevice {
+            rx: VecDeque::new(),
+            tx: Vec::new(),
+            mtu,
+        }
+    }
+}
+
+/// A received packet, lent to smoltcp.
+pub struct RxTok(Vec<u8>);
+/// Room for one packet smoltcp sends.
+pub struct TxTok<'a>(&'a mut Vec<Vec<u8>>);
 
 impl phy::RxToken for RxTok {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -177,7 +195,7 @@ impl phy::TxToken for TxTok<'_> {
     }
 }
 
-impl Device for Pipe {
+impl Device for QueueDevice {
     type RxToken<'a>
         = RxTok
     where
@@ -223,7 +241,7 @@ pub struct Split {
     cfg: SplitConfig,
     iface: Interface,
     sockets: SocketSet<'static>,
-    pipe: Pipe,
+    pipe: QueueDevice,
     flows: BTreeMap<FlowKey, Flow>,
     by_conv: BTreeMap<(PublicKey, u32), FlowKey>,
     ended: BTreeMap<FlowKey, (Duration, PublicKey)>,
@@ -241,11 +259,7 @@ pub struct Split {
 impl Split {
     /// A proxy whose TUN device has MTU `mtu`.
     pub fn new(cfg: SplitConfig, mtu: usize) -> Split {
-        let mut pipe = Pipe {
-            rx: VecDeque::new(),
-            tx: Vec::new(),
-            mtu,
-        };
+        let mut pipe = QueueDevice::new(mtu);
         let mut iface = Interface::new(
             Config::new(HardwareAddress::Ip),
             &mut pipe,

@@ -12,13 +12,12 @@
 //! records what happened to its connection.
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+use transport::split::QueueDevice;
 
 /// Byte `o` of the pattern every sender writes (not periodic at any
 /// power-of-two length, so a misplaced segment shows).
@@ -112,54 +111,6 @@ pub struct App {
     partial: Vec<u8>,
 }
 
-struct Link {
-    rx: VecDeque<Vec<u8>>,
-    tx: Vec<Vec<u8>>,
-    mtu: usize,
-}
-
-struct RxTok(Vec<u8>);
-struct TxTok<'a>(&'a mut Vec<Vec<u8>>);
-
-impl phy::RxToken for RxTok {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl phy::TxToken for TxTok<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut b = vec![0u8; len];
-        let r = f(&mut b);
-        self.0.push(b);
-        r
-    }
-}
-
-impl Device for Link {
-    type RxToken<'a>
-        = RxTok
-    where
-        Self: 'a;
-    type TxToken<'a>
-        = TxTok<'a>
-    where
-        Self: 'a;
-    fn receive(&mut self, _t: SmolInstant) -> Option<(RxTok, TxTok<'_>)> {
-        let p = self.rx.pop_front()?;
-        Some((RxTok(p), TxTok(&mut self.tx)))
-    }
-    fn transmit(&mut self, _t: SmolInstant) -> Option<TxTok<'_>> {
-        Some(TxTok(&mut self.tx))
-    }
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut c = DeviceCapabilities::default();
-        c.medium = Medium::Ip;
-        c.max_transmission_unit = self.mtu;
-        c
-    }
-}
-
 fn t(now: Duration) -> SmolInstant {
     SmolInstant::from_micros(now.as_micros() as i64)
 }
@@ -169,7 +120,7 @@ pub struct TcpHost {
     addr: IpAddr,
     iface: Interface,
     sockets: SocketSet<'static>,
-    link: Link,
+    link: QueueDevice,
     /// The applications, in the order added.
     pub apps: Vec<App>,
     buffer: usize,
@@ -179,11 +130,7 @@ impl TcpHost {
     /// A host at `addr` whose TUN device has MTU `mtu`; every socket gets
     /// two buffers of `buffer` bytes (its TCP window).
     pub fn new(addr: IpAddr, mtu: usize, buffer: usize) -> TcpHost {
-        let mut link = Link {
-            rx: VecDeque::new(),
-            tx: Vec::new(),
-            mtu,
-        };
+        let mut link = QueueDevice::new(mtu);
         let mut iface = Interface::new(
             Config::new(HardwareAddress::Ip),
             &mut link,

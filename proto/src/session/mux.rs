@@ -111,12 +111,7 @@ impl Session {
                 return c;
             }
         }
-        let mine = self
-            .convs
-            .keys()
-            .filter(|&&c| c > CONV_SHARED && c & 1 == self.my_bit)
-            .count();
-        if mine >= self.cfg.max_convs && !self.evict_idle(now) {
+        if self.own_convs() >= self.cfg.max_convs && !self.evict_idle(now) {
             return CONV_SHARED;
         }
         let id = (self.next_conv << 1) | self.my_bit;
@@ -124,6 +119,14 @@ impl Session {
         self.flows.insert(key, id);
         self.conv(now, id);
         id
+    }
+
+    /// Flow and stream conversations this side opened.
+    pub(super) fn own_convs(&self) -> usize {
+        self.convs
+            .keys()
+            .filter(|&&c| c > CONV_SHARED && c & 1 == self.my_bit)
+            .count()
     }
 
     pub(super) fn evict_idle(&mut self, now: Duration) -> bool {

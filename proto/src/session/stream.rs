@@ -16,7 +16,7 @@
 //! (whose size the sender sees), so a slow local receiver stops the remote
 //! sender instead of growing memory here.
 
-use super::{Session, CONV_SHARED};
+use super::Session;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -199,12 +199,7 @@ impl Session {
     /// connection's packets unsplit).
     pub fn open_stream(&mut self, now: Duration, src: SocketAddr, dst: SocketAddr) -> Option<u32> {
         self.current.as_ref()?;
-        let mine = self
-            .convs
-            .keys()
-            .filter(|&&c| c > CONV_SHARED && c & 1 == self.my_bit)
-            .count();
-        if mine >= self.cfg.max_convs && !self.evict_idle(now) {
+        if self.own_convs() >= self.cfg.max_convs && !self.evict_idle(now) {
             return None;
         }
         let id = loop {
