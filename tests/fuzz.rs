@@ -556,5 +556,33 @@ fn inner_seeds() -> Vec<Vec<u8>> {
         seg.extend_from_slice(&tcp);
         seeds.push(with(Inner::Kcp, &seg));
     }
+    // A split TCP connection's stream conversation, in order: Open, Data,
+    // Fin, then Reset, Accept and Refuse (out of place on purpose).
+    use transport::session::{Refusal, StreamMsg, STREAM_BIT};
+    let open = StreamMsg::Open {
+        src: "10.9.0.1:40000".parse().unwrap(),
+        dst: "10.9.0.2:22".parse().unwrap(),
+    };
+    let msgs = [
+        open,
+        StreamMsg::Data(b"SSH-2.0-fuzz\r\n".to_vec()),
+        StreamMsg::Fin,
+        StreamMsg::Reset,
+        StreamMsg::Accept,
+        StreamMsg::Refuse(Refusal::Declined),
+    ];
+    for (i, m) in msgs.iter().enumerate() {
+        let body = m.encode();
+        let mut seg = Vec::new();
+        seg.extend_from_slice(&(STREAM_BIT | (2 << 1) | 1).to_le_bytes());
+        seg.extend_from_slice(&[81, 0]);
+        seg.extend_from_slice(&128u16.to_le_bytes());
+        seg.extend_from_slice(&(i as u32 * 10).to_le_bytes());
+        seg.extend_from_slice(&(i as u32).to_le_bytes());
+        seg.extend_from_slice(&0u32.to_le_bytes());
+        seg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        seg.extend_from_slice(&body);
+        seeds.push(with(Inner::Kcp, &seg));
+    }
     seeds
 }
