@@ -442,6 +442,16 @@ impl Split {
                 }
             }
         }
+        if self.flows.is_empty() && self.pipe.rx.is_empty() && self.pipe.tx.is_empty() {
+            // Nothing split (a hub, an idle peer): no smoltcp work on this
+            // turn of the node, only the expiry of finished connections.
+            if now >= self.next_housekeeping {
+                self.housekeeping(now, sessions);
+                self.next_housekeeping = now + Duration::from_secs(1);
+            }
+            self.next_at = None;
+            return;
+        }
         self.open_waiting(now, sessions);
         self.run(now);
         // Every open flow moves bytes: the stream may have room again (acks
