@@ -728,6 +728,20 @@ impl Lab {
         Ok(())
     }
 
+    /// Set the MTU of every underlay link (both ends of each node's veth
+    /// to the router; nodes behind NATs are not covered): a path whose
+    /// largest packet is `mtu` bytes, as PPPoE, cloud VPCs or IPv6 tunnels give.
+    pub fn set_mtu(&self, mtu: u32) -> Result<()> {
+        let m = mtu.to_string();
+        for (k, n) in self.nodes.iter().enumerate() {
+            let a = format!("{}a{k}", self.prefix);
+            let b = format!("{}b{k}", self.prefix);
+            self.ns(&self.router, "ip", &["link", "set", &a, "mtu", &m])?;
+            self.ns(&n.ns, "ip", &["link", "set", &b, "mtu", &m])?;
+        }
+        Ok(())
+    }
+
     /// Everything in the logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();

@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+mod compare;
 mod wan_bench;
 
 const USAGE: &str = "usage:
@@ -28,6 +29,10 @@ const USAGE: &str = "usage:
                                            (defaults: 8 0,1,5,10,20 50:100,200:20 all;
                                            PROFILE = RTT_MS:MBIT; WHAT = all or a comma list of
                                            mesh,direct,kcptun,kcptun-fec)
+  fastmesh-lab compare [RUNS] [SECS] [CC] [MTU]
+                                           fastmesh beside wireguard-go, boringtun and no tunnel on
+                                           the flat lab, runs interleaved: rate, ramp-up, CPU/GB, ping
+                                           (defaults: 5 5 cubic, MTU 1500)
   fastmesh-lab wan-router DEV RTT_MS MBIT QUEUE_MS LOSS_PCT JITTER_MS SEED
                                            the WAN: forward packets read from TUN DEV after the delays
   fastmesh-lab msg-echo PORT               echo 64-byte TCP messages
@@ -78,6 +83,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         ["wan", rest @ ..] => wan_bench::wan(rest),
+        ["compare", rest @ ..] => compare::compare(rest),
         ["msg-echo", port] => wan_bench::msg_echo(port.parse().context("port")?),
         ["msg-ping", addr, count, every_ms] => wan_bench::msg_ping(
             addr.parse().context("address")?,
