@@ -74,6 +74,16 @@ pub struct PeerStatus {
     pub streams_opened: u64,
     /// Bytes of split TCP data sent to this peer.
     pub stream_tx_bytes: u64,
+    /// Largest frame (UDP payload bytes) the path is known to carry.
+    pub path_mtu: usize,
+    /// Path MTU probes sent.
+    pub pmtu_probes: u64,
+    /// Times the frame size in use stopped working (the path narrowed).
+    pub pmtu_black_holes: u64,
+    /// ICMP "too big" messages sent to local senders.
+    pub too_big_sent: u64,
+    /// Inner TCP SYNs whose MSS was lowered to fit the path.
+    pub mss_clamped: u64,
     /// Times the session was restarted by the supervisor.
     pub restarts: u64,
     /// Open KCP conversations.
@@ -177,6 +187,11 @@ impl PeerActor {
             fec_recovered: st.map_or(0, |s| s.fec_recovered),
             streams_opened: st.map_or(0, |s| s.streams_opened),
             stream_tx_bytes: st.map_or(0, |s| s.stream_tx_bytes),
+            path_mtu: st.map_or(0, |s| s.pmtu),
+            pmtu_probes: st.map_or(0, |s| s.pmtu_probes),
+            pmtu_black_holes: st.map_or(0, |s| s.pmtu_black_holes),
+            too_big_sent: st.map_or(0, |s| s.too_big_sent),
+            mss_clamped: st.map_or(0, |s| s.mss_clamped),
             restarts: self.restarts,
             convs: st.map_or(0, |s| s.convs),
         }

@@ -414,6 +414,7 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("udp_tx".into(), p.udp_tx),
         ("udp_send_failed".into(), p.udp_send_failed),
         ("udp_gso_batches".into(), p.gso_batches),
+        ("pmtu_probe_failed".into(), p.pmtu_probe_failed),
         ("tun_batches".into(), p.batches),
         ("drop_malformed".into(), n.malformed),
         ("drop_unknown_index".into(), n.unknown_index),

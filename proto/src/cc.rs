@@ -77,6 +77,8 @@ pub struct RateControl {
     /// frames received), over the loss horizon.
     clean: VecDeque<(Duration, u64, u64)>,
     clean_loss: f64,
+    /// When `clean_loss` was last computed.
+    clean_at: Duration,
 }
 
 impl RateControl {
@@ -100,6 +102,7 @@ impl RateControl {
             probe_base: 0.0,
             clean: VecDeque::new(),
             clean_loss: 0.0,
+            clean_at: Duration::ZERO,
         }
     }
 
@@ -208,6 +211,11 @@ impl RateControl {
             .fold((0, 0), |(h, f), &(_, dh, df)| (h + dh, f + df));
         if dh >= 20 {
             self.clean_loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
+            self.clean_at = now;
+        } else if now.saturating_sub(self.clean_at) > horizon * 2 {
+            // Too few recent frames to say: an old estimate (a path that
+            // was cut at the start, a queue ever since) must not stick.
+            self.clean_loss = 0.0;
         }
         // Delivery rate over about one round.
         let span_start = self
@@ -550,5 +558,33 @@ mod tests {
                 c.phase()
             );
         }
+    }
+
+    #[test]
+    fn an_old_clean_loss_estimate_does_not_stick() {
+        let mut c = RateControl::new(100_000.0, 1e9);
+        c.on_rtt(ms(0), ms(20));
+        let mut r = Report {
+            frames: 0,
+            highest: 0,
+            bytes: 0,
+        };
+        // Half the frames lost while the path shows no queue.
+        for i in 1..=10u64 {
+            r.frames += 5;
+            r.highest += 10;
+            r.bytes += 5_000;
+            c.on_report(ms(i * 20), r);
+        }
+        assert!(c.clean_loss() > 0.4, "{}", c.clean_loss());
+        // Then a queue for a long time (no clean samples), nothing lost.
+        for i in 11..=200u64 {
+            c.on_rtt(ms(i * 20), ms(80));
+            r.frames += 10;
+            r.highest += 10;
+            r.bytes += 10_000;
+            c.on_report(ms(i * 20), r);
+        }
+        assert_eq!(c.clean_loss(), 0.0);
     }
 }

@@ -38,6 +38,12 @@ pub trait Driver {
     /// passed is already taken from the node either way; a driver that
     /// cannot send it now keeps it.
     fn transmit(&mut self, to: SocketAddr, frame: &[u8]) -> bool;
+    /// Send a path MTU probe: like [`Driver::transmit`], but the frame must
+    /// not be fragmented on the way (the don't-fragment bit; a simulated
+    /// link drops it if it is larger than the link's MTU).
+    fn transmit_probe(&mut self, to: SocketAddr, frame: &[u8]) -> bool {
+        self.transmit(to, frame)
+    }
     /// The node has no more frames for now (send what was batched).
     fn transmit_done(&mut self) {}
     /// An inner IP packet that arrived from `from`.
@@ -59,7 +65,12 @@ impl Node {
         if d.can_transmit() {
             let mut buf = self.take_txbuf();
             while let Some(to) = self.poll_transmit(now, &mut buf) {
-                if !d.transmit(to, &buf) {
+                let sent = if self.took_probe() {
+                    d.transmit_probe(to, &buf)
+                } else {
+                    d.transmit(to, &buf)
+                };
+                if !sent {
                     break;
                 }
             }

@@ -15,6 +15,7 @@
 //! * [`driver`]: the one poll sequence every driver of a [`Node`] follows.
 //! * [`path`]: direct candidates and relays, probed and chosen.
 //! * [`cc`]: rate control and pacing for KCP.
+//! * [`pmtu`]: path MTU discovery (padded probes, search, black holes).
 //! * [`ip`]: inner IP header parsing (flows, ownership checks).
 //! * [`split`]: split TCP, terminating inner connections on each side (smoltcp).
 
@@ -27,6 +28,7 @@ pub mod driver;
 pub mod ip;
 pub mod node;
 pub mod path;
+pub mod pmtu;
 pub mod session;
 pub mod split;
 pub mod wire;

@@ -165,6 +165,8 @@ pub struct Node {
     scratch: Vec<u8>,
     /// The frame buffer [`Node::service`] lends to `poll_transmit`.
     txbuf: Vec<u8>,
+    /// The frame last returned by `poll_transmit` is a path MTU probe.
+    tx_probe: bool,
     local: StaticKeypair,
     psk: [u8; 32],
     incarnation: u64,
@@ -205,6 +207,7 @@ impl Node {
             relays: Vec::new(),
             scratch: Vec::with_capacity(2048),
             txbuf: Vec::with_capacity(2048),
+            tx_probe: false,
             local,
             psk,
             incarnation: u64::from_le_bytes(inc),
@@ -671,11 +674,12 @@ impl Node {
             None => self.sessions.keys().copied().collect(),
         };
         for k in keys {
-            while let Some(via) = self
+            while let Some((via, probe)) = self
                 .sessions
                 .get_mut(&k)
-                .and_then(|s| s.poll_transmit(now, buf))
+                .and_then(|s| s.poll_transmit(now, buf).map(|v| (v, s.took_probe())))
             {
+                self.tx_probe = probe;
                 let to = match via {
                     Via::Direct(a) => Some(a),
                     Via::Relay(hub) => {
@@ -700,6 +704,12 @@ impl Node {
             }
         }
         None
+    }
+
+    /// Is the frame last returned by [`Node::poll_transmit`] a path MTU
+    /// probe (to be sent with the don't-fragment bit)?
+    pub fn took_probe(&self) -> bool {
+        self.tx_probe
     }
 
     /// Seal `plain` (inner-type byte first) into `buf` as a data frame of the

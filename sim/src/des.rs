@@ -34,12 +34,18 @@ pub struct Collect {
     pub packets: Vec<(PublicKey, Vec<u8>)>,
     /// Events, with their peer.
     pub events: Vec<(PublicKey, Event)>,
+    /// Indices into `frames` of path MTU probes (never fragmented).
+    pub probes: Vec<usize>,
 }
 
 impl Driver for Collect {
     fn transmit(&mut self, to: SocketAddr, frame: &[u8]) -> bool {
         self.frames.push((to, frame.to_vec()));
         true
+    }
+    fn transmit_probe(&mut self, to: SocketAddr, frame: &[u8]) -> bool {
+        self.probes.push(self.frames.len());
+        self.transmit(to, frame)
     }
     fn deliver(&mut self, from: &PublicKey, pkt: Vec<u8>) {
         self.packets.push((*from, pkt));
@@ -151,6 +157,7 @@ pub struct Net {
     tap: Option<Tap>,
     hosts: BTreeMap<usize, TcpHost>,
     routes: BTreeMap<IpAddr, PublicKey>,
+    mtu: BTreeMap<(usize, usize), usize>,
 }
 
 /// Sees every datagram before its link: `(from, to, bytes)`; may modify the
@@ -182,6 +189,7 @@ impl Net {
             tap: None,
             hosts: BTreeMap::new(),
             routes: BTreeMap::new(),
+            mtu: BTreeMap::new(),
         }
     }
 
@@ -231,6 +239,16 @@ impl Net {
     pub fn set_link(&mut self, from: usize, to: usize, spec: LinkSpec) {
         self.specs.insert((from, to), spec);
         self.links.remove(&(from, to));
+    }
+
+    /// The largest datagram (UDP payload bytes) the direction `from -> to`
+    /// carries whole (None: any). Larger probes are dropped; larger other
+    /// datagrams go as two fragments, each subject to the link's loss.
+    pub fn set_mtu(&mut self, from: usize, to: usize, mtu: Option<usize>) {
+        match mtu {
+            Some(m) => self.mtu.insert((from, to), m),
+            None => self.mtu.remove(&(from, to)),
+        };
     }
 
     /// Cut (or restore) both directions between `a` and `b`.
@@ -334,8 +352,9 @@ impl Net {
         let now = self.now;
         self.nodes[i].node.service(now, &mut self.out);
         let mut frames = std::mem::take(&mut self.out.frames);
-        for (to, data) in frames.drain(..) {
-            self.send(i, to, data);
+        let probes = std::mem::take(&mut self.out.probes);
+        for (k, (to, data)) in frames.drain(..).enumerate() {
+            self.send(i, to, data, probes.contains(&k));
         }
         self.out.frames = frames;
         if let Some(h) = self.hosts.get_mut(&i) {
@@ -372,7 +391,7 @@ impl Net {
 
     /// A frame from host `i` onto the link towards `to` (counted, then cut,
     /// tapped or impaired).
-    fn send(&mut self, i: usize, to: SocketAddr, mut data: Vec<u8>) {
+    fn send(&mut self, i: usize, to: SocketAddr, mut data: Vec<u8>, probe: bool) {
         let from_addr = self.nodes[i].addr;
         let Some(j) = self.index_of(to) else { return };
         let w = self.wire.entry((i, j)).or_default();
@@ -393,6 +412,19 @@ impl Net {
         });
         self.times.clear();
         link.apply(self.now, data.len(), &mut self.times);
+        if let Some(&m) = self.mtu.get(&(i, j)) {
+            if data.len() > m {
+                if probe {
+                    return;
+                }
+                // The second fragment crosses the link too; both must arrive.
+                let mut second = Vec::new();
+                link.apply(self.now, data.len() - m, &mut second);
+                if second.is_empty() {
+                    return;
+                }
+            }
+        }
         for (k, &at) in self.times.iter().enumerate() {
             self.seq += 1;
             self.inflight.push(Arrival {
@@ -507,7 +539,7 @@ pub fn pair(seed: u64, cfg: NodeConfig, spec: LinkSpec) -> (Net, PublicKey, Publ
 
 /// Host 0 starts a handshake with host 1; run until both sides have keys
 /// (at most two simulated minutes).
-fn establish(net: &mut Net, ka: PublicKey, kb: PublicKey) {
+pub fn establish(net: &mut Net, ka: PublicKey, kb: PublicKey) {
     net.node_mut(0)
         .node
         .connect(Duration::ZERO, &kb)

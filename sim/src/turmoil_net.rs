@@ -266,6 +266,7 @@ pub async fn drive<D: Datagram, P: PacketDevice>(
     loop {
         let now = epoch.elapsed();
         let next = node.service(now, &mut out);
+        out.probes.clear();
         for (to, frame) in out.frames.drain(..) {
             sock.send_to(&frame, to).await?;
         }

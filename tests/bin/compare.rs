@@ -278,75 +278,87 @@ pub fn compare(args: &[&str]) -> Result<()> {
             pids: [1, 2].iter().filter_map(|k| lab.pid(*k)).collect(),
         },
     ];
-    let result = (|| -> Result<()> {
-        for (prog, name, dev, net, port) in [
-            ("wireguard-go", "wireguard-go", "wgc", 97u8, 51820u16),
-            ("boringtun-cli", "boringtun", "btc", 96, 51821),
-        ] {
-            if !which(prog) || !which("wg") {
-                println!("({name} not installed: skipped)");
-                continue;
-            }
-            match wireguard(&lab, prog, name, dev, net, port, &mut children) {
-                Ok(t) => tunnels.push(t),
-                Err(e) => println!("({name}: {e:#}; skipped)"),
-            }
-        }
-        // Warm up every tunnel (handshakes, path probes) before measuring.
-        for t in &tunnels {
-            let _ = ping(&lab, &t.dst);
-        }
-        let mut results: Vec<Vec<Run>> = tunnels.iter().map(|_| Vec::new()).collect();
-        for _ in 0..runs {
-            for (t, res) in tunnels.iter().zip(results.iter_mut()) {
-                match run_iperf(&lab, t, secs, cc) {
-                    Ok(r) => res.push(r),
-                    Err(e) => println!("({}: {e:#})", t.name),
-                }
-            }
-        }
-        println!(
-            "fastmesh {} | flat lab{} | {runs} x {secs} s iperf3 -C {cc}, interleaved | peer1 -> peer2",
-            env!("CARGO_PKG_VERSION"),
-            mtu.map(|m| format!(", underlay MTU {m}")).unwrap_or_default()
-        );
-        println!();
-        println!("| tunnel | median Mbit/s | min | max | runs | median s to 80% | max s to 80% | tunnel CPU s/GB | ping avg ms | ping p99 ms |");
-        println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|");
-        for (t, res) in tunnels.iter().zip(&results) {
-            let rates: Vec<f64> = res.iter().map(|r| r.mbit).collect();
-            let ramps: Vec<f64> = res.iter().map(|r| r.ramp).collect();
-            let bytes: u64 = res.iter().map(|r| r.bytes).sum();
-            let cpu: f64 = res.iter().map(|r| r.cpu).sum();
-            let (pa, pp) = ping(&lab, &t.dst).unwrap_or((f64::NAN, f64::NAN));
-            let cpu_gb = if t.pids.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{:.1}", cpu / (bytes as f64 / 1e9).max(1e-9))
-            };
-            println!(
-                "| {} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {} | {:.3} | {:.3} |",
-                t.name,
-                median(&rates),
-                rates.iter().copied().fold(f64::INFINITY, f64::min),
-                rates.iter().copied().fold(0.0, f64::max),
-                rates
-                    .iter()
-                    .map(|r| format!("{r:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                median(&ramps),
-                ramps.iter().copied().fold(0.0, f64::max),
-                cpu_gb,
-                pa,
-                pp
-            );
-        }
-        Ok(())
-    })();
+    let result = measure(&lab, &mut tunnels, &mut children, runs, secs, cc, mtu);
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
     }
     result
+}
+
+/// Bring up the WireGuard tunnels beside the others, then run and print the comparison.
+fn measure(
+    lab: &Lab,
+    tunnels: &mut Vec<Tunnel>,
+    children: &mut Vec<Child>,
+    runs: usize,
+    secs: u32,
+    cc: &str,
+    mtu: Option<u32>,
+) -> Result<()> {
+    for (prog, name, dev, net, port) in [
+        ("wireguard-go", "wireguard-go", "wgc", 97u8, 51820u16),
+        ("boringtun-cli", "boringtun", "btc", 96, 51821),
+    ] {
+        if !which(prog) || !which("wg") {
+            println!("({name} not installed: skipped)");
+            continue;
+        }
+        match wireguard(lab, prog, name, dev, net, port, children) {
+            Ok(t) => tunnels.push(t),
+            Err(e) => println!("({name}: {e:#}; skipped)"),
+        }
+    }
+    // Warm up every tunnel (handshakes, path probes) before measuring.
+    for t in tunnels.iter() {
+        let _ = ping(lab, &t.dst);
+    }
+    let mut results: Vec<Vec<Run>> = tunnels.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (t, res) in tunnels.iter().zip(results.iter_mut()) {
+            match run_iperf(lab, t, secs, cc) {
+                Ok(r) => res.push(r),
+                Err(e) => println!("({}: {e:#})", t.name),
+            }
+        }
+    }
+    println!(
+        "fastmesh {} | flat lab{} | {runs} x {secs} s iperf3 -C {cc}, interleaved | peer1 -> peer2",
+        env!("CARGO_PKG_VERSION"),
+        mtu.map(|m| format!(", underlay MTU {m}"))
+            .unwrap_or_default()
+    );
+    println!();
+    println!("| tunnel | median Mbit/s | min | max | runs | median s to 80% | max s to 80% | tunnel CPU s/GB | ping avg ms | ping p99 ms |");
+    println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|");
+    for (t, res) in tunnels.iter().zip(&results) {
+        let rates: Vec<f64> = res.iter().map(|r| r.mbit).collect();
+        let ramps: Vec<f64> = res.iter().map(|r| r.ramp).collect();
+        let bytes: u64 = res.iter().map(|r| r.bytes).sum();
+        let cpu: f64 = res.iter().map(|r| r.cpu).sum();
+        let (pa, pp) = ping(lab, &t.dst).unwrap_or((f64::NAN, f64::NAN));
+        let cpu_gb = if t.pids.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", cpu / (bytes as f64 / 1e9).max(1e-9))
+        };
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {} | {:.3} | {:.3} |",
+            t.name,
+            median(&rates),
+            rates.iter().copied().fold(f64::INFINITY, f64::min),
+            rates.iter().copied().fold(0.0, f64::max),
+            rates
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median(&ramps),
+            ramps.iter().copied().fold(0.0, f64::max),
+            cpu_gb,
+            pa,
+            pp
+        );
+    }
+    Ok(())
 }

@@ -27,6 +27,12 @@ pub trait Datagram: Send + Sync {
     fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize>;
     /// Wait until [`Datagram::try_send_to`] may succeed.
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Send a path MTU probe without waiting: like [`Datagram::try_send_to`]
+    /// but never fragmented (the don't-fragment bit set; a datagram larger
+    /// than the interface MTU fails). Where the socket cannot tell, a plain send.
+    fn try_send_probe(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.try_send_to(buf, to)
+    }
     /// Most equal-size datagrams one [`Datagram::try_send_gso`] call can carry
     /// (1 where the socket has no segmentation offload).
     fn max_gso_segments(&self) -> usize {
@@ -129,14 +135,16 @@ pub struct FastUdp {
     state: quinn_udp::UdpSocketState,
 }
 
-/// Let the kernel fragment datagrams larger than the path MTU instead of
-/// refusing them (quinn-udp sets don't-fragment for path MTU discovery).
-/// fastmesh's own frames fit a 1500-byte path; only frames a hub relays
-/// (65 bytes more) can exceed it, and they should arrive in two fragments
-/// rather than not at all. Best effort: on failure the default stays.
-fn allow_fragmentation(sock: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let fd = sock.as_raw_fd();
+/// Whether the kernel may fragment what the socket sends (`fragment`: the
+/// don't-fragment bit off, oversized datagrams are fragmented at the source
+/// and by routers) or not (the bit on; datagrams larger than the interface
+/// MTU fail with `EMSGSIZE`; learned path MTUs are ignored, as probing
+/// wants). fastmesh sizes its frames by path MTU discovery and sends its
+/// probes with the bit on; everything else goes with it off, so a frame cut
+/// before the path narrowed, or a datagram larger than the path, still
+/// arrives (in fragments) rather than not at all. Best effort: false if
+/// neither the IPv4 nor the IPv6 option could be set.
+fn set_fragmentation(fd: std::os::fd::RawFd, fragment: bool) -> bool {
     let set = |level: libc::c_int, name: libc::c_int, val: libc::c_int| {
         // SAFETY: setsockopt with a pointer to a live c_int and its size.
         unsafe {
@@ -149,26 +157,24 @@ fn allow_fragmentation(sock: &std::net::UdpSocket) {
             )
         }
     };
-    let v4 = set(
-        libc::IPPROTO_IP,
-        libc::IP_MTU_DISCOVER,
-        libc::IP_PMTUDISC_DONT,
-    );
-    let v6 = set(
-        libc::IPPROTO_IPV6,
-        libc::IPV6_MTU_DISCOVER,
-        libc::IPV6_PMTUDISC_DONT,
-    );
-    if v4 != 0 && v6 != 0 {
-        tracing::debug!("could not allow fragmentation on the UDP socket");
-    }
+    let (v4, v6) = if fragment {
+        (libc::IP_PMTUDISC_DONT, libc::IPV6_PMTUDISC_DONT)
+    } else {
+        (libc::IP_PMTUDISC_PROBE, libc::IPV6_PMTUDISC_PROBE)
+    };
+    let a = set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, v4);
+    let b = set(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, v6);
+    a == 0 || b == 0
 }
 
 impl FastUdp {
     /// Wrap a bound, non-blocking std socket (must be called inside a tokio runtime).
     pub fn new(sock: std::net::UdpSocket) -> io::Result<FastUdp> {
         let state = quinn_udp::UdpSocketState::new((&sock).into())?;
-        allow_fragmentation(&sock);
+        use std::os::fd::AsRawFd;
+        if !set_fragmentation(sock.as_raw_fd(), true) {
+            tracing::debug!("could not allow fragmentation on the UDP socket");
+        }
         Ok(FastUdp {
             sock: tokio::net::UdpSocket::from_std(sock)?,
             state,
@@ -225,6 +231,14 @@ impl Datagram for FastUdp {
                 self.state.send((&self.sock).into(), &t)
             })
             .map(|_| segs)
+    }
+    fn try_send_probe(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let fd = self.sock.as_raw_fd();
+        set_fragmentation(fd, false);
+        let r = self.sock.try_send_to(buf, to);
+        set_fragmentation(fd, true);
+        r
     }
     fn try_recv_batch(
         &self,

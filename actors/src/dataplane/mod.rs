@@ -171,6 +171,8 @@ pub struct PlaneStats {
     pub batches: u64,
     /// Sends that carried several datagrams (GSO).
     pub gso_batches: u64,
+    /// Path MTU probes the socket refused (larger than the interface MTU, or full).
+    pub pmtu_probe_failed: u64,
 }
 
 /// Everything the data plane counts.

@@ -133,6 +133,19 @@ impl<D: Datagram, P: PacketDevice> PlaneIo<D, P> {
                 self.blocked = true;
                 return false;
             }
+            Err(_) if self.n > 1 => {
+                // The kernel refused the batch (a segment larger than the
+                // interface MTU cannot be offloaded): one by one, which it
+                // fragments.
+                let mut sent = 0;
+                for c in self.run.chunks(self.seg.max(1)) {
+                    if self.sock.try_send_to(c, to).is_ok() {
+                        sent += 1;
+                    }
+                }
+                self.stats.udp_tx += sent;
+                self.stats.udp_send_failed += self.n as u64 - sent;
+            }
             Err(_) => self.stats.udp_send_failed += self.n as u64,
         }
         self.to = None;
@@ -173,6 +186,21 @@ impl<D: Datagram, P: PacketDevice> Driver for PlaneIo<D, P> {
             return false;
         }
         self.start_run(to, frame);
+        true
+    }
+
+    fn transmit_probe(&mut self, to: SocketAddr, frame: &[u8]) -> bool {
+        // Whatever was gathered goes first; the probe goes alone, unfragmented.
+        if !self.send_run() {
+            // The socket is full: the probe is lost (it is repeated on timeout).
+            self.pending = true;
+            return false;
+        }
+        match self.sock.try_send_probe(frame, to) {
+            Ok(_) => self.stats.udp_tx += 1,
+            // Too large for the local interface, or the socket is full: a lost probe.
+            Err(_) => self.stats.pmtu_probe_failed += 1,
+        }
         true
     }
 

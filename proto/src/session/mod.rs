@@ -37,6 +37,7 @@ pub use stream::{is_stream, Refusal, StreamEvent, StreamMsg, STREAM_BIT};
 use crate::cc::{Pacer, RateControl, Report};
 use crate::ip;
 use crate::path::{PathConfig, Paths, Via};
+use crate::pmtu::{self, Pmtu};
 use crate::wire::{self, Control, Inner, PublicKey};
 use keys::{Keypair, PendingInit};
 use mux::{Conv, KcpSink};
@@ -114,6 +115,18 @@ pub struct SessionStats {
     pub streams_opened: u64,
     /// Bytes of split TCP data queued for the remote.
     pub stream_tx_bytes: u64,
+    /// Largest frame (UDP payload) the current path is known to carry.
+    pub pmtu: usize,
+    /// Whether the path MTU search has settled.
+    pub pmtu_settled: bool,
+    /// Path MTU probes sent.
+    pub pmtu_probes: u64,
+    /// Times the frame size in use stopped working (a path narrowed).
+    pub pmtu_black_holes: u64,
+    /// ICMP "too big" messages sent to inner senders.
+    pub too_big_sent: u64,
+    /// Inner TCP SYNs whose MSS was lowered to fit the path.
+    pub mss_clamped: u64,
 }
 
 enum Out {
@@ -123,6 +136,8 @@ enum Out {
     Plain(Vec<u8>),
     /// Plaintext for one path (probes and their answers).
     PlainTo(Via, Vec<u8>),
+    /// A path MTU probe for one path: sent with the don't-fragment bit.
+    ProbeTo(Via, Vec<u8>),
 }
 
 /// Relayed frames a session holds for the node before they are dropped.
@@ -221,6 +236,12 @@ pub struct Session {
     /// Something other than a receiver report arrived since our last
     /// report (reports must not answer reports).
     data_since_report: bool,
+    /// Path MTU of the path in use.
+    pmtu: Pmtu,
+    /// The frame last returned by `poll_transmit` is a path MTU probe.
+    tx_probe: bool,
+    /// Earliest time for the next ICMP "too big" (at most one per 100 ms).
+    next_too_big: Duration,
 }
 
 impl Session {
@@ -239,6 +260,7 @@ impl Session {
     ) -> Session {
         let initial_rate = 64.0 * 1400.0 / 0.1;
         let max_rate = cfg.max_rate;
+        let cfg_path_mtu = cfg.path_mtu;
         Session {
             cfg,
             remote,
@@ -303,6 +325,9 @@ impl Session {
             streams_gone: VecDeque::new(),
             cc_frames_seen: 0,
             data_since_report: false,
+            pmtu: Pmtu::new(cfg_path_mtu),
+            tx_probe: false,
+            next_too_big: Duration::ZERO,
         }
     }
 
@@ -354,13 +379,9 @@ impl Session {
         if now == prev {
             return;
         }
-        let relay = |v: Option<Via>| matches!(v, Some(Via::Relay(_)));
-        if relay(now) != relay(prev) {
-            let m = self.kcp_mtu();
-            for c in self.convs.values_mut() {
-                let _ = c.kcp.set_mtu(m);
-            }
-        }
+        // Another path: its MTU is found afresh.
+        self.pmtu.reset();
+        self.resize_convs();
         if prev.is_some() && now.is_some() {
             self.stats.path_changes += 1;
             tracing::info!(
@@ -425,7 +446,17 @@ impl Session {
         s.convs = self.convs.len();
         s.srtt = self.srtt;
         s.loss = self.cc.loss();
+        s.pmtu = self.frame_budget();
+        s.pmtu_settled = self.pmtu.settled().is_some();
+        s.pmtu_probes = self.pmtu.sent;
+        s.pmtu_black_holes = self.pmtu.black_holes;
         s
+    }
+
+    /// Did the frame last returned by [`Session::poll_transmit`] probe the
+    /// path MTU (the driver sends it with the don't-fragment bit)?
+    pub fn took_probe(&self) -> bool {
+        self.tx_probe
     }
 
     /// Time of the last authenticated frame.
@@ -514,6 +545,16 @@ impl Session {
             Some(Inner::Keepalive) => {}
             Some(Inner::FecData) => self.on_fec_data(now, body),
             Some(Inner::FecParity) => self.on_fec_parity(now, body),
+            Some(Inner::MtuProbe) => {
+                // Answer on the path the probe came by, small.
+                let id = body
+                    .get(..4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                match (id, self.rx_via) {
+                    (Some(id), Some(via)) => self.answer_on(via, &Control::MtuAck { id }),
+                    _ => self.stats.malformed += 1,
+                }
+            }
             Some(Inner::Relay) => {
                 if body.len() < 32 + wire::DATA_HEADER_LEN || self.relayed.len() >= MAX_RELAYED {
                     self.stats.malformed += 1;
@@ -573,20 +614,44 @@ impl Session {
             }
             Control::PathProbe { id } => {
                 // Answer on the path the probe came by.
-                if let (Some(via), Ok(m)) = (self.rx_via, Control::PathAck { id }.encode()) {
-                    let mut v = Vec::with_capacity(1 + m.len());
-                    v.push(Inner::Control as u8);
-                    v.extend_from_slice(&m);
-                    self.urgent.push_back(Out::PlainTo(via, v));
+                if let Some(via) = self.rx_via {
+                    self.answer_on(via, &Control::PathAck { id });
                 }
             }
             Control::PathAck { id } => self.paths.on_ack(now, id),
+            Control::MtuAck { id } => {
+                if let Some(c) = self.pmtu.on_ack(now, id) {
+                    self.pmtu_changed(c);
+                }
+            }
             other => self.events.push_back(Event::Control(other)),
         }
     }
 
+    /// Queue `msg` for path `via` (answers to probes go back the way they came).
+    fn answer_on(&mut self, via: Via, msg: &Control) {
+        if let Ok(m) = msg.encode() {
+            let mut v = Vec::with_capacity(1 + m.len());
+            v.push(Inner::Control as u8);
+            v.extend_from_slice(&m);
+            self.urgent.push_back(Out::PlainTo(via, v));
+        }
+    }
+
+    /// The frame size in use changed: conversations cut their segments to it.
+    fn pmtu_changed(&mut self, c: pmtu::Change) {
+        tracing::info!(
+            peer = %self.remote[..6].iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            change = ?c,
+            frame = self.pmtu.current(),
+            "path MTU"
+        );
+        self.resize_convs();
+    }
+
     /// Write the next frame to send into `buf`; returns its destination.
     pub fn poll_transmit(&mut self, now: Duration, buf: &mut Vec<u8>) -> Option<Via> {
+        self.tx_probe = false;
         let path = self.paths.current()?;
         loop {
             let mut to = path;
@@ -600,6 +665,11 @@ impl Session {
                     }
                     Out::PlainTo(via, p) => {
                         to = via;
+                        p
+                    }
+                    Out::ProbeTo(via, p) => {
+                        to = via;
+                        self.tx_probe = true;
                         p
                     }
                     Out::Plain(p) => {

@@ -72,12 +72,28 @@ impl Session {
                     self.stats.malformed += 1;
                     return;
                 }
+                if pkt.len() + 1 > self.plain_budget() {
+                    // Larger than the path carries whole: it still goes
+                    // (the kernel and routers fragment the frame), and a
+                    // sender that asked not to be fragmented learns the size.
+                    self.too_big(now, pkt);
+                }
                 let mut v = Vec::with_capacity(pkt.len() + 1);
                 v.push(Inner::Ip as u8);
                 v.extend_from_slice(pkt);
                 self.urgent.push_back(Out::Plain(v));
             }
             Some(id) => {
+                let mut owned = None;
+                if info.proto == ip::PROTO_TCP {
+                    if ip::tcp_flags(pkt).is_some_and(|f| f & ip::TCP_SYN != 0) {
+                        owned = self.clamp_syn(pkt);
+                    } else if pkt.len() > self.inner_mtu() {
+                        // KCP cuts it into two segments; tell the sender.
+                        self.too_big(now, pkt);
+                    }
+                }
+                let pkt = owned.as_deref().unwrap_or(pkt);
                 let max_backlog = self.cfg.max_backlog;
                 let c = self.conv(now, id);
                 if c.queue.len() >= max_backlog {
@@ -172,15 +188,66 @@ impl Session {
         }
     }
 
-    /// KCP's MTU: the whole plaintext budget on a direct path; on a relayed
-    /// one, less the relay's wrapping, so relayed frames never need IP
-    /// fragmentation (KCP splits larger inner packets into two segments).
-    pub(super) fn kcp_mtu(&self) -> usize {
+    /// The largest frame to send on the path in use: its discovered MTU;
+    /// on a relayed path, less the relay's wrapping, so relayed frames need
+    /// no IP fragmentation either.
+    pub(super) fn frame_budget(&self) -> usize {
         let relayed = matches!(self.paths.current(), Some(Via::Relay(_)));
-        self.cfg.plain_budget()
-            - 1
-            - super::fec::FEC_RESERVE
-            - if relayed { wire::RELAY_OVERHEAD } else { 0 }
+        self.pmtu.current() - if relayed { wire::RELAY_OVERHEAD } else { 0 }
+    }
+
+    /// Largest plaintext (inner type byte + payload) of a frame on the path in use.
+    pub(super) fn plain_budget(&self) -> usize {
+        self.frame_budget() - wire::DATA_OVERHEAD
+    }
+
+    /// KCP's MTU: the plaintext budget less the type byte and room for the
+    /// FEC wrapping (KCP splits larger inner packets into two segments).
+    pub(super) fn kcp_mtu(&self) -> usize {
+        self.plain_budget() - 1 - super::fec::FEC_RESERVE
+    }
+
+    /// The largest inner packet one KCP segment carries on the path in use:
+    /// what inner senders are told (ICMP "too big", MSS clamping).
+    pub(super) fn inner_mtu(&self) -> usize {
+        self.kcp_mtu() - kcp::KCP_OVERHEAD
+    }
+
+    /// Every conversation cuts its segments to the path in use.
+    pub(super) fn resize_convs(&mut self) {
+        let m = self.kcp_mtu();
+        for c in self.convs.values_mut() {
+            let _ = c.kcp.set_mtu(m);
+        }
+    }
+
+    /// Tell the local sender of `pkt` (which asked not to be fragmented)
+    /// how large its packets may be, once the search has settled; at most
+    /// ten a second.
+    pub(super) fn too_big(&mut self, now: Duration, pkt: &[u8]) {
+        if self.pmtu.settled().is_none() || now < self.next_too_big || !ip::dont_fragment(pkt) {
+            return;
+        }
+        if let Some(icmp) = ip::too_big(pkt, self.inner_mtu()) {
+            self.next_too_big = now + Duration::from_millis(100);
+            self.stats.too_big_sent += 1;
+            self.rx.push_back(icmp);
+        }
+    }
+
+    /// A SYN whose MSS asks for segments larger than one KCP segment of the
+    /// settled path carries: a copy with the MSS lowered (None: left as is).
+    fn clamp_syn(&mut self, pkt: &[u8]) -> Option<Vec<u8>> {
+        self.pmtu.settled()?;
+        let hdrs = if pkt.first()? >> 4 == 4 { 40 } else { 60 };
+        let mss = self.inner_mtu().checked_sub(hdrs)?.min(u16::MAX as usize) as u16;
+        let mut v = pkt.to_vec();
+        if ip::clamp_mss(&mut v, mss) {
+            self.stats.mss_clamped += 1;
+            Some(v)
+        } else {
+            None
+        }
     }
 
     pub(super) fn conv(&mut self, now: Duration, id: u32) -> &mut Conv {

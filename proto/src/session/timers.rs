@@ -5,7 +5,8 @@
 
 use super::{Ctx, Event, Out, Session, ACK_DELAY, PUNCH_REQUEST_EVERY};
 use crate::cc::RateControl;
-use crate::wire::{Control, Inner};
+use crate::path::Via;
+use crate::wire::{self, Control, Inner};
 use std::time::Duration;
 
 impl Session {
@@ -67,6 +68,11 @@ impl Session {
         if self.current.is_some() {
             if let Some(t) = self.paths.poll_timeout() {
                 at(t);
+            }
+            if self.paths.current().is_some() {
+                if let Some(t) = self.pmtu.poll_timeout(self.now, self.srtt) {
+                    at(t);
+                }
             }
         }
         if (self.paced_len > 0 || (self.queued > 0 && self.next_admissible().is_some()))
@@ -171,6 +177,29 @@ impl Session {
             if now.saturating_sub(self.last_tx) >= self.cfg.keepalive && self.urgent.is_empty() {
                 self.urgent
                     .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
+            }
+            if let Some(via) = self.paths.current() {
+                let mut probes = Vec::new();
+                let change =
+                    self.pmtu
+                        .poll_probe(now, self.srtt, self.last_rx, active, &mut probes);
+                if let Some(c) = change {
+                    self.pmtu_changed(c);
+                }
+                // The frame on the wire is `size` bytes (on a relayed path,
+                // with the hub's wrapping).
+                let relay = if matches!(via, Via::Relay(_)) {
+                    wire::RELAY_OVERHEAD
+                } else {
+                    0
+                };
+                for (id, size) in probes {
+                    let plain = size.saturating_sub(wire::DATA_OVERHEAD + relay).max(5);
+                    let mut v = vec![0u8; plain];
+                    v[0] = Inner::MtuProbe as u8;
+                    v[1..5].copy_from_slice(&id.to_le_bytes());
+                    self.urgent.push_back(Out::ProbeTo(via, v));
+                }
             }
             // Path choice only changes with probe rounds and answers (which
             // call `choose` themselves), so it is not redone on every timer.

@@ -77,6 +77,10 @@ pub enum Inner {
     /// A Reed–Solomon parity shard of a group: group u16le, index u8, data
     /// frames k u8, parity frames m u8, then the shard.
     FecParity = 6,
+    /// Path MTU probe: probe id u32le, then padding to the size probed. Sent
+    /// with the don't-fragment bit; answered with [`Control::MtuAck`] on the
+    /// path it came by.
+    MtuProbe = 7,
 }
 
 impl Inner {
@@ -90,6 +94,7 @@ impl Inner {
             4 => Some(Inner::Relay),
             5 => Some(Inner::FecData),
             6 => Some(Inner::FecParity),
+            7 => Some(Inner::MtuProbe),
             _ => None,
         }
     }
@@ -444,6 +449,11 @@ pub enum Control {
     },
     /// Answer to a [`Control::PathProbe`].
     PathAck {
+        /// The probe's id.
+        id: u32,
+    },
+    /// Answer to an [`Inner::MtuProbe`]: a frame of its size got through.
+    MtuAck {
         /// The probe's id.
         id: u32,
     },
