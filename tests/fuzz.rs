@@ -99,6 +99,7 @@ fn controls() -> Vec<Vec<u8>> {
             highest: 2,
             bytes: 3,
         },
+        Control::MtuAck { id: 5 },
     ]
     .iter()
     .map(|c| c.encode().unwrap())
@@ -534,6 +535,20 @@ fn inner_seeds() -> Vec<Vec<u8>> {
     parity.extend_from_slice(&(seg.len() as u16).to_le_bytes());
     parity.extend_from_slice(&seg);
     seeds.push(parity);
+    // A path MTU probe, and the two pieces of a datagram cut in fragments.
+    let mut probe = vec![Inner::MtuProbe as u8, 5, 0, 0, 0];
+    probe.extend_from_slice(&[0u8; 64]);
+    seeds.push(probe);
+    let mut whole = vec![Inner::Ip as u8];
+    whole.extend_from_slice(&sim::traffic::packet(
+        src,
+        dst,
+        sim::traffic::Kind::Udp,
+        2,
+        0,
+        300,
+    ));
+    seeds.extend(transport::session::frag::split(&whole, 11, 200).expect("two pieces"));
     // KCP segments: what A's session builds for a TCP flow, in the form the
     // kcp crate writes them (conversation, command, ..., payload).
     for i in 0..4u32 {

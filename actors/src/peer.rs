@@ -76,6 +76,8 @@ pub struct PeerStatus {
     pub stream_tx_bytes: u64,
     /// Largest frame (UDP payload bytes) the path is known to carry.
     pub path_mtu: usize,
+    /// Whether the path MTU search has settled.
+    pub pmtu_settled: bool,
     /// Path MTU probes sent.
     pub pmtu_probes: u64,
     /// Times the frame size in use stopped working (the path narrowed).
@@ -188,6 +190,7 @@ impl PeerActor {
             streams_opened: st.map_or(0, |s| s.streams_opened),
             stream_tx_bytes: st.map_or(0, |s| s.stream_tx_bytes),
             path_mtu: st.map_or(0, |s| s.pmtu),
+            pmtu_settled: st.is_some_and(|s| s.pmtu_settled),
             pmtu_probes: st.map_or(0, |s| s.pmtu_probes),
             pmtu_black_holes: st.map_or(0, |s| s.pmtu_black_holes),
             too_big_sent: st.map_or(0, |s| s.too_big_sent),

@@ -31,6 +31,8 @@ const BW_WINDOW_ROUNDS: u32 = 10;
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 /// Loss beyond this is not compensated for when probing.
 const MAX_LOSS_COMPENSATION: f64 = 0.3;
+/// Oldest receiver report the clean-loss estimate uses.
+const CLEAN_MAX_AGE: Duration = Duration::from_secs(5);
 /// Delivery-rate samples the bandwidth filter keeps however old they are.
 const MIN_BW_SAMPLES: usize = 25;
 
@@ -77,8 +79,6 @@ pub struct RateControl {
     /// frames received), over the loss horizon.
     clean: VecDeque<(Duration, u64, u64)>,
     clean_loss: f64,
-    /// When `clean_loss` was last computed.
-    clean_at: Duration,
 }
 
 impl RateControl {
@@ -102,7 +102,6 @@ impl RateControl {
             probe_base: 0.0,
             clean: VecDeque::new(),
             clean_loss: 0.0,
-            clean_at: Duration::ZERO,
         }
     }
 
@@ -197,24 +196,27 @@ impl RateControl {
             let df = r.frames.saturating_sub(r0.frames).min(dh);
             self.loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
         }
-        while self.clean.len() > 1
-            && self
-                .clean
-                .front()
-                .is_some_and(|(t, _, _)| now.saturating_sub(*t) > horizon)
-        {
-            self.clean.pop_front();
-        }
-        let (dh, df) = self
+        // Samples older than the horizon go once the newer ones cover 20
+        // frames (a sender stalled by loss sends few, and its loss must
+        // still show); none is kept past CLEAN_MAX_AGE, so an old estimate
+        // (a path cut at the start, a queue ever since) does not stick.
+        let (mut dh, mut df) = self
             .clean
             .iter()
             .fold((0, 0), |(h, f), &(_, dh, df)| (h + dh, f + df));
+        while let Some(&(t, h0, f0)) = self.clean.front() {
+            let age = now.saturating_sub(t);
+            if age > CLEAN_MAX_AGE || (age > horizon && dh - h0 >= 20) {
+                self.clean.pop_front();
+                dh -= h0;
+                df -= f0;
+            } else {
+                break;
+            }
+        }
         if dh >= 20 {
             self.clean_loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
-            self.clean_at = now;
-        } else if now.saturating_sub(self.clean_at) > horizon * 2 {
-            // Too few recent frames to say: an old estimate (a path that
-            // was cut at the start, a queue ever since) must not stick.
+        } else if self.clean.is_empty() {
             self.clean_loss = 0.0;
         }
         // Delivery rate over about one round.
@@ -578,7 +580,7 @@ mod tests {
         }
         assert!(c.clean_loss() > 0.4, "{}", c.clean_loss());
         // Then a queue for a long time (no clean samples), nothing lost.
-        for i in 11..=200u64 {
+        for i in 11..=400u64 {
             c.on_rtt(ms(i * 20), ms(80));
             r.frames += 10;
             r.highest += 10;
@@ -586,5 +588,27 @@ mod tests {
             c.on_report(ms(i * 20), r);
         }
         assert_eq!(c.clean_loss(), 0.0);
+    }
+
+    #[test]
+    fn a_sender_stalled_by_loss_still_shows_it() {
+        let mut c = RateControl::new(100_000.0, 1e9);
+        c.on_rtt(ms(0), ms(5));
+        let mut r = Report {
+            frames: 0,
+            highest: 0,
+            bytes: 0,
+        };
+        // A few frames per report, nearly all lost, for 10 s: far fewer
+        // than 20 frames per horizon, but the estimate must not fade.
+        for i in 1..=100u64 {
+            r.highest += 2;
+            if i % 10 == 0 {
+                r.frames += 1;
+                r.bytes += 100;
+            }
+            c.on_report(ms(i * 100), r);
+        }
+        assert!(c.clean_loss() > 0.4, "{}", c.clean_loss());
     }
 }

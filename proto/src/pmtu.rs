@@ -20,7 +20,7 @@
 //! * **Loss is not a verdict**: a size fails after [`MAX_PROBES`] probes
 //!   unanswered, and a probe only counts if the path answered something
 //!   else meanwhile (a silent path is down, not narrow).
-//! * **Black holes**: while data flows, the size in use is probed every
+//! * **Black holes**: while frames above the base size flow, the size in use is probed every
 //!   [`CONFIRM_EVERY`]; if it fails, frames shrink to the base size at once
 //!   and a new search starts below the failed size.
 //! * **Raise**: a path that settled below the ceiling is searched again
@@ -38,7 +38,7 @@ pub const PARALLEL: usize = 4;
 /// Unanswered probes after which a size is taken not to fit.
 pub const MAX_PROBES: u32 = 4;
 /// How often the size in use is confirmed while data flows.
-pub const CONFIRM_EVERY: Duration = Duration::from_secs(10);
+pub const CONFIRM_EVERY: Duration = Duration::from_secs(2);
 /// When a search that ended below the ceiling is tried again.
 pub const RAISE_AFTER: Duration = Duration::from_secs(600);
 
@@ -63,6 +63,10 @@ pub enum Change {
         /// The size that stopped working.
         from: usize,
     },
+    /// Not even the base size gets through whole: the path carries only
+    /// small frames (a tiny MTU with fragments dropped). Data needs
+    /// another path.
+    BaseFails,
 }
 
 /// Path MTU state of one path. Sizes are whole frames (UDP payload bytes).
@@ -76,6 +80,8 @@ pub struct Pmtu {
     /// Smallest size known not to work (`max + 1` while none failed).
     hi: usize,
     searching: bool,
+    /// A probe of at least the base size was answered on this path.
+    base_ok: bool,
     /// Probes in flight (a search round, or one confirmation).
     probes: Vec<Outstanding>,
     next_id: u32,
@@ -101,6 +107,7 @@ impl Pmtu {
             lo: base,
             hi: max + 1,
             searching: max > base,
+            base_ok: false,
             probes: Vec::new(),
             next_id: 1,
             next_confirm: Duration::ZERO,
@@ -127,6 +134,13 @@ impl Pmtu {
         (!self.searching).then_some(self.current)
     }
 
+    /// Is a frame of `size` bytes known not to get through whole: larger
+    /// than the size in use, and either a size that failed or the search
+    /// over? (While the search runs, larger frames may well fit.)
+    pub fn known_too_big(&self, size: usize) -> bool {
+        size > self.current && (size >= self.hi || !self.searching)
+    }
+
     /// Start over on a new path (a new endpoint, a relay), keeping counters.
     pub fn reset(&mut self) {
         let counters = (self.sent, self.acked, self.black_holes, self.next_id);
@@ -149,6 +163,11 @@ impl Pmtu {
             return v;
         }
         let mut slots = PARALLEL;
+        // The base size is assumed, and checked alongside: a path that
+        // cannot carry it whole needs telling apart from a narrow one.
+        if !self.base_ok && self.hi > self.base {
+            v.push(self.base);
+        }
         if self.hi > self.max {
             v.push(self.max);
             slots -= 1;
@@ -206,21 +225,25 @@ impl Pmtu {
                 out.push(self.send(now, p.size, tries, p.confirm));
                 continue;
             }
-            if p.confirm {
+            if p.size == self.base && !p.confirm {
+                change = Some(Change::BaseFails);
+                self.hi = self.base;
+            } else if p.confirm {
                 // The size in use stopped working: shrink at once, search below it.
                 change = Some(Change::BlackHole { from: self.current });
                 self.current = self.base;
                 self.lo = self.base;
                 self.hi = p.size;
                 self.searching = true;
+                self.base_ok = false;
                 self.black_holes += 1;
             } else {
                 self.hi = self.hi.min(p.size);
             }
         }
-        let (lo, hi) = (self.lo, self.hi);
+        let (lo, hi, base_ok) = (self.lo, self.hi, self.base_ok);
         self.probes
-            .retain(|p| p.confirm || (p.size > lo && p.size < hi));
+            .retain(|p| p.confirm || (p.size > lo && p.size < hi) || (p.size == lo && !base_ok));
         if !self.probes.is_empty() {
             return change;
         }
@@ -256,11 +279,14 @@ impl Pmtu {
         let i = self.probes.iter().position(|p| p.id == id)?;
         let p = self.probes.swap_remove(i);
         self.acked += 1;
+        self.base_ok |= p.size >= self.base;
         if p.confirm {
             self.next_confirm = now + CONFIRM_EVERY;
         }
         if p.size > self.lo {
             self.lo = p.size;
+        }
+        if self.base_ok {
             let lo = self.lo;
             self.probes.retain(|q| q.confirm || q.size > lo);
         }
@@ -327,7 +353,8 @@ mod tests {
     fn a_full_size_path_settles_in_one_round() {
         let (p, probes, _) = discover(1452, 1472);
         assert_eq!(p.settled(), Some(1452));
-        assert!(probes <= PARALLEL as u32, "{probes}");
+        // The ceiling, three sizes below it and the base, all in one round.
+        assert!(probes <= PARALLEL as u32 + 1, "{probes}");
     }
 
     #[test]
@@ -348,6 +375,21 @@ mod tests {
     }
 
     #[test]
+    fn a_path_that_cannot_carry_the_base_size_says_so() {
+        let mut p = Pmtu::new(1452);
+        let mut out = Vec::new();
+        let mut changes = Vec::new();
+        for i in 0..100 {
+            // Small frames arrive all along; no probe is ever answered.
+            let now = ms(i * 50);
+            changes.extend(p.poll_probe(now, Some(ms(5)), now, false, &mut out));
+        }
+        assert_eq!(changes, vec![Change::BaseFails]);
+        assert_eq!(p.current(), BASE_FRAME);
+        assert!(p.known_too_big(BASE_FRAME + 1));
+    }
+
+    #[test]
     fn a_silent_path_is_not_taken_as_narrow() {
         let mut p = Pmtu::new(1452);
         // Nothing at all arrives for a long time: the first probe is
@@ -358,7 +400,7 @@ mod tests {
         }
         assert!(out.len() > 40, "{out:?}");
         // The first round's sizes, again and again; none given up on.
-        let first: Vec<usize> = out[..4].iter().map(|x| x.1).collect();
+        let first: Vec<usize> = out[..5].iter().map(|x| x.1).collect();
         assert!(out.iter().all(|x| first.contains(&x.1)), "{out:?}");
         assert!(p.settled().is_none());
         assert_eq!(p.current(), BASE_FRAME);

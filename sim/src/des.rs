@@ -157,7 +157,8 @@ pub struct Net {
     tap: Option<Tap>,
     hosts: BTreeMap<usize, TcpHost>,
     routes: BTreeMap<IpAddr, PublicKey>,
-    mtu: BTreeMap<(usize, usize), usize>,
+    /// Link MTU and whether larger datagrams are fragmented (else dropped).
+    mtu: BTreeMap<(usize, usize), (usize, bool)>,
 }
 
 /// Sees every datagram before its link: `(from, to, bytes)`; may modify the
@@ -243,10 +244,12 @@ impl Net {
 
     /// The largest datagram (UDP payload bytes) the direction `from -> to`
     /// carries whole (None: any). Larger probes are dropped; larger other
-    /// datagrams go as two fragments, each subject to the link's loss.
-    pub fn set_mtu(&mut self, from: usize, to: usize, mtu: Option<usize>) {
+    /// datagrams go as two fragments, each subject to the link's loss, if
+    /// `fragment`, else they are dropped too (a link that discards what
+    /// exceeds its MTU, or a firewall that drops fragments).
+    pub fn set_mtu(&mut self, from: usize, to: usize, mtu: Option<usize>, fragment: bool) {
         match mtu {
-            Some(m) => self.mtu.insert((from, to), m),
+            Some(m) => self.mtu.insert((from, to), (m, fragment)),
             None => self.mtu.remove(&(from, to)),
         };
     }
@@ -412,9 +415,9 @@ impl Net {
         });
         self.times.clear();
         link.apply(self.now, data.len(), &mut self.times);
-        if let Some(&m) = self.mtu.get(&(i, j)) {
+        if let Some(&(m, fragment)) = self.mtu.get(&(i, j)) {
             if data.len() > m {
-                if probe {
+                if probe || !fragment {
                     return;
                 }
                 // The second fragment crosses the link too; both must arrive.

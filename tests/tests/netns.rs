@@ -848,3 +848,98 @@ fn two_peers_behind_one_nat_find_each_other_on_the_lan() {
     assert_transfer("between two peers behind one NAT", bytes, &r, &lab);
     assert!(relayed(&lab, 0) - before < 20);
 }
+
+// ------------------------------------------------------------ path MTU
+
+/// Peer `k`'s view of its first peer: (frame size in use, search settled).
+fn path_mtu(lab: &Lab, k: usize) -> (u64, bool) {
+    let s = lab.status(k).unwrap();
+    let p = &s["status"]["peers"][0];
+    (
+        p["path_mtu"].as_u64().unwrap_or(0),
+        p["pmtu_settled"].as_bool().unwrap_or(false),
+    )
+}
+
+#[test]
+fn underlay_paths_below_1500_bytes_from_the_start() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for (mtu, net) in [(1280u32, 17u8), (1420, 18)] {
+        // Every link (both peers', the hub's, the router's) at `mtu` before
+        // anything starts, as on a PPPoE line or inside a cloud VPC.
+        let mut lab = Lab::new(&format!("fmt{}", net - 10), net, 2).expect("namespace lab");
+        lab.set_mtu(mtu).unwrap();
+        lab.start_hub(1.0).unwrap();
+        lab.start_peer(1, &[]).unwrap();
+        lab.start_peer(2, &[]).unwrap();
+        if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
+            l.peer_ready(1) && l.peer_ready(2)
+        }) {
+            panic!("mesh did not come up: {e}\n{}", lab.logs());
+        }
+        let bytes = 50_000_000;
+        let r = transfer(&lab, 1, 2, bytes, 5310);
+        assert_transfer(
+            &format!("50 MB over a {mtu}-byte underlay"),
+            bytes,
+            &r,
+            &lab,
+        );
+        // Both sides found the path's size: the UDP payload of an IPv4
+        // packet of `mtu` bytes, to within the search's 16 bytes.
+        let udp = u64::from(mtu) - 28;
+        for k in [1, 2] {
+            let (m, settled) = path_mtu(&lab, k);
+            assert!(settled, "peer {k}: search settled");
+            assert!(
+                m <= udp && m + 16 >= udp,
+                "peer {k}: frames of {m} on a {mtu} path"
+            );
+        }
+        println!("{}", lab.status_table(1));
+    }
+}
+
+#[test]
+fn the_router_mtu_lowered_during_a_transfer() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("fmt9", 19, 2).expect("namespace lab");
+    lab.start_hub(1.0).unwrap();
+    lab.start_peer(1, &[]).unwrap();
+    lab.start_peer(2, &[]).unwrap();
+    if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
+        l.peer_ready(1) && l.peer_ready(2)
+    }) {
+        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    }
+    assert_eq!(path_mtu(&lab, 1).0, 1452, "a 1500-byte path at first");
+    // Only the router's links narrow: the peers' own interfaces stay at
+    // 1500, so their kernels send full-size frames that the router must
+    // fragment (or, for probes, refuse).
+    let bytes = 400_000_000;
+    let t = start_transfer(&lab, 1, 2, bytes, 5311);
+    std::thread::sleep(Duration::from_millis(700));
+    for k in 0..=2 {
+        let a = format!("{}a{k}", lab.prefix);
+        lab.ns(&lab.router, "ip", &["link", "set", &a, "mtu", "1280"])
+            .unwrap();
+    }
+    finish_transfer(
+        &lab,
+        "400 MB while the router's MTU drops to 1280",
+        bytes,
+        5311,
+        t,
+    );
+    let (m, _) = path_mtu(&lab, 1);
+    let s = lab.status(1).unwrap();
+    let holes = s["status"]["peers"][0]["pmtu_black_holes"]
+        .as_u64()
+        .unwrap_or(0);
+    println!(
+        "{}\nsender: frames of {m}, black holes {holes}",
+        lab.status_table(1)
+    );
+    assert!(holes >= 1, "the sender noticed its frames no longer fit");
+    assert!(m <= 1252, "frames of {m} after the drop");
+}

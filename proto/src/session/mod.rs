@@ -21,6 +21,7 @@
 
 mod config;
 pub mod fec;
+pub mod frag;
 mod keys;
 mod mux;
 mod pacing;
@@ -123,10 +124,18 @@ pub struct SessionStats {
     pub pmtu_probes: u64,
     /// Times the frame size in use stopped working (a path narrowed).
     pub pmtu_black_holes: u64,
+    /// Times a direct path could not carry even base-size frames.
+    pub pmtu_base_fails: u64,
     /// ICMP "too big" messages sent to inner senders.
     pub too_big_sent: u64,
     /// Inner TCP SYNs whose MSS was lowered to fit the path.
     pub mss_clamped: u64,
+    /// Plaintexts sent in fragments (larger than the path carries).
+    pub frag_tx: u64,
+    /// Plaintexts joined from fragments.
+    pub frag_rx: u64,
+    /// Fragments refused (malformed) or incomplete plaintexts evicted.
+    pub frag_dropped: u64,
 }
 
 enum Out {
@@ -138,6 +147,8 @@ enum Out {
     PlainTo(Via, Vec<u8>),
     /// A path MTU probe for one path: sent with the don't-fragment bit.
     ProbeTo(Via, Vec<u8>),
+    /// A fragment of a plaintext too large for the path, for one path.
+    FragTo(Via, Vec<u8>),
 }
 
 /// Relayed frames a session holds for the node before they are dropped.
@@ -153,6 +164,10 @@ pub const CONV_SHARED: u32 = 1;
 const TOMBSTONES: usize = 1024;
 /// Longest an ack waits so that acks for a burst of segments share one frame.
 pub const ACK_DELAY: Duration = Duration::from_millis(4);
+
+/// How long a direct path that cannot carry base-size frames counts as
+/// losing all data.
+pub const NARROW_PATH_HOLD: Duration = Duration::from_secs(60);
 
 /// KCP data silence after which the rate controller probes the path afresh.
 pub const IDLE_RESTART: Duration = Duration::from_millis(500);
@@ -242,6 +257,16 @@ pub struct Session {
     tx_probe: bool,
     /// Earliest time for the next ICMP "too big" (at most one per 100 ms).
     next_too_big: Duration,
+    /// When a frame larger than the base size last went out (the size in
+    /// use is confirmed only while it is used).
+    last_big_tx: Duration,
+    /// When the direct path was found unable to carry even base-size
+    /// frames: it counts as losing all data (so a relay takes over) for
+    /// [`NARROW_PATH_HOLD`].
+    base_fails_at: Option<Duration>,
+    /// Fragments being joined.
+    reasm: frag::Reassembly,
+    next_frag_id: u16,
 }
 
 impl Session {
@@ -328,6 +353,10 @@ impl Session {
             pmtu: Pmtu::new(cfg_path_mtu),
             tx_probe: false,
             next_too_big: Duration::ZERO,
+            last_big_tx: Duration::ZERO,
+            base_fails_at: None,
+            reasm: frag::Reassembly::default(),
+            next_frag_id: 0,
         }
     }
 
@@ -450,6 +479,7 @@ impl Session {
         s.pmtu_settled = self.pmtu.settled().is_some();
         s.pmtu_probes = self.pmtu.sent;
         s.pmtu_black_holes = self.pmtu.black_holes;
+        s.frag_dropped += self.reasm.evicted;
         s
     }
 
@@ -545,6 +575,14 @@ impl Session {
             Some(Inner::Keepalive) => {}
             Some(Inner::FecData) => self.on_fec_data(now, body),
             Some(Inner::FecParity) => self.on_fec_parity(now, body),
+            Some(Inner::Fragment) => match self.reasm.on_fragment(body) {
+                Ok(None) => {}
+                Ok(Some(whole)) if whole.first() != Some(&(Inner::Fragment as u8)) => {
+                    self.stats.frag_rx += 1;
+                    self.dispatch(now, &whole);
+                }
+                _ => self.stats.frag_dropped += 1,
+            },
             Some(Inner::MtuProbe) => {
                 // Answer on the path the probe came by, small.
                 let id = body
@@ -605,7 +643,11 @@ impl Session {
                         bytes,
                     },
                 );
-                self.paths.note_data_loss(now, self.cc.clean_loss());
+                let narrow = self
+                    .base_fails_at
+                    .is_some_and(|t| now.saturating_sub(t) < NARROW_PATH_HOLD);
+                let loss = if narrow { 1.0 } else { self.cc.clean_loss() };
+                self.paths.note_data_loss(now, loss);
             }
             Control::ConvReset { conv } => {
                 if self.convs.contains_key(&conv) {
@@ -640,6 +682,11 @@ impl Session {
 
     /// The frame size in use changed: conversations cut their segments to it.
     fn pmtu_changed(&mut self, c: pmtu::Change) {
+        if c == pmtu::Change::BaseFails {
+            self.stats.pmtu_base_fails += 1;
+            self.base_fails_at = Some(self.now);
+            self.paths.note_data_loss(self.now, 1.0);
+        }
         tracing::info!(
             peer = %self.remote[..6].iter().map(|b| format!("{b:02x}")).collect::<String>(),
             change = ?c,
@@ -672,6 +719,10 @@ impl Session {
                         self.tx_probe = true;
                         p
                     }
+                    Out::FragTo(via, p) => {
+                        to = via;
+                        p
+                    }
                     Out::Plain(p) => {
                         if p.first() == Some(&(Inner::Ip as u8)) {
                             // Datagrams never wait, but they use the path, so KCP yields.
@@ -701,11 +752,43 @@ impl Session {
             } else {
                 return None;
             };
+            let plain = if self.tx_probe {
+                plain
+            } else {
+                self.fragment(plain, to)
+            };
             if self.seal(&plain, buf) {
                 self.count_tx(now, buf.len());
+                if buf.len() > pmtu::BASE_FRAME && !self.tx_probe {
+                    self.last_big_tx = now;
+                }
                 return Some(to);
             }
         }
+    }
+
+    /// `plain` whole, or its first fragment (the rest queued to go next)
+    /// if the path is known not to carry it in one frame.
+    fn fragment(&mut self, plain: Vec<u8>, to: Via) -> Vec<u8> {
+        let budget = self.plain_budget();
+        if plain.len() <= budget
+            || !self
+                .pmtu
+                .known_too_big(plain.len() + (self.frame_budget() - budget))
+        {
+            return plain;
+        }
+        let id = self.next_frag_id;
+        let Some(mut parts) = frag::split(&plain, id, budget) else {
+            return plain;
+        };
+        self.next_frag_id = id.wrapping_add(1);
+        self.stats.frag_tx += 1;
+        let first = parts.remove(0);
+        for p in parts.into_iter().rev() {
+            self.urgent.push_front(Out::FragTo(to, p));
+        }
+        first
     }
 
     fn count_tx(&mut self, now: Duration, n: usize) {

@@ -180,9 +180,12 @@ impl Session {
             }
             if let Some(via) = self.paths.current() {
                 let mut probes = Vec::new();
-                let change =
-                    self.pmtu
-                        .poll_probe(now, self.srtt, self.last_rx, active, &mut probes);
+                // Confirm the size in use while frames of that size flow.
+                let big = self.last_big_tx > Duration::ZERO
+                    && now.saturating_sub(self.last_big_tx) < Duration::from_secs(1);
+                let change = self
+                    .pmtu
+                    .poll_probe(now, self.srtt, self.last_rx, big, &mut probes);
                 if let Some(c) = change {
                     self.pmtu_changed(c);
                 }

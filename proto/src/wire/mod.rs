@@ -81,6 +81,9 @@ pub enum Inner {
     /// with the don't-fragment bit; answered with [`Control::MtuAck`] on the
     /// path it came by.
     MtuProbe = 7,
+    /// A piece of a plaintext larger than the path carries: id u16le,
+    /// index u8, count u8, then the piece (see `session::frag`).
+    Fragment = 8,
 }
 
 impl Inner {
@@ -95,6 +98,7 @@ impl Inner {
             5 => Some(Inner::FecData),
             6 => Some(Inner::FecParity),
             7 => Some(Inner::MtuProbe),
+            8 => Some(Inner::Fragment),
             _ => None,
         }
     }
