@@ -9,8 +9,11 @@ use transport::NodeConfig;
 
 /// Sink's bytes read, sampled every `step` while `total` bytes go from A to B.
 fn samples(seed: u64, total: u64, step: Duration) -> Vec<u64> {
-    // A LAN-like path: 0.25 ms each way, 1 Gbit/s, a 256 KB queue.
-    let spec = LinkSpec::latency(Duration::from_micros(250)).with_rate(1_000_000_000, 256_000);
+    // A LAN-like path: 0.25 ms each way and up to 0.1 ms of jitter (drawn
+    // from the seed), 1 Gbit/s, a 256 KB queue.
+    let spec = LinkSpec::latency(Duration::from_micros(250))
+        .with_jitter(Duration::from_micros(100))
+        .with_rate(1_000_000_000, 256_000);
     let (mut net, _, _) = tcp_pair(
         seed,
         (NodeConfig::default(), NodeConfig::default()),
