@@ -436,16 +436,20 @@ pub fn tcp_pair(
     (net, ka, kb)
 }
 
-/// Send `total` bytes from host 0 to a sink on host 1 (port `port`); run
-/// until the sink saw the FIN or `limit` passed. Returns the sink's and
-/// the sender's stats and the goodput in bit/s (start to FIN, or to the
-/// end of the run).
-pub fn transfer(
-    net: &mut crate::des::Net,
-    total: u64,
-    port: u16,
-    limit: Duration,
-) -> (AppStats, AppStats, f64) {
+/// A node configuration with split TCP on or off, the rest default.
+pub fn node_config(split: bool) -> transport::NodeConfig {
+    transport::NodeConfig {
+        split: transport::split::SplitConfig {
+            enabled: split,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Start sending `total` bytes from host 0 to a new sink on host 1 (port
+/// `port`); returns the sink's and the sender's app indices.
+pub fn start_transfer(net: &mut crate::des::Net, total: u64, port: u16) -> (usize, usize) {
     let now = net.now();
     let k = net.host_mut(1).add(
         now,
@@ -464,6 +468,21 @@ pub fn transfer(
             total,
         },
     );
+    (k, s)
+}
+
+/// Send `total` bytes from host 0 to a sink on host 1 (port `port`); run
+/// until the sink saw the FIN or `limit` passed. Returns the sink's and
+/// the sender's stats and the goodput in bit/s (start to FIN, or to the
+/// end of the run).
+pub fn transfer(
+    net: &mut crate::des::Net,
+    total: u64,
+    port: u16,
+    limit: Duration,
+) -> (AppStats, AppStats, f64) {
+    let now = net.now();
+    let (k, s) = start_transfer(net, total, port);
     let end = now + limit;
     while net.now() < end && net.host(1).apps[k].stats.fin_at.is_none() {
         net.run_for(Duration::from_millis(50));

@@ -851,6 +851,24 @@ fn two_peers_behind_one_nat_find_each_other_on_the_lan() {
 
 // ------------------------------------------------------------ path MTU
 
+/// A hub and two peers on a flat lab whose links all have `mtu` (if given)
+/// before anything starts; returns once both peers are ready.
+fn hub_and_two_peers(prefix: &str, net: u8, mtu: Option<u32>) -> Lab {
+    let mut lab = Lab::new(prefix, net, 2).expect("namespace lab");
+    if let Some(m) = mtu {
+        lab.set_mtu(m).unwrap();
+    }
+    lab.start_hub(1.0).unwrap();
+    lab.start_peer(1, &[]).unwrap();
+    lab.start_peer(2, &[]).unwrap();
+    if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
+        l.peer_ready(1) && l.peer_ready(2)
+    }) {
+        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    }
+    lab
+}
+
 /// Peer `k`'s view of its first peer: (frame size in use, search settled).
 fn path_mtu(lab: &Lab, k: usize) -> (u64, bool) {
     let s = lab.status(k).unwrap();
@@ -867,16 +885,7 @@ fn underlay_paths_below_1500_bytes_from_the_start() {
     for (mtu, net) in [(1280u32, 17u8), (1420, 18)] {
         // Every link (both peers', the hub's, the router's) at `mtu` before
         // anything starts, as on a PPPoE line or inside a cloud VPC.
-        let mut lab = Lab::new(&format!("fmt{}", net - 10), net, 2).expect("namespace lab");
-        lab.set_mtu(mtu).unwrap();
-        lab.start_hub(1.0).unwrap();
-        lab.start_peer(1, &[]).unwrap();
-        lab.start_peer(2, &[]).unwrap();
-        if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
-            l.peer_ready(1) && l.peer_ready(2)
-        }) {
-            panic!("mesh did not come up: {e}\n{}", lab.logs());
-        }
+        let lab = hub_and_two_peers(&format!("fmt{}", net - 10), net, Some(mtu));
         let bytes = 50_000_000;
         let r = transfer(&lab, 1, 2, bytes, 5310);
         assert_transfer(
@@ -903,15 +912,7 @@ fn underlay_paths_below_1500_bytes_from_the_start() {
 #[test]
 fn the_router_mtu_lowered_during_a_transfer() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = Lab::new("fmt9", 19, 2).expect("namespace lab");
-    lab.start_hub(1.0).unwrap();
-    lab.start_peer(1, &[]).unwrap();
-    lab.start_peer(2, &[]).unwrap();
-    if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
-        l.peer_ready(1) && l.peer_ready(2)
-    }) {
-        panic!("mesh did not come up: {e}\n{}", lab.logs());
-    }
+    let lab = hub_and_two_peers("fmt9", 19, None);
     assert_eq!(path_mtu(&lab, 1).0, 1452, "a 1500-byte path at first");
     // Only the router's links narrow: the peers' own interfaces stay at
     // 1500, so their kernels send full-size frames that the router must

@@ -4,12 +4,11 @@
 
 use sim::des::{establish, pair_idle_with, Net};
 use sim::impair::LinkSpec;
-use sim::tcp_host::{TcpHost, HOST_A, HOST_B};
+use sim::tcp_host::{start_transfer, TcpHost, HOST_A, HOST_B};
 use std::cell::Cell;
 use std::net::Ipv4Addr;
 use std::rc::Rc;
 use std::time::Duration;
-use transport::split::SplitConfig;
 use transport::wire::PublicKey;
 use transport::{ip, NodeConfig};
 
@@ -18,13 +17,7 @@ const V4_1280: usize = 1280 - 28;
 const V4_1420: usize = 1420 - 28;
 
 fn cfg(split: bool) -> NodeConfig {
-    NodeConfig {
-        split: SplitConfig {
-            enabled: split,
-            ..SplitConfig::default()
-        },
-        ..NodeConfig::default()
-    }
+    sim::tcp_host::node_config(split)
 }
 
 fn link() -> LinkSpec {
@@ -124,24 +117,7 @@ fn narrows_during_a_transfer(fragment: bool) {
     assert_eq!(settled(&net, 0, &kb).0, 1452);
     // 20 MB at 10 Mbit/s: about 17 s, longer than a confirmation period.
     net.set_link(0, 1, link().with_rate(10_000_000, 100_000));
-    let start = net.now();
-    let k = net.host_mut(1).add(
-        start,
-        sim::tcp_host::AppKind::Sink {
-            port: 5002,
-            rate: None,
-            reply: 0,
-            abort_after: None,
-        },
-    );
-    net.host_mut(0).add(
-        start,
-        sim::tcp_host::AppKind::Send {
-            to: std::net::SocketAddr::new(HOST_B, 5002),
-            port: 40_002,
-            total: 20 << 20,
-        },
-    );
+    let (k, _) = start_transfer(&mut net, 20 << 20, 5002);
     net.run_for(Duration::from_secs(2));
     // The path's MTU drops to 1280 both ways.
     net.set_mtu(0, 1, Some(V4_1280), fragment);
@@ -215,24 +191,7 @@ fn a_datagram_larger_than_the_path_still_arrives_and_its_sender_learns_the_size(
 fn a_path_that_carries_only_small_frames_is_reported() {
     let (mut net, _ka, kb) = lab(5, None, false);
     net.run_for(Duration::from_secs(1));
-    let start = net.now();
-    let k = net.host_mut(1).add(
-        start,
-        sim::tcp_host::AppKind::Sink {
-            port: 5003,
-            rate: None,
-            reply: 0,
-            abort_after: None,
-        },
-    );
-    net.host_mut(0).add(
-        start,
-        sim::tcp_host::AppKind::Send {
-            to: std::net::SocketAddr::new(HOST_B, 5003),
-            port: 40_003,
-            total: 20 << 20,
-        },
-    );
+    let (k, _) = start_transfer(&mut net, 20 << 20, 5003);
     net.run_for(Duration::from_millis(500));
     // Nothing above 400 bytes passes any more, fragments neither.
     net.set_mtu(0, 1, Some(400), false);

@@ -2,8 +2,7 @@
 //! endpoints (smoltcp CUBIC hosts) on both sides of a simulated pair.
 
 use sim::impair::LinkSpec;
-use sim::tcp_host::{tcp_pair, AppKind, HOST_B};
-use std::net::SocketAddr;
+use sim::tcp_host::{start_transfer, tcp_pair};
 use std::time::Duration;
 use transport::NodeConfig;
 
@@ -24,23 +23,7 @@ fn samples(seed: u64, total: u64, step: Duration) -> Vec<u64> {
     // has been up a while would have.
     net.run_for(Duration::from_secs(1));
     let now = net.now();
-    let k = net.host_mut(1).add(
-        now,
-        AppKind::Sink {
-            port: 5001,
-            rate: None,
-            reply: 0,
-            abort_after: None,
-        },
-    );
-    net.host_mut(0).add(
-        now,
-        AppKind::Send {
-            to: SocketAddr::new(HOST_B, 5001),
-            port: 40_001,
-            total,
-        },
-    );
+    let (k, _) = start_transfer(&mut net, total, 5001);
     let mut v = Vec::new();
     let end = now + Duration::from_secs(20);
     while net.now() < end && net.host(1).apps[k].stats.fin_at.is_none() {

@@ -6,7 +6,6 @@ use sim::impair::LinkSpec;
 use sim::tcp_host::{tcp_pair, AppKind, AppStats, HOST_B};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use transport::split::SplitConfig;
 use transport::wire::PublicKey;
 use transport::NodeConfig;
 
@@ -16,13 +15,7 @@ const B: IpAddr = HOST_B;
 const HOST_BUF: usize = 4 << 20;
 
 fn cfg(split: bool) -> NodeConfig {
-    NodeConfig {
-        split: SplitConfig {
-            enabled: split,
-            ..SplitConfig::default()
-        },
-        ..NodeConfig::default()
-    }
+    sim::tcp_host::node_config(split)
 }
 
 /// Two nodes with TCP hosts at A and B over `spec` both ways.
