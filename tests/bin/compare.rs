@@ -9,7 +9,7 @@
 //! the idle ping.
 
 use anyhow::{bail, Context, Result};
-use fastmesh_tests::lab::{proc_cpu_secs, Lab};
+use fastmesh_tests::lab::Lab;
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -158,34 +158,7 @@ fn wireguard(
 }
 
 fn run_iperf(lab: &Lab, t: &Tunnel, secs: u32, cc: &str) -> Result<Run> {
-    let mut srv = lab.spawn(2, "iperf-s.log", "iperf3", &["-s", "-1", "-p", "5202"])?;
-    lab.wait_listening(2, 5202, false)?;
-    let cpu0: f64 = t.pids.iter().map(|p| proc_cpu_secs(*p)).sum();
-    let o = lab.exec(
-        1,
-        "iperf3",
-        &[
-            "-c",
-            &t.dst,
-            "-p",
-            "5202",
-            "-t",
-            &secs.to_string(),
-            "-i",
-            "0.1",
-            "-C",
-            cc,
-            "-J",
-        ],
-    )?;
-    let cpu1: f64 = t.pids.iter().map(|p| proc_cpu_secs(*p)).sum();
-    let _ = srv.kill();
-    let _ = srv.wait();
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&o.stderr)))?;
-    if let Some(e) = v["error"].as_str() {
-        bail!("iperf3: {e}");
-    }
+    let (v, cpu) = super::iperf_json(lab, &t.dst, 5202, 5202, secs, cc, &["-i", "0.1"], &t.pids)?;
     let r = &v["end"]["sum_received"];
     let iv: Vec<(f64, f64)> = v["intervals"]
         .as_array()
@@ -203,7 +176,7 @@ fn run_iperf(lab: &Lab, t: &Tunnel, secs: u32, cc: &str) -> Result<Run> {
     Ok(Run {
         mbit: r["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
         bytes: r["bytes"].as_u64().unwrap_or(0),
-        cpu: cpu1 - cpu0,
+        cpu,
         ramp: ramp_time(&iv),
     })
 }

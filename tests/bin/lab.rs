@@ -297,27 +297,42 @@ fn iperf(lab: &Lab, dst: &str, secs: u32, cc: &str) -> Result<Iperf> {
 /// iperf3 from node 1 to `dst:port`, with the server on node 2 port 5201
 /// (`port` differs when a proxy in between forwards to it).
 fn iperf_via(lab: &Lab, dst: &str, port: u16, secs: u32, cc: &str) -> Result<Iperf> {
-    let mut srv = lab.spawn(2, "iperf-s.log", "iperf3", &["-s", "-1", "-p", "5201"])?;
-    lab.wait_listening(2, 5201, false)?;
     let pids: Vec<u32> = [1, 2].iter().filter_map(|k| lab.pid(*k)).collect();
-    let cpu0: f64 = pids.iter().map(|p| proc_cpu_secs(*p)).sum();
     let sys0 = system_busy_secs();
-    let o = lab.exec(
-        1,
-        "iperf3",
-        &[
-            "-c",
-            dst,
-            "-p",
-            &port.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-C",
-            cc,
-            "-J",
-        ],
-    )?;
+    let (v, mesh_cpu) = iperf_json(lab, dst, port, 5201, secs, cc, &[], &pids)?;
     let sys1 = system_busy_secs();
+    let r = &v["end"]["sum_received"];
+    Ok(Iperf {
+        bps: r["bits_per_second"].as_f64().unwrap_or(0.0),
+        bytes: r["bytes"].as_u64().unwrap_or(0),
+        retrans: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        sys_cpu: sys1 - sys0,
+        mesh_cpu,
+    })
+}
+
+/// One iperf3 run from node 1 to `dst:port` (`-C cc`, `extra` options),
+/// the server on node 2 at `server_port`: its JSON report, and the CPU
+/// seconds the processes `pids` used meanwhile.
+#[allow(clippy::too_many_arguments)]
+fn iperf_json(
+    lab: &Lab,
+    dst: &str,
+    port: u16,
+    server_port: u16,
+    secs: u32,
+    cc: &str,
+    extra: &[&str],
+    pids: &[u32],
+) -> Result<(serde_json::Value, f64)> {
+    let sp = server_port.to_string();
+    let mut srv = lab.spawn(2, "iperf-s.log", "iperf3", &["-s", "-1", "-p", &sp])?;
+    lab.wait_listening(2, server_port, false)?;
+    let cpu0: f64 = pids.iter().map(|p| proc_cpu_secs(*p)).sum();
+    let (port, secs) = (port.to_string(), secs.to_string());
+    let mut args = vec!["-c", dst, "-p", &port, "-t", &secs, "-C", cc, "-J"];
+    args.extend_from_slice(extra);
+    let o = lab.exec(1, "iperf3", &args)?;
     let cpu1: f64 = pids.iter().map(|p| proc_cpu_secs(*p)).sum();
     let _ = srv.kill();
     let _ = srv.wait();
@@ -326,14 +341,7 @@ fn iperf_via(lab: &Lab, dst: &str, port: u16, secs: u32, cc: &str) -> Result<Ipe
     if let Some(e) = v["error"].as_str() {
         bail!("iperf3: {e}");
     }
-    let r = &v["end"]["sum_received"];
-    Ok(Iperf {
-        bps: r["bits_per_second"].as_f64().unwrap_or(0.0),
-        bytes: r["bytes"].as_u64().unwrap_or(0),
-        retrans: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-        sys_cpu: sys1 - sys0,
-        mesh_cpu: cpu1 - cpu0,
-    })
+    Ok((v, cpu1 - cpu0))
 }
 
 /// (avg, p99, loss%) of `count` pings 10 ms apart.
