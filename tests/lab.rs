@@ -728,6 +728,18 @@ impl Lab {
         Ok(())
     }
 
+    /// Start the hub (1-s heartbeats) and peers 1..=`peers` with default
+    /// settings; return once every peer is ready, or an error with the logs.
+    pub fn start_mesh(&mut self, peers: usize, timeout: Duration) -> Result<()> {
+        self.start_hub(1.0)?;
+        for k in 1..=peers {
+            self.start_peer(k, &[])?;
+        }
+        self.wait(timeout, |l| (1..=peers).all(|k| l.peer_ready(k)))
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("mesh did not come up: {e}\n{}", self.logs()))
+    }
+
     /// Set the MTU of every underlay link (both ends of each node's veth
     /// to the router; nodes behind NATs are not covered): a path whose
     /// largest packet is `mtu` bytes, as PPPoE, cloud VPCs or IPv6 tunnels give.

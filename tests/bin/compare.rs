@@ -220,13 +220,7 @@ pub fn compare(args: &[&str]) -> Result<()> {
     if let Some(m) = mtu {
         lab.set_mtu(m)?;
     }
-    lab.start_hub(1.0)?;
-    lab.start_peer(1, &[])?;
-    lab.start_peer(2, &[])?;
-    lab.wait(Duration::from_secs(20), |l| {
-        l.peer_ready(1) && l.peer_ready(2)
-    })
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+    lab.start_mesh(2, Duration::from_secs(20))?;
     let mut children = Vec::new();
     let mut tunnels = vec![
         Tunnel {

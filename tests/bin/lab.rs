@@ -385,13 +385,7 @@ fn bench(args: &[&str]) -> Result<()> {
         .arg("tcp_bbr")
         .output();
     let mut lab = Lab::new("fmb", 40, 2)?;
-    lab.start_hub(1.0)?;
-    lab.start_peer(1, &[])?;
-    lab.start_peer(2, &[])?;
-    lab.wait(Duration::from_secs(20), |l| {
-        l.peer_ready(1) && l.peer_ready(2)
-    })
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+    lab.start_mesh(2, Duration::from_secs(20))?;
     let mesh = lab.nodes[2].overlay.to_string();
     let direct = lab.nodes[2].underlay.to_string();
     println!("fastmesh {} | {} s per run | peer1 -> peer2 over the mesh ({mesh}) vs directly over the same veth path ({direct})", env!("CARGO_PKG_VERSION"), secs);

@@ -208,13 +208,7 @@ pub fn wan(args: &[&str]) -> Result<()> {
         for &loss in &losses {
             let mut lab = Lab::new("fmw", 41, 2)?;
             lab.set_wan(&exe, Some(wan(loss)), 7 + seed as u64)?;
-            lab.start_hub(1.0)?;
-            lab.start_peer(1, &[])?;
-            lab.start_peer(2, &[])?;
-            lab.wait(Duration::from_secs(30), |l| {
-                l.peer_ready(1) && l.peer_ready(2)
-            })
-            .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+            lab.start_mesh(2, Duration::from_secs(30))?;
             let mesh = lab.nodes[2].overlay.to_string();
             let direct = lab.nodes[2].underlay.to_string();
             let mut echo = lab.spawn(2, "echo.log", &me, &["msg-echo", &ECHO_PORT.to_string()])?;

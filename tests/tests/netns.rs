@@ -858,13 +858,8 @@ fn hub_and_two_peers(prefix: &str, net: u8, mtu: Option<u32>) -> Lab {
     if let Some(m) = mtu {
         lab.set_mtu(m).unwrap();
     }
-    lab.start_hub(1.0).unwrap();
-    lab.start_peer(1, &[]).unwrap();
-    lab.start_peer(2, &[]).unwrap();
-    if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
-        l.peer_ready(1) && l.peer_ready(2)
-    }) {
-        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    if let Err(e) = lab.start_mesh(2, Duration::from_secs(30)) {
+        panic!("{e}");
     }
     lab
 }
