@@ -15,15 +15,20 @@
 //! one evicts the oldest, so a lost piece costs only its plaintext (KCP
 //! resends it; a datagram is lost as it would be anyway).
 
-use crate::wire::{Inner, MAX_FRAME};
+use crate::wire::Inner;
 use std::collections::VecDeque;
 
 /// Header of a fragment after its inner-type byte: id u16le, index, count.
 pub const FRAG_HEADER: usize = 4;
-/// Most pieces one plaintext is cut into.
-pub const MAX_PIECES: usize = 64;
-/// Incomplete plaintexts a receiver holds.
-pub const MAX_PARTIAL: usize = 8;
+/// Most pieces one plaintext is cut into: what needs cutting is a frame
+/// cut for a wider path (at most 1452 bytes, 65 more when relayed), so two
+/// pieces are the rule on any path that carries the base size.
+pub const MAX_PIECES: usize = 4;
+/// Incomplete plaintexts a receiver holds (with [`MAX_PIECES`], a few KB
+/// per session at most, however many sessions a hub has).
+pub const MAX_PARTIAL: usize = 4;
+/// Largest plaintext joined from pieces.
+pub const MAX_JOINED: usize = 8 * 1024;
 
 /// Cut `plain` into fragment plaintexts of at most `budget` bytes each.
 /// None if it would take more than [`MAX_PIECES`] or the budget is too small.
@@ -70,7 +75,7 @@ pub struct Reassembly {
 pub enum FragError {
     /// Shorter than its header, a count of 0, 1 or more than [`MAX_PIECES`],
     /// an index past the count, a count differing from the other pieces',
-    /// or a whole larger than [`MAX_FRAME`].
+    /// or a whole larger than [`MAX_JOINED`].
     Malformed,
 }
 
@@ -104,7 +109,7 @@ impl Reassembly {
             }
         };
         let p = &mut self.partial[pos];
-        if p.pieces.len() != count || p.bytes + piece.len() > MAX_FRAME {
+        if p.pieces.len() != count || p.bytes + piece.len() > MAX_JOINED {
             self.partial.remove(pos);
             return Err(FragError::Malformed);
         }
@@ -132,6 +137,7 @@ mod tests {
     #[test]
     fn split_and_join_in_any_order() {
         let plain: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        assert!(split(&plain, 9, 600).is_none(), "more than MAX_PIECES");
         let parts = split(&plain, 9, 1200).unwrap();
         assert_eq!(parts.len(), 3);
         assert!(parts.iter().all(|p| p.len() <= 1200));
@@ -168,6 +174,6 @@ mod tests {
             assert_eq!(r.on_fragment(&[b[0], b[1], 0, 2, 1]), Ok(None));
         }
         assert_eq!(r.partial.len(), MAX_PARTIAL);
-        assert!(r.evicted >= 90);
+        assert!(r.evicted >= 95);
     }
 }
