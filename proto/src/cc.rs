@@ -173,6 +173,15 @@ impl RateControl {
     /// A receiver report arrived at `now`.
     pub fn on_report(&mut self, now: Duration, r: Report) {
         if let Some(&(_, last)) = self.reports.back() {
+            if r.highest < last.highest / 2 && r.frames < last.frames / 2 {
+                // Far behind: the receiver counts under new session keys
+                // (a rotation). Start the report history over; the
+                // bandwidth and RTT estimates stay.
+                self.reports.clear();
+                self.clean.clear();
+                self.reports.push_back((now, r));
+                return;
+            }
             if r.highest < last.highest || r.frames < last.frames {
                 return; // stale or reordered report
             }
@@ -610,5 +619,30 @@ mod tests {
             c.on_report(ms(i * 100), r);
         }
         assert!(c.clean_loss() > 0.4, "{}", c.clean_loss());
+    }
+
+    #[test]
+    fn reports_counted_under_new_keys_are_followed() {
+        let mut c = RateControl::new(100_000.0, 1e9);
+        c.on_rtt(ms(0), ms(50));
+        let mut r = Report {
+            frames: 0,
+            highest: 0,
+            bytes: 0,
+        };
+        let mut t = 0;
+        deliver(&mut c, &mut r, &mut t, 40, 1_000_000.0);
+        let before = c.btl_bw();
+        assert!((before - 1_000_000.0).abs() < 50_000.0, "{before}");
+        // Key rotation: the receiver's counters start again from zero, and
+        // the path now delivers twice as much.
+        r = Report {
+            frames: 0,
+            highest: 0,
+            bytes: 0,
+        };
+        c.restart_from_idle(ms(t));
+        deliver(&mut c, &mut r, &mut t, 40, 2_000_000.0);
+        assert!(c.btl_bw() > 1_800_000.0, "{}", c.btl_bw());
     }
 }

@@ -258,6 +258,11 @@ impl Session {
         }
         self.previous = self.current.replace(kp);
         self.installed_at = ctx.now;
+        // Receiver reports count per key: new keys start from zero (without
+        // this, no report went out after a rotation until the new keys had
+        // carried as many frames as the old ones, and the sender's rate
+        // controller, stuck at its initial rate, held transfers at ~20 Mbit/s).
+        self.reported = 0;
         self.next_handshake = None;
         self.handshake_attempts = 0;
         self.stats.handshakes += 1;

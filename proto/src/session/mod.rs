@@ -629,6 +629,10 @@ impl Session {
                 bytes,
             } => {
                 self.cc.set_backlogged(self.queued > 0);
+                if frames < self.cc_frames_seen / 2 {
+                    // The remote counts under new keys now.
+                    self.cc_frames_seen = 0;
+                }
                 if self.cc_frames_seen < frames {
                     self.cc_frames_seen = frames;
                     if self.rx_via == self.paths.current() {
