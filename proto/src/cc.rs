@@ -173,7 +173,7 @@ impl RateControl {
     /// A receiver report arrived at `now`.
     pub fn on_report(&mut self, now: Duration, r: Report) {
         if let Some(&(_, last)) = self.reports.back() {
-            if r.highest < last.highest / 2 && r.frames < last.frames / 2 {
+            if last.frames >= 64 && r.highest < last.highest / 2 && r.frames < last.frames / 2 {
                 // Far behind: the receiver counts under new session keys
                 // (a rotation). Start the report history over; the
                 // bandwidth and RTT estimates stay.

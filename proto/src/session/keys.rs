@@ -262,7 +262,10 @@ impl Session {
         // this, no report went out after a rotation until the new keys had
         // carried as many frames as the old ones, and the sender's rate
         // controller, stuck at its initial rate, held transfers at ~20 Mbit/s).
-        self.reported = 0;
+        // A count this small is passed again within a few frames anyway.
+        if self.reported >= 64 {
+            self.reported = 0;
+        }
         self.next_handshake = None;
         self.handshake_attempts = 0;
         self.stats.handshakes += 1;

@@ -629,7 +629,7 @@ impl Session {
                 bytes,
             } => {
                 self.cc.set_backlogged(self.queued > 0);
-                if frames < self.cc_frames_seen / 2 {
+                if self.cc_frames_seen >= 64 && frames < self.cc_frames_seen / 2 {
                     // The remote counts under new keys now.
                     self.cc_frames_seen = 0;
                 }
