@@ -105,15 +105,11 @@ fn wireguard(
         };
         children.push(lab.spawn(k, &format!("{ifname}.log"), prog, &args)?);
         // The interface appears once the daemon has started.
-        let up = (0..100).any(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            lab.exec(k, "ip", &["link", "show", &ifname])
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        });
-        if !up {
-            bail!("{prog} did not create {ifname}");
-        }
+        lab.wait(Duration::from_secs(5), |l| {
+            l.exec(k, "ip", &["link", "show", &ifname])
+                .is_ok_and(|o| o.status.success())
+        })
+        .with_context(|| format!("{prog} did not create {ifname}"))?;
         let keyfile = lab.path(&format!("{ifname}.key"));
         std::fs::write(&keyfile, &keys[k - 1].0)?;
         let other = 3 - k;

@@ -914,7 +914,18 @@ fn the_router_mtu_lowered_during_a_transfer() {
     // fragment (or, for probes, refuse).
     let bytes = 400_000_000;
     let t = start_transfer(&lab, 1, 2, bytes, 5311);
-    std::thread::sleep(Duration::from_millis(700));
+    // Narrow the path once the transfer is well under way (50 MB sent to
+    // peer 2 by peer 1's own count), not after a guessed delay.
+    let sent = |l: &Lab| {
+        l.status(1)
+            .ok()
+            .and_then(|s| s["status"]["peers"][0]["tx_bytes"].as_u64())
+    };
+    let at_start = sent(&lab).unwrap_or(0);
+    lab.wait(Duration::from_secs(30), |l| {
+        sent(l).is_some_and(|b| b >= at_start + 50_000_000)
+    })
+    .expect("the transfer got under way");
     for k in 0..=2 {
         let a = format!("{}a{k}", lab.prefix);
         lab.ns(&lab.router, "ip", &["link", "set", &a, "mtu", "1280"])
