@@ -455,6 +455,18 @@ mod tests {
         Duration::from_millis(x)
     }
 
+    /// A controller with a first RTT sample of `rtt_ms`, and an empty report.
+    fn fresh(rtt_ms: u64) -> (RateControl, Report) {
+        let mut c = RateControl::new(100_000.0, 1e9);
+        c.on_rtt(ms(0), ms(rtt_ms));
+        let r = Report {
+            frames: 0,
+            highest: 0,
+            bytes: 0,
+        };
+        (c, r)
+    }
+
     #[test]
     fn pacer_spaces_packets() {
         let mut p = Pacer::default();
@@ -475,14 +487,8 @@ mod tests {
 
     #[test]
     fn learns_rate_and_loss_from_reports() {
-        let mut c = RateControl::new(100_000.0, 1e9);
-        c.on_rtt(ms(0), ms(50));
         // 1 MB/s delivered, 10% of frames missing.
-        let mut r = Report {
-            frames: 0,
-            highest: 0,
-            bytes: 0,
-        };
+        let (mut c, mut r) = fresh(50);
         for i in 1..=100u64 {
             r.frames += 90;
             r.highest += 100;
@@ -506,13 +512,7 @@ mod tests {
 
     #[test]
     fn pacing_never_far_above_what_the_path_delivered() {
-        let mut c = RateControl::new(100_000.0, 1e9);
-        c.on_rtt(ms(0), ms(50));
-        let mut r = Report {
-            frames: 0,
-            highest: 0,
-            bytes: 0,
-        };
+        let (mut c, mut r) = fresh(50);
         for i in 1..=400u64 {
             r.frames += 90;
             r.highest += 100;
@@ -543,13 +543,7 @@ mod tests {
     #[test]
     fn a_backlogged_sender_whose_probe_finds_more_returns_to_startup() {
         for backlogged in [true, false] {
-            let mut c = RateControl::new(100_000.0, 1e9);
-            c.on_rtt(ms(0), ms(50));
-            let mut r = Report {
-                frames: 0,
-                highest: 0,
-                bytes: 0,
-            };
+            let (mut c, mut r) = fresh(50);
             let mut t = 0;
             // Settle at 1 MB/s (startup ends when growth stops).
             deliver(&mut c, &mut r, &mut t, 40, 1_000_000.0);
@@ -573,13 +567,7 @@ mod tests {
 
     #[test]
     fn an_old_clean_loss_estimate_does_not_stick() {
-        let mut c = RateControl::new(100_000.0, 1e9);
-        c.on_rtt(ms(0), ms(20));
-        let mut r = Report {
-            frames: 0,
-            highest: 0,
-            bytes: 0,
-        };
+        let (mut c, mut r) = fresh(20);
         // Half the frames lost while the path shows no queue.
         for i in 1..=10u64 {
             r.frames += 5;
@@ -601,13 +589,7 @@ mod tests {
 
     #[test]
     fn a_sender_stalled_by_loss_still_shows_it() {
-        let mut c = RateControl::new(100_000.0, 1e9);
-        c.on_rtt(ms(0), ms(5));
-        let mut r = Report {
-            frames: 0,
-            highest: 0,
-            bytes: 0,
-        };
+        let (mut c, mut r) = fresh(5);
         // A few frames per report, nearly all lost, for 10 s: far fewer
         // than 20 frames per horizon, but the estimate must not fade.
         for i in 1..=100u64 {
@@ -623,13 +605,7 @@ mod tests {
 
     #[test]
     fn reports_counted_under_new_keys_are_followed() {
-        let mut c = RateControl::new(100_000.0, 1e9);
-        c.on_rtt(ms(0), ms(50));
-        let mut r = Report {
-            frames: 0,
-            highest: 0,
-            bytes: 0,
-        };
+        let (mut c, mut r) = fresh(50);
         let mut t = 0;
         deliver(&mut c, &mut r, &mut t, 40, 1_000_000.0);
         let before = c.btl_bw();
