@@ -13,6 +13,8 @@ mod wan_bench;
 
 const USAGE: &str = "usage:
   fastmesh-lab demo                        build a 3-peer mesh in namespaces, show it working, clean up
+  fastmesh-lab up SECS                     hub + 2 peers in namespaces, held for SECS seconds (prints
+                                           namespaces, addresses and PIDs; for ping, perf, strace)
   fastmesh-lab bench [SECS] [LOSSES] [CCS] iperf3/ping through the mesh vs direct over the same veth
                                            (defaults: 10 0,1,5 cubic,bbr)
   fastmesh-lab flood ADDR:PORT RATE SECS   send RATE bogus handshake initiations per second for SECS
@@ -50,6 +52,7 @@ fn run() -> Result<()> {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
         ["demo"] => demo(),
+        ["up", secs] => up(secs.parse().context("secs")?),
         ["bench", rest @ ..] => bench(rest),
         ["flood", addr, rate, secs] => flood(
             addr.parse().context("address")?,
@@ -212,6 +215,24 @@ fn step(what: &str) {
     println!("\n== {what}");
 }
 
+/// Hold a two-peer mesh up for `secs` seconds, for looking at it by hand.
+fn up(secs: u64) -> Result<()> {
+    let mut lab = Lab::new("fmup", 52, 2)?;
+    lab.start_mesh(2, Duration::from_secs(20))?;
+    for (k, n) in lab.nodes.iter().enumerate() {
+        println!(
+            "{}: underlay {}  overlay {}  pid {}",
+            n.ns,
+            n.underlay,
+            n.overlay,
+            lab.pid(k).map(|p| p.to_string()).unwrap_or_default()
+        );
+    }
+    println!("up for {secs} s (Ctrl-C leaves the namespaces behind)");
+    std::thread::sleep(Duration::from_secs(secs));
+    Ok(())
+}
+
 fn demo() -> Result<()> {
     let me = std::env::current_exe()?;
     let me = me.to_string_lossy().into_owned();
@@ -344,12 +365,14 @@ fn iperf_json(
     Ok((v, cpu1 - cpu0))
 }
 
-/// (avg, p99, loss%) of `count` pings 10 ms apart.
+/// (avg, p99, loss%) of `count` pings 10 ms apart (`FASTMESH_PING_INTERVAL`
+/// seconds apart if set).
 fn ping_stats(lab: &Lab, dst: &str, count: u32) -> Result<(f64, f64, f64)> {
+    let interval = std::env::var("FASTMESH_PING_INTERVAL").unwrap_or_else(|_| "0.01".into());
     let o = lab.exec(
         1,
         "ping",
-        &["-c", &count.to_string(), "-i", "0.01", "-W", "1", dst],
+        &["-c", &count.to_string(), "-i", &interval, "-W", "1", dst],
     )?;
     let text = String::from_utf8_lossy(&o.stdout);
     let mut t: Vec<f64> = text
