@@ -256,6 +256,14 @@ impl Session {
         if let Some(old) = self.previous.take() {
             ctx.indices.remove(&old.local_index);
         }
+        // Keys from an initiation of the remote's that crossed ours, still
+        // unconfirmed, are older than these: promoted later (by a frame the
+        // remote sent before it saw ours), they would put this side back on
+        // them while the remote moves on, and once each side dropped the
+        // other's keys the pair would be deaf both ways until a restart.
+        if let Some(stale) = self.next.take() {
+            ctx.indices.remove(&stale.local_index);
+        }
         self.previous = self.current.replace(kp);
         self.installed_at = ctx.now;
         // Receiver reports count per key: new keys start from zero (without

@@ -209,3 +209,67 @@ fn a_genuine_restart_resets_conversations_once_the_new_keys_are_used() {
         "a new flow works after the reset"
     );
 }
+
+/// Deliver `frames` from `from` to `to` at `now`.
+fn deliver(to: &mut Side, from: SocketAddr, now: Duration, frames: Vec<(SocketAddr, Vec<u8>)>) {
+    for (_, mut f) in frames {
+        to.node.handle_datagram(now, from, &mut f);
+    }
+}
+
+#[test]
+fn crossed_initiations_leave_both_sides_on_the_same_keys() {
+    // A accepts B's initiation (keys K1, unconfirmed at A) and then starts
+    // its own (K2) before anything under K1 arrived; B completes K1, then
+    // accepts A's. A gets B's answer for K2 first and a frame B sent under
+    // K1 after it. A must stay on K2 (the newer keys, which B takes up on
+    // A's next frame): were it to go back to K1 while B moves to K2, each
+    // side would drop the other's keys after the old-key window and the
+    // pair would be deaf both ways.
+    let t0 = Duration::from_secs(1);
+    let (mut a, mut b, _) = established(7, t0);
+    let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
+    let t1 = Duration::from_secs(2);
+    b.node.connect(t1, &ka).unwrap();
+    b.node.service(t1, &mut b.out);
+    deliver(&mut a, b.addr, t1, std::mem::take(&mut b.out.frames));
+    a.node.service(t1, &mut a.out);
+    let k1_answer = std::mem::take(&mut a.out.frames);
+    a.node.connect(t1, &kb).unwrap();
+    a.node.service(t1, &mut a.out);
+    let k2_init = std::mem::take(&mut a.out.frames);
+    // B: K1 completes (B confirms it with a frame under K1), then A's
+    // initiation is accepted (B answers it).
+    deliver(&mut b, a.addr, t1, k1_answer);
+    b.node.service(t1, &mut b.out);
+    let k1_confirm = std::mem::take(&mut b.out.frames);
+    deliver(&mut b, a.addr, t1, k2_init);
+    b.node.service(t1, &mut b.out);
+    let k2_answer: Vec<_> = std::mem::take(&mut b.out.frames)
+        .into_iter()
+        .filter(|(_, f)| f[1] == crate::wire::TYPE_HANDSHAKE_RESP)
+        .collect();
+    assert_eq!(k2_answer.len(), 1, "B answered A's initiation");
+    // A: the answer for K2 first, then B's frame under K1.
+    deliver(&mut a, b.addr, t1, k2_answer);
+    a.node.service(t1, &mut a.out);
+    deliver(&mut a, b.addr, t1, k1_confirm);
+    pump(&mut a, &mut b, t1, &mut Vec::new());
+    // Past the old-key window, both directions keep carrying packets.
+    let (rx_a, rx_b) = (a.out.rx.len(), b.out.rx.len());
+    let mut now = t1;
+    for i in 0..30 {
+        now += Duration::from_secs(1);
+        a.node.send_ip(now, &kb, &tcp(100 + i)).unwrap();
+        b.node.send_ip(now, &ka, &tcp(200 + i)).unwrap();
+        pump(&mut a, &mut b, now, &mut Vec::new());
+        pump(
+            &mut a,
+            &mut b,
+            now + Duration::from_millis(30),
+            &mut Vec::new(),
+        );
+    }
+    assert_eq!(b.out.rx.len(), rx_b + 30, "A to B after the crossing");
+    assert_eq!(a.out.rx.len(), rx_a + 30, "B to A after the crossing");
+}
