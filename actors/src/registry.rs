@@ -281,7 +281,7 @@ impl Registry {
             key,
             overlay,
             endpoints,
-            name,
+            name: transport::wire::bounded_name(&name).to_string(),
         };
         let changed = self.members.get(&key).is_none_or(|m| m.info != info);
         let m = self.members.entry(key).or_insert(Member {
@@ -464,8 +464,12 @@ impl Registry {
     }
 }
 
-/// Split one delta into messages within the wire limits. The first carries
-/// `from`; the rest apply on top (`from == to`).
+/// Split one delta into messages within the wire limits: at most
+/// [`MAX_UPSERTS`] records and [`transport::wire::MAX_REMOVALS`] removals
+/// each, and encoded within [`DELTA_BUDGET`] bytes (records are measured as
+/// they go in, so long names and many endpoints make more messages, not an
+/// encoding that fails). The first carries `from`; the rest apply on top
+/// (`from == to`).
 fn delta_messages(
     to: PublicKey,
     from: u64,
@@ -474,22 +478,40 @@ fn delta_messages(
     removals: Vec<PublicKey>,
     out: &mut Vec<Reply>,
 ) {
-    let mut up = upserts.chunks(MAX_UPSERTS).peekable();
     let mut rm = removals.chunks(transport::wire::MAX_REMOVALS).peekable();
+    let mut up = upserts.into_iter().peekable();
     let mut first = true;
     while first || up.peek().is_some() || rm.peek().is_some() {
+        let removals = rm.next().map(|c| c.to_vec()).unwrap_or_default();
+        // A removal is a 32-byte key and its length byte.
+        let mut size = DELTA_OVERHEAD + removals.len() * 34;
+        let mut batch = Vec::new();
+        while let Some(p) = up.peek() {
+            let n = p.encoded_len();
+            if batch.len() >= MAX_UPSERTS || (!batch.is_empty() && size + n > DELTA_BUDGET) {
+                break;
+            }
+            size += n;
+            batch.extend(up.next());
+        }
         out.push(Reply {
             to,
             msg: Control::PeerMapDelta {
                 from_version: if first { from } else { version },
                 to_version: version,
-                upserts: up.next().map(|c| c.to_vec()).unwrap_or_default(),
-                removals: rm.next().map(|c| c.to_vec()).unwrap_or_default(),
+                upserts: batch,
+                removals,
             },
         });
         first = false;
     }
 }
+
+/// Encoded bytes a delta may use: the control cap less room for the
+/// message's own fields.
+const DELTA_BUDGET: usize = transport::wire::CONTROL_CAP - 1024;
+/// The delta's fields other than its lists (versions, names, list headers).
+const DELTA_OVERHEAD: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -776,6 +798,76 @@ mod tests {
             reg(&mut r, 1, 1, v, &mut out),
             Registered::Accepted { .. }
         ));
+    }
+
+    #[test]
+    fn deltas_are_split_by_encoded_size_with_long_names_and_many_endpoints() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        // 200 members, each with two overlay addresses, eight IPv6
+        // endpoints and a name far past the limit (multi-byte characters,
+        // so the cut must find a character boundary).
+        let record = |i: u8| -> (Vec<IpNet>, Vec<SocketAddr>, String) {
+            let overlay = vec![
+                IpNet {
+                    addr: IpAddr::from([10, 1, i, 1]),
+                    prefix: 16,
+                },
+                IpNet {
+                    addr: IpAddr::from([0xfd00, 0, 0, 0, 0, 0, i as u16, 1]),
+                    prefix: 64,
+                },
+            ];
+            let eps = (0..8u16)
+                .map(|j| {
+                    SocketAddr::from((
+                        [0x2001, 0xdb8, i as u16, j, 0xffff, 0xffff, 0xffff, 0xffff],
+                        40_000 + j,
+                    ))
+                })
+                .collect();
+            (overlay, eps, format!("{i:03}-{}", "ü".repeat(400)))
+        };
+        let mut out = vec![];
+        for i in 1..=200u8 {
+            let (overlay, eps, name) = record(i);
+            r.register(
+                Duration::ZERO,
+                key(i),
+                eps[0],
+                overlay,
+                eps[1..].to_vec(),
+                name,
+                0,
+                &mut out,
+            );
+        }
+        // Every message of every member encodes within the cap: no delta
+        // is lost to a failed encoding.
+        for x in &out {
+            let enc = x.msg.encode().expect("fits the control cap");
+            assert!(enc.len() <= transport::wire::CONTROL_CAP);
+        }
+        // A member joining now gets the whole map in several messages, and
+        // its map holds every record whole.
+        out.clear();
+        let mut m = PeerMap::new(key(1));
+        r.heartbeat(Duration::from_secs(1), key(1), ep(1), 1, 0, &mut out);
+        let to1 = out.iter().filter(|x| x.to == key(1)).count();
+        assert!(to1 > 199 / MAX_UPSERTS + 1, "split by size: {to1} messages");
+        for x in &out {
+            let enc = x.msg.encode().expect("fits the control cap");
+            assert!(enc.len() <= transport::wire::CONTROL_CAP);
+        }
+        deliver(&out, 1, &mut m);
+        assert_eq!(m.len(), 199);
+        for i in 2..=200u8 {
+            let p = m.get(&key(i)).expect("record");
+            let (overlay, _, name) = record(i);
+            assert_eq!(p.endpoints.len(), 8);
+            assert_eq!(p.overlay, overlay);
+            assert!(p.name.len() <= transport::wire::MAX_NAME);
+            assert!(name.starts_with(&p.name) && p.name.starts_with(&format!("{i:03}-ü")));
+        }
     }
 
     #[test]

@@ -264,6 +264,22 @@ pub const MAX_UPSERTS: usize = 64;
 pub const MAX_REMOVALS: usize = 256;
 /// Most addresses or endpoints in one list.
 pub const MAX_ADDRS: usize = 8;
+/// Longest member name a hub keeps and passes on, in bytes (longer names
+/// are cut at a character boundary): one peer-map record then stays under
+/// half a kilobyte, so every record fits a delta.
+pub const MAX_NAME: usize = 64;
+
+/// `name` cut to at most [`MAX_NAME`] bytes at a character boundary.
+pub fn bounded_name(name: &str) -> &str {
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    let mut end = MAX_NAME;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
 
 /// Deserialize a list of at most `N` items without trusting the declared length:
 /// the vector grows as items actually decode, so a forged length prefix cannot
@@ -324,6 +340,15 @@ pub struct PeerInfo {
     pub endpoints: Vec<SocketAddr>,
     /// Free-form name for status displays.
     pub name: String,
+}
+
+impl PeerInfo {
+    /// Bytes of this record encoded as it sits in a
+    /// [`Control::PeerMapDelta`]'s list.
+    pub fn encoded_len(&self) -> usize {
+        let mut v = Vec::with_capacity(128);
+        rmp_serde::encode::write(&mut v, self).map_or(CONTROL_CAP, |_| v.len())
+    }
 }
 
 /// Machine-readable reason in [`Control::Nack`] and [`Control::Error`].
