@@ -44,6 +44,8 @@ pub struct HubStatus {
     pub relayed_bytes: u64,
     /// Relay messages dropped (unknown or unready destination, full queue).
     pub relay_dropped: u64,
+    /// The data plane's counters (as a peer's status has them).
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// Revoke a node key (operator command). Replies whether it was newly revoked.
@@ -262,6 +264,7 @@ impl Handler<GetHubStatus> for RegistryActor {
             relayed: 0,
             relayed_bytes: 0,
             relay_dropped: 0,
+            counters: Default::default(),
         };
         let snap = self.snap.clone();
         Box::pin(
@@ -272,6 +275,7 @@ impl Handler<GetHubStatus> for RegistryActor {
                         status.relayed = s.node.relayed;
                         status.relayed_bytes = s.node.relayed_bytes;
                         status.relay_dropped = s.node.relay_dropped;
+                        status.counters = crate::supervisor::counters(&s);
                     }
                 }
                 status

@@ -416,6 +416,11 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("udp_gso_batches".into(), p.gso_batches),
         ("pmtu_probe_failed".into(), p.pmtu_probe_failed),
         ("tun_batches".into(), p.batches),
+        ("plane_wakeups".into(), p.wakeups),
+        (
+            "drop_control_too_large".into(),
+            s.peers.iter().map(|x| x.stats.control_too_large).sum(),
+        ),
         ("drop_malformed".into(), n.malformed),
         ("drop_unknown_index".into(), n.unknown_index),
         ("drop_handshake_failed".into(), n.handshake_failed),

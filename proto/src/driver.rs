@@ -82,6 +82,8 @@ impl Node {
             let endpoint = self.session(&peer).and_then(|s| s.endpoint());
             d.event(peer, endpoint, event);
         }
+        #[cfg(debug_assertions)]
+        self.check_timers();
         self.poll_timeout()
     }
 

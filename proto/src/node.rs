@@ -174,9 +174,22 @@ pub struct Node {
     entropy: EntropySource,
     sessions: BTreeMap<PublicKey, Session>,
     indices: BTreeMap<u32, PublicKey>,
+    /// Sessions that took input or a command since the last
+    /// `handle_timeout`: they run then, whatever their timers say.
     ready: BTreeSet<PublicKey>,
+    /// Every session's next deadline, in time order (the timer queue), and
+    /// the deadline each session is filed under.
+    timers: BTreeSet<(Duration, PublicKey)>,
+    deadline: BTreeMap<PublicKey, Duration>,
+    /// Sessions that may have frames to send, in turn order (one frame per
+    /// session per turn), and the set of them.
+    txq: VecDeque<PublicKey>,
+    in_txq: BTreeSet<PublicKey>,
+    /// Sessions that may hold received inner packets.
+    rxq: BTreeSet<PublicKey>,
+    /// Sessions whose stream events wait for the split proxy.
+    streams: BTreeSet<PublicKey>,
     events: VecDeque<(PublicKey, Event)>,
-    rr: Option<PublicKey>,
     now: Duration,
     stats: NodeStats,
     limiter: InitLimiter,
@@ -216,8 +229,13 @@ impl Node {
             sessions: BTreeMap::new(),
             indices: BTreeMap::new(),
             ready: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            deadline: BTreeMap::new(),
+            txq: VecDeque::new(),
+            in_txq: BTreeSet::new(),
+            rxq: BTreeSet::new(),
+            streams: BTreeSet::new(),
             events: VecDeque::new(),
-            rr: None,
             now: Duration::ZERO,
             stats: NodeStats::default(),
             limiter: InitLimiter {
@@ -284,6 +302,7 @@ impl Node {
         if let Some(ep) = endpoint {
             s.set_endpoint(ep);
         }
+        self.ready.insert(key);
     }
 
     /// Nodes (hubs) that may relay frames to and from our peers. Their own
@@ -296,6 +315,7 @@ impl Node {
             } else {
                 s.set_relays(relays);
             }
+            self.ready.insert(*k);
         }
     }
 
@@ -303,6 +323,7 @@ impl Node {
     pub fn set_candidates(&mut self, key: &PublicKey, eps: &[SocketAddr]) {
         if let Some(s) = self.sessions.get_mut(key) {
             s.set_candidates(eps);
+            self.ready.insert(*key);
         }
     }
 
@@ -330,6 +351,13 @@ impl Node {
         }
         self.split.forget_peer(key);
         self.ready.remove(key);
+        if let Some(t) = self.deadline.remove(key) {
+            self.timers.remove(&(t, *key));
+        }
+        // (`txq` skips keys without a session.)
+        self.in_txq.remove(key);
+        self.rxq.remove(key);
+        self.streams.remove(key);
     }
 
     fn ctx(&mut self, now: Duration) -> (Ctx<'_>, &mut BTreeMap<PublicKey, Session>) {
@@ -513,6 +541,7 @@ impl Node {
                         relayed = Some(r);
                     }
                     self.ready.insert(key);
+                    self.rxq.insert(key);
                 }
                 self.stats.auth_failed += failed.0;
                 self.stats.replayed += failed.1;
@@ -620,60 +649,127 @@ impl Node {
         !self.ready.is_empty() || !self.events.is_empty()
     }
 
-    /// Earliest time `handle_timeout` should run.
+    /// Earliest time `handle_timeout` should run. O(1): the timer queue's
+    /// first entry.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        if !self.ready.is_empty() {
+        if !self.ready.is_empty() || !self.streams.is_empty() {
             return Some(self.now);
         }
-        self.sessions
-            .values()
-            .filter_map(|s| s.poll_timeout())
-            .chain(self.split.poll_timeout(self.now))
-            .min()
+        let first = self.timers.first().map(|(t, _)| *t);
+        match (first, self.split.poll_timeout(self.now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Run due timers of all sessions.
+    /// Debug builds, nodes of up to 64 sessions (the check walks them all):
+    /// every session's filed deadline is no later than the one it reports (a
+    /// later one would be a missed wake-up), and every session with a frame
+    /// to send now has a turn.
+    #[cfg(debug_assertions)]
+    pub(crate) fn check_timers(&self) {
+        if self.sessions.len() > 64 {
+            return;
+        }
+        for (k, s) in &self.sessions {
+            if self.ready.contains(k) {
+                continue;
+            }
+            let want = s.poll_timeout();
+            let filed = self.deadline.get(k).copied();
+            let ok = match (want, filed) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(w), Some(f)) => f <= w,
+            };
+            assert!(
+                ok,
+                "session {:02x?} wants {want:?}, filed {filed:?}: {}",
+                &k[..4],
+                s.debug_timers()
+            );
+            assert!(
+                self.in_txq.contains(k) || !s.wants_transmit(self.now),
+                "session {:02x?} has output but no turn",
+                &k[..4]
+            );
+        }
+    }
+
+    /// File `key`'s next deadline in the timer queue.
+    fn reschedule(&mut self, key: &PublicKey) {
+        let next = self.sessions.get(key).and_then(|s| s.poll_timeout());
+        let old = self.deadline.get(key).copied();
+        if old == next {
+            return;
+        }
+        if let Some(t) = old {
+            self.timers.remove(&(t, *key));
+            self.deadline.remove(key);
+        }
+        if let Some(t) = next {
+            self.timers.insert((t, *key));
+            self.deadline.insert(*key, t);
+        }
+    }
+
+    /// Run what is due: the sessions that took input or commands, and those
+    /// whose deadline passed. The cost is in the number of those sessions
+    /// (and split connections), not in the number of sessions held.
     pub fn handle_timeout(&mut self, now: Duration) {
-        let mut evs = Vec::new();
-        self.split.poll(now, &mut self.sessions);
+        self.now = now;
+        let mut active = std::mem::take(&mut self.ready);
+        active.append(&mut self.streams);
+        let fed = self.split.flow_peers();
+        self.split.poll(now, &mut self.sessions, &active);
+        active.extend(fed);
         for (peer, syn) in self.split.take_fallback() {
             let (mut ctx, sessions) = self.ctx(now);
             if let Some(s) = sessions.get_mut(&peer) {
                 s.send_ip(&mut ctx, &syn);
+                active.insert(peer);
             }
         }
-        let (mut ctx, sessions) = self.ctx(now);
-        for (key, s) in sessions.iter_mut() {
+        while let Some(&(t, k)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            self.deadline.remove(&k);
+            active.insert(k);
+        }
+        for key in active {
+            let (mut ctx, sessions) = self.ctx(now);
+            let Some(s) = sessions.get_mut(&key) else {
+                continue;
+            };
             if s.poll_timeout().is_some_and(|t| t <= now) {
                 s.handle_timeout(&mut ctx);
             }
+            let mut evs = Vec::new();
             while let Some(e) = s.poll_event() {
-                evs.push((*key, e));
+                evs.push((key, e));
             }
+            let streams = s.has_stream_events();
+            self.events.extend(evs);
+            if streams {
+                self.streams.insert(key);
+            }
+            self.rxq.insert(key);
+            if self.in_txq.insert(key) {
+                self.txq.push_back(key);
+            }
+            self.reschedule(&key);
         }
-        self.events.extend(evs);
-        self.ready.clear();
     }
 
-    /// Next frame to send, written into `buf`; sessions take turns.
+    /// Next frame to send, written into `buf`; sessions with output take
+    /// turns, one frame each.
     pub fn poll_transmit(&mut self, now: Duration, buf: &mut Vec<u8>) -> Option<SocketAddr> {
-        let n = self.sessions.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self
-            .rr
-            .and_then(|k| self.sessions.range(k..).nth(1).map(|(k, _)| *k));
-        let keys: Vec<PublicKey> = match start {
-            Some(s) => self
-                .sessions
-                .range(s..)
-                .chain(self.sessions.range(..s))
-                .map(|(k, _)| *k)
-                .collect(),
-            None => self.sessions.keys().copied().collect(),
-        };
-        for k in keys {
+        while let Some(k) = self.txq.pop_front() {
+            if !self.in_txq.contains(&k) {
+                continue; // removed
+            }
             while let Some((via, probe)) = self
                 .sessions
                 .get_mut(&k)
@@ -696,12 +792,16 @@ impl Node {
                 };
                 match to {
                     Some(a) => {
-                        self.rr = Some(k);
+                        // It may have more: back of the line.
+                        self.txq.push_back(k);
                         return Some(a);
                     }
                     None => self.stats.relay_dropped += 1,
                 }
             }
+            // Nothing more now; sending moved its timers (pacing, keepalive).
+            self.in_txq.remove(&k);
+            self.reschedule(&k);
         }
         None
     }
@@ -739,23 +839,17 @@ impl Node {
         if let Some(p) = self.split.poll_out() {
             return Some(p);
         }
-        for (k, s) in self.sessions.iter_mut() {
-            if let Some(p) = s.poll_rx() {
-                return Some((*k, p));
+        while let Some(&k) = self.rxq.first() {
+            if let Some(p) = self.sessions.get_mut(&k).and_then(|s| s.poll_rx()) {
+                return Some((k, p));
             }
+            self.rxq.remove(&k);
         }
         None
     }
 
     /// Next event.
     pub fn poll_event(&mut self) -> Option<(PublicKey, Event)> {
-        if self.events.is_empty() {
-            for (k, s) in self.sessions.iter_mut() {
-                while let Some(e) = s.poll_event() {
-                    self.events.push_back((*k, e));
-                }
-            }
-        }
         self.events.pop_front()
     }
 }

@@ -217,6 +217,8 @@ pub struct Paths {
     /// Since when the data on the active direct path has been lost badly,
     /// and how badly (from the receiver's reports).
     data_bad: Option<(Duration, f64)>,
+    /// Since when the session has been quiet (see [`Paths::set_quiet`]).
+    quiet_since: Option<Duration>,
 }
 
 /// What [`Paths::decide`] found.
@@ -242,7 +244,49 @@ impl Paths {
             direct_lost_since: None,
             relays: 0,
             data_bad: None,
+            quiet_since: None,
         }
+    }
+
+    /// A session with no data for a while is quiet: no probes go and no
+    /// choice is made (its keepalives still keep the active path's NAT
+    /// mappings open), and the measurements' clock stops. When data flows
+    /// again it restarts where it stopped: the active path stays, and
+    /// probes show within [`PathConfig::down_after`] if it broke meanwhile.
+    /// Without this an idle session with a relay to compare with sent a
+    /// probe and an answer every second.
+    pub fn set_quiet(&mut self, now: Duration, quiet: bool) {
+        match (self.quiet_since, quiet) {
+            (None, true) => self.quiet_since = Some(now),
+            (Some(t), false) => {
+                self.quiet_since = None;
+                let gap = now.saturating_sub(t);
+                for p in self.paths.iter_mut() {
+                    p.last_ack = p.last_ack.map(|a| a + gap);
+                    p.next_probe += gap;
+                    for x in p.probes.iter_mut() {
+                        x.1 += gap;
+                    }
+                }
+                if let Some(d) = self.direct_lost_since.as_mut() {
+                    *d += gap;
+                }
+                if let Some((d, _)) = self.data_bad.as_mut() {
+                    *d += gap;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the session is quiet.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet_since.is_some()
+    }
+
+    /// Probes and choices run: a relay to compare with, and not quiet.
+    fn measuring(&self) -> bool {
+        self.probing() && self.quiet_since.is_none()
     }
 
     /// The path frames go on now, if any.
@@ -366,7 +410,7 @@ impl Paths {
 
     /// Earliest probe due.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        if !self.probing() {
+        if !self.measuring() {
             return None;
         }
         self.paths.iter().map(|p| p.next_probe).min()
@@ -374,7 +418,7 @@ impl Paths {
 
     /// A probe due now: the path and the probe id to put in it.
     pub fn poll_probe(&mut self, now: Duration) -> Option<(Via, u32)> {
-        if !self.probing() {
+        if !self.measuring() {
             return None;
         }
         let (interval, max_backoff) = (self.cfg.probe_interval, self.cfg.max_backoff);
@@ -490,7 +534,7 @@ impl Paths {
 
     /// Re-evaluate the choice (after answers, and on every probe round).
     pub fn choose(&mut self, now: Duration) {
-        if !self.probing() {
+        if !self.measuring() {
             return;
         }
         let down = self.cfg.down_after;
@@ -650,7 +694,7 @@ impl Paths {
     /// Whether to ask the hubs to coordinate a punch: direct candidates exist,
     /// none answers, and a relay is in use or nothing is.
     pub fn wants_punch(&self, now: Duration) -> bool {
-        self.probing()
+        self.measuring()
             && self.paths.iter().any(|p| p.via.direct().is_some())
             && !self
                 .paths

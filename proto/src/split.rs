@@ -394,6 +394,12 @@ impl Split {
         }
     }
 
+    /// Peers with split connections: the sessions [`Split::poll`] may feed,
+    /// open or close streams in.
+    pub fn flow_peers(&self) -> BTreeSet<PublicKey> {
+        self.flows.values().map(|f| f.peer).collect()
+    }
+
     /// Packets for the TUN device, with the peer each one is on behalf of
     /// (its source address must be that peer's).
     pub fn poll_out(&mut self) -> Option<(PublicKey, Vec<u8>)> {
@@ -420,10 +426,20 @@ impl Split {
     }
 
     /// Run the proxy: stream messages to sockets, sockets to streams, smoltcp's
-    /// timers, connection setup and teardown. `sessions` are the node's.
-    pub fn poll(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Session>) {
+    /// timers, connection setup and teardown. `sessions` are the node's;
+    /// only those in `touched` (the ones that took input or ran timers) are
+    /// asked for stream events.
+    pub fn poll(
+        &mut self,
+        now: Duration,
+        sessions: &mut BTreeMap<PublicKey, Session>,
+        touched: &BTreeSet<PublicKey>,
+    ) {
         self.dirty = false;
-        for (peer, s) in sessions.iter_mut() {
+        for peer in touched {
+            let Some(s) = sessions.get_mut(peer) else {
+                continue;
+            };
             while let Some(ev) = s.poll_stream_event() {
                 match ev {
                     StreamEvent::Gone(c) => {

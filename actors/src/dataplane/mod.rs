@@ -173,6 +173,9 @@ pub struct PlaneStats {
     pub gso_batches: u64,
     /// Path MTU probes the socket refused (larger than the interface MTU, or full).
     pub pmtu_probe_failed: u64,
+    /// Times the data plane ran (socket readiness, timer, TUN batch or
+    /// command): what an idle node costs.
+    pub wakeups: u64,
 }
 
 /// Everything the data plane counts.
@@ -305,6 +308,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
     for Dataplane<D, P>
 {
     fn handle(&mut self, r: SockReady, ctx: &mut Context<Self>) {
+        self.io.stats.wakeups += 1;
         if let Some(kind) = r.0 {
             tracing::warn!(?kind, "socket readiness failed");
             return;
@@ -348,6 +352,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockWritabl
     for Dataplane<D, P>
 {
     fn handle(&mut self, _: SockWritable, ctx: &mut Context<Self>) {
+        self.io.stats.wakeups += 1;
         if !self.io.resume() {
             self.wait_writable(ctx);
             return;
@@ -362,6 +367,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<AlarmFired>
     for Dataplane<D, P>
 {
     fn handle(&mut self, _: AlarmFired, ctx: &mut Context<Self>) {
+        self.io.stats.wakeups += 1;
         self.pump(ctx);
     }
 }
@@ -371,6 +377,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<TunBatch> for Dat
     fn handle(&mut self, b: TunBatch, ctx: &mut Context<Self>) {
         let batch = b.0;
         self.io.stats.batches += 1;
+        self.io.stats.wakeups += 1;
         let now = self.now();
         for pkt in batch.packets() {
             self.io.stats.tun_read += 1;
@@ -394,6 +401,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<TunBatch> for Dat
 impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplane<D, P> {
     type Result = ();
     fn handle(&mut self, cmd: Cmd, ctx: &mut Context<Self>) {
+        self.io.stats.wakeups += 1;
         let now = self.now();
         match cmd {
             Cmd::AddPeer { key, endpoints } => {

@@ -253,6 +253,10 @@ impl Session {
     }
 
     pub(super) fn install(&mut self, ctx: &mut Ctx, kp: Keypair) {
+        if self.current.is_none() {
+            // A new session measures its paths before it may go quiet.
+            self.last_data = ctx.now;
+        }
         if let Some(old) = self.previous.take() {
             ctx.indices.remove(&old.local_index);
         }

@@ -306,6 +306,11 @@ impl Session {
         }
     }
 
+    /// Whether stream events wait for the proxy.
+    pub fn has_stream_events(&self) -> bool {
+        !self.streams_gone.is_empty() || !self.streams_ready.is_empty()
+    }
+
     /// Next stream event.
     pub fn poll_stream_event(&mut self) -> Option<StreamEvent> {
         if let Some(g) = self.streams_gone.pop_front() {

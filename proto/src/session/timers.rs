@@ -84,13 +84,22 @@ impl Session {
         if !self.convs.is_empty() {
             let base = self.now.as_millis() as u64;
             let now_ms = base as u32;
-            for c in self.convs.values() {
+            let clocked = self.kcp_clocked();
+            for c in self.convs.values().filter(|_| clocked) {
                 let d = c.next_update_ms.wrapping_sub(now_ms) as i32;
                 at(Duration::from_millis(
                     (base as i64 + d.max(0) as i64) as u64,
                 ));
             }
-            at(self.next_expiry);
+            // Only flow and stream conversations expire.
+            if self
+                .convs
+                .keys()
+                .next_back()
+                .is_some_and(|&id| id > super::CONV_SHARED)
+            {
+                at(self.next_expiry);
+            }
             for c in self.convs.values() {
                 if let Some(a) = c.ack_owed {
                     at(a + ACK_DELAY);
@@ -178,6 +187,10 @@ impl Session {
                 self.urgent
                     .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
             }
+            self.paths.set_quiet(
+                now,
+                now.saturating_sub(self.last_data) >= super::QUIET_AFTER,
+            );
             if let Some(via) = self.paths.current() {
                 let mut probes = Vec::new();
                 // Confirm the size in use while frames of that size flow.
