@@ -58,9 +58,20 @@ pub struct Revoke(pub PublicKey);
 #[rtype(result = "HubStatus")]
 pub struct GetHubStatus;
 
+/// Longest a change waits before it is pushed to every member (changes
+/// within it share one delta per member).
+pub const PUSH_DELAY: Duration = Duration::from_millis(250);
+
 /// The registry actor.
 pub struct RegistryActor {
     reg: Registry,
+    /// A push of changes to all members is scheduled.
+    push_scheduled: bool,
+    /// Replies to registrations that changed address ownership, held until
+    /// the owners are stored (one write for all registrations within
+    /// [`PUSH_DELAY`]: a write per registration made a thousand members
+    /// joining at once take minutes).
+    held: Vec<(PublicKey, Vec<Reply>)>,
     store: Option<OwnerStore>,
     plane: Recipient<Cmd>,
     snap: Option<Recipient<GetSnapshot>>,
@@ -71,8 +82,12 @@ impl RegistryActor {
     /// A registry answering through `plane`, persisting ownership to `store`
     /// (None: memory only, for tests that model a disk loss).
     pub fn new(reg: Registry, store: Option<OwnerStore>, plane: Recipient<Cmd>) -> RegistryActor {
+        let mut reg = reg;
+        reg.defer_pushes(true);
         RegistryActor {
             reg,
+            push_scheduled: false,
+            held: Vec::new(),
             store,
             plane,
             snap: None,
@@ -103,6 +118,55 @@ impl RegistryActor {
         self.epoch.elapsed()
     }
 
+    /// Within [`PUSH_DELAY`]: store the owners for the held registrations
+    /// and answer them, then push pending changes to all members.
+    fn schedule_push(&mut self, ctx: &mut Context<Self>) {
+        if (self.reg.push_pending() || !self.held.is_empty()) && !self.push_scheduled {
+            self.push_scheduled = true;
+            ctx.run_later(PUSH_DELAY, |act, _| {
+                act.push_scheduled = false;
+                act.commit_held();
+                let mut out = Vec::new();
+                act.reg.flush_pushes(&mut out);
+                act.flush(out);
+            });
+        }
+    }
+
+    /// Store the owners once for every held registration; answer them, or
+    /// (not durable) refuse them rather than promise an address the hub
+    /// might forget.
+    fn commit_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        let saved = match &self.store {
+            Some(store) => store.save(self.reg.owners(), self.reg.revoked()),
+            None => Ok(()),
+        };
+        match saved {
+            Ok(()) => {
+                for (_, out) in held {
+                    self.flush(out);
+                }
+            }
+            Err(e) => {
+                tracing::error!(%e, "cannot persist owners");
+                for (key, _) in held {
+                    self.reg.leave(&key, &mut Vec::new());
+                    self.flush(vec![Reply {
+                        to: key,
+                        msg: Control::Nack {
+                            code: ErrorCode::Busy,
+                            message: format!("hub cannot store membership: {e}"),
+                        },
+                    }]);
+                }
+            }
+        }
+    }
+
     fn flush(&self, out: Vec<Reply>) {
         for r in out {
             // Acks of unreliable heartbeats go as datagrams; everything that
@@ -121,7 +185,7 @@ impl Actor for RegistryActor {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Context<Self>) {
         let step = (self.reg.config().heartbeat / 2).max(Duration::from_millis(20));
-        ctx.run_interval(step, |act, _| {
+        ctx.run_interval(step, |act, ctx| {
             let mut out = Vec::new();
             let gone = act.reg.expire(act.now(), &mut out);
             for k in gone {
@@ -129,13 +193,14 @@ impl Actor for RegistryActor {
                 act.plane.do_send(Cmd::RemovePeer(k));
             }
             act.flush(out);
+            act.schedule_push(ctx);
         });
     }
 }
 
 impl Handler<NetEvent> for RegistryActor {
     type Result = ();
-    fn handle(&mut self, ev: NetEvent, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, ev: NetEvent, ctx: &mut Context<Self>) {
         let now = self.now();
         let mut out = Vec::new();
         let key = ev.peer;
@@ -165,22 +230,9 @@ impl Handler<NetEvent> for RegistryActor {
                 );
                 match res {
                     Registered::Accepted { owners_changed } => {
-                        if owners_changed {
-                            if let Some(store) = &self.store {
-                                if let Err(e) = store.save(self.reg.owners(), self.reg.revoked()) {
-                                    // Not durable: refuse rather than promise an
-                                    // address we might forget.
-                                    tracing::error!(%e, "cannot persist owners");
-                                    self.reg.leave(&key, &mut Vec::new());
-                                    out = vec![Reply {
-                                        to: key,
-                                        msg: Control::Nack {
-                                            code: ErrorCode::Busy,
-                                            message: format!("hub cannot store membership: {e}"),
-                                        },
-                                    }];
-                                }
-                            }
+                        if owners_changed && self.store.is_some() {
+                            // Answered once the owners are stored.
+                            self.held.push((key, std::mem::take(&mut out)));
                         }
                         tracing::info!(%name, key = %short_key(&key), %observed, "member registered");
                     }
@@ -218,12 +270,13 @@ impl Handler<NetEvent> for RegistryActor {
             _ => self.reg.seen(now, &key),
         }
         self.flush(out);
+        self.schedule_push(ctx);
     }
 }
 
 impl Handler<Revoke> for RegistryActor {
     type Result = Result<bool, String>;
-    fn handle(&mut self, r: Revoke, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, r: Revoke, ctx: &mut Context<Self>) -> Self::Result {
         let mut out = Vec::new();
         let newly = self.reg.revoke(&r.0, &mut out);
         if newly {
@@ -238,6 +291,7 @@ impl Handler<Revoke> for RegistryActor {
             self.plane.do_send(Cmd::RemovePeer(r.0));
         }
         self.flush(out);
+        self.schedule_push(ctx);
         Ok(newly)
     }
 }

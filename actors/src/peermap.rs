@@ -75,8 +75,13 @@ impl PeerMap {
         self.version = 0;
     }
 
-    /// Apply a delta. `from == 0` is a snapshot that replaces the map; any other
-    /// `from` must equal the version held.
+    /// Apply a delta. `from == 0` is a snapshot that replaces the map. Any
+    /// other delta applies if it covers the version held (`from <= version <
+    /// to`): records are whole and removals explicit, so a delta from an
+    /// older base brings a newer map to `to` as well (a hub resending from
+    /// the version a heartbeat reported while newer deltas were in flight).
+    /// A delta entirely at or below the version held changes nothing; one
+    /// from a later version than held is a gap (`Stale`).
     pub fn apply(
         &mut self,
         from: u64,
@@ -88,11 +93,13 @@ impl PeerMap {
         let mut keep: Option<BTreeMap<PublicKey, PeerInfo>> = None;
         if from == 0 {
             keep = Some(std::mem::take(&mut self.peers));
-        } else if from != self.version {
+        } else if from > self.version {
             return Err(Stale {
                 from,
                 have: self.version,
             });
+        } else if to <= self.version && !(from == to && to == self.version) {
+            return Ok(changes); // already have all of it
         }
         let mut old = keep.unwrap_or_default();
         for p in upserts {
@@ -193,19 +200,31 @@ mod tests {
     }
 
     #[test]
-    fn deltas_apply_in_order_and_stale_ones_are_refused() {
+    fn deltas_apply_when_they_cover_the_version_held_and_gaps_are_refused() {
         let mut m = PeerMap::new([1; 32]);
         let c = m
             .apply(0, 5, &[info(1, 1), info(2, 1), info(3, 1)], &[])
             .unwrap();
         assert_eq!(c.len(), 2, "self is skipped");
         assert_eq!(m.len(), 2);
-        assert_eq!(m.apply(4, 6, &[], &[]), Err(Stale { from: 4, have: 5 }));
-        let c = m.apply(5, 6, &[info(2, 9)], &[[3; 32]]).unwrap();
+        // A gap: changes between 5 and 6 would be missing.
+        assert_eq!(m.apply(6, 7, &[], &[]), Err(Stale { from: 6, have: 5 }));
+        // From an older base (the hub resent from the version a heartbeat
+        // reported while this member was already further): it covers 5..6.
+        let c = m.apply(4, 6, &[info(2, 9)], &[[3; 32]]).unwrap();
         assert_eq!(
             c,
             vec![MapChange::Changed(info(2, 9)), MapChange::Removed([3; 32])]
         );
+        assert_eq!(m.version(), 6);
+        // Entirely old: nothing changes.
+        assert_eq!(m.apply(5, 6, &[info(2, 1)], &[]), Ok(vec![]));
+        assert_eq!(m.get(&[2; 32]), Some(&info(2, 9)));
+        assert_eq!(m.version(), 6);
+        // The rest of a split delta applies on top of its first part.
+        let c = m.apply(6, 6, &[info(5, 1)], &[]).unwrap();
+        assert_eq!(c, vec![MapChange::Added(info(5, 1))]);
+        m.apply(6, 6, &[], &[[5; 32]]).unwrap();
         // A snapshot replaces: 2 missing means removed, 4 new.
         let c = m.apply(0, 9, &[info(4, 1)], &[]).unwrap();
         assert_eq!(

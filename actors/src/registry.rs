@@ -93,6 +93,11 @@ pub struct Registry {
     version: u64,
     /// (version, key) for each change, oldest first.
     log: VecDeque<(u64, PublicKey)>,
+    /// Changes are pushed to all members by [`Registry::flush_pushes`],
+    /// not as they happen (see [`Registry::defer_pushes`]).
+    defer: bool,
+    /// A change waits for [`Registry::flush_pushes`].
+    pending: bool,
 }
 
 /// Short hex form of a key for logs and messages.
@@ -118,6 +123,8 @@ impl Registry {
             members: BTreeMap::new(),
             version: base_version,
             log: VecDeque::new(),
+            defer: false,
+            pending: false,
         }
     }
 
@@ -416,7 +423,35 @@ impl Registry {
         }
     }
 
+    /// Push changes to all members only when [`Registry::flush_pushes`] is
+    /// called: a thousand members joining within one flush interval cost
+    /// every member one delta, not a thousand (a hub's actor flushes a few
+    /// times a second). Off by default: every change is pushed at once.
+    pub fn defer_pushes(&mut self, on: bool) {
+        self.defer = on;
+    }
+
+    /// Whether a change waits to be pushed.
+    pub fn push_pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Push what changed since the last flush to every member.
+    pub fn flush_pushes(&mut self, out: &mut Vec<Reply>) {
+        if std::mem::take(&mut self.pending) {
+            self.push_all_now(out);
+        }
+    }
+
     fn push_all(&mut self, out: &mut Vec<Reply>) {
+        if self.defer {
+            self.pending = true;
+        } else {
+            self.push_all_now(out);
+        }
+    }
+
+    fn push_all_now(&mut self, out: &mut Vec<Reply>) {
         let keys: Vec<PublicKey> = self.members.keys().copied().collect();
         for k in keys {
             self.push_to(&k, out);

@@ -421,6 +421,13 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
             "drop_control_too_large".into(),
             s.peers.iter().map(|x| x.stats.control_too_large).sum(),
         ),
+        (
+            "drop_control_backlog".into(),
+            s.peers
+                .iter()
+                .map(|x| x.stats.control_backlog_dropped)
+                .sum(),
+        ),
         ("drop_malformed".into(), n.malformed),
         ("drop_unknown_index".into(), n.unknown_index),
         ("drop_handshake_failed".into(), n.handshake_failed),

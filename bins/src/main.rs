@@ -418,7 +418,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
         let node = Node::new(
             NodeConfig {
                 admission: Admission::AnyWithNetworkKey,
-                session: SessionConfig::default(),
+                session: SessionConfig::hub(),
                 relay: !no_relay,
                 ..NodeConfig::default()
             },

@@ -303,6 +303,7 @@ impl World {
                         NodeConfig {
                             admission: Admission::AnyWithNetworkKey,
                             relay: true,
+                            session: transport::SessionConfig::hub(),
                             ..NodeConfig::default()
                         },
                         StaticKeypair::from_seed(HUB_SEED + h as u64),

@@ -102,9 +102,11 @@ fn an_idle_hub_with_100_members_sleeps() {
     );
     let worst = r[..100].iter().map(|x| x.0).fold(0.0, f64::max);
     println!("busiest idle peer (99 peer sessions and a hub): {worst:.1} frames/s");
-    // Per member and 5-s beat: its heartbeat's ack and a keepalive pong or
-    // ping; the members' own sessions with each other are quiet.
-    assert!(per_member <= 1.0, "{per_member:.2} frames/s per member");
+    // The target of issue 13: at most 2 frames per second per idle member
+    // in each direction (measured 1.48 with the final build; per member and
+    // 5-s beat its heartbeat's ack and a keepalive pong or ping, plus the
+    // frames of member pairs still on the relay).
+    assert!(per_member <= 2.0, "{per_member:.2} frames/s per member");
     // The hub's data plane runs for what arrives (about as many frames as
     // it sends) and its sessions' timers, which mostly fall together.
     assert!(

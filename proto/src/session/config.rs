@@ -73,6 +73,11 @@ pub struct SessionConfig {
     pub rcv_wnd: u16,
     /// Ping interval when idle; also the keepalive interval.
     pub keepalive: Duration,
+    /// Accept flow and stream conversations the remote opens. Hubs do not
+    /// (they carry no inner traffic of their own; a member's session with a
+    /// hub is its control conversation and relayed frames), which bounds
+    /// what a member can make a hub hold: see docs/security.md.
+    pub remote_flows: bool,
     /// Silence after which the link is declared dead.
     pub dead_after: Duration,
     /// First handshake retry delay (doubles up to 8x).
@@ -105,6 +110,7 @@ impl Default for SessionConfig {
             conv_idle: Duration::from_secs(60),
             rcv_wnd: 4096,
             keepalive: Duration::from_secs(5),
+            remote_flows: true,
             dead_after: Duration::from_secs(20),
             handshake_retry: Duration::from_secs(1),
             max_pending: 256,
@@ -119,6 +125,15 @@ impl Default for SessionConfig {
 }
 
 impl SessionConfig {
+    /// A hub's sessions: the defaults, without conversations opened by
+    /// members (only the control conversation).
+    pub fn hub() -> SessionConfig {
+        SessionConfig {
+            remote_flows: false,
+            ..SessionConfig::default()
+        }
+    }
+
     /// Largest plaintext (inner type byte + payload) that fits `path_mtu`.
     /// A hub relaying the frame adds [`wire::RELAY_OVERHEAD`]; the sockets let
     /// the kernel fragment such frames rather than reserve room in every

@@ -139,6 +139,9 @@ pub struct SessionStats {
     /// Control messages not sent because they encode larger than
     /// [`wire::CONTROL_CAP`] (a bug if ever non-zero: senders split).
     pub control_too_large: u64,
+    /// Reliable control messages refused: the control conversation held
+    /// [`CONTROL_BACKLOG`] segments (a remote that does not acknowledge).
+    pub control_backlog_dropped: u64,
 }
 
 enum Out {
@@ -162,6 +165,12 @@ pub const PUNCH_REQUEST_EVERY: Duration = Duration::from_secs(10);
 
 /// Conversation id of the reliable control channel.
 pub const CONV_CONTROL: u32 = 0;
+/// KCP window of the control conversation, in segments.
+pub const CONTROL_WND: u16 = 128;
+/// Most segments the control conversation holds unsent or unacknowledged;
+/// reliable control messages beyond are refused and counted (a hub's
+/// members resynchronise their maps from the version they report).
+pub const CONTROL_BACKLOG: usize = 1024;
 /// Conversation id shared by non-TCP traffic in all-KCP mode and by flows past the limit.
 pub const CONV_SHARED: u32 = 1;
 const TOMBSTONES: usize = 1024;
@@ -570,6 +579,10 @@ impl Session {
             return false;
         };
         let c = self.conv(now, CONV_CONTROL);
+        if c.kcp.wait_snd() >= CONTROL_BACKLOG {
+            self.stats.control_backlog_dropped += 1;
+            return false;
+        }
         if c.kcp.send(&v).is_err() {
             return false;
         }

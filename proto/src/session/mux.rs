@@ -3,7 +3,9 @@
 //! conversations, and feeding received KCP segments to them.
 
 use super::FlowMode;
-use super::{Out, Session, ACK_DELAY, CONV_CONTROL, CONV_SHARED, IDLE_RESTART, TOMBSTONES};
+use super::{
+    Out, Session, ACK_DELAY, CONTROL_WND, CONV_CONTROL, CONV_SHARED, IDLE_RESTART, TOMBSTONES,
+};
 use crate::ip;
 use crate::path::Via;
 use crate::wire::{self, segment::Segment, Control, Inner};
@@ -287,8 +289,15 @@ impl Session {
             let mut kcp = Kcp::new(id, sink.clone());
             tune_resend(&mut kcp, cfg.profile, fec_on);
             let _ = kcp.set_mtu(kcp_mtu);
-            // The controller limits inflight (`window_full`); KCP only by the receiver.
-            kcp.set_wndsize(cfg.rcv_wnd, cfg.rcv_wnd);
+            // The controller limits inflight (`window_full`); KCP only by the
+            // receiver. Control messages are small and few: their window is
+            // small, which bounds what a session's control conversation holds.
+            let wnd = if id == CONV_CONTROL {
+                CONTROL_WND
+            } else {
+                cfg.rcv_wnd
+            };
+            kcp.set_wndsize(wnd, wnd);
             kcp.set_maximum_resend_times(u32::MAX);
             let ms = now.as_millis() as u32;
             let _ = kcp.update(ms);
@@ -351,8 +360,10 @@ impl Session {
                 .keys()
                 .filter(|&&c| c > CONV_SHARED && c & 1 != self.my_bit)
                 .count();
-            let acceptable = id <= CONV_SHARED
-                || (remote_made
+            let acceptable = id == CONV_CONTROL
+                || (self.cfg.remote_flows && id == CONV_SHARED)
+                || (self.cfg.remote_flows
+                    && remote_made
                     && !self.tombstone_set.contains(&id)
                     && remote_count < 2 * self.cfg.max_convs);
             if !acceptable {

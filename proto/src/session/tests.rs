@@ -273,3 +273,64 @@ fn crossed_initiations_leave_both_sides_on_the_same_keys() {
     assert_eq!(b.out.rx.len(), rx_b + 30, "A to B after the crossing");
     assert_eq!(a.out.rx.len(), rx_a + 30, "B to A after the crossing");
 }
+
+#[test]
+fn a_hub_holds_no_conversations_its_members_open() {
+    // A member's TCP flows toward a hub would each open a KCP conversation
+    // there (up to 1,536 per member, 4,096-segment windows): a hub refuses
+    // them and keeps only the control conversation.
+    let now = Duration::from_secs(1);
+    let mut a = side(1, 7, "192.0.2.1:4000", now);
+    let mut hub = Side {
+        node: Node::new(
+            NodeConfig {
+                session: crate::SessionConfig::hub(),
+                admission: crate::node::Admission::AnyWithNetworkKey,
+                ..NodeConfig::default()
+            },
+            StaticKeypair::from_seed(2),
+            [3; 32],
+            WALL + now.as_millis() as u64,
+            EntropySource::seeded(99),
+        ),
+        addr: "192.0.2.2:4000".parse().unwrap(),
+        out: Out::default(),
+    };
+    let kh = *hub.node.public_key();
+    let ka = *a.node.public_key();
+    a.node.add_peer(kh, Some(hub.addr));
+    a.node.connect(now, &kh).unwrap();
+    pump(&mut a, &mut hub, now, &mut Vec::new());
+    // Control messages (conversation 0) go through.
+    let hb = crate::wire::Control::Heartbeat {
+        seq: 1,
+        map_version: 0,
+    };
+    assert!(a.node.send_control_reliable(now, &kh, &hb));
+    for i in 0..50u16 {
+        let (s, d) = (Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2));
+        let pkt = crate::ip::build_v4(s, d, crate::ip::PROTO_TCP, 5000 + i, 80, b"x", 200);
+        a.node.send_ip(now, &kh, &pkt).unwrap();
+    }
+    for t in 0..20u64 {
+        pump(
+            &mut a,
+            &mut hub,
+            now + Duration::from_millis(10 * t),
+            &mut Vec::new(),
+        );
+    }
+    let convs = hub.node.session(&ka).unwrap().stats().convs;
+    assert!(
+        convs <= 1,
+        "the hub holds {convs} conversations of the member"
+    );
+    assert!(
+        hub.out
+            .events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::Control(crate::wire::Control::Heartbeat { .. }))),
+        "the control message arrived"
+    );
+    assert!(hub.out.rx.is_empty(), "no inner packet was delivered");
+}

@@ -162,9 +162,13 @@ impl Session {
                 self.send_control(&Control::Ping {
                     ts_us: now.as_micros() as u64,
                 });
+                // A quiet session pings a quarter as often: its RTT is not
+                // in use, and keepalives and heartbeats keep it alive.
                 self.next_ping = now
                     + if active {
                         busy_every
+                    } else if self.paths.is_quiet() {
+                        self.cfg.keepalive * 4
                     } else {
                         self.cfg.keepalive
                     };
@@ -187,9 +191,13 @@ impl Session {
                 self.urgent
                     .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
             }
+            // A session on a relay keeps measuring: it goes direct as soon
+            // as a direct path answers, instead of relaying its keepalives
+            // through the hub for as long as it is idle.
+            let relayed = matches!(self.paths.current(), Some(Via::Relay(_)));
             self.paths.set_quiet(
                 now,
-                now.saturating_sub(self.last_data) >= super::QUIET_AFTER,
+                !relayed && now.saturating_sub(self.last_data) >= super::QUIET_AFTER,
             );
             if let Some(via) = self.paths.current() {
                 let mut probes = Vec::new();
