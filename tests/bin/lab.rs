@@ -9,12 +9,15 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 mod compare;
+mod hubload;
 mod wan_bench;
 
 const USAGE: &str = "usage:
   fastmesh-lab demo                        build a 3-peer mesh in namespaces, show it working, clean up
   fastmesh-lab up SECS                     hub + 2 peers in namespaces, held for SECS seconds (prints
                                            namespaces, addresses and PIDs; for ping, perf, strace)
+  fastmesh-lab idle [SECS]                 hub + 2 peers, idle: after 40 s (sessions quiet), SECS of
+                                           frames out of a peer, CPU and wake-ups per process
   fastmesh-lab bench [SECS] [LOSSES] [CCS] iperf3/ping through the mesh vs direct over the same veth
                                            (defaults: 10 0,1,5 cubic,bbr)
   fastmesh-lab flood ADDR:PORT RATE SECS   send RATE bogus handshake initiations per second for SECS
@@ -35,6 +38,11 @@ const USAGE: &str = "usage:
                                            fastmesh beside wireguard-go, boringtun and no tunnel on
                                            the flat lab, runs interleaved: rate, ramp-up, CPU/GB, ping
                                            (defaults: 5 5 cubic, MTU 1500)
+  fastmesh-lab hubload N [SECS] [HEARTBEAT]
+                                           N simulated members (real handshakes, registration,
+                                           heartbeats, deltas) against a real hub: join time, idle
+                                           frames per member, hub CPU and RSS, time for one change
+                                           to reach all (defaults: 30 s, heartbeat 10 s)
   fastmesh-lab wan-router DEV RTT_MS MBIT QUEUE_MS LOSS_PCT JITTER_MS SEED
                                            the WAN: forward packets read from TUN DEV after the delays
   fastmesh-lab msg-echo PORT               echo 64-byte TCP messages
@@ -53,6 +61,13 @@ fn run() -> Result<()> {
     match a.as_slice() {
         ["demo"] => demo(),
         ["up", secs] => up(secs.parse().context("secs")?),
+        ["idle", rest @ ..] => idle(
+            rest.first()
+                .map(|s| s.parse())
+                .transpose()
+                .context("secs")?
+                .unwrap_or(20),
+        ),
         ["bench", rest @ ..] => bench(rest),
         ["flood", addr, rate, secs] => flood(
             addr.parse().context("address")?,
@@ -87,6 +102,8 @@ fn run() -> Result<()> {
         }
         ["wan", rest @ ..] => wan_bench::wan(rest),
         ["compare", rest @ ..] => compare::compare(rest),
+        ["hubload", rest @ ..] => hubload::hubload(rest),
+        ["hubload-gen", rest @ ..] => hubload::generator(rest),
         ["msg-echo", port] => wan_bench::msg_echo(port.parse().context("port")?),
         ["msg-ping", addr, count, every_ms] => wan_bench::msg_ping(
             addr.parse().context("address")?,
@@ -213,6 +230,60 @@ fn udp_ping(addr: SocketAddr, count: u32) -> Result<()> {
 
 fn step(what: &str) {
     println!("\n== {what}");
+}
+
+/// What an idle mesh costs: frames a peer sends, and each process's CPU and
+/// wake-ups (voluntary context switches: each is a return from waiting).
+fn idle(secs: u64) -> Result<()> {
+    let mut lab = Lab::new("fmi", 53, 2)?;
+    lab.start_mesh(2, Duration::from_secs(20))?;
+    // Sessions go quiet 30 s after their last data.
+    std::thread::sleep(Duration::from_secs(40));
+    let dev = format!("{}b1", lab.prefix);
+    let tx = |lab: &Lab| -> Result<u64> {
+        let o = lab.exec(
+            1,
+            "cat",
+            &[&format!("/sys/class/net/{dev}/statistics/tx_packets")],
+        )?;
+        Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
+    };
+    let switches = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("voluntary_ctxt_switches"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let pids: Vec<u32> = (0..3).filter_map(|k| lab.pid(k)).collect();
+    let before: Vec<(f64, u64)> = pids
+        .iter()
+        .map(|&p| (proc_cpu_secs(p), switches(p)))
+        .collect();
+    let tx0 = tx(&lab)?;
+    std::thread::sleep(Duration::from_secs(secs));
+    let tx1 = tx(&lab)?;
+    println!(
+        "idle mesh, heartbeat 1 s: peer 1 sends {:.2} frames/s (to the hub and peer 2)",
+        (tx1 - tx0) as f64 / secs as f64
+    );
+    for (k, (&p, b)) in pids.iter().zip(&before).enumerate() {
+        let name = if k == 0 {
+            "hub".to_string()
+        } else {
+            format!("peer {k}")
+        };
+        println!(
+            "{name}: {:.2}% of a core, {:.1} wake-ups/s",
+            (proc_cpu_secs(p) - b.0) * 100.0 / secs as f64,
+            (switches(p) - b.1) as f64 / secs as f64
+        );
+    }
+    Ok(())
 }
 
 /// Hold a two-peer mesh up for `secs` seconds, for looking at it by hand.

@@ -1,0 +1,436 @@
+//! `fastmesh-lab hubload N [SECS] [HEARTBEAT]`: N simulated members against
+//! one real `fastmesh hub`, to measure what a hub costs at scale.
+//!
+//! The hub runs in one namespace; the load generator (`hubload-gen`) runs in
+//! another, as one process: one `Node` (the real protocol core, real Noise
+//! handshakes, real registration, heartbeats and peer-map deltas) and one UDP
+//! socket per member, the members spread over up to 250 source addresses
+//! (the hub limits handshakes per source address). Members do not talk to
+//! each other: the load is the hub's.
+//!
+//! Phases, printed as they end: all N join at once (time until every one is
+//! registered); steady state for SECS (the parent samples the hub's CPU and
+//! RSS, the generator counts frames per member each way); one change (one
+//! more member joins: time until all N hold the new map version).
+
+use anyhow::{bail, Context, Result};
+use fastmesh_actors::peermap::PeerMap;
+use fastmesh_actors::store::parse_key_hex;
+use fastmesh_tests::lab::{proc_cpu_secs, Lab};
+use std::cell::RefCell;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use transport::crypto::{EntropySource, StaticKeypair};
+use transport::wire::{Control, IpNet, PublicKey};
+use transport::{Driver, Event, Node, NodeConfig};
+
+/// Most source addresses the generator spreads its members over.
+const SOURCES: u32 = 250;
+
+/// `fastmesh-lab hubload N [SECS] [HEARTBEAT]`.
+pub fn hubload(args: &[&str]) -> Result<()> {
+    let n: u32 = args
+        .first()
+        .context("usage: fastmesh-lab hubload N [SECS] [HEARTBEAT]")?
+        .parse()
+        .context("N")?;
+    let secs: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let hb: f64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(10.0);
+    if !(1..=60_000).contains(&n) {
+        bail!("N between 1 and 60000");
+    }
+    let mut lab = Lab::new("fmh", 54, 1)?;
+    lab.start_hub(hb)?;
+    let hub_pid = lab.pid(0).context("hub pid")?;
+    // The generator's source addresses: .3 to .252 of its /24 (.1 is the
+    // router, .2 the node's own).
+    let gen = lab.nodes[1].underlay;
+    let sources = n.min(SOURCES);
+    let dev = format!("{}b1", lab.prefix);
+    let mut batch = String::new();
+    for i in 0..sources {
+        let o = gen.octets();
+        batch.push_str(&format!(
+            "addr add {}.{}.{}.{}/24 dev {dev}\n",
+            o[0],
+            o[1],
+            o[2],
+            3 + i
+        ));
+    }
+    let file = lab.path("addrs.batch");
+    std::fs::write(&file, batch)?;
+    lab.exec(1, "ip", &["-batch", &file])?;
+    let hub_spec = lab.hub_spec(0)?;
+    let (hub_key, hub_addr) = hub_spec.split_once('@').context("hub spec")?;
+    let me = std::env::current_exe()?.to_string_lossy().into_owned();
+    let nk = lab.path("network.key");
+    let (ns, hb_s, secs_s) = (n.to_string(), hb.to_string(), secs.to_string());
+    let gen_prefix = format!(
+        "{}.{}.{}",
+        gen.octets()[0],
+        gen.octets()[1],
+        gen.octets()[2]
+    );
+    let rss0 = rss_kb(hub_pid);
+    let mut child = lab.spawn(
+        1,
+        "hubload.log",
+        &me,
+        &[
+            "hubload-gen",
+            hub_key,
+            hub_addr,
+            &nk,
+            &ns,
+            &secs_s,
+            &hb_s,
+            &gen_prefix,
+            &sources.to_string(),
+        ],
+    )?;
+    // Steady state: the generator prints "steady" when it starts its window.
+    let log = std::path::PathBuf::from(lab.path("hubload.log"));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut sampled = None;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if sampled.is_none() && text.contains("steady start") {
+            let c0 = proc_cpu_secs(hub_pid);
+            let t0 = Instant::now();
+            // The window, less a second at each end.
+            std::thread::sleep(Duration::from_secs(secs.saturating_sub(2).max(1)));
+            let cpu = (proc_cpu_secs(hub_pid) - c0) / t0.elapsed().as_secs_f64();
+            sampled = Some((cpu, rss_kb(hub_pid)));
+        }
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("generator failed:\n{text}\n{}", lab.logs());
+            }
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("generator did not finish:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = std::fs::read_to_string(&log)?;
+    print!("{text}");
+    let (cpu, rss) = sampled.context("no steady window")?;
+    println!(
+        "hub at steady state: {:.1}% of one core, RSS {:.1} MB (at start {:.1} MB)",
+        cpu * 100.0,
+        rss as f64 / 1024.0,
+        rss0 as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Resident set of `pid` in KiB.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What every member shares with the run.
+#[derive(Default)]
+struct Shared {
+    registered: u32,
+    frames_tx: u64,
+    frames_rx: u64,
+    /// Each member's peer-map version.
+    versions: Vec<u64>,
+    /// Deltas that did not apply (a gap: the member resynchronises).
+    failures: u64,
+    /// Refusals from the hub.
+    nacks: u64,
+}
+
+/// One member's output to its socket.
+struct Out<'a> {
+    sock: &'a tokio::net::UdpSocket,
+    sent: u64,
+    events: Vec<Event>,
+}
+
+impl Driver for Out<'_> {
+    fn transmit(&mut self, to: SocketAddr, frame: &[u8]) -> bool {
+        // A full socket buffer drops the frame (KCP resends control).
+        let _ = self.sock.try_send_to(frame, to);
+        self.sent += 1;
+        true
+    }
+    fn deliver(&mut self, _from: &PublicKey, _pkt: Vec<u8>) {}
+    fn event(&mut self, _peer: PublicKey, _ep: Option<SocketAddr>, event: Event) {
+        self.events.push(event);
+    }
+}
+
+/// `fastmesh-lab hubload-gen HUBKEY HUBADDR NETKEYFILE N SECS HB PREFIX SOURCES`
+/// (run by `hubload` in its namespace).
+pub fn generator(args: &[&str]) -> Result<()> {
+    let [hub_key, hub_addr, nk, n, secs, hb, prefix, sources] = args else {
+        bail!("hubload-gen: 8 arguments");
+    };
+    let hub_key = parse_key_hex(hub_key).context("hub key")?;
+    let hub_addr: SocketAddr = hub_addr.parse()?;
+    let psk = parse_key_hex(std::fs::read_to_string(nk)?.trim()).context("network key")?;
+    let n: u32 = n.parse()?;
+    let secs: u64 = secs.parse()?;
+    let hb = Duration::from_secs_f64(hb.parse()?);
+    let sources: u32 = sources.parse()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let shared = Rc::new(RefCell::new(Shared {
+            versions: vec![0; n as usize + 1],
+            ..Shared::default()
+        }));
+        let epoch = tokio::time::Instant::now();
+        let addr = |i: u32| -> IpAddr { format!("{prefix}.{}", 3 + i % sources).parse().unwrap() };
+        let t0 = Instant::now();
+        for i in 0..n {
+            let m = Member::new(i, addr(i), hub_key, hub_addr, psk, hb).await?;
+            tokio::task::spawn_local(m.run(shared.clone(), epoch));
+        }
+        // Phase 1: all join.
+        while shared.borrow().registered < n {
+            if t0.elapsed() > Duration::from_secs(300) {
+                bail!("only {} of {n} registered after 300 s", shared.borrow().registered);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "{n} members joining at once: all registered after {:.2} s",
+            t0.elapsed().as_secs_f64()
+        );
+        // Let the joins' map pushes settle (one heartbeat and a bit).
+        tokio::time::sleep(hb + Duration::from_secs(2)).await;
+        // Phase 2: steady state.
+        let (tx0, rx0) = {
+            let s = shared.borrow();
+            (s.frames_tx, s.frames_rx)
+        };
+        println!("steady start");
+        let w = Instant::now();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let dt = w.elapsed().as_secs_f64();
+        let (tx1, rx1) = {
+            let s = shared.borrow();
+            (s.frames_tx, s.frames_rx)
+        };
+        println!(
+            "steady state ({n} idle members, heartbeat {:.0} s): {:.2} frames/s per member to the hub, {:.2} from it",
+            hb.as_secs_f64(),
+            (tx1 - tx0) as f64 / dt / n as f64,
+            (rx1 - rx0) as f64 / dt / n as f64
+        );
+        // Phase 3: one change reaches everyone.
+        let t1 = Instant::now();
+        let extra = Member::new(n, addr(n), hub_key, hub_addr, psk, hb).await?;
+        let version = Rc::new(RefCell::new(None));
+        tokio::task::spawn_local(extra.run_reporting(shared.clone(), epoch, version.clone()));
+        let v = loop {
+            if let Some(v) = *version.borrow() {
+                break v;
+            }
+            if t1.elapsed() > Duration::from_secs(60) {
+                bail!("the extra member did not register");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let registered_after = t1.elapsed();
+        loop {
+            let have = shared.borrow().versions[..n as usize]
+                .iter()
+                .filter(|&&x| x >= v)
+                .count();
+            if have >= n as usize {
+                break;
+            }
+            if t1.elapsed() > Duration::from_secs(120) {
+                bail!("{have} of {n} members hold version {v} after 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!(
+            "one change (a member joins, registered after {:.3} s): seen by all {n} after {:.3} s",
+            registered_after.as_secs_f64(),
+            t1.elapsed().as_secs_f64()
+        );
+        let (f, k) = (shared.borrow().failures, shared.borrow().nacks);
+        println!("deltas that did not apply (the member resynchronised): {f}; refusals: {k}");
+        Ok(())
+    })
+}
+
+struct Member {
+    i: u32,
+    node: Node,
+    sock: tokio::net::UdpSocket,
+    hub: PublicKey,
+    hb: Duration,
+    map: PeerMap,
+}
+
+impl Member {
+    async fn new(
+        i: u32,
+        ip: IpAddr,
+        hub: PublicKey,
+        hub_addr: SocketAddr,
+        psk: [u8; 32],
+        hb: Duration,
+    ) -> Result<Member> {
+        let sock = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+            .await
+            .with_context(|| format!("bind {ip}"))?;
+        let kp = StaticKeypair::from_seed(0x4855_4200_0000 + i as u64);
+        let me = kp.public;
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut node = Node::new(
+            NodeConfig::default(),
+            kp,
+            psk,
+            wall,
+            EntropySource::seeded(i as u64 ^ 0x6c6f_6164),
+        );
+        node.add_peer(hub, Some(hub_addr));
+        Ok(Member {
+            i,
+            node,
+            sock,
+            hub,
+            hb,
+            map: PeerMap::new(me),
+        })
+    }
+
+    fn register_msg(&self) -> Control {
+        let o = self.i.to_be_bytes();
+        Control::Register {
+            overlay: vec![IpNet {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 100 + o[1], o[2], o[3])),
+                prefix: 8,
+            }],
+            local_endpoints: vec![],
+            name: format!("load{}", self.i),
+            have_version: self.map.version(),
+        }
+    }
+
+    async fn run(self, shared: Rc<RefCell<Shared>>, epoch: tokio::time::Instant) {
+        self.run_reporting(shared, epoch, Rc::new(RefCell::new(None)))
+            .await
+    }
+
+    /// Drive the member; `version` gets the map version its registration
+    /// produced (the hub's version in the first delta it receives).
+    async fn run_reporting(
+        mut self,
+        shared: Rc<RefCell<Shared>>,
+        epoch: tokio::time::Instant,
+        version: Rc<RefCell<Option<u64>>>,
+    ) {
+        let hub = self.hub;
+        let _ = self.node.connect(epoch.elapsed(), &hub);
+        let mut buf = vec![0u8; 2048];
+        let mut registered = false;
+        let mut next_hb: Option<tokio::time::Instant> = None;
+        let mut seq = 0u64;
+        let mut last_register = tokio::time::Instant::now();
+        loop {
+            let now = epoch.elapsed();
+            let mut out = Out {
+                sock: &self.sock,
+                sent: 0,
+                events: Vec::new(),
+            };
+            let next = self.node.service(now, &mut out);
+            let (sent, events) = (out.sent, out.events);
+            shared.borrow_mut().frames_tx += sent;
+            for e in events {
+                match e {
+                    Event::Established | Event::PeerRestarted | Event::Recovered => {
+                        let m = self.register_msg();
+                        self.node.send_control_reliable(epoch.elapsed(), &hub, &m);
+                        last_register = tokio::time::Instant::now();
+                    }
+                    Event::Control(Control::RegisterAck { .. }) => {
+                        if !registered {
+                            registered = true;
+                            shared.borrow_mut().registered += 1;
+                        }
+                        next_hb = Some(tokio::time::Instant::now() + self.hb);
+                    }
+                    Event::Control(Control::PeerMapDelta {
+                        from_version,
+                        to_version,
+                        upserts,
+                        removals,
+                    }) => {
+                        if self
+                            .map
+                            .apply(from_version, to_version, &upserts, &removals)
+                            .is_err()
+                        {
+                            shared.borrow_mut().failures += 1;
+                        }
+                        shared.borrow_mut().versions[self.i as usize] = self.map.version();
+                        if version.borrow().is_none() && registered {
+                            *version.borrow_mut() = Some(to_version);
+                        }
+                    }
+                    Event::Control(Control::Nack { .. }) => {
+                        shared.borrow_mut().nacks += 1;
+                    }
+                    _ => {}
+                }
+            }
+            if !registered && last_register.elapsed() > Duration::from_secs(5) {
+                // Lost registration (or handshake): start over.
+                let _ = self.node.connect(epoch.elapsed(), &hub);
+                last_register = tokio::time::Instant::now();
+            }
+            let wake = next
+                .map(|t| epoch + t)
+                .into_iter()
+                .chain(next_hb)
+                .min()
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                biased;
+                r = self.sock.recv_from(&mut buf) => {
+                    if let Ok((k, from)) = r {
+                        shared.borrow_mut().frames_rx += 1;
+                        self.node.handle_datagram(epoch.elapsed(), from, &mut buf[..k]);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if next_hb.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                seq += 1;
+                let m = Control::Heartbeat {
+                    seq,
+                    map_version: self.map.version(),
+                };
+                self.node.send_control(&hub, &m);
+                next_hb = Some(tokio::time::Instant::now() + self.hb);
+            }
+        }
+    }
+}
