@@ -810,6 +810,20 @@ pub fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
 }
 
+/// A numeric field of `/proc/PID/status` (e.g. `VmRSS`, in KiB, or
+/// `voluntary_ctxt_switches`); 0 if unreadable.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.split(':').next() == Some(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// CPU time (user + system) a process has used, in seconds.
 pub fn proc_cpu_secs(pid: u32) -> f64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

@@ -16,7 +16,7 @@
 use anyhow::{bail, Context, Result};
 use fastmesh_actors::peermap::PeerMap;
 use fastmesh_actors::store::parse_key_hex;
-use fastmesh_tests::lab::{proc_cpu_secs, Lab};
+use fastmesh_tests::lab::{proc_cpu_secs, proc_status, Lab};
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
@@ -73,7 +73,7 @@ pub fn hubload(args: &[&str]) -> Result<()> {
         gen.octets()[1],
         gen.octets()[2]
     );
-    let rss0 = rss_kb(hub_pid);
+    let rss0 = proc_status(hub_pid, "VmRSS");
     let mut child = lab.spawn(
         1,
         "hubload.log",
@@ -102,7 +102,7 @@ pub fn hubload(args: &[&str]) -> Result<()> {
             // The window, less a second at each end.
             std::thread::sleep(Duration::from_secs(secs.saturating_sub(2).max(1)));
             let cpu = (proc_cpu_secs(hub_pid) - c0) / t0.elapsed().as_secs_f64();
-            sampled = Some((cpu, rss_kb(hub_pid)));
+            sampled = Some((cpu, proc_status(hub_pid, "VmRSS")));
         }
         if let Some(status) = child.try_wait()? {
             if !status.success() {
@@ -126,19 +126,6 @@ pub fn hubload(args: &[&str]) -> Result<()> {
         rss0 as f64 / 1024.0
     );
     Ok(())
-}
-
-/// Resident set of `pid` in KiB.
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// What every member shares with the run.

@@ -248,17 +248,7 @@ fn idle(secs: u64) -> Result<()> {
         )?;
         Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
     };
-    let switches = |pid: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("voluntary_ctxt_switches"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
-    };
+    let switches = |pid: u32| fastmesh_tests::lab::proc_status(pid, "voluntary_ctxt_switches");
     let pids: Vec<u32> = (0..3).filter_map(|k| lab.pid(k)).collect();
     let before: Vec<(f64, u64)> = pids
         .iter()
