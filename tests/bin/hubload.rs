@@ -140,6 +140,8 @@ struct Shared {
     failures: u64,
     /// Refusals from the hub.
     nacks: u64,
+    /// Woken when a member registers or its map version moves.
+    changed: Rc<tokio::sync::Notify>,
 }
 
 /// One member's output to its socket.
@@ -191,12 +193,10 @@ pub fn generator(args: &[&str]) -> Result<()> {
             let m = Member::new(i, addr(i), hub_key, hub_addr, psk, hb).await?;
             tokio::task::spawn_local(m.run(shared.clone(), epoch));
         }
+        let changed = shared.borrow().changed.clone();
         // Phase 1: all join.
-        while shared.borrow().registered < n {
-            if t0.elapsed() > Duration::from_secs(300) {
-                bail!("only {} of {n} registered after 300 s", shared.borrow().registered);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !until(&changed, Duration::from_secs(300), || shared.borrow().registered >= n).await {
+            bail!("only {} of {n} registered after 300 s", shared.borrow().registered);
         }
         println!(
             "{n} members joining at once: all registered after {:.2} s",
@@ -228,28 +228,21 @@ pub fn generator(args: &[&str]) -> Result<()> {
         let extra = Member::new(n, addr(n), hub_key, hub_addr, psk, hb).await?;
         let version = Rc::new(RefCell::new(None));
         tokio::task::spawn_local(extra.run_reporting(shared.clone(), epoch, version.clone()));
-        let v = loop {
-            if let Some(v) = *version.borrow() {
-                break v;
-            }
-            if t1.elapsed() > Duration::from_secs(60) {
-                bail!("the extra member did not register");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        if !until(&changed, Duration::from_secs(60), || version.borrow().is_some()).await {
+            bail!("the extra member did not register");
+        }
+        let v = version.borrow().expect("checked");
         let registered_after = t1.elapsed();
-        loop {
-            let have = shared.borrow().versions[..n as usize]
-                .iter()
-                .filter(|&&x| x >= v)
-                .count();
-            if have >= n as usize {
-                break;
-            }
-            if t1.elapsed() > Duration::from_secs(120) {
-                bail!("{have} of {n} members hold version {v} after 120 s");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let have = |s: &Shared| s.versions[..n as usize].iter().filter(|&&x| x >= v).count();
+        if !until(&changed, Duration::from_secs(120), || {
+            have(&shared.borrow()) >= n as usize
+        })
+        .await
+        {
+            bail!(
+                "{} of {n} members hold version {v} after 120 s",
+                have(&shared.borrow())
+            );
         }
         println!(
             "one change (a member joins, registered after {:.3} s): seen by all {n} after {:.3} s",
@@ -260,6 +253,23 @@ pub fn generator(args: &[&str]) -> Result<()> {
         println!("deltas that did not apply (the member resynchronised): {f}; refusals: {k}");
         Ok(())
     })
+}
+
+/// Wait until `done()` holds, woken by the members' notifications (no
+/// polling); false if `limit` passes first.
+async fn until(
+    changed: &tokio::sync::Notify,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while !done() {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep_until(end) => return done(),
+        }
+    }
+    true
 }
 
 struct Member {
@@ -361,6 +371,7 @@ impl Member {
                         if !registered {
                             registered = true;
                             shared.borrow_mut().registered += 1;
+                            shared.borrow().changed.notify_one();
                         }
                         next_hb = Some(tokio::time::Instant::now() + self.hb);
                     }
@@ -381,6 +392,7 @@ impl Member {
                         if version.borrow().is_none() && registered {
                             *version.borrow_mut() = Some(to_version);
                         }
+                        shared.borrow().changed.notify_one();
                     }
                     Event::Control(Control::Nack { .. }) => {
                         shared.borrow_mut().nacks += 1;
