@@ -720,9 +720,10 @@ impl Node {
         self.now = now;
         let mut active = std::mem::take(&mut self.ready);
         active.append(&mut self.streams);
-        let fed = self.split.flow_peers();
+        // The sessions of split connections: the proxy may feed, open or
+        // close their streams.
+        active.extend(self.split.flow_peers());
         self.split.poll(now, &mut self.sessions, &active);
-        active.extend(fed);
         for (peer, syn) in self.split.take_fallback() {
             let (mut ctx, sessions) = self.ctx(now);
             if let Some(s) = sessions.get_mut(&peer) {

@@ -396,8 +396,8 @@ impl Split {
 
     /// Peers with split connections: the sessions [`Split::poll`] may feed,
     /// open or close streams in.
-    pub fn flow_peers(&self) -> BTreeSet<PublicKey> {
-        self.flows.values().map(|f| f.peer).collect()
+    pub fn flow_peers(&self) -> impl Iterator<Item = PublicKey> + '_ {
+        self.flows.values().map(|f| f.peer)
     }
 
     /// Packets for the TUN device, with the peer each one is on behalf of
