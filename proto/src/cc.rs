@@ -73,6 +73,15 @@ pub struct RateControl {
     /// The sender had more to send than the pacer let out (set by the
     /// session with every report).
     backlogged: bool,
+    /// Nothing waits for the pacer or the inflight cap: the sender sends
+    /// all it has (set by the session with every report).
+    app_limited: bool,
+    /// Whether the sender had data waiting for the pacer or the window at
+    /// any report of the current round. A round without (a connection
+    /// waiting for the far side's accept, path MTU probes, a trickle) was
+    /// limited by the application, and says nothing about whether startup
+    /// found the bottleneck.
+    round_limited: bool,
     /// `btl_bw` when the current probe round began.
     probe_base: f64,
     /// Per report while no queue was building: (when, frames expected,
@@ -99,6 +108,8 @@ impl RateControl {
             initial_rate,
             max_rate,
             backlogged: false,
+            app_limited: false,
+            round_limited: false,
             probe_base: 0.0,
             clean: VecDeque::new(),
             clean_loss: 0.0,
@@ -113,6 +124,12 @@ impl RateControl {
     /// probe cycle; the inner TCP meanwhile sees the tunnel's queue as delay.
     pub fn set_backlogged(&mut self, backlogged: bool) {
         self.backlogged = backlogged;
+    }
+
+    /// Whether the sender has nothing waiting for the pacer or the
+    /// inflight cap.
+    pub fn set_app_limited(&mut self, app_limited: bool) {
+        self.app_limited = app_limited;
     }
 
     /// Phase name, for diagnostics.
@@ -172,6 +189,7 @@ impl RateControl {
 
     /// A receiver report arrived at `now`.
     pub fn on_report(&mut self, now: Duration, r: Report) {
+        self.round_limited |= !self.app_limited;
         if let Some(&(_, last)) = self.reports.back() {
             if last.frames >= 64 && r.highest < last.highest / 2 && r.frames < last.frames / 2 {
                 // Far behind: the receiver counts under new session keys
@@ -269,6 +287,7 @@ impl RateControl {
         }
         tracing::trace!(phase = ?self.phase, btl_bw = self.btl_bw, backlogged = self.backlogged, loss = self.loss, clean_loss = self.clean_loss, min_rtt = ?self.min_rtt(), recent = ?self.recent_rtt.iter().map(|r| r.1).collect::<Vec<_>>(), "cc round");
         self.round_start = now;
+        let app_limited = !std::mem::take(&mut self.round_limited);
         match self.phase {
             Phase::Startup if self.queue_building() => {
                 // The queue grows: the rate passed the bottleneck's (an
@@ -281,6 +300,13 @@ impl RateControl {
                 if self.btl_bw >= self.full_bw * 1.25 {
                     self.full_bw = self.btl_bw;
                     self.full_bw_rounds = 0;
+                } else if app_limited && self.btl_bw < self.initial_rate {
+                    // The sender had nothing waiting and no flow has begun
+                    // (a connection being opened, path MTU probes): the
+                    // rate did not grow because nothing asked it to. Once
+                    // a flow runs, rounds it leaves unfilled count as
+                    // before: an inner TCP that paces itself below the
+                    // startup gain must not keep the tunnel's pacer at it.
                 } else {
                     self.full_bw_rounds += 1;
                     if self.full_bw_rounds >= 3 {
@@ -459,6 +485,9 @@ mod tests {
     fn fresh(rtt_ms: u64) -> (RateControl, Report) {
         let mut c = RateControl::new(100_000.0, 1e9);
         c.on_rtt(ms(0), ms(rtt_ms));
+        // The path, not the application, limits the sender unless a test
+        // says otherwise.
+        c.set_backlogged(true);
         let r = Report {
             frames: 0,
             highest: 0,
@@ -563,6 +592,28 @@ mod tests {
                 c.phase()
             );
         }
+    }
+
+    #[test]
+    fn startup_does_not_end_while_the_application_is_the_limit() {
+        let (mut c, mut r) = fresh(50);
+        c.set_app_limited(true);
+        let mut t = 0;
+        // A connection being opened: nothing waits to be sent, so flat
+        // delivery (below the initial rate) says nothing about the path.
+        deliver(&mut c, &mut r, &mut t, 20, 2_000.0);
+        assert_eq!(c.phase(), "Startup");
+        // The bulk arrives: startup grows from where it is and ends only
+        // once the (now busy) delivery stops growing.
+        c.set_app_limited(false);
+        let mut rounds = 0;
+        while c.phase() == "Startup" && rounds < 40 {
+            let rate = c.pacing_rate().min(1_000_000.0);
+            deliver(&mut c, &mut r, &mut t, 1, rate);
+            rounds += 1;
+        }
+        assert!(c.phase() != "Startup", "{}", c.phase());
+        assert!(c.btl_bw() > 900_000.0, "{}", c.btl_bw());
     }
 
     #[test]

@@ -227,10 +227,7 @@ impl Session {
             if k > SMALL_GROUP {
                 // Bulk parity takes its turn in the pacer like a flow, so
                 // it neither exceeds the rate nor holds other flows back.
-                self.paced
-                    .entry(PARITY_TURN)
-                    .or_default()
-                    .push_back((v, false));
+                self.paced.entry(PARITY_TURN).or_default().push_back(v);
                 self.paced_len += 1;
             } else {
                 // A message's few copies go at once, outside the pacer.

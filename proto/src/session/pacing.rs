@@ -86,13 +86,11 @@ impl Session {
         };
         for pkt in out {
             let mut conv = None;
-            let mut retx = false;
             for seg in segments(&pkt[1..]).filter(|s| s.is_push()) {
                 conv = Some(seg.conv());
                 if let Some(c) = self.convs.get_mut(&seg.conv()) {
                     if (seg.sn().wrapping_sub(c.next_sn) as i32) < 0 {
                         self.stats.retransmits += 1;
-                        retx = true;
                     } else {
                         c.next_sn = seg.sn().wrapping_add(1);
                     }
@@ -101,7 +99,7 @@ impl Session {
             // Output carrying data waits for the pacer; acks and probes do not.
             if let Some(conv) = conv {
                 self.last_kcp_tx = now;
-                self.paced.entry(conv).or_default().push_back((pkt, retx));
+                self.paced.entry(conv).or_default().push_back(pkt);
                 self.paced_len += 1;
             } else {
                 // Acks (and window probes) go at once. On a lossy path they
@@ -117,7 +115,7 @@ impl Session {
         }
     }
 
-    pub(super) fn pop_paced(&mut self) -> (Vec<u8>, bool) {
+    pub(super) fn pop_paced(&mut self) -> Vec<u8> {
         let key = self
             .paced
             .range(self.paced_last.wrapping_add(1)..)
