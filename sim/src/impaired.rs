@@ -7,12 +7,36 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use transport::Datagram;
 
+/// A fault laid over a socket's links at run time (the chaos runner's loss
+/// bursts, latency spikes, reordering, duplication and bandwidth drops):
+/// while it holds a spec, what the socket receives goes through that spec's
+/// pipeline too, after the socket's own.
+#[derive(Clone, Default)]
+pub struct ChaosKnob(Arc<Mutex<(u64, Option<LinkSpec>)>>);
+
+impl ChaosKnob {
+    /// Lay `spec` over the links (`None`: take the fault away).
+    pub fn set(&self, spec: Option<LinkSpec>) {
+        if let Ok(mut k) = self.0.lock() {
+            k.0 += 1;
+            k.1 = spec;
+        }
+    }
+
+    fn get(&self) -> (u64, Option<LinkSpec>) {
+        self.0.lock().map(|k| k.clone()).unwrap_or((0, None))
+    }
+}
+
 struct ImpairState {
     links: BTreeMap<SocketAddr, Pipeline>,
+    /// Per sender, the pipeline of the knob's spec and its generation.
+    extra: BTreeMap<SocketAddr, (u64, Pipeline)>,
+    extra_out: Vec<Duration>,
     held: BinaryHeap<Held<(SocketAddr, Vec<u8>)>>,
     seq: u64,
     scratch: Vec<Duration>,
@@ -30,6 +54,7 @@ pub struct Impaired<D> {
     seed: u64,
     epoch: tokio::time::Instant,
     state: Mutex<ImpairState>,
+    knob: Option<ChaosKnob>,
 }
 
 impl<D: Datagram> Impaired<D> {
@@ -51,11 +76,20 @@ impl<D: Datagram> Impaired<D> {
             epoch: tokio::time::Instant::now(),
             state: Mutex::new(ImpairState {
                 links: BTreeMap::new(),
+                extra: BTreeMap::new(),
+                extra_out: Vec::new(),
                 held: BinaryHeap::new(),
                 seq: 0,
                 scratch: Vec::new(),
             }),
+            knob: None,
         }
+    }
+
+    /// Also apply whatever `knob` holds, as it changes.
+    pub fn with_knob(mut self, knob: ChaosKnob) -> Impaired<D> {
+        self.knob = Some(knob);
+        self
     }
 
     /// The wrapped socket.
@@ -102,6 +136,30 @@ impl<D: Datagram> Impaired<D> {
             .or_insert_with(|| (self.spec)(from).build(seed));
         st.scratch.clear();
         link.apply(now, data.len(), &mut st.scratch);
+        if let Some((gen, spec)) = self.knob.as_ref().map(ChaosKnob::get) {
+            match spec {
+                Some(spec) => {
+                    let e = st
+                        .extra
+                        .entry(from)
+                        .or_insert_with(|| (u64::MAX, Pipeline::new(vec![])));
+                    if e.0 != gen {
+                        *e = (
+                            gen,
+                            spec.build(seed ^ gen.wrapping_mul(0x2545_f491_4f6c_dd1d)),
+                        );
+                    }
+                    st.extra_out.clear();
+                    for &t in &st.scratch {
+                        e.1.apply(t, data.len(), &mut st.extra_out);
+                    }
+                    std::mem::swap(&mut st.scratch, &mut st.extra_out);
+                }
+                None => {
+                    st.extra.clear();
+                }
+            }
+        }
         for i in 0..st.scratch.len() {
             let at = st.scratch[i];
             st.seq += 1;

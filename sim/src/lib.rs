@@ -21,6 +21,7 @@
 #![allow(clippy::manual_async_fn)]
 
 pub mod bulk;
+pub mod chaos;
 pub mod des;
 pub mod impair;
 pub mod impaired;

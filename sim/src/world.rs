@@ -11,6 +11,7 @@
 
 use crate::des::SIM_PSK;
 use crate::impair::LinkSpec;
+use crate::impaired::ChaosKnob;
 use crate::nat::{NatKind, SimNat};
 use crate::turmoil_net::{AppSender, MemTun, TurmoilUdp};
 use crate::Impaired;
@@ -201,6 +202,8 @@ pub struct PeerHandle {
     pub nat_flush: Arc<AtomicBool>,
     /// Inbound datagrams the peer's NAT dropped (updated every 100 ms).
     pub nat_dropped: Arc<AtomicU64>,
+    /// A fault laid over everything the peer receives (chaos runner).
+    pub knob: ChaosKnob,
 }
 
 impl PeerHandle {
@@ -233,6 +236,8 @@ pub struct World {
     pub hub_key: PublicKey,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// A fault laid over everything each hub receives (chaos runner).
+    pub hub_knobs: Vec<ChaosKnob>,
 }
 
 /// How to build a [`World`].
@@ -284,21 +289,27 @@ impl World {
             (0..cfg.hubs.max(1)).map(|_| Arc::default()).collect();
         let hub_revoke: Vec<Arc<Mutex<Vec<PublicKey>>>> =
             (0..cfg.hubs.max(1)).map(|_| Arc::default()).collect();
+        let hub_knobs: Vec<ChaosKnob> =
+            (0..cfg.hubs.max(1)).map(|_| ChaosKnob::default()).collect();
         for (h, probe) in hub_statuses.iter().enumerate() {
             let cfg = cfg.clone();
             let probe = probe.clone();
             let revoke = hub_revoke[h].clone();
+            let knob = hub_knobs[h].clone();
             let starts = Arc::new(AtomicU64::new(0));
             sim.host(hub_host(h), move || {
                 let cfg = cfg.clone();
                 let probe = probe.clone();
                 let revoke = revoke.clone();
+                let knob = knob.clone();
                 let n = starts.fetch_add(1, Ordering::SeqCst);
                 async move {
                     let seed = cfg.seed ^ 0xabcd ^ ((h as u64) << 20) ^ (n << 32);
                     let sock =
                         turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), PORT)).await?;
-                    let sock = Arc::new(Impaired::new(TurmoilUdp(sock), cfg.spec.clone(), seed));
+                    let sock = Arc::new(
+                        Impaired::new(TurmoilUdp(sock), cfg.spec.clone(), seed).with_knob(knob),
+                    );
                     let node = Node::new(
                         NodeConfig {
                             admission: Admission::AnyWithNetworkKey,
@@ -357,6 +368,7 @@ impl World {
             let rebind_to = Arc::new(AtomicU16::new(0));
             let nat_flush = Arc::new(AtomicBool::new(false));
             let nat_dropped = Arc::new(AtomicU64::new(0));
+            let knob = ChaosKnob::default();
             let nat_kind = cfg.nat.get(i).copied().flatten();
             let key = StaticKeypair::from_seed(peer_seed(i)).public;
             {
@@ -365,6 +377,7 @@ impl World {
                 let rebind_to = rebind_to.clone();
                 let nat_flush = nat_flush.clone();
                 let nat_dropped = nat_dropped.clone();
+                let knob = knob.clone();
                 let host = host.clone();
                 let starts = Arc::new(AtomicU64::new(0));
                 sim.host(host.clone(), move || {
@@ -374,6 +387,7 @@ impl World {
                     let rebind_to = rebind_to.clone();
                     let nat_flush = nat_flush.clone();
                     let nat_dropped = nat_dropped.clone();
+                    let knob = knob.clone();
                     let host = host.clone();
                     let n = starts.fetch_add(1, Ordering::SeqCst);
                     async move {
@@ -382,7 +396,8 @@ impl World {
                             None => PeerSock::Plain(Rebindable::bind(PORT).await?),
                             Some(k) => PeerSock::Nat(SimNat::bind(k, seed ^ 0x4e41_5400).await?),
                         };
-                        let sock = Arc::new(Impaired::new(inner, cfg.spec.clone(), seed));
+                        let sock =
+                            Arc::new(Impaired::new(inner, cfg.spec.clone(), seed).with_knob(knob));
                         let node = Node::new(
                             NodeConfig::default(),
                             StaticKeypair::from_seed(peer_seed(i)),
@@ -468,6 +483,7 @@ impl World {
                 rebind_to,
                 nat_flush,
                 nat_dropped,
+                knob,
             });
         }
         World {
@@ -477,6 +493,7 @@ impl World {
             hub_revoke,
             hub_key,
             heartbeat: cfg.heartbeat,
+            hub_knobs,
         }
     }
 
