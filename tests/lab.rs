@@ -396,6 +396,11 @@ impl Lab {
     /// Start (or restart) a hub in node `k` (a second hub when `k` > 0; its
     /// log is `hub{k}.log`, or `hub.log` for node 0).
     pub fn start_hub_at(&mut self, k: usize, heartbeat: f64) -> Result<()> {
+        self.start_hub_with(k, heartbeat, &[])
+    }
+
+    /// [`Lab::start_hub_at`] with extra flags.
+    pub fn start_hub_with(&mut self, k: usize, heartbeat: f64, extra: &[&str]) -> Result<()> {
         let listen = format!("{}:{PORT}", self.nodes[k].underlay);
         let hb = heartbeat.to_string();
         let data = if k == 0 {
@@ -420,7 +425,8 @@ impl Lab {
         ]
         .map(String::from);
         let bin = self.bin.to_string_lossy().into_owned();
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        argv.extend_from_slice(extra);
         let log = if k == 0 {
             "hub.log".to_string()
         } else {

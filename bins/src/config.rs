@@ -154,6 +154,8 @@ pub struct HubFile {
     pub control: Option<PathBuf>,
     /// Allow-list file of node public keys.
     pub allow: Option<PathBuf>,
+    /// Prometheus metrics listen address (`--metrics`).
+    pub metrics: Option<String>,
 }
 
 /// Peer settings as a config file holds them.
@@ -189,4 +191,6 @@ pub struct PeerFile {
     /// Split TCP: terminate inner TCP connections at each peer and carry
     /// them as streams (default true).
     pub split_tcp: Option<bool>,
+    /// Prometheus metrics listen address (`--metrics`).
+    pub metrics: Option<String>,
 }

@@ -2,6 +2,7 @@
 
 mod config;
 mod control;
+mod metrics;
 
 use actix::prelude::*;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -119,6 +120,9 @@ struct HubArgs {
     /// cannot read).
     #[arg(long)]
     no_relay: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9480 [default: off].
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 #[derive(Args)]
@@ -169,6 +173,9 @@ struct PeerArgs {
     /// peers' split connections (they then send theirs as packets too).
     #[arg(long)]
     no_split_tcp: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9480 [default: off].
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 /// Unicast addresses of this host's interfaces, except loopback, link-local
@@ -408,6 +415,10 @@ fn run_hub(a: HubArgs) -> Result<()> {
         members_known = owners.len(),
         "hub starting"
     );
+    let metrics_l = match a.metrics.or(f.metrics) {
+        Some(m) => Some(metrics::bind(&m)?),
+        None => None,
+    };
     let no_relay = a.no_relay;
     if no_relay {
         tracing::info!("relaying disabled (--no-relay)");
@@ -470,6 +481,18 @@ fn run_hub(a: HubArgs) -> Result<()> {
                 }
             }
         }));
+        if let Some(l) = metrics_l {
+            let r3 = reg.clone();
+            actix::spawn(metrics::serve(l, move || {
+                let r = r3.clone();
+                async move {
+                    match r.send(GetHubStatus).await {
+                        Ok(s) => metrics::hub_text(&s),
+                        Err(_) => String::new(),
+                    }
+                }
+            }));
+        }
         shutdown_signal().await;
         tracing::info!("hub stopping");
         let _ = std::fs::remove_file(&control);
@@ -580,6 +603,10 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     let key = StaticKeypair::from_private(load_key(&key_path, "node key")?);
     let psk = load_key(&net_path, "network key")?;
     check_tun_access()?;
+    let metrics_l = match a.metrics.or(f.metrics) {
+        Some(m) => Some(metrics::bind(&m)?),
+        None => None,
+    };
     let sock = bind_udp(&listen)?;
     let local = sock.local_addr()?;
 
@@ -687,6 +714,18 @@ fn run_peer(a: PeerArgs) -> Result<()> {
                 }
             }
         }));
+        if let Some(l) = metrics_l {
+            let s3 = sup.clone();
+            actix::spawn(metrics::serve(l, move || {
+                let s = s3.clone();
+                async move {
+                    match s.send(GetNodeStatus).await {
+                        Ok(st) => metrics::peer_text(&st),
+                        Err(_) => String::new(),
+                    }
+                }
+            }));
+        }
         let code = tokio::select! {
             _ = shutdown_signal() => {
                 tracing::info!("peer stopping; telling the hubs");

@@ -950,3 +950,106 @@ fn the_router_mtu_lowered_during_a_transfer() {
     assert!(holes >= 1, "the sender noticed its frames no longer fit");
     assert!(m <= 1252, "frames of {m} after the drop");
 }
+
+/// `curl` of each node's `/metrics` during traffic: promtool accepts what
+/// hub and peer serve, the per-peer counters move with the traffic, other
+/// paths get 404, and a taken metrics address stops a second node with a
+/// clear error.
+#[test]
+fn metrics_scraped_with_curl_pass_promtool_and_follow_traffic() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("fmtm", 27, 2).expect("namespace lab (needs root, iproute2, nftables)");
+    let addr = "127.0.0.1:9480";
+    lab.start_hub_with(0, 1.0, &["--metrics", addr]).unwrap();
+    for k in 1..=2 {
+        lab.start_peer(k, &["--metrics", addr]).unwrap();
+    }
+    if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
+        (1..=2).all(|k| l.peer_ready(k))
+    }) {
+        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    }
+    let scrape = |k: usize, path: &str| -> (String, String) {
+        let url = format!("http://{addr}{path}");
+        let o = lab
+            .exec(k, "curl", &["-s", "-o", "-", "-w", "\n%{http_code}", &url])
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (body, code) = out.rsplit_once('\n').unwrap_or((&out, ""));
+        (body.to_string(), code.to_string())
+    };
+    let promtool = |text: &str| {
+        use std::io::Write;
+        let mut c = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus)");
+        c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let o = c.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let sent_to_peer2 = |text: &str| -> u64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with("fastmesh_peer_sent_packets_total{") && l.contains("peer=\"peer2\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no packets-sent counter for peer2:\n{text}"))
+    };
+    let (hub, code) = scrape(0, "/metrics");
+    assert_eq!(code, "200", "{hub}");
+    promtool(&hub);
+    assert!(hub.contains("fastmesh_hub_members 2"), "{hub}");
+    let (before, code) = scrape(1, "/metrics");
+    assert_eq!(code, "200");
+    promtool(&before);
+    assert!(before.contains("fastmesh_peer_up{"), "{before}");
+    let (ok, out) = ping(&lab, 1, &lab.nodes[2].overlay.to_string(), 20);
+    assert!(ok, "{out}");
+    let (after, _) = scrape(1, "/metrics");
+    let (a, b) = (sent_to_peer2(&before), sent_to_peer2(&after));
+    println!("packets sent to peer2: {a} before 20 pings, {b} after");
+    assert!(b >= a + 20, "{a} -> {b}");
+    let (_, code) = scrape(1, "/other");
+    assert_eq!(code, "404");
+    // The address is taken: a second peer in the same namespace stops at once.
+    let bin = fastmesh_bin().unwrap();
+    let o = lab
+        .exec(
+            1,
+            &bin.to_string_lossy(),
+            &[
+                "peer",
+                "--hub",
+                &lab.hub_spec(0).unwrap(),
+                "--address",
+                "10.99.0.99/24",
+                "--key",
+                &lab.path("n1.key"),
+                "--network-key",
+                &lab.path("network.key"),
+                "--tun",
+                "fmx9",
+                "--listen",
+                "0.0.0.0:4899",
+                "--metrics",
+                addr,
+            ],
+        )
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("cannot listen for metrics on 127.0.0.1:9480"),
+        "{err}"
+    );
+}
