@@ -138,6 +138,7 @@ pub fn table(v: &Value) -> String {
                 m["last_seen_s"].as_f64().unwrap_or(0.0)
             ));
         }
+        push_hints(&mut out, hints(v));
         return out;
     }
     let s = &v["status"];
@@ -206,5 +207,108 @@ pub fn table(v: &Value) -> String {
     if !drops.is_empty() {
         out.push_str(&format!("drops: {}\n", drops.join(" ")));
     }
+    push_hints(&mut out, hints(v));
     out
+}
+
+fn push_hints(out: &mut String, h: Vec<String>) {
+    if !h.is_empty() {
+        out.push_str("\nwhat to do:\n");
+        for x in h {
+            out.push_str(&format!("  * {x}\n"));
+        }
+    }
+}
+
+/// For each unusual state in a status document, what to do about it.
+pub fn hints(v: &Value) -> Vec<String> {
+    let s = &v["status"];
+    let mut out = Vec::new();
+    let count = |name: &str| s["counters"][name].as_u64().unwrap_or(0);
+    let drop_hints = [
+        ("drop_auth_failed", "frames that failed authentication arrive: a node with another network key, or traffic that is not fastmesh's, reaches this port; check that every node uses the same --network-key"),
+        ("drop_bad_source", "a peer sent packets from an address it does not own: check that peer's --address, and that it routes only its own traffic into the mesh"),
+        ("drop_no_route", "packets for overlay addresses no peer owns were dropped: check the destination, and that the peer owning it is online (fastmesh status on the hub)"),
+        ("drop_unknown_key", "frames from keys this node does not know arrive: a revoked node, or one not yet in the map, keeps sending"),
+        ("drop_session_cap", "the session limit was reached: more nodes try to connect than this node admits"),
+        ("drop_tun_write", "packets could not be written to the TUN device: the system is overloaded or the device was removed"),
+    ];
+    for (name, hint) in drop_hints {
+        let n = count(name);
+        if n > 0 {
+            out.push(format!("{} ({n}): {hint}", &name[5..]));
+        }
+    }
+    if v["kind"] == "hub" {
+        if s["members"].as_array().is_some_and(|m| m.is_empty()) {
+            out.push("no members online: peers join with --hub PUBKEY@ADDR:PORT of this hub (fastmesh pubkey HUBKEY prints the key); check that its UDP port is reachable".into());
+        }
+        if s["relay_dropped"].as_u64().unwrap_or(0) > 0 {
+            out.push("relay messages were dropped (destination unknown or not ready, or its queue full): normal while members join or leave; if it grows, check the members' connectivity".into());
+        }
+        return out;
+    }
+    for h in s["hubs"].as_array().into_iter().flatten() {
+        let addr = h["addr"].as_str().unwrap_or("");
+        let state = h["state"].as_str().unwrap_or("");
+        if state.starts_with("connecting") {
+            out.push(format!("hub {addr} does not answer: check that UDP to {addr} passes (firewall, the hub's --listen address), that the hub runs, and that its public key in --hub is right; direct paths to known peers keep working meanwhile"));
+        } else if let Some(why) = state.strip_prefix("refused: ") {
+            out.push(format!("hub {addr} refused this node ({why}): a revoked key or one not on the hub's --allow list needs the hub operator; an address owned by another key needs another --address"));
+        }
+    }
+    for p in s["peers"].as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or("");
+        match p["state"].as_str().unwrap_or("") {
+            "up" => {}
+            "connecting" => out.push(format!("peer {name}: no session yet: its UDP port must be reachable from here directly or through a hub that relays (hubs relay unless started with --no-relay)")),
+            other => out.push(format!("peer {name} is {other}: nothing arrived from it lately; it may be down, or the path between you is cut (the session retries by itself)")),
+        }
+        if p["path"] == "relay" {
+            out.push(format!("peer {name} is reached through a hub's relay ({}): a direct path is faster; open UDP between the two peers or see docs/nat.md", p["path_reason"].as_str().unwrap_or("")));
+        }
+        let loss = p["loss_pct"].as_f64().unwrap_or(0.0);
+        if loss >= 5.0 {
+            out.push(format!("peer {name}: the path loses {loss:.0}% of frames; fastmesh repairs it, but the link itself is poor"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthy_status_has_no_hints_and_each_unusual_state_gets_one() {
+        let ok = serde_json::json!({"kind": "peer", "status": {
+            "hubs": [{"addr": "1.2.3.4:4800", "state": "registered"}],
+            "peers": [{"name": "b", "state": "up", "path": "direct", "loss_pct": 0.0}],
+            "counters": {"drop_auth_failed": 0, "udp_rx": 10}
+        }});
+        assert!(hints(&ok).is_empty());
+        assert!(!table(&ok).contains("what to do"));
+        let bad = serde_json::json!({"kind": "peer", "status": {
+            "hubs": [{"addr": "1.2.3.4:4800", "state": "connecting (attempt 3)"},
+                     {"addr": "5.6.7.8:4800", "state": "refused: revoked"}],
+            "peers": [{"name": "b", "state": "connecting", "path": "-", "loss_pct": 0.0},
+                      {"name": "c", "state": "up", "path": "relay", "path_reason": "no direct candidate answered", "loss_pct": 12.0}],
+            "counters": {"drop_auth_failed": 4, "drop_bad_source": 1}
+        }});
+        let h = hints(&bad);
+        for want in [
+            "hub 1.2.3.4:4800 does not answer",
+            "hub 5.6.7.8:4800 refused this node (revoked)",
+            "peer b: no session yet",
+            "peer c is reached through a hub's relay",
+            "peer c: the path loses 12%",
+            "auth_failed (4)",
+            "bad_source (1)",
+        ] {
+            assert!(h.iter().any(|x| x.contains(want)), "{want}: {h:#?}");
+        }
+        assert!(table(&bad).contains("what to do:"));
+        let hub = serde_json::json!({"kind": "hub", "status": {"members": [], "relay_dropped": 0, "counters": {}}});
+        assert!(hints(&hub)[0].starts_with("no members online"));
+    }
 }

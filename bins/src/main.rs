@@ -79,6 +79,9 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Refresh the table in place every second until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
         /// The node's control socket.
         #[arg(long, default_value = "/run/fastmesh/fm0.sock")]
         control: PathBuf,
@@ -255,7 +258,11 @@ fn main() {
             .map(|k| println!("{}", key_hex(&StaticKeypair::from_private(k).public))),
         Cmd::Hub(a) => run_hub(a),
         Cmd::Peer(a) => run_peer(a),
-        Cmd::Status { json, control } => status(json, control),
+        Cmd::Status {
+            json,
+            watch,
+            control,
+        } => status(json, watch, control),
         Cmd::Revoke { key, control } => revoke(&key, control),
     };
     if let Err(e) = r {
@@ -264,10 +271,21 @@ fn main() {
     }
 }
 
-fn status(json: bool, control: PathBuf) -> Result<()> {
+fn status(json: bool, watch: bool, control: PathBuf) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if watch {
+        // Clear the screen and redraw every second; a node that stops
+        // answering ends the watch with its error.
+        loop {
+            let v = rt.block_on(control::query(&control))?;
+            print!("\x1b[H\x1b[2J{}", control::table(&v));
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
     let v = rt.block_on(control::query(&control))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);

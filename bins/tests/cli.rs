@@ -133,3 +133,44 @@ fn hub_allow_list_errors_are_clear() {
     assert!(err.contains("lists no keys"), "{err}");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn status_watch_and_metrics_errors_are_clear() {
+    // No node: the watch ends at once with the reason, not a blank screen.
+    let (code, _, err) = fastmesh(&["status", "--watch", "--control", "/nonexistent/fm.sock"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no fastmesh node answers"), "{err}");
+    // A metrics address that cannot be bound stops the hub before it starts.
+    let d = tmp("metrics");
+    let (hub, net) = (d.join("hub.key"), d.join("net.key"));
+    for k in [&hub, &net] {
+        assert_eq!(
+            fastmesh(&["keygen", "--out", k.to_str().unwrap()]).0,
+            Some(0)
+        );
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = fastmesh(&[
+        "hub",
+        "--key",
+        hub.to_str().unwrap(),
+        "--network-key",
+        net.to_str().unwrap(),
+        "--data-dir",
+        d.join("data").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        d.join("hub.sock").to_str().unwrap(),
+        "--metrics",
+        &addr,
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("cannot listen for metrics on {addr}")),
+        "{err}"
+    );
+    let (code, _, err) = fastmesh(&["status", "--json", "--watch"]);
+    assert_eq!(code, Some(2), "--json and --watch conflict: {err}");
+}
