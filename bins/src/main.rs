@@ -3,6 +3,7 @@
 mod config;
 mod control;
 mod metrics;
+mod ping;
 
 use actix::prelude::*;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -72,6 +73,22 @@ enum Cmd {
         key: String,
         /// The hub's control socket.
         #[arg(long, default_value = "/run/fastmesh/hub.sock")]
+        control: PathBuf,
+    },
+    /// Ping a peer through the mesh (ICMP echo to its overlay address) and
+    /// show, for each probe, the path taken: the direct endpoint or the
+    /// relaying hub. Needs root (raw ICMP socket).
+    Ping {
+        /// The peer: its name, an overlay address, or the start of its key.
+        peer: String,
+        /// Probes to send, one per second.
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The node's control socket.
+        #[arg(long, default_value = "/run/fastmesh/fm0.sock")]
         control: PathBuf,
     },
     /// Show a running node's state: peers, paths, RTT, loss, traffic.
@@ -263,6 +280,12 @@ fn main() {
             watch,
             control,
         } => status(json, watch, control),
+        Cmd::Ping {
+            peer,
+            count,
+            json,
+            control,
+        } => ping::run(control, &peer, count.max(1), json),
         Cmd::Revoke { key, control } => revoke(&key, control),
     };
     if let Err(e) = r {

@@ -140,6 +140,9 @@ fn status_watch_and_metrics_errors_are_clear() {
     let (code, _, err) = fastmesh(&["status", "--watch", "--control", "/nonexistent/fm.sock"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("no fastmesh node answers"), "{err}");
+    let (code, _, err) = fastmesh(&["ping", "peer2", "--control", "/nonexistent/fm.sock"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no fastmesh node answers"), "{err}");
     // A metrics address that cannot be bound stops the hub before it starts.
     let d = tmp("metrics");
     let (hub, net) = (d.join("hub.key"), d.join("net.key"));

@@ -1053,3 +1053,60 @@ fn metrics_scraped_with_curl_pass_promtool_and_follow_traffic() {
         "{err}"
     );
 }
+
+/// `fastmesh ping` from peer 1: replies from peer 2 by name and by IPv6
+/// overlay address, each with its RTT and the direct path's endpoint; an
+/// unknown peer and a hub's socket are refused with the reason.
+#[test]
+fn fastmesh_ping_shows_rtt_and_the_path_taken() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = hub_and_two_peers("fmtp", 28, None);
+    let bin = fastmesh_bin().unwrap().to_string_lossy().into_owned();
+    let ctl1 = lab.nodes[1].control.to_string_lossy().into_owned();
+    let run = |args: &[&str]| {
+        let o = lab.exec(1, &bin, args).unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(&["ping", "peer2", "-c", "3", "--control", &ctl1]);
+    assert!(ok, "{out}{err}");
+    println!("{out}");
+    let replies: Vec<&str> = out.lines().filter(|l| l.starts_with("seq=")).collect();
+    assert_eq!(replies.len(), 3, "{out}");
+    let endpoint = format!("via direct {}:", lab.nodes[2].underlay);
+    for l in &replies {
+        assert!(l.contains("time=") && l.contains(&endpoint), "{l}");
+    }
+    assert!(out.contains("3 sent, 3 received"), "{out}");
+    let (ok, out, err) = run(&[
+        "ping",
+        &lab.nodes[2].overlay6,
+        "-c",
+        "1",
+        "--json",
+        "--control",
+        &ctl1,
+    ]);
+    assert!(ok, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["received"], 1, "{v}");
+    assert!(v["probes"][0]["rtt_ms"].as_f64().unwrap() > 0.0);
+    let (ok, _, err) = run(&["ping", "nobody", "--control", &ctl1]);
+    assert!(!ok);
+    assert!(
+        err.contains("no peer \"nobody\"") && err.contains("peer2"),
+        "{err}"
+    );
+    let ctl0 = lab.nodes[0].control.to_string_lossy().into_owned();
+    let o = lab
+        .exec(0, &bin, &["ping", "peer2", "--control", &ctl0])
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a peer's control socket"),
+        "{err}"
+    );
+}
