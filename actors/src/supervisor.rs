@@ -56,6 +56,8 @@ pub struct HubStatus {
     pub rtt_ms: Option<f64>,
     /// Registrations so far.
     pub registrations: u64,
+    /// Where this hub last saw us (our NAT's mapping toward it).
+    pub observed: Option<String>,
 }
 
 /// What `status` prints.
@@ -99,6 +101,8 @@ pub struct Supervisor {
     peers: BTreeMap<PublicKey, Addr<PeerActor>>,
     epoch: Instant,
     observed: Option<SocketAddr>,
+    /// Where each hub last saw us.
+    observed_by: BTreeMap<PublicKey, SocketAddr>,
     fatal: Option<mpsc::UnboundedSender<Fatal>>,
     last_snapshot: Snapshot,
     /// The hub whose peer map we follow (the first registered one in the
@@ -128,6 +132,7 @@ impl Supervisor {
             peers: BTreeMap::new(),
             epoch: Instant::now(),
             observed: None,
+            observed_by: BTreeMap::new(),
             fatal,
             last_snapshot: Snapshot::default(),
             map_from: None,
@@ -285,12 +290,14 @@ impl Supervisor {
                     tracing::info!(%observed, "registered with hub");
                 }
                 self.observed = Some(observed);
+                self.observed_by.insert(hub, observed);
                 self.hb
                     .set_interval(Duration::from_millis(heartbeat_ms as u64));
                 self.hb.on_registered(&hub, now);
             }
             Control::HeartbeatAck { seq, observed } => {
                 self.observed = Some(observed);
+                self.observed_by.insert(hub, observed);
                 self.hb.on_hub_ack(&hub, seq, now);
             }
             Control::PunchNotify { peer, candidates } if self.map.get(&peer).is_some() => {
@@ -395,6 +402,7 @@ impl Supervisor {
                 last_ack_s: h.last_ack.map(|a| now.saturating_sub(a).as_secs_f64()),
                 rtt_ms: h.rtt.map(|r| r.as_secs_f64() * 1e3),
                 registrations: h.registrations,
+                observed: self.observed_by.get(&h.key).map(|o| o.to_string()),
             })
             .collect()
     }

@@ -3,6 +3,7 @@
 mod config;
 mod control;
 mod metrics;
+mod netcheck;
 mod ping;
 
 use actix::prelude::*;
@@ -84,6 +85,17 @@ enum Cmd {
         /// Probes to send, one per second.
         #[arg(long, short = 'c', default_value_t = 4)]
         count: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The node's control socket.
+        #[arg(long, default_value = "/run/fastmesh/fm0.sock")]
+        control: PathBuf,
+    },
+    /// What this node's hubs see of its network: the endpoint each sees it
+    /// at, whether its NAT keeps one mapping for all destinations, the RTT
+    /// to each hub and whether UDP to each works.
+    Netcheck {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -280,6 +292,7 @@ fn main() {
             watch,
             control,
         } => status(json, watch, control),
+        Cmd::Netcheck { json, control } => netcheck(json, control),
         Cmd::Ping {
             peer,
             count,
@@ -292,6 +305,19 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn netcheck(json: bool, control: PathBuf) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let r = netcheck::report(&rt.block_on(control::query(&control))?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", netcheck::text(&r));
+    }
+    Ok(())
 }
 
 fn status(json: bool, watch: bool, control: PathBuf) -> Result<()> {

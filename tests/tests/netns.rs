@@ -585,6 +585,17 @@ fn finish_transfer(lab: &Lab, what: &str, bytes: u64, port: u16, mut t: Transfer
 /// A lab whose peers sit behind NATs of kind `nat`: node 0 is a hub, nodes
 /// `1..hubs` more hubs (public), then two peers, each behind its own NAT.
 /// Returns the lab and the indices of the two peers.
+/// `fastmesh netcheck --json` of peer `k`.
+fn netcheck(lab: &Lab, k: usize) -> serde_json::Value {
+    let bin = fastmesh_bin().unwrap().to_string_lossy().into_owned();
+    let ctl = lab.nodes[k].control.to_string_lossy().into_owned();
+    let o = lab
+        .exec(k, &bin, &["netcheck", "--json", "--control", &ctl])
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 fn nat_lab(prefix: &str, net: u8, nat: Nat, hubs: usize) -> (Lab, [usize; 2]) {
     let n = hubs + 1;
     let mut kinds = vec![None; hubs];
@@ -664,6 +675,19 @@ fn cone_nats_form_a_direct_path_and_the_hub_relays_nothing() {
     let (lab, [a, b]) = nat_lab("fmn1", 21, Nat::Cone, 1);
     let t = wait_path(&lab, [a, b], "direct", 30);
     println!("direct through two cone NATs {t:?} after the mesh was up");
+    // One hub: netcheck says it cannot tell the NAT's mapping, and shows
+    // the NAT's public side as the hub's view.
+    let nc = netcheck(&lab, a);
+    assert!(
+        nc["nat"]["same_mapping_for_all_destinations"].is_null(),
+        "{nc}"
+    );
+    assert_eq!(nc["hubs"][0]["udp_works"], true, "{nc}");
+    let seen = nc["hubs"][0]["observed"].as_str().unwrap_or("");
+    assert!(
+        !seen.is_empty() && !seen.starts_with("172.16."),
+        "the NAT's public side: {nc}"
+    );
     // The hub lists each peer's observed (public) endpoint first, then its
     // local addresses as further candidates.
     let hub = lab.status(0).unwrap();
@@ -751,6 +775,23 @@ fn two_hubs_one_killed_while_relaying_nothing_stops() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (mut lab, [a, b]) = nat_lab("fmn4", 24, Nat::Random, 2);
     wait_path(&lab, [a, b], "relay", 40);
+    // netcheck sees the random-port NAT: the two hubs see two mappings.
+    // (A hub's RTT shows from its first heartbeat answer after registering.)
+    lab.wait(Duration::from_secs(10), |l| {
+        netcheck(l, a)["hubs"]
+            .as_array()
+            .is_some_and(|h| h.iter().all(|h| h["rtt_ms"].is_number()))
+    })
+    .expect("both hubs measured");
+    let nc = netcheck(&lab, a);
+    assert_eq!(
+        nc["nat"]["same_mapping_for_all_destinations"], false,
+        "{nc}"
+    );
+    for h in nc["hubs"].as_array().unwrap() {
+        assert_eq!(h["udp_works"], true, "{nc}");
+        assert!(h["rtt_ms"].as_f64().is_some(), "{nc}");
+    }
     // Which hub relays? Kill that one.
     let via = lab.status(a).unwrap()["status"]["peers"][0]["relay"]
         .as_str()
