@@ -222,8 +222,24 @@ pub fn wan(args: &[&str]) -> Result<()> {
                     skip()
                 }
             };
+            let diag = |when: &str| {
+                if std::env::var_os("FASTMESH_BENCH_STATUS").is_none() {
+                    return;
+                }
+                if let Ok(v) = lab.status(1) {
+                    let p = &v["status"]["peers"][0];
+                    eprintln!(
+                        "after {when}: path {} ({}) path_changes {} path_mtu {} settled {} black_holes {} retx {} restarts {} streams {}",
+                        p["path"], p["path_reason"], p["path_changes"], p["path_mtu"], p["pmtu_settled"],
+                        p["pmtu_black_holes"], p["retransmits"], p["restarts"], p["streams_opened"]
+                    );
+                }
+            };
+            diag("forming");
             let mc = run("mesh", &mesh, 5201, "cubic");
+            diag("cubic");
             let mb = run("mesh", &mesh, 5201, "bbr");
+            diag("bbr");
             let dc = run("direct", &direct, 5201, "cubic");
             let db = run("direct", &direct, 5201, "bbr");
             let msg = |w: &str, dst: &str, port: u16| {
