@@ -509,6 +509,15 @@ impl Lab {
         Ok(())
     }
 
+    /// Send `sig` to node `k`'s process (false if it has none).
+    pub fn signal(&self, k: usize, sig: i32) -> bool {
+        match &self.procs[k] {
+            // SAFETY: plain kill(2) on our own child.
+            Some(c) => unsafe { libc::kill(c.id() as i32, sig) == 0 },
+            None => false,
+        }
+    }
+
     /// Kill node `k`'s process with SIGKILL and wait for it.
     pub fn kill9(&mut self, k: usize) {
         if let Some(mut c) = self.procs[k].take() {

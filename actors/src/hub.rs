@@ -53,6 +53,12 @@ pub struct HubStatus {
 #[rtype(result = "Result<bool, String>")]
 pub struct Revoke(pub PublicKey);
 
+/// Replace the allow-list (None: anyone with the network key); members not
+/// on it leave the map at once.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetAllowed(pub Option<std::collections::BTreeSet<PublicKey>>);
+
 /// Ask for the hub's status.
 #[derive(Debug, Message)]
 #[rtype(result = "HubStatus")]
@@ -293,6 +299,19 @@ impl Handler<Revoke> for RegistryActor {
         self.flush(out);
         self.schedule_push(ctx);
         Ok(newly)
+    }
+}
+
+impl Handler<SetAllowed> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: SetAllowed, ctx: &mut Context<Self>) {
+        let mut out = Vec::new();
+        let before = self.reg.members().count();
+        self.reg.set_allowed(m.0, &mut out);
+        let gone = before - self.reg.members().count();
+        tracing::info!(members_removed = gone, "allow-list replaced");
+        self.flush(out);
+        self.schedule_push(ctx);
     }
 }
 

@@ -135,7 +135,7 @@ pub fn write_new_key(path: &Path, force: bool) -> Result<StaticKeypair> {
 }
 
 /// Hub settings as a config file holds them.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubFile {
     /// UDP listen address.
@@ -154,12 +154,16 @@ pub struct HubFile {
     pub control: Option<PathBuf>,
     /// Allow-list file of node public keys.
     pub allow: Option<PathBuf>,
+    /// Relay frames between members that have no direct path (default true).
+    pub relay: Option<bool>,
     /// Prometheus metrics listen address (`--metrics`).
     pub metrics: Option<String>,
+    /// Log filter (as RUST_LOG), applied on reload.
+    pub log: Option<String>,
 }
 
 /// Peer settings as a config file holds them.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerFile {
     /// Hubs, "PUBKEY@HOST:PORT".
@@ -193,4 +197,6 @@ pub struct PeerFile {
     pub split_tcp: Option<bool>,
     /// Prometheus metrics listen address (`--metrics`).
     pub metrics: Option<String>,
+    /// Log filter (as RUST_LOG), applied on reload.
+    pub log: Option<String>,
 }

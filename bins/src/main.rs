@@ -5,6 +5,7 @@ mod control;
 mod metrics;
 mod netcheck;
 mod ping;
+mod reload;
 
 use actix::prelude::*;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -88,6 +89,13 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// The node's control socket.
+        #[arg(long, default_value = "/run/fastmesh/fm0.sock")]
+        control: PathBuf,
+    },
+    /// Read the node's config file again and apply what can change at run
+    /// time, without restarting sessions (the same as SIGHUP).
+    Reload {
         /// The node's control socket.
         #[arg(long, default_value = "/run/fastmesh/fm0.sock")]
         control: PathBuf,
@@ -265,14 +273,7 @@ fn local_addresses(skip: &str, v6: bool) -> Vec<std::net::IpAddr> {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    reload::init_logging();
     if transport::crypto::NULL_CIPHER {
         tracing::warn!(
             "this build has the insecure-null-cipher feature: data frames are NOT encrypted or authenticated (benchmarks only)"
@@ -293,6 +294,7 @@ fn main() {
             control,
         } => status(json, watch, control),
         Cmd::Netcheck { json, control } => netcheck(json, control),
+        Cmd::Reload { control } => reload_cmd(control),
         Cmd::Ping {
             peer,
             count,
@@ -304,6 +306,20 @@ fn main() {
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+fn reload_cmd(control: PathBuf) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let v = rt.block_on(control::request(&control, "reload"))?;
+    match v["kind"].as_str() {
+        Some("reloaded") => {
+            println!("{}", v["message"].as_str().unwrap_or(""));
+            Ok(())
+        }
+        _ => bail!("{}", v["error"].as_str().unwrap_or("unexpected answer")),
     }
 }
 
@@ -444,6 +460,8 @@ fn run_hub(a: HubArgs) -> Result<()> {
         Some(p) => read_toml(p)?,
         None => HubFile::default(),
     };
+    let running = f.clone();
+    let (cfg_path, flag_allow) = (a.config.clone(), a.allow.clone());
     let listen = a
         .listen
         .or(f.listen)
@@ -486,7 +504,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
         Some(m) => Some(metrics::bind(&m)?),
         None => None,
     };
-    let no_relay = a.no_relay;
+    let no_relay = a.no_relay || f.relay == Some(false);
     if no_relay {
         tracing::info!("relaying disabled (--no-relay)");
     }
@@ -525,13 +543,35 @@ fn run_hub(a: HubArgs) -> Result<()> {
             registry.set_allowed(Some(keys), &mut Vec::new());
         }
         let reg = RegistryActor::new(registry, Some(store), plane.clone().recipient())
-            .with_snapshot(plane.recipient());
+            .with_snapshot(plane.clone().recipient());
         let reg = reg_ctx.run(reg);
+        let do_reload: std::rc::Rc<dyn Fn() -> Result<String>> = {
+            let (reg, plane) = (reg.clone(), plane.clone());
+            std::rc::Rc::new(move || {
+                let mut c = reload::HubChange::read(
+                    &cfg_path,
+                    &running,
+                    &flag_allow,
+                    a.no_relay,
+                    load_allow_list,
+                )?;
+                let msg = c.apply_log()?;
+                reg.do_send(fastmesh_actors::hub::SetAllowed(c.allow.take()));
+                plane.do_send(fastmesh_actors::dataplane::Cmd::SetRelaying(c.relay));
+                tracing::info!("{msg}");
+                Ok(msg)
+            })
+        };
+        on_sighup(do_reload.clone());
         let listener = control::bind(&control)?;
         let r2 = reg.clone();
         actix::spawn(control::serve(listener, move |line: String| {
             let r = r2.clone();
+            let rl = do_reload.clone();
             async move {
+                if line == "reload" {
+                    return reload_answer(&*rl);
+                }
                 if let Some(k) = line.strip_prefix("revoke ") {
                     let Some(key) = fastmesh_actors::store::parse_key_hex(k) else {
                         return serde_json::json!({"kind": "error", "error": "bad key"});
@@ -565,6 +605,34 @@ fn run_hub(a: HubArgs) -> Result<()> {
         let _ = std::fs::remove_file(&control);
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// Reload on every SIGHUP (which then no longer ends the process).
+fn on_sighup(f: std::rc::Rc<dyn Fn() -> Result<String>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; use `fastmesh reload`");
+        return;
+    };
+    actix::spawn(async move {
+        while hup.recv().await.is_some() {
+            if let Err(e) = f() {
+                tracing::warn!("{}", reload::failed(&e));
+            }
+        }
+    });
+}
+
+/// The control socket's answer to `reload`.
+fn reload_answer(f: &dyn Fn() -> Result<String>) -> serde_json::Value {
+    match f() {
+        Ok(m) => serde_json::json!({"kind": "reloaded", "message": m}),
+        Err(e) => {
+            let m = reload::failed(&e);
+            tracing::warn!("{m}");
+            serde_json::json!({"kind": "error", "error": m})
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -614,6 +682,8 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         Some(p) => read_toml(p)?,
         None => PeerFile::default(),
     };
+    let running = f.clone();
+    let cfg_path = a.config.clone();
     let hub_specs = if a.hubs.is_empty() {
         f.hubs.unwrap_or_default()
     } else {
@@ -770,11 +840,21 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             plane.recipient(),
             Some(fatal_tx),
         ));
+        let do_reload: std::rc::Rc<dyn Fn() -> Result<String>> = std::rc::Rc::new(move || {
+            let msg = reload::peer(&cfg_path, &running)?;
+            tracing::info!("{msg}");
+            Ok(msg)
+        });
+        on_sighup(do_reload.clone());
         let listener = control::bind(&control)?;
         let s2 = sup.clone();
-        actix::spawn(control::serve(listener, move |_line: String| {
+        actix::spawn(control::serve(listener, move |line: String| {
             let s = s2.clone();
+            let rl = do_reload.clone();
             async move {
+                if line == "reload" {
+                    return reload_answer(&*rl);
+                }
                 match s.send(GetNodeStatus).await {
                     Ok(st) => serde_json::json!({"kind": "peer", "status": st}),
                     Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),

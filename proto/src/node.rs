@@ -305,6 +305,12 @@ impl Node {
         self.ready.insert(key);
     }
 
+    /// Whether this node forwards relay messages between its sessions (a
+    /// hub's setting, changed by a reload).
+    pub fn set_relaying(&mut self, on: bool) {
+        self.relaying = on;
+    }
+
     /// Nodes (hubs) that may relay frames to and from our peers. Their own
     /// sessions are always direct.
     pub fn set_relays(&mut self, relays: &[PublicKey]) {

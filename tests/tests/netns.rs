@@ -1151,3 +1151,86 @@ fn fastmesh_ping_shows_rtt_and_the_path_taken() {
         "{err}"
     );
 }
+
+/// SIGHUP and `fastmesh reload` during a transfer: the hub applies a new
+/// allow-list and log level, names the setting it cannot change, refuses a
+/// broken file without changing anything, and the transfer finishes with its
+/// checksum on the sessions it started on.
+#[test]
+fn reload_during_a_transfer_keeps_every_session() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("fmtr", 29, 2).expect("namespace lab (needs root, iproute2, nftables)");
+    let conf = lab.path("hub.toml");
+    std::fs::write(&conf, "relay = true\n").unwrap();
+    lab.start_hub_with(0, 1.0, &["--config", &conf]).unwrap();
+    for k in 1..=2 {
+        lab.start_peer(k, &[]).unwrap();
+    }
+    if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
+        (1..=2).all(|k| l.peer_ready(k))
+    }) {
+        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    }
+    let bin = fastmesh_bin().unwrap().to_string_lossy().into_owned();
+    let reload = |k: usize| {
+        let ctl = lab.nodes[k].control.to_string_lossy().into_owned();
+        let o = lab.exec(k, &bin, &["reload", "--control", &ctl]).unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let bytes: u64 = 500_000_000;
+    let mut t = start_transfer(&lab, 1, 2, bytes, 5310);
+    // Both peers' keys on the allow-list, a log level, and a heartbeat that
+    // needs a restart.
+    let keys: Vec<String> = (1..=2)
+        .map(|k| {
+            let o = lab
+                .fastmesh(&["pubkey", &lab.path(&format!("n{k}.key"))])
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        })
+        .collect();
+    let allow = lab.path("allowed");
+    std::fs::write(&allow, keys.join("\n") + "\n").unwrap();
+    std::fs::write(
+        &conf,
+        format!("relay = true\nallow = \"{allow}\"\nlog = \"debug\"\nheartbeat = 2\n"),
+    )
+    .unwrap();
+    assert!(lab.signal(0, libc::SIGHUP));
+    let want = "reloaded: allow-list of 2 keys, relaying on, log level debug; changed but not applied until a restart: heartbeat";
+    lab.wait(Duration::from_secs(5), |l| l.logs().contains(want))
+        .unwrap_or_else(|e| panic!("no reload line after SIGHUP: {e}\n{}", lab.logs()));
+    assert!(
+        t.tx.try_wait().unwrap().is_none(),
+        "the reload came while the transfer ran"
+    );
+    let (ok, out) = reload(0);
+    assert!(ok && out.contains(want), "{out}");
+    // A broken file changes nothing.
+    std::fs::write(&conf, "allow = \"/nonexistent/allowed\"\n").unwrap();
+    let (ok, out) = reload(0);
+    assert!(
+        !ok && out.contains("reload failed, nothing changed"),
+        "{out}"
+    );
+    // A peer started without a config file says so.
+    let (ok, out) = reload(1);
+    assert!(!ok && out.contains("started without --config"), "{out}");
+    finish_transfer(&lab, "during reloads", bytes, 5310, t);
+    let st = lab.status(1).unwrap();
+    let p = &st["status"]["peers"][0];
+    assert_eq!(p["restarts"], 0, "no session restarted: {p}");
+    let hub = lab.status(0).unwrap();
+    assert_eq!(
+        hub["status"]["members"].as_array().unwrap().len(),
+        2,
+        "{hub}"
+    );
+}

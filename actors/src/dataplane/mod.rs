@@ -96,6 +96,8 @@ pub enum Cmd {
     },
     /// The hubs that may relay to our peers.
     SetRelays(Vec<PublicKey>),
+    /// Forward relay messages between our sessions, or stop (a hub).
+    SetRelaying(bool),
     /// A hub asked us to punch towards `key` at `candidates` now.
     Punch {
         /// Peer key.
@@ -409,6 +411,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
                 self.node.set_candidates(&key, &endpoints);
             }
             Cmd::SetRelays(relays) => self.node.set_relays(&relays),
+            Cmd::SetRelaying(on) => self.node.set_relaying(on),
             Cmd::Punch { key, candidates } => self.node.punch(now, &key, &candidates),
             Cmd::RemovePeer(key) => self.node.remove_peer(&key),
             Cmd::RestartPeer(key) => {

@@ -1,0 +1,228 @@
+//! Reload (SIGHUP, or `fastmesh reload`): the config file is read again and
+//! what can change at run time is applied without touching any session;
+//! what cannot is named. Everything is checked before anything is applied,
+//! so a bad file changes nothing.
+//!
+//! At run time: on a hub the allow-list, relaying on/off and the log level;
+//! on a peer the log level. Everything else needs a restart.
+
+use crate::config::{read_toml, HubFile, PeerFile};
+use anyhow::{anyhow, Result};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+static LOG: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Set up logging to stderr with a filter a reload can replace.
+pub fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    let _ = LOG.set(handle);
+}
+
+fn log_filter(spec: &str) -> Result<EnvFilter> {
+    EnvFilter::try_new(spec).map_err(|e| anyhow!("bad log level {spec:?}: {e}"))
+}
+
+fn set_log(f: EnvFilter) -> Result<()> {
+    LOG.get()
+        .ok_or_else(|| anyhow!("logging was not set up for reloads"))?
+        .reload(f)
+        .map_err(|e| anyhow!("cannot change the log level: {e}"))
+}
+
+fn config(path: &Option<PathBuf>) -> Result<&Path> {
+    path.as_deref().ok_or_else(|| {
+        anyhow!("started without --config: there is no file to read again (flags change only with a restart)")
+    })
+}
+
+/// What a hub's reload applies (computed before anything is applied).
+pub struct HubChange {
+    /// The allow-list: None admits anyone with the network key.
+    pub allow: Option<BTreeSet<[u8; 32]>>,
+    /// Relay frames between members.
+    pub relay: bool,
+    /// New log filter, if the file sets one.
+    log: Option<(String, EnvFilter)>,
+    /// Settings that differ from the running ones and need a restart.
+    pub not_applied: Vec<&'static str>,
+}
+
+impl HubChange {
+    /// Read the hub's config file again. `flag_allow` and `flag_no_relay`
+    /// are the command line's, which win over the file as at startup;
+    /// `running` is the file as it was read at startup.
+    pub fn read(
+        path: &Option<PathBuf>,
+        running: &HubFile,
+        flag_allow: &Option<PathBuf>,
+        flag_no_relay: bool,
+        load_allow: impl Fn(&Path) -> Result<BTreeSet<[u8; 32]>>,
+    ) -> Result<HubChange> {
+        let f: HubFile = read_toml(config(path)?)?;
+        let allow = match flag_allow.as_ref().or(f.allow.as_ref()) {
+            Some(p) => Some(load_allow(p)?),
+            None => None,
+        };
+        let log = match &f.log {
+            Some(l) => Some((l.clone(), log_filter(l)?)),
+            None => None,
+        };
+        let mut not_applied = Vec::new();
+        let fixed: [(&'static str, bool); 8] = [
+            ("listen", f.listen != running.listen),
+            ("key", f.key != running.key),
+            ("network_key", f.network_key != running.network_key),
+            ("data_dir", f.data_dir != running.data_dir),
+            ("heartbeat", f.heartbeat != running.heartbeat),
+            ("expire_beats", f.expire_beats != running.expire_beats),
+            ("control", f.control != running.control),
+            ("metrics", f.metrics != running.metrics),
+        ];
+        for (name, changed) in fixed {
+            if changed {
+                not_applied.push(name);
+            }
+        }
+        Ok(HubChange {
+            allow,
+            relay: !flag_no_relay && f.relay.unwrap_or(true),
+            log,
+            not_applied,
+        })
+    }
+
+    /// Apply the log level; the caller applies the rest to its actors.
+    /// Returns what a log line and `fastmesh reload` report.
+    pub fn apply_log(&mut self) -> Result<String> {
+        let mut parts = vec![
+            match &self.allow {
+                Some(k) => format!("allow-list of {} keys", k.len()),
+                None => "no allow-list (anyone with the network key)".into(),
+            },
+            format!("relaying {}", if self.relay { "on" } else { "off" }),
+        ];
+        if let Some((spec, f)) = self.log.take() {
+            set_log(f)?;
+            parts.push(format!("log level {spec}"));
+        }
+        Ok(summary(parts, &self.not_applied))
+    }
+}
+
+fn summary(applied: Vec<String>, not_applied: &[&str]) -> String {
+    let mut s = format!("reloaded: {}", applied.join(", "));
+    if !not_applied.is_empty() {
+        s.push_str(&format!(
+            "; changed but not applied until a restart: {}",
+            not_applied.join(", ")
+        ));
+    }
+    s
+}
+
+/// A peer's reload: the log level; every other changed setting is named.
+pub fn peer(path: &Option<PathBuf>, running: &PeerFile) -> Result<String> {
+    let f: PeerFile = read_toml(config(path)?)?;
+    let log = match &f.log {
+        Some(l) => Some((l.clone(), log_filter(l)?)),
+        None => None,
+    };
+    let fixed: [(&'static str, bool); 13] = [
+        ("hubs", f.hubs != running.hubs),
+        ("address", f.address != running.address),
+        ("address6", f.address6 != running.address6),
+        ("listen", f.listen != running.listen),
+        ("tun", f.tun != running.tun),
+        ("mtu", f.mtu != running.mtu),
+        ("profile", f.profile != running.profile),
+        ("key", f.key != running.key),
+        ("network_key", f.network_key != running.network_key),
+        ("name", f.name != running.name),
+        ("heartbeat", f.heartbeat != running.heartbeat),
+        ("offload", f.offload != running.offload),
+        ("split_tcp", f.split_tcp != running.split_tcp),
+    ];
+    let not_applied: Vec<&str> = fixed.iter().filter(|x| x.1).map(|x| x.0).collect();
+    let mut parts = Vec::new();
+    if let Some((spec, filter)) = log {
+        set_log(filter)?;
+        parts.push(format!("log level {spec}"));
+    } else {
+        parts.push("nothing that changes at run time".into());
+    }
+    if f.control != running.control || f.metrics != running.metrics {
+        let mut n = not_applied.clone();
+        if f.control != running.control {
+            n.push("control");
+        }
+        if f.metrics != running.metrics {
+            n.push("metrics");
+        }
+        return Ok(summary(parts, &n));
+    }
+    Ok(summary(parts, &not_applied))
+}
+
+/// A reload that failed leaves everything as it was; say so.
+pub fn failed(e: &anyhow::Error) -> String {
+    format!("reload failed, nothing changed: {e:#}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Option<PathBuf> {
+        let p = std::env::temp_dir().join(format!(
+            "fastmesh-reload-{}-{}.toml",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&p, text).unwrap();
+        Some(p)
+    }
+
+    #[test]
+    fn a_hub_reload_reads_what_changes_and_names_what_does_not() {
+        let running = HubFile {
+            heartbeat: Some(5.0),
+            ..HubFile::default()
+        };
+        let no_list = |_: &Path| -> Result<BTreeSet<[u8; 32]>> { Ok(BTreeSet::new()) };
+        let p = file("relay = false\nheartbeat = 2\nlisten = \"0.0.0.0:9\"\n");
+        let c = HubChange::read(&p, &running, &None, false, no_list).unwrap();
+        assert!(!c.relay);
+        assert!(c.allow.is_none());
+        assert_eq!(c.not_applied, vec!["listen", "heartbeat"]);
+        // The command line's --no-relay wins over the file, as at startup.
+        let p = file("relay = true\nheartbeat = 5.0\n");
+        let c = HubChange::read(&p, &running, &None, true, no_list).unwrap();
+        assert!(!c.relay && c.not_applied.is_empty());
+        // Errors come before anything is applied.
+        let bad = |_: &Path| -> Result<BTreeSet<[u8; 32]>> { Err(anyhow!("no such file")) };
+        let p = file("allow = \"/nonexistent\"\n");
+        assert!(HubChange::read(&p, &running, &None, false, bad).is_err());
+        let p = file("log = \"[[[\"\n");
+        let e = HubChange::read(&p, &running, &None, false, no_list)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("bad log level"), "{e}");
+        let e = HubChange::read(&None, &running, &None, false, no_list)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("started without --config"), "{e}");
+    }
+}
