@@ -140,6 +140,26 @@ impl Heartbeats {
         }
     }
 
+    /// Supervise `hub` too (registration due at `now`); a known hub keeps
+    /// its state.
+    pub fn add_hub(&mut self, hub: PublicKey, now: Duration) {
+        self.hubs.entry(hub).or_insert(HubLink {
+            key: hub,
+            phase: HubPhase::Connecting { attempts: 0 },
+            last_ack: None,
+            rtt: None,
+            registrations: 0,
+            next_at: now,
+            seq: 0,
+            awaiting: None,
+        });
+    }
+
+    /// Stop supervising `hub`.
+    pub fn remove_hub(&mut self, hub: &PublicKey) {
+        self.hubs.remove(hub);
+    }
+
     /// Settings.
     pub fn config(&self) -> &HeartbeatConfig {
         &self.cfg

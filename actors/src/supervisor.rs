@@ -86,6 +86,12 @@ pub struct NodeStatus {
 #[rtype(result = "NodeStatus")]
 pub struct GetNodeStatus;
 
+/// Replace the hubs (a reload): new ones are registered with, removed ones
+/// forgotten; sessions with peers are not touched.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetHubs(pub Vec<(PublicKey, SocketAddr)>);
+
 /// Tell the hubs we leave (shutdown).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -567,6 +573,40 @@ impl Handler<GetNodeStatus> for Supervisor {
                     counters: counters(&act.last_snapshot),
                 }),
         )
+    }
+}
+
+impl Handler<SetHubs> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, m: SetHubs, _: &mut Context<Self>) {
+        let now = self.now();
+        for (k, a) in &m.0 {
+            let known = self.setup.hubs.iter().find(|(h, _)| h == k).map(|x| x.1);
+            if known != Some(*a) {
+                self.plane.do_send(Cmd::AddPeer {
+                    key: *k,
+                    endpoints: vec![*a],
+                });
+            }
+            if known.is_none() {
+                tracing::info!(hub = %short_key(k), addr = %a, "hub added");
+                self.hb.add_hub(*k, now);
+            }
+        }
+        for (k, _) in &self.setup.hubs {
+            if !m.0.iter().any(|(n, _)| n == k) {
+                tracing::info!(hub = %short_key(k), "hub removed");
+                self.hb.remove_hub(k);
+                self.hub_versions.remove(k);
+                self.observed_by.remove(k);
+                if self.map.get(k).is_none() {
+                    self.plane.do_send(Cmd::RemovePeer(*k));
+                }
+            }
+        }
+        self.setup.hubs = m.0;
+        let hubs: Vec<PublicKey> = self.setup.hubs.iter().map(|(k, _)| *k).collect();
+        self.plane.do_send(Cmd::SetRelays(hubs));
     }
 }
 

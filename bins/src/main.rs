@@ -684,6 +684,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     };
     let running = f.clone();
     let cfg_path = a.config.clone();
+    let hubs_by_flag = !a.hubs.is_empty();
     let hub_specs = if a.hubs.is_empty() {
         f.hubs.unwrap_or_default()
     } else {
@@ -840,10 +841,14 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             plane.recipient(),
             Some(fatal_tx),
         ));
+        let sup_r = sup.clone();
         let do_reload: std::rc::Rc<dyn Fn() -> Result<String>> = std::rc::Rc::new(move || {
-            let msg = reload::peer(&cfg_path, &running)?;
-            tracing::info!("{msg}");
-            Ok(msg)
+            let c = reload::peer(&cfg_path, &running, hubs_by_flag)?;
+            if let Some(h) = c.hubs {
+                sup_r.do_send(fastmesh_actors::supervisor::SetHubs(h));
+            }
+            tracing::info!("{}", c.message);
+            Ok(c.message)
         });
         on_sighup(do_reload.clone());
         let listener = control::bind(&control)?;

@@ -4,14 +4,16 @@
 //! so a bad file changes nothing.
 //!
 //! At run time: on a hub the allow-list, relaying on/off and the log level;
-//! on a peer the log level. Everything else needs a restart.
+//! on a peer its hubs and the log level. Everything else needs a restart.
 
-use crate::config::{read_toml, HubFile, PeerFile};
+use crate::config::{parse_hub, read_toml, HubFile, PeerFile};
 use anyhow::{anyhow, Result};
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tracing_subscriber::{reload, EnvFilter, Registry};
+use transport::wire::PublicKey;
 
 static LOG: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
@@ -133,15 +135,41 @@ fn summary(applied: Vec<String>, not_applied: &[&str]) -> String {
     s
 }
 
-/// A peer's reload: the log level; every other changed setting is named.
-pub fn peer(path: &Option<PathBuf>, running: &PeerFile) -> Result<String> {
+/// What a peer's reload applies.
+pub struct PeerChange {
+    /// The hubs from the file, when they changed and no --hub flag set them.
+    pub hubs: Option<Vec<(PublicKey, SocketAddr)>>,
+    /// What a log line and `fastmesh reload` report.
+    pub message: String,
+}
+
+/// A peer's reload: its hubs (unless --hub flags set them at startup) and
+/// the log level; every other changed setting is named.
+pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> Result<PeerChange> {
     let f: PeerFile = read_toml(config(path)?)?;
     let log = match &f.log {
         Some(l) => Some((l.clone(), log_filter(l)?)),
         None => None,
     };
-    let fixed: [(&'static str, bool); 13] = [
-        ("hubs", f.hubs != running.hubs),
+    let mut not_applied: Vec<&str> = Vec::new();
+    let mut hubs = None;
+    if f.hubs != running.hubs {
+        if hubs_by_flag {
+            not_applied.push("hubs (--hub flags set them)");
+        } else {
+            let specs = f.hubs.clone().unwrap_or_default();
+            if specs.is_empty() {
+                return Err(anyhow!("no hub in the file: a peer needs at least one"));
+            }
+            hubs = Some(
+                specs
+                    .iter()
+                    .map(|h| parse_hub(h))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
+    }
+    let fixed: [(&'static str, bool); 14] = [
         ("address", f.address != running.address),
         ("address6", f.address6 != running.address6),
         ("listen", f.listen != running.listen),
@@ -154,26 +182,25 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile) -> Result<String> {
         ("heartbeat", f.heartbeat != running.heartbeat),
         ("offload", f.offload != running.offload),
         ("split_tcp", f.split_tcp != running.split_tcp),
+        ("control", f.control != running.control),
+        ("metrics", f.metrics != running.metrics),
     ];
-    let not_applied: Vec<&str> = fixed.iter().filter(|x| x.1).map(|x| x.0).collect();
+    not_applied.extend(fixed.iter().filter(|x| x.1).map(|x| x.0));
     let mut parts = Vec::new();
+    if let Some(h) = &hubs {
+        parts.push(format!("{} hubs", h.len()));
+    }
     if let Some((spec, filter)) = log {
         set_log(filter)?;
         parts.push(format!("log level {spec}"));
-    } else {
+    }
+    if parts.is_empty() {
         parts.push("nothing that changes at run time".into());
     }
-    if f.control != running.control || f.metrics != running.metrics {
-        let mut n = not_applied.clone();
-        if f.control != running.control {
-            n.push("control");
-        }
-        if f.metrics != running.metrics {
-            n.push("metrics");
-        }
-        return Ok(summary(parts, &n));
-    }
-    Ok(summary(parts, &not_applied))
+    Ok(PeerChange {
+        hubs,
+        message: summary(parts, &not_applied),
+    })
 }
 
 /// A reload that failed leaves everything as it was; say so.

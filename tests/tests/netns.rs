@@ -1234,3 +1234,87 @@ fn reload_during_a_transfer_keeps_every_session() {
         "{hub}"
     );
 }
+
+/// A peer's reload adds a hub and then removes the first one: it registers
+/// with the new hub, forgets the old one, and its session with the other
+/// peer (which lists both hubs) carries on without a restart.
+#[test]
+fn a_peer_reload_adds_and_removes_hubs_without_touching_its_sessions() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("fmth", 30, 3).expect("namespace lab (needs root, iproute2, nftables)");
+    lab.start_hub_at(0, 1.0).unwrap();
+    lab.start_hub_at(1, 1.0).unwrap();
+    let (h0, h1) = (lab.hub_spec(0).unwrap(), lab.hub_spec(1).unwrap());
+    let conf = lab.path("peer2.toml");
+    std::fs::write(&conf, format!("hubs = [\"{h0}\"]\n")).unwrap();
+    let mut args = lab.peer_args(2, &[]);
+    let i = args.iter().position(|a| a == "--hub").unwrap();
+    args.drain(i..i + 2);
+    args.extend(["--config".to_string(), conf.clone()]);
+    lab.start_peer_args(2, &args).unwrap();
+    let mut args = lab.peer_args(3, &[]);
+    args.extend(["--hub".to_string(), h1.clone()]);
+    lab.start_peer_args(3, &args).unwrap();
+    let hubs_of = |l: &Lab, k: usize| -> Vec<(String, String)> {
+        l.status(k)
+            .ok()
+            .and_then(|v| v["status"]["hubs"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|h| {
+                (
+                    h["addr"].as_str().unwrap_or("").to_string(),
+                    h["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let addr = |spec: &str| spec.split('@').nth(1).unwrap().to_string();
+    let up = |l: &Lab| {
+        (2..=3).all(|k| {
+            l.status(k).is_ok_and(|v| {
+                let s = &v["status"];
+                s["hubs"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().all(|h| h["state"] == "registered"))
+                    && s["peers"]
+                        .as_array()
+                        .is_some_and(|p| p.len() == 1 && p[0]["state"] == "up")
+            })
+        })
+    };
+    if let Err(e) = lab.wait(Duration::from_secs(30), up) {
+        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    }
+    let bin = fastmesh_bin().unwrap().to_string_lossy().into_owned();
+    let ctl = lab.nodes[2].control.to_string_lossy().into_owned();
+    let reload = || {
+        let o = lab.exec(2, &bin, &["reload", "--control", &ctl]).unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    std::fs::write(&conf, format!("hubs = [\"{h0}\", \"{h1}\"]\n")).unwrap();
+    assert!(reload().contains("reloaded: 2 hubs"));
+    lab.wait(Duration::from_secs(10), |l| {
+        let h = hubs_of(l, 2);
+        h.len() == 2 && h.iter().all(|(_, s)| s == "registered")
+    })
+    .unwrap_or_else(|e| panic!("not registered with both hubs: {e}\n{:?}", hubs_of(&lab, 2)));
+    std::fs::write(&conf, format!("hubs = [\"{h1}\"]\n")).unwrap();
+    assert!(reload().contains("reloaded: 1 hubs"));
+    lab.wait(Duration::from_secs(5), |l| {
+        hubs_of(l, 2) == vec![(addr(&h1), "registered".to_string())]
+    })
+    .unwrap_or_else(|e| panic!("hub 0 not forgotten: {e}\n{:?}", hubs_of(&lab, 2)));
+    let (ok, out) = ping(&lab, 2, &lab.nodes[3].overlay.to_string(), 3);
+    assert!(ok, "{out}");
+    let st = lab.status(2).unwrap();
+    let p = &st["status"]["peers"][0];
+    assert_eq!(p["name"], "peer3", "{st}");
+    assert_eq!(p["restarts"], 0, "{p}");
+}
