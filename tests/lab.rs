@@ -597,7 +597,12 @@ impl Lab {
 
     /// True when peer `k` is registered and has an established path to every other peer.
     pub fn peer_ready(&self, k: usize) -> bool {
-        let peers = self.nodes.len() - 2;
+        self.peer_ready_with(k, self.nodes.len() - 2)
+    }
+
+    /// Peer `k` is registered with every hub it lists and has `peers` peers
+    /// up (for labs with several hubs or peers behind NATs).
+    pub fn peer_ready_with(&self, k: usize, peers: usize) -> bool {
         self.status(k).is_ok_and(|v| {
             let s = &v["status"];
             s["hubs"]

@@ -115,29 +115,15 @@ pub struct Heartbeats {
 impl Heartbeats {
     /// Supervise `hubs`, starting at `now` (registration is due at once).
     pub fn new(cfg: HeartbeatConfig, hubs: &[PublicKey], now: Duration) -> Heartbeats {
-        let hubs = hubs
-            .iter()
-            .map(|k| {
-                (
-                    *k,
-                    HubLink {
-                        key: *k,
-                        phase: HubPhase::Connecting { attempts: 0 },
-                        last_ack: None,
-                        rtt: None,
-                        registrations: 0,
-                        next_at: now,
-                        seq: 0,
-                        awaiting: None,
-                    },
-                )
-            })
-            .collect();
-        Heartbeats {
+        let mut hb = Heartbeats {
             cfg,
-            hubs,
+            hubs: BTreeMap::new(),
             peers: BTreeMap::new(),
+        };
+        for k in hubs {
+            hb.add_hub(*k, now);
         }
+        hb
     }
 
     /// Supervise `hub` too (registration due at `now`); a known hub keeps

@@ -614,19 +614,7 @@ fn nat_lab(prefix: &str, net: u8, nat: Nat, hubs: usize) -> (Lab, [usize; 2]) {
         }
         lab.start_peer_args(k, &args).unwrap();
     }
-    let up = |l: &Lab| {
-        peers.iter().all(|&k| {
-            l.status(k).is_ok_and(|v| {
-                let s = &v["status"];
-                s["hubs"]
-                    .as_array()
-                    .is_some_and(|h| h.iter().all(|h| h["state"] == "registered"))
-                    && s["peers"]
-                        .as_array()
-                        .is_some_and(|p| p.len() == 1 && p[0]["state"] == "up")
-            })
-        })
-    };
+    let up = |l: &Lab| peers.iter().all(|&k| l.peer_ready_with(k, 1));
     if let Err(e) = lab.wait(Duration::from_secs(40), up) {
         panic!("mesh behind NAT did not come up: {e}\n{}", lab.logs());
     }
@@ -1270,19 +1258,7 @@ fn a_peer_reload_adds_and_removes_hubs_without_touching_its_sessions() {
             .collect()
     };
     let addr = |spec: &str| spec.split('@').nth(1).unwrap().to_string();
-    let up = |l: &Lab| {
-        (2..=3).all(|k| {
-            l.status(k).is_ok_and(|v| {
-                let s = &v["status"];
-                s["hubs"]
-                    .as_array()
-                    .is_some_and(|h| h.iter().all(|h| h["state"] == "registered"))
-                    && s["peers"]
-                        .as_array()
-                        .is_some_and(|p| p.len() == 1 && p[0]["state"] == "up")
-            })
-        })
-    };
+    let up = |l: &Lab| (2..=3).all(|k| l.peer_ready_with(k, 1));
     if let Err(e) = lab.wait(Duration::from_secs(30), up) {
         panic!("mesh did not come up: {e}\n{}", lab.logs());
     }
