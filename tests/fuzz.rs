@@ -72,6 +72,10 @@ fn controls() -> Vec<Vec<u8>> {
         }],
         endpoints: vec!["192.0.2.1:4800".parse().unwrap()],
         name: "n".into(),
+        routes: vec![IpNet {
+            addr: "192.168.5.0".parse().unwrap(),
+            prefix: 24,
+        }],
     };
     [
         Control::Register {
@@ -79,6 +83,7 @@ fn controls() -> Vec<Vec<u8>> {
             local_endpoints: info.endpoints.clone(),
             name: "x".into(),
             have_version: 3,
+            routes: info.routes.clone(),
         },
         Control::PeerMapDelta {
             from_version: 1,

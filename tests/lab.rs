@@ -216,7 +216,7 @@ impl Lab {
             .args(["netns", "del", &self.router])
             .output();
         for k in 0..=n {
-            for kind in ["n", "x"] {
+            for kind in ["n", "x", "l"] {
                 let _ = Command::new("ip")
                     .args(["netns", "del", &format!("{}-{kind}{k}", self.prefix)])
                     .output();
@@ -337,6 +337,56 @@ impl Lab {
         });
         self.procs.push(None);
         Ok(())
+    }
+
+    /// A LAN behind peer `k` (site to site): a namespace `{prefix}-l{k}`
+    /// holding a host at 192.168.`net`.2 whose default route is peer `k`
+    /// at 192.168.`net`.1; peer `k` forwards IP. The host is appended to
+    /// [`Lab::nodes`] (its `overlay` is its LAN address, what other peers
+    /// reach it by) and its index returned, so `exec` and `spawn` work.
+    pub fn add_lan_host(&mut self, k: usize, net: u8) -> Result<usize> {
+        let ns = format!("{}-l{k}", self.prefix);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh("ip", &["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        let (g, h) = (
+            format!("{}g{k}", self.prefix),
+            format!("{}h{k}", self.prefix),
+        );
+        let node_ns = self.nodes[k].ns.clone();
+        sh(
+            "ip",
+            &[
+                "link", "add", &g, "netns", &node_ns, "type", "veth", "peer", "name", &h, "netns",
+                &ns,
+            ],
+        )?;
+        let gw = format!("192.168.{net}.1");
+        let host = Ipv4Addr::new(192, 168, net, 2);
+        self.ns(
+            &node_ns,
+            "ip",
+            &["addr", "add", &format!("{gw}/24"), "dev", &g],
+        )?;
+        self.ns(&node_ns, "ip", &["link", "set", &g, "up"])?;
+        self.ns(&node_ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        self.ns(&ns, "ip", &["link", "set", "lo", "up"])?;
+        self.ns(
+            &ns,
+            "ip",
+            &["addr", "add", &format!("{host}/24"), "dev", &h],
+        )?;
+        self.ns(&ns, "ip", &["link", "set", &h, "up"])?;
+        self.ns(&ns, "ip", &["route", "add", "default", "via", &gw])?;
+        self.nodes.push(LabNode {
+            ns,
+            underlay: host,
+            overlay: host,
+            overlay6: String::new(),
+            control: self.dir.join("lan.sock"),
+        });
+        self.procs.push(None);
+        Ok(self.nodes.len() - 1)
     }
 
     /// Forget every NAT mapping of node `k`'s NAT (as a NAT reboot or a

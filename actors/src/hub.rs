@@ -3,7 +3,7 @@
 //! replies go back as [`Cmd::Send`].
 
 use crate::dataplane::{Cmd, GetSnapshot, NetEvent};
-use crate::registry::{short_key, Registered, Registry, RegistryConfig, Reply};
+use crate::registry::{short_key, Claim, Registered, Registry, RegistryConfig, Reply};
 use crate::store::OwnerStore;
 use actix::prelude::*;
 use serde::Serialize;
@@ -223,17 +223,16 @@ impl Handler<NetEvent> for RegistryActor {
                 local_endpoints,
                 name,
                 have_version,
+                routes,
             } => {
-                let res = self.reg.register(
-                    now,
-                    key,
-                    observed,
+                let claim = Claim {
                     overlay,
+                    routes,
                     local_endpoints,
-                    name.clone(),
+                    name: name.clone(),
                     have_version,
-                    &mut out,
-                );
+                };
+                let res = self.reg.register(now, key, observed, claim, &mut out);
                 match res {
                     Registered::Accepted { owners_changed } => {
                         if owners_changed && self.store.is_some() {

@@ -31,6 +31,8 @@ pub struct PeerStatus {
     pub key: String,
     /// Overlay addresses.
     pub overlay: Vec<String>,
+    /// Subnets the peer routes for.
+    pub routes: Vec<String>,
     /// Endpoint in use.
     pub endpoint: Option<String>,
     /// Path state.
@@ -157,6 +159,7 @@ impl PeerActor {
                 .iter()
                 .map(|n| n.addr.to_string())
                 .collect(),
+            routes: self.info.routes.iter().map(|n| n.to_string()).collect(),
             endpoint: s
                 .and_then(|s| s.snap.endpoint)
                 .or(self.info.endpoints.first().copied())

@@ -1,9 +1,9 @@
 //! The peer's view of the network (pure): the member map built from the hub's
 //! deltas, and the routing table derived from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use transport::wire::{PeerInfo, PublicKey};
+use transport::wire::{IpNet, PeerInfo, PublicKey};
 
 /// A delta that does not apply to the version held.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -134,52 +134,102 @@ impl PeerMap {
         let mut r = Router::default();
         for p in self.peers.values() {
             for n in &p.overlay {
-                r.routes.insert(n.addr, p.key);
+                r.insert(n.addr, p.key);
+            }
+            for n in &p.routes {
+                r.insert_route(*n, p.key);
             }
         }
         r
     }
+
+    /// Every subnet the members advertise, to be routed into the mesh.
+    pub fn subnet_routes(&self) -> BTreeSet<IpNet> {
+        self.peers
+            .values()
+            .flat_map(|p| p.routes.iter().map(|n| n.network()))
+            .collect()
+    }
 }
 
-/// Overlay address → owning peer. Each member owns host addresses; a packet is
-/// routed by exact destination match, and an inbound packet is accepted only if
-/// its source is owned by the peer that sent it.
+/// Overlay address → owning peer. Each member owns host addresses and the
+/// subnets it advertises; a packet goes to the owner of its destination
+/// (host addresses first, then the longest matching subnet), and an inbound
+/// packet is accepted only if its source belongs to the peer that sent it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Router {
-    routes: BTreeMap<IpAddr, PublicKey>,
+    hosts: BTreeMap<IpAddr, PublicKey>,
+    /// Subnet routes: (prefix length, IPv6?, network address → owner),
+    /// longest prefix first.
+    nets: Vec<(u8, bool, BTreeMap<IpAddr, PublicKey>)>,
 }
 
 impl Router {
     /// The peer owning `dst`.
     pub fn route(&self, dst: &IpAddr) -> Option<&PublicKey> {
-        self.routes.get(dst)
+        if let Some(k) = self.hosts.get(dst) {
+            return Some(k);
+        }
+        let v6 = dst.is_ipv6();
+        self.nets
+            .iter()
+            .filter(|(_, f, _)| *f == v6)
+            .find_map(|(len, _, m)| {
+                let net = IpNet {
+                    addr: *dst,
+                    prefix: *len,
+                };
+                m.get(&net.network().addr)
+            })
     }
 
     /// True if `from` owns `src`.
     pub fn owns(&self, from: &PublicKey, src: &IpAddr) -> bool {
-        self.routes.get(src) == Some(from)
+        self.route(src) == Some(from)
     }
 
-    /// Number of routes.
+    /// Number of host addresses and subnets.
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.hosts.len() + self.nets.iter().map(|(_, _, m)| m.len()).sum::<usize>()
     }
 
     /// True if there are none.
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len() == 0
     }
 
-    /// Add one route (tests and static setups).
+    /// Add one host address.
     pub fn insert(&mut self, addr: IpAddr, key: PublicKey) {
-        self.routes.insert(addr, key);
+        self.hosts.insert(addr, key);
+    }
+
+    /// Add one subnet. Two owners of the same subnet (a hub that allows
+    /// overlaps): the one added last wins.
+    pub fn insert_route(&mut self, net: IpNet, key: PublicKey) {
+        let net = net.network();
+        let v6 = net.addr.is_ipv6();
+        let at = match self
+            .nets
+            .iter()
+            .position(|(l, f, _)| *l == net.prefix && *f == v6)
+        {
+            Some(i) => i,
+            None => {
+                self.nets.push((net.prefix, v6, BTreeMap::new()));
+                self.nets.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
+                self.nets
+                    .iter()
+                    .position(|(l, f, _)| *l == net.prefix && *f == v6)
+                    .unwrap_or(0)
+            }
+        };
+        self.nets[at].2.insert(net.addr, key);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use transport::wire::IpNet;
 
     fn info(i: u8, port: u16) -> PeerInfo {
         PeerInfo {
@@ -196,6 +246,7 @@ mod tests {
             ],
             endpoints: vec![([192, 0, 2, i], port).into()],
             name: String::new(),
+            routes: Vec::new(),
         }
     }
 
@@ -244,5 +295,51 @@ mod tests {
         assert_eq!(r.route(&IpAddr::from([10, 0, 0, 9])), None);
         assert!(r.owns(&[2; 32], &IpAddr::from([10, 0, 0, 2])));
         assert!(!r.owns(&[2; 32], &IpAddr::from([10, 0, 0, 3])));
+    }
+
+    fn net(s: &str) -> IpNet {
+        let (a, p) = s.split_once('/').unwrap();
+        IpNet {
+            addr: a.parse().unwrap(),
+            prefix: p.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn subnet_routes_take_the_longest_match_and_extend_the_source_check() {
+        let mut m = PeerMap::new([1; 32]);
+        let mut b = info(2, 1);
+        b.routes = vec![net("192.168.0.0/16"), net("fd05::/48")];
+        let mut c = info(3, 1);
+        // Host bits set: taken as the network.
+        c.routes = vec![net("192.168.5.1/24")];
+        m.apply(0, 1, &[b, c], &[]).unwrap();
+        let r = m.router();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            r.route(&ip("192.168.5.9")),
+            Some(&[3; 32]),
+            "longest prefix"
+        );
+        assert_eq!(r.route(&ip("192.168.6.9")), Some(&[2; 32]));
+        assert_eq!(r.route(&ip("fd05::1")), Some(&[2; 32]));
+        assert_eq!(r.route(&ip("fd06::1")), None);
+        assert_eq!(r.route(&ip("172.16.0.1")), None);
+        // Host addresses win over subnets.
+        assert_eq!(r.route(&ip("10.0.0.3")), Some(&[3; 32]));
+        // The source check: a LAN address is B's only where B routes it.
+        assert!(r.owns(&[2; 32], &ip("192.168.6.9")));
+        assert!(!r.owns(&[2; 32], &ip("192.168.5.9")), "C's subnet");
+        assert!(r.owns(&[3; 32], &ip("192.168.5.9")));
+        assert!(!r.owns(&[3; 32], &ip("172.16.0.1")));
+        assert_eq!(r.len(), 4 + 3);
+        assert_eq!(
+            m.subnet_routes().into_iter().collect::<Vec<_>>(),
+            vec![
+                net("192.168.0.0/16"),
+                net("192.168.5.0/24"),
+                net("fd05::/48")
+            ]
+        );
     }
 }

@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use transport::wire::{Control, ErrorCode, IpNet, PeerInfo, PublicKey, MAX_ADDRS, MAX_UPSERTS};
+use transport::wire::{
+    Control, ErrorCode, IpNet, PeerInfo, PublicKey, MAX_ADDRS, MAX_ROUTES, MAX_UPSERTS,
+};
 
 /// Registry settings.
 #[derive(Debug, Clone)]
@@ -17,6 +19,9 @@ pub struct RegistryConfig {
     pub expire_beats: u32,
     /// How many past changes are kept for deltas; an older version gets a snapshot.
     pub log_len: usize,
+    /// Admit subnet routes that overlap a route another key advertises
+    /// (several gateways into one site; the router then picks one).
+    pub allow_route_overlap: bool,
 }
 
 impl Default for RegistryConfig {
@@ -28,6 +33,7 @@ impl Default for RegistryConfig {
             // every peer tore down its direct sessions with them.
             expire_beats: 6,
             log_len: 1024,
+            allow_route_overlap: false,
         }
     }
 }
@@ -76,9 +82,34 @@ pub enum ClaimError {
         /// Short hex of the owner's key.
         owner: String,
     },
+    /// An advertised subnet overlaps one another key advertises.
+    #[error("route {route} overlaps {theirs}, advertised by {owner}")]
+    RouteInUse {
+        /// The refused route.
+        route: IpNet,
+        /// The other member's route.
+        theirs: IpNet,
+        /// Name and short key of the other member.
+        owner: String,
+    },
     /// The registration carried no address or an unusable one.
     #[error("bad overlay address claim: {0}")]
     Bad(String),
+}
+
+/// What a node asks for when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Claim {
+    /// Overlay addresses it owns.
+    pub overlay: Vec<IpNet>,
+    /// Subnets it routes for.
+    pub routes: Vec<IpNet>,
+    /// Its own candidate endpoints.
+    pub local_endpoints: Vec<SocketAddr>,
+    /// Display name.
+    pub name: String,
+    /// Map version it holds.
+    pub have_version: u64,
 }
 
 /// The registry.
@@ -187,6 +218,39 @@ impl Registry {
         self.members.get(key)
     }
 
+    /// Check `key`'s subnet routes: well formed, and (unless overlaps are
+    /// allowed) not overlapping another online member's.
+    pub fn check_routes(&self, key: &PublicKey, routes: &[IpNet]) -> Result<(), ClaimError> {
+        if routes.len() > MAX_ROUTES {
+            return Err(ClaimError::Bad(format!("{} routes", routes.len())));
+        }
+        for r in routes {
+            let max = if r.addr.is_ipv4() { 32 } else { 128 };
+            if r.prefix == 0 || r.prefix > max || r.addr.is_multicast() || r.addr.is_loopback() {
+                return Err(ClaimError::Bad(format!("route {r}")));
+            }
+        }
+        if self.cfg.allow_route_overlap {
+            return Ok(());
+        }
+        let others = self
+            .members
+            .values()
+            .filter(|m| m.info.key != *key && !m.info.routes.is_empty());
+        for m in others {
+            for theirs in &m.info.routes {
+                if let Some(r) = routes.iter().find(|r| r.overlaps(theirs)) {
+                    return Err(ClaimError::RouteInUse {
+                        route: *r,
+                        theirs: *theirs,
+                        owner: format!("{:?} (key {})", m.info.name, short_key(&m.info.key)),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Check a claim of `overlay` by `key` without changing anything.
     pub fn check_claim(&self, key: &PublicKey, overlay: &[IpNet]) -> Result<(), ClaimError> {
         if overlay.is_empty() || overlay.len() > MAX_ADDRS {
@@ -210,18 +274,21 @@ impl Registry {
     }
 
     /// A `Register` from `key`, seen at `observed`. Returns the replies to send.
-    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &mut self,
         now: Duration,
         key: PublicKey,
         observed: SocketAddr,
-        overlay: Vec<IpNet>,
-        local_endpoints: Vec<SocketAddr>,
-        name: String,
-        have_version: u64,
+        claim: Claim,
         out: &mut Vec<Reply>,
     ) -> Registered {
+        let Claim {
+            overlay,
+            routes,
+            local_endpoints,
+            name,
+            have_version,
+        } = claim;
         if self.revoked.contains(&key) {
             out.push(Reply {
                 to: key,
@@ -245,9 +312,13 @@ impl Registry {
             });
             return Registered::Refused;
         }
-        if let Err(e) = self.check_claim(&key, &overlay) {
+        let checked = self
+            .check_claim(&key, &overlay)
+            .and_then(|()| self.check_routes(&key, &routes));
+        if let Err(e) = checked {
             let code = match e {
                 ClaimError::InUse { .. } => ErrorCode::AddressInUse,
+                ClaimError::RouteInUse { .. } => ErrorCode::RouteInUse,
                 ClaimError::Bad(_) => ErrorCode::BadRequest,
             };
             out.push(Reply {
@@ -289,6 +360,7 @@ impl Registry {
             overlay,
             endpoints,
             name: transport::wire::bounded_name(&name).to_string(),
+            routes: routes.iter().map(IpNet::network).collect(),
         };
         let changed = self.members.get(&key).is_none_or(|m| m.info != info);
         let m = self.members.entry(key).or_insert(Member {
@@ -570,10 +642,12 @@ mod tests {
             Duration::from_secs(now),
             key(i),
             ep(i),
-            net(i),
-            vec![],
-            format!("n{i}"),
-            have,
+            Claim {
+                overlay: net(i),
+                name: format!("n{i}"),
+                have_version: have,
+                ..Claim::default()
+            },
             out,
         )
     }
@@ -631,6 +705,89 @@ mod tests {
         }
     }
 
+    fn lan(s: &str) -> IpNet {
+        let (a, p) = s.split_once('/').unwrap();
+        IpNet {
+            addr: a.parse().unwrap(),
+            prefix: p.parse().unwrap(),
+        }
+    }
+
+    fn reg_routes(r: &mut Registry, i: u8, routes: &[&str], out: &mut Vec<Reply>) -> Registered {
+        let claim = Claim {
+            overlay: net(i),
+            routes: routes.iter().map(|s| lan(s)).collect(),
+            name: format!("n{i}"),
+            ..Claim::default()
+        };
+        r.register(Duration::ZERO, key(i), ep(i), claim, out)
+    }
+
+    #[test]
+    fn subnet_routes_are_distributed_and_overlaps_refused() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        // Host bits are cleared: the record carries the network.
+        assert!(matches!(
+            reg_routes(&mut r, 1, &["192.168.5.1/24"], &mut out),
+            Registered::Accepted { .. }
+        ));
+        let mut m = PeerMap::new(key(2));
+        reg(&mut r, 0, 2, 0, &mut out);
+        deliver(&out, 2, &mut m);
+        assert_eq!(m.get(&key(1)).unwrap().routes, vec![lan("192.168.5.0/24")]);
+        // Key 3 overlapping it, wider or narrower: refused, naming the owner.
+        for wide in ["192.168.0.0/16", "192.168.5.128/25"] {
+            out.clear();
+            assert_eq!(
+                reg_routes(&mut r, 3, &["10.20.0.0/16", wide], &mut out),
+                Registered::Refused
+            );
+            match &out[0].msg {
+                Control::Nack {
+                    code: ErrorCode::RouteInUse,
+                    message,
+                } => assert!(message.contains("192.168.5.0/24") && message.contains("n1")),
+                m => panic!("{m:?}"),
+            }
+        }
+        // A disjoint route, and the owner re-registering with its own: fine.
+        out.clear();
+        assert!(matches!(
+            reg_routes(&mut r, 3, &["192.168.6.0/24"], &mut out),
+            Registered::Accepted { .. }
+        ));
+        assert!(matches!(
+            reg_routes(&mut r, 1, &["192.168.5.0/24"], &mut out),
+            Registered::Accepted { .. }
+        ));
+        // Bad routes: the default route, too many.
+        assert_eq!(
+            reg_routes(&mut r, 4, &["0.0.0.0/0"], &mut out),
+            Registered::Refused
+        );
+        let many: Vec<String> = (0..9).map(|i| format!("172.16.{i}.0/24")).collect();
+        let many: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+        assert_eq!(reg_routes(&mut r, 4, &many, &mut out), Registered::Refused);
+        // Once the owner leaves, its subnet is free.
+        r.leave(&key(1), &mut out);
+        assert!(matches!(
+            reg_routes(&mut r, 4, &["192.168.4.0/23"], &mut out),
+            Registered::Accepted { .. }
+        ));
+        // A hub that allows overlaps admits a second gateway.
+        let cfg = RegistryConfig {
+            allow_route_overlap: true,
+            ..RegistryConfig::default()
+        };
+        let mut r = Registry::new(cfg, BTreeMap::new(), 0);
+        reg_routes(&mut r, 1, &["192.168.5.0/24"], &mut out);
+        assert!(matches!(
+            reg_routes(&mut r, 2, &["192.168.5.0/24"], &mut out),
+            Registered::Accepted { .. }
+        ));
+    }
+
     #[test]
     fn address_conflict_is_refused_and_ownership_survives() {
         let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
@@ -638,16 +795,12 @@ mod tests {
         reg(&mut r, 0, 1, 0, &mut out);
         out.clear();
         // Key 2 claims key 1's address.
-        let res = r.register(
-            Duration::ZERO,
-            key(2),
-            ep(2),
-            net(1),
-            vec![],
-            "thief".into(),
-            0,
-            &mut out,
-        );
+        let thief = Claim {
+            overlay: net(1),
+            name: "thief".into(),
+            ..Claim::default()
+        };
+        let res = r.register(Duration::ZERO, key(2), ep(2), thief.clone(), &mut out);
         assert_eq!(res, Registered::Refused);
         assert!(matches!(
             &out[0].msg,
@@ -660,16 +813,7 @@ mod tests {
         let mut r2 = Registry::new(RegistryConfig::default(), r.owners().clone(), 1000);
         out.clear();
         assert_eq!(
-            r2.register(
-                Duration::ZERO,
-                key(2),
-                ep(2),
-                net(1),
-                vec![],
-                "thief".into(),
-                0,
-                &mut out
-            ),
+            r2.register(Duration::ZERO, key(2), ep(2), thief, &mut out),
             Registered::Refused
         );
         // The owner itself is welcome.
@@ -869,10 +1013,19 @@ mod tests {
                 Duration::ZERO,
                 key(i),
                 eps[0],
-                overlay,
-                eps[1..].to_vec(),
-                name,
-                0,
+                Claim {
+                    overlay,
+                    local_endpoints: eps[1..].to_vec(),
+                    name,
+                    // Eight IPv6 subnet routes each, the most allowed.
+                    routes: (0..8u16)
+                        .map(|j| IpNet {
+                            addr: IpAddr::from([0xfd10, i as u16, j, 0, 0, 0, 0, 0]),
+                            prefix: 48,
+                        })
+                        .collect(),
+                    ..Claim::default()
+                },
                 &mut out,
             );
         }

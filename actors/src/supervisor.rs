@@ -11,7 +11,7 @@ use crate::peermap::{MapChange, PeerMap};
 use crate::registry::short_key;
 use actix::prelude::*;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -34,6 +34,8 @@ pub struct PeerSetup {
     pub hubs: Vec<(PublicKey, SocketAddr)>,
     /// Heartbeat timing.
     pub heartbeat: HeartbeatConfig,
+    /// Subnets this node routes for (advertised to the others).
+    pub routes: Vec<IpNet>,
 }
 
 /// Why the supervisor gave up.
@@ -69,6 +71,8 @@ pub struct NodeStatus {
     pub key: String,
     /// Our overlay addresses.
     pub overlay: Vec<String>,
+    /// Subnets we route for.
+    pub routes: Vec<String>,
     /// Endpoint the hub sees us at.
     pub observed: Option<String>,
     /// Peer-map version.
@@ -117,6 +121,11 @@ pub struct Supervisor {
     map_from: Option<PublicKey>,
     /// Last map version each hub sent us (what we report back to it).
     hub_versions: BTreeMap<PublicKey, u64>,
+    /// Where the subnets other members advertise are sent, to be routed
+    /// into the TUN device (the whole set each time it changes).
+    route_sink: Option<mpsc::UnboundedSender<BTreeSet<IpNet>>>,
+    /// The set last sent there.
+    subnets: BTreeSet<IpNet>,
 }
 
 impl Supervisor {
@@ -143,7 +152,16 @@ impl Supervisor {
             last_snapshot: Snapshot::default(),
             map_from: None,
             hub_versions: BTreeMap::new(),
+            route_sink: None,
+            subnets: BTreeSet::new(),
         }
+    }
+
+    /// Send the subnets other members advertise to `sink` whenever they
+    /// change (the binary installs them as routes via the TUN device).
+    pub fn with_route_sink(mut self, sink: mpsc::UnboundedSender<BTreeSet<IpNet>>) -> Self {
+        self.route_sink = Some(sink);
+        self
     }
 
     fn now(&self) -> Duration {
@@ -164,6 +182,7 @@ impl Supervisor {
             local_endpoints: self.setup.local_endpoints.clone(),
             name: self.setup.name.clone(),
             have_version: self.version_for(hub),
+            routes: self.setup.routes.clone(),
         }
     }
 
@@ -283,6 +302,13 @@ impl Supervisor {
             }
         }
         self.plane.do_send(Cmd::SetRouter(self.map.router()));
+        let subnets = self.map.subnet_routes();
+        if subnets != self.subnets {
+            if let Some(tx) = &self.route_sink {
+                let _ = tx.send(subnets.clone());
+            }
+            self.subnets = subnets;
+        }
     }
 
     fn on_hub_control(&mut self, hub: PublicKey, msg: Control) {
@@ -315,6 +341,7 @@ impl Supervisor {
             }
             Control::Nack { code, message } => match code {
                 ErrorCode::AddressInUse
+                | ErrorCode::RouteInUse
                 | ErrorCode::BadRequest
                 | ErrorCode::Revoked
                 | ErrorCode::NotListed => {
@@ -566,6 +593,7 @@ impl Handler<GetNodeStatus> for Supervisor {
                         .iter()
                         .map(|n| format!("{}/{}", n.addr, n.prefix))
                         .collect(),
+                    routes: act.setup.routes.iter().map(|n| n.to_string()).collect(),
                     observed: act.observed.map(|o| o.to_string()),
                     map_version: act.map.version(),
                     hubs: act.hub_statuses(),

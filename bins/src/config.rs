@@ -43,6 +43,35 @@ pub fn parse_net(s: &str) -> Result<IpNet> {
     Ok(IpNet { addr, prefix })
 }
 
+/// Parse a subnet route, "192.168.5.0/24" or "fd05::/48": a network
+/// address (host bits zero), not the default route.
+pub fn parse_route(s: &str) -> Result<IpNet> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow!("bad route {s:?}: want NETWORK/PREFIX, e.g. 192.168.5.0/24"))?;
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| anyhow!("bad route {s:?}: {a:?} is not an IP address"))?;
+    let prefix: u8 = p
+        .parse()
+        .map_err(|_| anyhow!("bad route {s:?}: {p:?} is not a prefix length"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix == 0 || prefix > max {
+        bail!("bad route {s:?}: prefix must be 1..={max} (a default route is not supported)");
+    }
+    let n = IpNet { addr, prefix };
+    if n.network() != n {
+        bail!(
+            "bad route {s:?}: host bits are set; did you mean {}?",
+            n.network()
+        );
+    }
+    if addr.is_multicast() || addr.is_loopback() {
+        bail!("bad route {s:?}: not a unicast network");
+    }
+    Ok(n)
+}
+
 /// Parse "PUBKEY@HOST:PORT" (key as 64 hex digits).
 pub fn parse_hub(s: &str) -> Result<(PublicKey, SocketAddr)> {
     let (k, a) = s.split_once('@').ok_or_else(|| {
@@ -156,6 +185,8 @@ pub struct HubFile {
     pub allow: Option<PathBuf>,
     /// Relay frames between members that have no direct path (default true).
     pub relay: Option<bool>,
+    /// Admit subnet routes that overlap another member's (default false).
+    pub allow_route_overlap: Option<bool>,
     /// Prometheus metrics listen address (`--metrics`).
     pub metrics: Option<String>,
     /// Log filter (as RUST_LOG), applied on reload.
@@ -199,4 +230,30 @@ pub struct PeerFile {
     pub metrics: Option<String>,
     /// Log filter (as RUST_LOG), applied on reload.
     pub log: Option<String>,
+    /// Subnets this peer routes for, e.g. ["192.168.5.0/24"].
+    pub routes: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_only_as_networks() {
+        let n = parse_route("192.168.5.0/24").unwrap();
+        assert_eq!(n.to_string(), "192.168.5.0/24");
+        assert_eq!(parse_route("fd05::/48").unwrap().prefix, 48);
+        let e = parse_route("192.168.5.1/24").unwrap_err().to_string();
+        assert!(e.contains("did you mean 192.168.5.0/24"), "{e}");
+        for bad in [
+            "0.0.0.0/0",
+            "::/0",
+            "10.0.0.0/33",
+            "10.0.0.0",
+            "x/8",
+            "224.0.0.0/4",
+        ] {
+            assert!(parse_route(bad).is_err(), "{bad}");
+        }
+    }
 }

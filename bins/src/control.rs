@@ -149,6 +149,9 @@ pub fn table(v: &Value) -> String {
         joined(&s["overlay"]),
         s["observed"].as_str().unwrap_or("-")
     ));
+    if s["routes"].as_array().is_some_and(|r| !r.is_empty()) {
+        out.push_str(&format!("routes for {}\n", joined(&s["routes"])));
+    }
     for h in s["hubs"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "hub  {:<22} {}  rtt {}  last ack {}\n",
@@ -196,6 +199,15 @@ pub fn table(v: &Value) -> String {
                 .unwrap_or_else(|| "-".into()),
             p["path_reason"].as_str().unwrap_or("")
         ));
+    }
+    for p in s["peers"].as_array().into_iter().flatten() {
+        if p["routes"].as_array().is_some_and(|r| !r.is_empty()) {
+            out.push_str(&format!(
+                "route {} via {}\n",
+                joined(&p["routes"]),
+                p["name"].as_str().unwrap_or("")
+            ));
+        }
     }
     let drops: Vec<String> = s["counters"]
         .as_object()

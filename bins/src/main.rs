@@ -6,6 +6,7 @@ mod metrics;
 mod netcheck;
 mod ping;
 mod reload;
+mod routing;
 
 use actix::prelude::*;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -160,6 +161,10 @@ struct HubArgs {
     /// cannot read).
     #[arg(long)]
     no_relay: bool,
+    /// Admit subnet routes that overlap another member's (several gateways
+    /// into one site) [default: refuse the second advertiser].
+    #[arg(long)]
+    allow_route_overlap: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9480 [default: off].
     #[arg(long)]
     metrics: Option<String>,
@@ -213,6 +218,10 @@ struct PeerArgs {
     /// peers' split connections (they then send theirs as packets too).
     #[arg(long)]
     no_split_tcp: bool,
+    /// A subnet this node routes for (site to site), e.g. 192.168.5.0/24;
+    /// repeat for several. The other peers send packets for it here.
+    #[arg(long = "route")]
+    routes: Vec<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9480 [default: off].
     #[arg(long)]
     metrics: Option<String>,
@@ -505,6 +514,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
         None => None,
     };
     let no_relay = a.no_relay || f.relay == Some(false);
+    let allow_route_overlap = a.allow_route_overlap || f.allow_route_overlap == Some(true);
     if no_relay {
         tracing::info!("relaying disabled (--no-relay)");
     }
@@ -531,6 +541,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
             RegistryConfig {
                 heartbeat,
                 expire_beats,
+                allow_route_overlap,
                 ..RegistryConfig::default()
             },
             owners,
@@ -748,6 +759,25 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     let sock = bind_udp(&listen)?;
     let local = sock.local_addr()?;
 
+    let route_args = if a.routes.is_empty() {
+        f.routes.clone().unwrap_or_default()
+    } else {
+        a.routes.clone()
+    };
+    let routes = route_args
+        .iter()
+        .map(|r| parse_route(r))
+        .collect::<Result<Vec<_>>>()?;
+    if routes.len() > transport::wire::MAX_ROUTES {
+        bail!(
+            "{} routes: at most {} per node",
+            routes.len(),
+            transport::wire::MAX_ROUTES
+        );
+    }
+    if !routes.is_empty() {
+        routing::warn_if_not_forwarding(&routes);
+    }
     let offload = !a.no_offload && f.offload.unwrap_or(true);
     let split_tcp = !a.no_split_tcp && f.split_tcp.unwrap_or(true);
     let mut b = tun_rs::DeviceBuilder::new()
@@ -799,6 +829,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             interval: heartbeat,
             ..HeartbeatConfig::default()
         },
+        routes,
     };
     let sys = actix::System::new();
     let code = sys.block_on(async move {
@@ -835,12 +866,17 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             Some(recycle),
         ));
         reader.start();
-        let sup = sup_ctx.run(Supervisor::new(
-            setup,
-            plane.clone().recipient(),
-            plane.recipient(),
-            Some(fatal_tx),
-        ));
+        let (routes_tx, routes_rx) = tokio::sync::mpsc::unbounded_channel();
+        actix::spawn(routing::install(tun_name.clone(), routes_rx));
+        let sup = sup_ctx.run(
+            Supervisor::new(
+                setup,
+                plane.clone().recipient(),
+                plane.recipient(),
+                Some(fatal_tx),
+            )
+            .with_route_sink(routes_tx),
+        );
         let sup_r = sup.clone();
         let do_reload: std::rc::Rc<dyn Fn() -> Result<String>> = std::rc::Rc::new(move || {
             let c = reload::peer(&cfg_path, &running, hubs_by_flag)?;

@@ -83,7 +83,7 @@ impl HubChange {
             None => None,
         };
         let mut not_applied = Vec::new();
-        let fixed: [(&'static str, bool); 8] = [
+        let fixed: [(&'static str, bool); 9] = [
             ("listen", f.listen != running.listen),
             ("key", f.key != running.key),
             ("network_key", f.network_key != running.network_key),
@@ -92,6 +92,10 @@ impl HubChange {
             ("expire_beats", f.expire_beats != running.expire_beats),
             ("control", f.control != running.control),
             ("metrics", f.metrics != running.metrics),
+            (
+                "allow_route_overlap",
+                f.allow_route_overlap != running.allow_route_overlap,
+            ),
         ];
         for (name, changed) in fixed {
             if changed {
@@ -169,7 +173,7 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
             );
         }
     }
-    let fixed: [(&'static str, bool); 14] = [
+    let fixed: [(&'static str, bool); 15] = [
         ("address", f.address != running.address),
         ("address6", f.address6 != running.address6),
         ("listen", f.listen != running.listen),
@@ -184,6 +188,7 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
         ("split_tcp", f.split_tcp != running.split_tcp),
         ("control", f.control != running.control),
         ("metrics", f.metrics != running.metrics),
+        ("routes", f.routes != running.routes),
     ];
     not_applied.extend(fixed.iter().filter(|x| x.1).map(|x| x.0));
     let mut parts = Vec::new();

@@ -443,6 +443,7 @@ impl World {
                                 interval: cfg.heartbeat,
                                 ..HeartbeatConfig::default()
                             },
+                            routes: vec![],
                         };
                         let sup = sup_ctx.run(Supervisor::new(
                             setup,

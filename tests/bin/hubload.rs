@@ -327,6 +327,7 @@ impl Member {
             local_endpoints: vec![],
             name: format!("load{}", self.i),
             have_version: self.map.version(),
+            routes: vec![],
         }
     }
 

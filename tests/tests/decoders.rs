@@ -69,12 +69,14 @@ fn peer() -> impl Strategy<Value = PeerInfo> {
         prop::collection::vec(ipnet(), 0..3),
         prop::collection::vec(addr(), 0..4),
         "[a-z0-9-]{0,20}",
+        prop::collection::vec(ipnet(), 0..3),
     )
-        .prop_map(|(key, overlay, endpoints, name)| PeerInfo {
+        .prop_map(|(key, overlay, endpoints, name, routes)| PeerInfo {
             key,
             overlay,
             endpoints,
             name,
+            routes,
         })
 }
 
@@ -85,7 +87,8 @@ fn code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::BadRequest),
         Just(ErrorCode::Busy),
         Just(ErrorCode::Revoked),
-        Just(ErrorCode::NotListed)
+        Just(ErrorCode::NotListed),
+        Just(ErrorCode::RouteInUse)
     ]
 }
 
@@ -95,16 +98,18 @@ fn control() -> impl Strategy<Value = Control> {
             prop::collection::vec(ipnet(), 0..3),
             prop::collection::vec(addr(), 0..4),
             ".{0,30}",
-            any::<u64>()
+            any::<u64>(),
+            prop::collection::vec(ipnet(), 0..3),
         )
-            .prop_map(
-                |(overlay, local_endpoints, name, have_version)| Control::Register {
+            .prop_map(|(overlay, local_endpoints, name, have_version, routes)| {
+                Control::Register {
                     overlay,
                     local_endpoints,
                     name,
-                    have_version
+                    have_version,
+                    routes,
                 }
-            ),
+            }),
         (addr(), any::<u32>()).prop_map(|(observed, heartbeat_ms)| Control::RegisterAck {
             observed,
             heartbeat_ms

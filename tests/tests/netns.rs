@@ -1294,3 +1294,90 @@ fn a_peer_reload_adds_and_removes_hubs_without_touching_its_sessions() {
     assert_eq!(p["name"], "peer3", "{st}");
     assert_eq!(p["restarts"], 0, "{p}");
 }
+
+// ------------------------------------------------------------ subnet routes
+
+#[test]
+fn a_lan_behind_a_peer_is_reached_by_its_address_and_spoofed_lan_sources_are_dropped() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("fmsr", 31, 3).expect("namespace lab (needs root, iproute2, nftables)");
+    // Site B: peer 2 with 192.168.31.0/24 behind it.
+    let lan = lab.add_lan_host(2, 31).unwrap();
+    lab.start_hub(1.0).unwrap();
+    lab.start_peer(1, &[]).unwrap();
+    lab.start_peer(2, &["--route", "192.168.31.0/24"]).unwrap();
+    lab.wait(Duration::from_secs(30), |l| {
+        l.peer_ready_with(1, 1) && l.peer_ready_with(2, 1)
+    })
+    .unwrap_or_else(|e| panic!("mesh did not come up: {e}\n{}", lab.logs()));
+    // Peer 1 routes the subnet into its TUN device, as the map said.
+    lab.wait(Duration::from_secs(10), |l| {
+        l.exec(1, "ip", &["route", "show", "192.168.31.0/24"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("dev fm0"))
+    })
+    .unwrap_or_else(|e| panic!("route not installed: {e}\n{}", lab.log("peer1.log")));
+    let st = lab.status(1).unwrap();
+    assert_eq!(
+        st["status"]["peers"][0]["routes"][0], "192.168.31.0/24",
+        "{st}"
+    );
+    assert!(lab
+        .status_table(1)
+        .contains("route 192.168.31.0/24 via peer2"));
+    // The LAN host answers by its LAN address, ping and TCP (split) alike.
+    let host = lab.nodes[lan].overlay.to_string();
+    let (ok, out) = ping(&lab, 1, &host, 3);
+    assert!(ok, "ping the LAN host: {out}\n{}", lab.logs());
+    let r = transfer(&lab, 1, lan, 20_000_000, 5401);
+    assert_transfer(
+        "20 MB to a host on the LAN behind peer 2",
+        20_000_000,
+        &r,
+        &lab,
+    );
+    // Peer 1 claims a LAN source: peer 2 drops and counts it.
+    let drops = |l: &Lab| {
+        l.status(2).map_or(0, |v| {
+            v["status"]["counters"]["drop_bad_source"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+    };
+    let before = drops(&lab);
+    lab.exec(1, "ip", &["addr", "add", "192.168.31.77/32", "dev", "lo"])
+        .unwrap();
+    let b_overlay = lab.nodes[2].overlay.to_string();
+    let o = lab
+        .exec(
+            1,
+            "ping",
+            &[
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                "192.168.31.77",
+                &b_overlay,
+            ],
+        )
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(received(&out), Some(0), "spoofed pings answered: {out}");
+    let after = drops(&lab);
+    assert!(after >= before + 3, "bad_source {before} -> {after}");
+    // A third node advertising an overlapping subnet is refused by the hub
+    // with the reason, and its process stops.
+    lab.start_peer(3, &["--route", "192.168.0.0/16"]).unwrap();
+    lab.wait(Duration::from_secs(15), |l| !l.running_pid(3))
+        .unwrap_or_else(|e| {
+            panic!(
+                "overlapping peer still running: {e}\n{}",
+                lab.log("peer3.log")
+            )
+        });
+    let log = lab.log("peer3.log");
+    assert!(log.contains("overlaps 192.168.31.0/24"), "{log}");
+}

@@ -264,9 +264,11 @@ pub const MAX_UPSERTS: usize = 64;
 pub const MAX_REMOVALS: usize = 256;
 /// Most addresses or endpoints in one list.
 pub const MAX_ADDRS: usize = 8;
+/// Most subnet routes one member advertises.
+pub const MAX_ROUTES: usize = 8;
 /// Longest member name a hub keeps and passes on, in bytes (longer names
 /// are cut at a character boundary): one peer-map record then stays under
-/// half a kilobyte, so every record fits a delta.
+/// a kilobyte, so every record fits a delta.
 pub const MAX_NAME: usize = 64;
 
 /// `name` cut to at most [`MAX_NAME`] bytes at a character boundary.
@@ -327,6 +329,69 @@ pub struct IpNet {
     pub prefix: u8,
 }
 
+impl IpNet {
+    /// Bits in an address of this family.
+    fn bits(&self) -> u8 {
+        if self.addr.is_ipv4() {
+            32
+        } else {
+            128
+        }
+    }
+
+    /// `ip` with every bit after the first `prefix` cleared, as a u128
+    /// (IPv4 in the low 32 bits), or `None` if `ip` is of the other family.
+    fn masked(&self, ip: &IpAddr) -> Option<u128> {
+        let (v, bits) = match ip {
+            IpAddr::V4(a) if self.addr.is_ipv4() => (u32::from(*a) as u128, 32u32),
+            IpAddr::V6(a) if self.addr.is_ipv6() => (u128::from(*a), 128),
+            _ => return None,
+        };
+        let p = (self.prefix as u32).min(bits);
+        let host = if p == 0 {
+            u128::MAX
+        } else {
+            (1u128 << (bits - p)).wrapping_sub(1)
+        };
+        let host = if bits == 32 { host & 0xffff_ffff } else { host };
+        Some(v & !host)
+    }
+
+    /// The network this prefix denotes (host bits cleared).
+    pub fn network(&self) -> IpNet {
+        let m = self.masked(&self.addr).unwrap_or(0);
+        let addr = if self.addr.is_ipv4() {
+            IpAddr::from((m as u32).to_be_bytes())
+        } else {
+            IpAddr::from(m.to_be_bytes())
+        };
+        IpNet {
+            addr,
+            prefix: self.prefix.min(self.bits()),
+        }
+    }
+
+    /// True if `ip` is inside this prefix.
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.masked(ip).is_some() && self.masked(ip) == self.masked(&self.addr)
+    }
+
+    /// True if the two prefixes share an address (one contains the other).
+    pub fn overlaps(&self, other: &IpNet) -> bool {
+        if self.prefix <= other.prefix {
+            self.contains(&other.addr)
+        } else {
+            other.contains(&self.addr)
+        }
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// What the hub knows of one member of the network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
@@ -340,6 +405,11 @@ pub struct PeerInfo {
     pub endpoints: Vec<SocketAddr>,
     /// Free-form name for status displays.
     pub name: String,
+    /// Subnets reachable through the member (site-to-site routes): packets
+    /// to them go to this member, and packets from them are accepted only
+    /// from it. `addr` is the network address, host bits zero.
+    #[serde(default, deserialize_with = "bounded::<_, _, MAX_ROUTES>")]
+    pub routes: Vec<IpNet>,
 }
 
 impl PeerInfo {
@@ -366,6 +436,8 @@ pub enum ErrorCode {
     Revoked,
     /// The hub admits only listed keys, and this one is not listed.
     NotListed,
+    /// An advertised route overlaps one another key advertises.
+    RouteInUse,
 }
 
 /// Control messages, carried encrypted inside sessions (hub ↔ peer and peer ↔ peer).
@@ -383,6 +455,9 @@ pub enum Control {
         name: String,
         /// Peer-map version the node already holds (0 = none).
         have_version: u64,
+        /// Subnets the node routes for (see [`PeerInfo::routes`]).
+        #[serde(default, deserialize_with = "bounded::<_, _, MAX_ROUTES>")]
+        routes: Vec<IpNet>,
     },
     /// Hub → peer: registration accepted.
     RegisterAck {
@@ -635,5 +710,56 @@ mod tests {
             Control::decode(&vec![0u8; CONTROL_CAP + 1]),
             Err(ControlError::TooLarge(_))
         ));
+    }
+
+    fn net(s: &str) -> IpNet {
+        let (a, p) = s.split_once('/').unwrap();
+        IpNet {
+            addr: a.parse().unwrap(),
+            prefix: p.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn prefixes_contain_overlap_and_normalise() {
+        let lan = net("192.168.5.0/24");
+        assert!(lan.contains(&"192.168.5.77".parse().unwrap()));
+        assert!(!lan.contains(&"192.168.6.1".parse().unwrap()));
+        assert!(!lan.contains(&"::ffff:192.168.5.1".parse().unwrap()));
+        assert!(net("0.0.0.0/0").contains(&"8.8.8.8".parse().unwrap()));
+        assert!(net("10.0.0.1/32").contains(&"10.0.0.1".parse().unwrap()));
+        assert!(!net("10.0.0.1/32").contains(&"10.0.0.2".parse().unwrap()));
+        assert!(lan.overlaps(&net("192.168.0.0/16")));
+        assert!(net("192.168.0.0/16").overlaps(&lan));
+        assert!(!lan.overlaps(&net("192.168.4.0/24")));
+        assert!(!lan.overlaps(&net("fd00::/8")));
+        assert_eq!(net("192.168.5.9/24").network(), lan);
+        assert_eq!(net("fd00:1:2:3::9/48").network(), net("fd00:1:2::/48"));
+        let v6 = net("fd00:1:2::/48");
+        assert!(v6.contains(&"fd00:1:2:ffff::1".parse().unwrap()));
+        assert!(!v6.contains(&"fd00:1:3::1".parse().unwrap()));
+        assert_eq!(lan.to_string(), "192.168.5.0/24");
+    }
+
+    #[test]
+    fn records_without_routes_still_decode() {
+        // A record as a node without subnet routes encodes it: four fields.
+        #[derive(Serialize)]
+        struct Old {
+            key: PublicKey,
+            overlay: Vec<IpNet>,
+            endpoints: Vec<SocketAddr>,
+            name: String,
+        }
+        let old = Old {
+            key: [7; 32],
+            overlay: vec![net("10.0.0.7/24")],
+            endpoints: vec![],
+            name: "old".into(),
+        };
+        let b = rmp_serde::to_vec(&old).unwrap();
+        let p: PeerInfo = rmp_serde::from_slice(&b).unwrap();
+        assert_eq!(p.name, "old");
+        assert!(p.routes.is_empty());
     }
 }
