@@ -52,6 +52,27 @@ pub fn sh(cmd: &str, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// `defaults` with `extra` applied: a flag already there takes the new
+/// value, others are appended.
+fn with_overrides(mut v: Vec<String>, extra: &[&str]) -> Vec<String> {
+    let mut i = 0;
+    while i < extra.len() {
+        let flag = extra[i];
+        let val = extra.get(i + 1).filter(|_| flag.starts_with("--"));
+        match (v.iter().position(|x| x == flag), val) {
+            (Some(j), Some(val)) if j + 1 < v.len() => {
+                v[j + 1] = val.to_string();
+                i += 2;
+            }
+            _ => {
+                v.push(flag.to_string());
+                i += 1;
+            }
+        }
+    }
+    v
+}
+
 /// Check what the lab needs: root, `ip`, `nft`.
 pub fn preflight() -> Result<()> {
     // SAFETY: getuid has no preconditions.
@@ -73,6 +94,8 @@ pub struct LabNode {
     pub ns: String,
     /// Underlay address.
     pub underlay: Ipv4Addr,
+    /// IPv6 underlay address, once [`Lab::enable_ipv6`] gave it one.
+    pub underlay6: Option<String>,
     /// Overlay address (peers only).
     pub overlay: Ipv4Addr,
     /// Overlay IPv6 address (peers only).
@@ -195,6 +218,7 @@ impl Lab {
             lab.nodes.push(LabNode {
                 ns,
                 underlay: Ipv4Addr::new(10, sub, k as u8, 2),
+                underlay6: None,
                 overlay: Ipv4Addr::new(10, 99, net, k as u8),
                 overlay6: format!("fd99:{net}::{k}"),
                 control: lab.dir.join(format!("n{k}.sock")),
@@ -331,11 +355,53 @@ impl Lab {
         self.nodes.push(LabNode {
             ns: ns.to_string(),
             underlay: Ipv4Addr::new(172, 16, k as u8, 2),
+            underlay6: None,
             overlay: Ipv4Addr::new(10, 99, net, k as u8),
             overlay6: format!("fd99:{net}::{k}"),
             control: self.dir.join(format!("n{k}.sock")),
         });
         self.procs.push(None);
+        Ok(())
+    }
+
+    /// IPv6 on the underlay: node `k` (not behind a NAT) gets
+    /// fdc8:`net`:`k`::2/64, the router fdc8:`net`:`k`::1 and forwards
+    /// IPv6. With `ipv4` false the router stops forwarding IPv4: nodes
+    /// reach each other over IPv6 only (an IPv6-only provider).
+    pub fn enable_ipv6(&mut self, net: u8, ipv4: bool) -> Result<()> {
+        let router = self.router.clone();
+        self.ns(
+            &router,
+            "sysctl",
+            &["-qw", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        if !ipv4 {
+            self.ns(&router, "sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+        }
+        for k in 0..self.nodes.len() {
+            let (a, b) = (
+                format!("{}a{k}", self.prefix),
+                format!("{}b{k}", self.prefix),
+            );
+            let ns = self.nodes[k].ns.clone();
+            if self.ns(&ns, "ip", &["link", "show", &b]).is_err() {
+                continue; // behind a NAT, or not a node of the router
+            }
+            let gw = format!("fdc8:{net}:{k}::1");
+            let me = format!("fdc8:{net}:{k}::2");
+            self.ns(
+                &router,
+                "ip",
+                &["-6", "addr", "add", &format!("{gw}/64"), "dev", &a, "nodad"],
+            )?;
+            self.ns(
+                &ns,
+                "ip",
+                &["-6", "addr", "add", &format!("{me}/64"), "dev", &b, "nodad"],
+            )?;
+            self.ns(&ns, "ip", &["-6", "route", "add", "default", "via", &gw])?;
+            self.nodes[k].underlay6 = Some(me);
+        }
         Ok(())
     }
 
@@ -381,6 +447,7 @@ impl Lab {
         self.nodes.push(LabNode {
             ns,
             underlay: host,
+            underlay6: None,
             overlay: host,
             overlay6: String::new(),
             control: self.dir.join("lan.sock"),
@@ -475,8 +542,8 @@ impl Lab {
         ]
         .map(String::from);
         let bin = self.bin.to_string_lossy().into_owned();
-        let mut argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        argv.extend_from_slice(extra);
+        let args = with_overrides(args.to_vec(), extra);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = if k == 0 {
             "hub.log".to_string()
         } else {
@@ -497,7 +564,7 @@ impl Lab {
     /// The arguments that start peer `k` (for tests that vary them).
     pub fn peer_args(&self, k: usize, extra: &[&str]) -> Vec<String> {
         let n = &self.nodes[k];
-        let mut v: Vec<String> = [
+        let v: Vec<String> = [
             "peer",
             "--hub",
             &format!("{}@{}:{PORT}", self.hub_pub, self.nodes[0].underlay),
@@ -521,23 +588,7 @@ impl Lab {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        // Extra flags override the defaults above.
-        let mut i = 0;
-        while i < extra.len() {
-            let flag = extra[i];
-            let val = extra.get(i + 1).filter(|_| flag.starts_with("--"));
-            match (v.iter().position(|x| x == flag), val) {
-                (Some(j), Some(val)) if j + 1 < v.len() => {
-                    v[j + 1] = val.to_string();
-                    i += 2;
-                }
-                _ => {
-                    v.push(flag.to_string());
-                    i += 1;
-                }
-            }
-        }
-        v
+        with_overrides(v, extra)
     }
 
     /// Start peer `k` with exactly these arguments.

@@ -131,7 +131,7 @@ struct HubArgs {
     /// TOML config file; flags override its values.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// UDP address to listen on [default: 0.0.0.0:4800].
+    /// UDP address to listen on [default: [::]:4800, IPv6 and IPv4; 0.0.0.0:4800 without IPv6].
     #[arg(long)]
     listen: Option<String>,
     /// The hub's key file (from `fastmesh keygen`).
@@ -184,7 +184,7 @@ struct PeerArgs {
     /// Optional IPv6 overlay address with prefix, e.g. fd99::2/64.
     #[arg(long)]
     address6: Option<String>,
-    /// UDP address to listen on [default: 0.0.0.0:4800].
+    /// UDP address to listen on [default: [::]:4800, IPv6 and IPv4; 0.0.0.0:4800 without IPv6].
     #[arg(long)]
     listen: Option<String>,
     /// TUN device name [default: fm0].
@@ -427,12 +427,29 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Bind the UDP socket at `listen`, or by default at `[::]:4800` (IPv6 and
+/// IPv4 on one socket), falling back to `0.0.0.0:4800` on a host without
+/// IPv6.
+fn bind_udp_or_default(listen: Option<String>) -> Result<std::net::UdpSocket> {
+    match listen {
+        Some(l) => bind_udp(&l),
+        None => bind_udp("[::]:4800").or_else(|e| {
+            tracing::debug!(error = %e, "no IPv6 socket; listening on IPv4 only");
+            bind_udp("0.0.0.0:4800")
+        }),
+    }
+}
+
 fn bind_udp(listen: &str) -> Result<std::net::UdpSocket> {
-    let addr: SocketAddr = listen
-        .parse()
-        .map_err(|_| anyhow!("bad listen address {listen:?}: want IP:PORT, e.g. 0.0.0.0:4800"))?;
+    let addr: SocketAddr = listen.parse().map_err(|_| {
+        anyhow!("bad listen address {listen:?}: want IP:PORT, e.g. 0.0.0.0:4800 or [::]:4800")
+    })?;
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // `[::]` serves IPv4 peers too, whatever net.ipv6.bindv6only says.
+        s.set_only_v6(false)?;
+    }
     // Large buffers absorb bursts at high rates; root may exceed the sysctl limits.
     for size in [8 << 20, 4 << 20, 1 << 20] {
         if s.set_recv_buffer_size(size).is_ok() && s.set_send_buffer_size(size).is_ok() {
@@ -471,10 +488,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
     };
     let running = f.clone();
     let (cfg_path, flag_allow) = (a.config.clone(), a.allow.clone());
-    let listen = a
-        .listen
-        .or(f.listen)
-        .unwrap_or_else(|| "0.0.0.0:4800".into());
+    let listen = a.listen.or(f.listen);
     let key_path = a.key.or(f.key).ok_or_else(|| {
         anyhow!("no hub key: pass --key FILE (create one with `fastmesh keygen --out hub.key`)")
     })?;
@@ -502,9 +516,9 @@ fn run_hub(a: HubArgs) -> Result<()> {
     let store = OwnerStore::new(data_dir.join("owners"));
     let owners = store.load()?;
     let revoked = store.load_revoked()?;
-    let sock = bind_udp(&listen)?;
+    let sock = bind_udp_or_default(listen)?;
     tracing::info!(
-        %listen,
+        listen = %sock.local_addr()?,
         key = %key_hex(&key.public),
         members_known = owners.len(),
         "hub starting"
@@ -719,10 +733,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         }
         overlay.push(n);
     }
-    let listen = a
-        .listen
-        .or(f.listen)
-        .unwrap_or_else(|| "0.0.0.0:4800".into());
+    let listen = a.listen.or(f.listen);
     let tun_name = a.tun.or(f.tun).unwrap_or_else(|| "fm0".into());
     let mtu = a.mtu.or(f.mtu).unwrap_or_else(default_mtu);
     if !(576..=9000).contains(&mtu) {
@@ -756,8 +767,11 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         Some(m) => Some(metrics::bind(&m)?),
         None => None,
     };
-    let sock = bind_udp(&listen)?;
+    let sock = bind_udp_or_default(listen)?;
     let local = sock.local_addr()?;
+    if let Some((_, h)) = hubs.iter().find(|(_, h)| h.is_ipv6() && local.is_ipv4()) {
+        bail!("hub {h} is an IPv6 address but this node listens on IPv4 ({local}): listen on [::]:{} instead", local.port());
+    }
 
     let route_args = if a.routes.is_empty() {
         f.routes.clone().unwrap_or_default()

@@ -582,6 +582,13 @@ impl Paths {
         let (to, down) = (self.cfg.probe_timeout, self.cfg.down_after);
         let up = |p: &&PathStat| p.up(now, down);
         let rtt = |p: &PathStat| p.srtt.unwrap_or(Duration::from_secs(1));
+        // IPv6 first among direct paths that measure as well: no NAT
+        // mapping to expire or be flushed on the way.
+        let v6 = |p: &PathStat| p.via.direct().is_some_and(|a| a.is_ipv6());
+        let as_good = |d: &PathStat, c: &PathStat| {
+            rtt(d) <= rtt(c) + rtt(c) / 10 + Duration::from_millis(1)
+                && d.loss(now, to) <= c.loss(now, to)
+        };
         let best_direct = self
             .paths
             .iter()
@@ -590,7 +597,13 @@ impl Paths {
             .min_by(|a, b| {
                 let la = (a.loss(now, to) * 10.0) as u32;
                 let lb = (b.loss(now, to) * 10.0) as u32;
-                la.cmp(&lb).then(rtt(a).cmp(&rtt(b)))
+                la.cmp(&lb).then_with(|| {
+                    if v6(a) != v6(b) && as_good(a, b) && as_good(b, a) {
+                        v6(b).cmp(&v6(a))
+                    } else {
+                        rtt(a).cmp(&rtt(b))
+                    }
+                })
             });
         let best_relay = self
             .paths
@@ -630,22 +643,31 @@ impl Paths {
                 } else if c_loss >= self.cfg.bad_loss {
                     // Both losses must rest on enough probes: a relay with
                     // one answer so far reads as lossless (over a lossy
-                    // WAN it may lose more than the direct path).
-                    best_relay
-                        .filter(|r| {
-                            r.decided(now, to) >= MIN_DECIDED
-                                && c.decided(now, to) >= MIN_DECIDED
-                                && r.loss(now, to) + 0.2 < c_loss
+                    // WAN it may lose more than the direct path). Another
+                    // direct candidate that loses much less goes first
+                    // (the other address family, another interface).
+                    let much_better = |p: &PathStat| {
+                        p.decided(now, to) >= MIN_DECIDED
+                            && c.decided(now, to) >= MIN_DECIDED
+                            && p.loss(now, to) + 0.2 < c_loss
+                    };
+                    best_direct
+                        .filter(|d| d.via != c.via && promotable(d) && much_better(d))
+                        .map(|d| (d.via, Reason::DirectAnswers))
+                        .or_else(|| {
+                            best_relay.filter(|r| much_better(r)).map(|r| {
+                                (r.via, Reason::DirectLossy((c_loss * 100.0).round() as u32))
+                            })
                         })
-                        .map(|r| (r.via, Reason::DirectLossy((c_loss * 100.0).round() as u32)))
                 } else {
-                    // Another direct candidate much better: move.
+                    // Another direct candidate much better, or IPv6 and
+                    // as good as this IPv4 one: move.
                     best_direct
                         .filter(|d| {
                             d.via != c.via
                                 && promotable(d)
-                                && rtt(d) * 2 < rtt(c)
                                 && d.loss(now, to) <= c_loss
+                                && (rtt(d) * 2 < rtt(c) || (v6(d) && !v6(c) && as_good(d, c)))
                         })
                         .map(|d| (d.via, Reason::DirectAnswers))
                 }
@@ -796,6 +818,44 @@ mod tests {
             Some(if v.direct().is_some() { ms(20) } else { ms(60) })
         });
         assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+    }
+
+    #[test]
+    fn ipv6_direct_is_preferred_when_it_measures_as_well_and_only_then() {
+        let v6 = |port| SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 2], port));
+        // Both answer in the same time (the drive loop measures in 10 ms
+        // steps): IPv6 is chosen.
+        let with_relay = || {
+            let mut p = Paths::new(PathConfig::default());
+            p.set_relays(ms(0), &[[7; 32]]);
+            p.set_direct(ms(0), &[addr(1), v6(1)]);
+            p
+        };
+        let mut p = with_relay();
+        let t = drive(&mut p, ms(0), 5, |v| match v {
+            Via::Relay(_) => Some(ms(40)),
+            _ => Some(ms(20)),
+        });
+        assert_eq!(p.current(), Some(Via::Direct(v6(1))));
+        // IPv6 turning much slower than IPv4: back to IPv4.
+        let mut p2 = with_relay();
+        drive(&mut p2, ms(0), 5, |v| match v {
+            Via::Relay(_) => Some(ms(40)),
+            Via::Direct(a) if a.is_ipv6() => Some(ms(40)),
+            _ => Some(ms(20)),
+        });
+        assert_eq!(p2.current(), Some(Via::Direct(addr(1))), "IPv6 slower");
+        // IPv6 lossy: IPv4 stays.
+        let n = std::cell::Cell::new(0u32);
+        drive(&mut p, t, 10, |v| match v {
+            Via::Relay(_) => Some(ms(40)),
+            Via::Direct(a) if a.is_ipv6() => {
+                n.set(n.get() + 1);
+                n.get().is_multiple_of(2).then_some(ms(20))
+            }
+            _ => Some(ms(20)),
+        });
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))), "IPv6 lossy");
     }
 
     #[test]

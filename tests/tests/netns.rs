@@ -1381,3 +1381,77 @@ fn a_lan_behind_a_peer_is_reached_by_its_address_and_spoofed_lan_sources_are_dro
     let log = lab.log("peer3.log");
     assert!(log.contains("overlaps 192.168.31.0/24"), "{log}");
 }
+
+// ------------------------------------------------------------- IPv6 underlay
+
+/// Peer `k`'s first peer: (endpoint in use, path kind).
+fn peer_endpoint(lab: &Lab, k: usize) -> (String, String) {
+    let s = lab.status(k).unwrap();
+    let p = &s["status"]["peers"][0];
+    (
+        p["endpoint"].as_str().unwrap_or("").to_string(),
+        p["path"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn ipv6_only_and_dual_stack_underlays() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // IPv6 only: the router forwards no IPv4; the hub is reached at its
+    // IPv6 address and the peers' direct path is IPv6.
+    let mut lab = Lab::new("fmv6", 32, 2).expect("namespace lab (needs root, iproute2, nftables)");
+    lab.enable_ipv6(32, false).unwrap();
+    let hub6 = lab.nodes[0].underlay6.clone().unwrap();
+    lab.start_hub_with(0, 1.0, &["--listen", "[::]:4800"])
+        .unwrap();
+    let key = lab.hub_key().to_string();
+    let hub = format!("{key}@[{hub6}]:4800");
+    for k in [1, 2] {
+        lab.start_peer(k, &["--hub", &hub, "--listen", "[::]:4800"])
+            .unwrap();
+    }
+    lab.wait(Duration::from_secs(30), |l| {
+        l.peer_ready(1) && l.peer_ready(2)
+    })
+    .unwrap_or_else(|e| panic!("IPv6-only mesh did not come up: {e}\n{}", lab.logs()));
+    let (ep, path) = peer_endpoint(&lab, 1);
+    assert_eq!(path, "direct");
+    assert!(ep.starts_with("[fdc8:32:2::2]"), "IPv6 endpoint, got {ep}");
+    let (ok, out) = ping(&lab, 1, &lab.nodes[2].overlay.to_string(), 3);
+    assert!(ok, "ping over an IPv6 underlay: {out}");
+    let r = transfer(&lab, 1, 2, 20_000_000, 5501);
+    assert_transfer("20 MB over an IPv6-only underlay", 20_000_000, &r, &lab);
+    drop(lab);
+
+    // Dual stack: the hub is listed by its IPv4 address; the peers' IPv6
+    // candidates measure as well as their IPv4 ones, and IPv6 is chosen.
+    let mut lab = Lab::new("fmv7", 33, 2).expect("namespace lab");
+    lab.enable_ipv6(33, true).unwrap();
+    lab.start_hub_with(0, 1.0, &["--listen", "[::]:4800"])
+        .unwrap();
+    for k in [1, 2] {
+        lab.start_peer(k, &["--listen", "[::]:4800"]).unwrap();
+    }
+    lab.wait(Duration::from_secs(30), |l| {
+        l.peer_ready(1) && l.peer_ready(2)
+    })
+    .unwrap_or_else(|e| panic!("dual-stack mesh did not come up: {e}\n{}", lab.logs()));
+    // The hub saw the peers at their IPv4 addresses (not IPv4-mapped).
+    let st = lab.status(1).unwrap();
+    let observed = st["status"]["observed"].as_str().unwrap_or("");
+    assert!(observed.starts_with("10.233.1.2:"), "{st}");
+    lab.wait(Duration::from_secs(20), |l| {
+        peer_endpoint(l, 1).0.starts_with("[fdc8:33:2::2]")
+            && peer_endpoint(l, 2).0.starts_with("[fdc8:33:1::2]")
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "IPv6 not chosen: {e}\n{}\n{}",
+            lab.status_table(1),
+            lab.status_table(2)
+        )
+    });
+    let r = transfer(&lab, 2, 1, 20_000_000, 5502);
+    assert_transfer("20 MB over a dual-stack underlay", 20_000_000, &r, &lab);
+    println!("{}", lab.status_table(1));
+}

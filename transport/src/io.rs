@@ -133,6 +133,26 @@ fn send_each(
 pub struct FastUdp {
     sock: tokio::net::UdpSocket,
     state: quinn_udp::UdpSocketState,
+    /// The socket is IPv6 (dual-stack when bound to `[::]`): IPv4
+    /// destinations are sent as IPv4-mapped addresses.
+    v6: bool,
+}
+
+/// `to` as a socket of the given family can send to it: an IPv4 address
+/// becomes IPv4-mapped on an IPv6 socket.
+fn for_socket(v6: bool, to: SocketAddr) -> SocketAddr {
+    match to {
+        SocketAddr::V4(a) if v6 => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+        _ => to,
+    }
+}
+
+/// A received source in the form the rest of fastmesh uses: an
+/// IPv4-mapped IPv6 address (an IPv4 sender seen by a dual-stack socket)
+/// as the IPv4 address it is, so a node has one endpoint whichever socket
+/// family saw it.
+pub fn canonical(from: SocketAddr) -> SocketAddr {
+    SocketAddr::new(from.ip().to_canonical(), from.port())
 }
 
 /// Whether the kernel may fragment what the socket sends (`fragment`: the
@@ -175,9 +195,11 @@ impl FastUdp {
         if !set_fragmentation(sock.as_raw_fd(), true) {
             tracing::debug!("could not allow fragmentation on the UDP socket");
         }
+        let v6 = sock.local_addr()?.is_ipv6();
         Ok(FastUdp {
             sock: tokio::net::UdpSocket::from_std(sock)?,
             state,
+            v6,
         })
     }
 }
@@ -188,13 +210,11 @@ impl Datagram for FastUdp {
         buf: &[u8],
         to: SocketAddr,
     ) -> impl Future<Output = io::Result<usize>> + Send {
-        self.sock.send_to(buf, to)
+        self.sock.send_to(buf, for_socket(self.v6, to))
     }
-    fn recv_from(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
-        self.sock.recv_from(buf)
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let (n, from) = self.sock.recv_from(buf).await?;
+        Ok((n, canonical(from)))
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.sock.local_addr()
@@ -203,10 +223,11 @@ impl Datagram for FastUdp {
         self.sock.readable()
     }
     fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        self.sock.try_recv_from(buf)
+        let (n, from) = self.sock.try_recv_from(buf)?;
+        Ok((n, canonical(from)))
     }
     fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.sock.try_send_to(buf, to)
+        self.sock.try_send_to(buf, for_socket(self.v6, to))
     }
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
         self.sock.writable()
@@ -215,6 +236,7 @@ impl Datagram for FastUdp {
         self.state.max_gso_segments()
     }
     fn try_send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<usize> {
+        let to = for_socket(self.v6, to);
         let segs = buf.len().div_ceil(segment.max(1));
         if segs <= 1 || self.state.max_gso_segments() <= 1 {
             return send_each(buf, segment, |c| self.sock.try_send_to(c, to));
@@ -236,7 +258,7 @@ impl Datagram for FastUdp {
         use std::os::fd::AsRawFd;
         let fd = self.sock.as_raw_fd();
         set_fragmentation(fd, false);
-        let r = self.sock.try_send_to(buf, to);
+        let r = self.sock.try_send_to(buf, for_socket(self.v6, to));
         set_fragmentation(fd, true);
         r
     }
@@ -258,7 +280,7 @@ impl Datagram for FastUdp {
                 .recv((&self.sock).into(), &mut slices[..k], &mut meta[..k])
         })?;
         for i in 0..n {
-            out[i] = (meta[i].len, meta[i].stride.max(1), meta[i].addr);
+            out[i] = (meta[i].len, meta[i].stride.max(1), canonical(meta[i].addr));
         }
         Ok(n)
     }
@@ -269,7 +291,7 @@ impl Datagram for FastUdp {
             self.state.recv((&self.sock).into(), &mut bufs, &mut meta)
         })?;
         let m = &meta[0];
-        Ok((m.len, m.stride.max(1), m.addr))
+        Ok((m.len, m.stride.max(1), canonical(m.addr)))
     }
 }
 

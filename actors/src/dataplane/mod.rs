@@ -220,6 +220,14 @@ pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
 }
 
 impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
+    /// Drop the endpoints this socket cannot send to (IPv6 ones on an
+    /// IPv4 socket): they would only fail and be counted as send errors.
+    fn keep_reachable(&self, eps: &mut Vec<SocketAddr>) {
+        if self.io.sock.local_addr().is_ok_and(|a| a.is_ipv4()) {
+            eps.retain(SocketAddr::is_ipv4);
+        }
+    }
+
     /// A data plane for `node` over `sock`, writing received packets to `tun`
     /// (None on a hub), reporting events to `events`. Batches from a
     /// [`TunReader`] go back to it through `recycle`.
@@ -406,13 +414,20 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
         self.io.stats.wakeups += 1;
         let now = self.now();
         match cmd {
-            Cmd::AddPeer { key, endpoints } => {
+            Cmd::AddPeer { key, mut endpoints } => {
+                self.keep_reachable(&mut endpoints);
                 self.node.add_peer(key, endpoints.first().copied());
                 self.node.set_candidates(&key, &endpoints);
             }
             Cmd::SetRelays(relays) => self.node.set_relays(&relays),
             Cmd::SetRelaying(on) => self.node.set_relaying(on),
-            Cmd::Punch { key, candidates } => self.node.punch(now, &key, &candidates),
+            Cmd::Punch {
+                key,
+                mut candidates,
+            } => {
+                self.keep_reachable(&mut candidates);
+                self.node.punch(now, &key, &candidates)
+            }
             Cmd::RemovePeer(key) => self.node.remove_peer(&key),
             Cmd::RestartPeer(key) => {
                 let ep = self.node.session(&key).and_then(|s| s.endpoint());
