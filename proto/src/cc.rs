@@ -137,6 +137,11 @@ impl RateControl {
         format!("{:?}", self.phase)
     }
 
+    /// In startup (pacing well above the delivered rate).
+    pub fn in_startup(&self) -> bool {
+        self.phase == Phase::Startup
+    }
+
     /// Smallest RTT seen in the last 10 s (default 100 ms before any sample).
     pub fn min_rtt(&self) -> Duration {
         self.min_rtt
@@ -167,6 +172,15 @@ impl RateControl {
         self.recent_rtt.push_back((now, rtt));
         while self.recent_rtt.len() > 4 {
             self.recent_rtt.pop_front();
+        }
+        // Startup paces at nearly three times the delivered rate: every
+        // round trip it stays after the queue began to grow adds twice the
+        // path's rate to the bottleneck's queue, until it overflows and the
+        // frames waiting in it time out. Leave on the sample that shows
+        // the queue, not at the end of the round.
+        if self.phase == Phase::Startup && self.queue_building() {
+            self.phase = Phase::Drain;
+            self.phase_start = now;
         }
     }
 

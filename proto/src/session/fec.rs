@@ -150,8 +150,10 @@ impl Session {
         let on = self.cfg.fec && parity_for(MAX_GROUP, self.cc.clean_loss()) > 0;
         if on != self.fec_on {
             self.fec_on = on;
+            let floor = super::mux::bulk_rto_floor(self.cc.min_rtt(), self.cc.in_startup());
             for c in self.convs.values_mut() {
-                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, on && !c.bulk);
+                let f = c.bulk.then_some(floor);
+                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, on && !c.bulk, f);
             }
         }
         if bulk {

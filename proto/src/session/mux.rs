@@ -287,7 +287,7 @@ impl Session {
         let fec_on = self.fec_on;
         self.convs.entry(id).or_insert_with(|| {
             let mut kcp = Kcp::new(id, sink.clone());
-            tune_resend(&mut kcp, cfg.profile, fec_on);
+            tune_resend(&mut kcp, cfg.profile, fec_on, None);
             let _ = kcp.set_mtu(kcp_mtu);
             // The controller limits inflight (`window_full`); KCP only by the
             // receiver. Control messages are small and few: their window is
@@ -470,8 +470,16 @@ impl Session {
 /// acknowledged) but only after a group's worth were, or at its timeout:
 /// parity usually rebuilds it first, and resending what parity repairs
 /// doubles the cost of every loss.
-pub(super) fn tune_resend(kcp: &mut Kcp<KcpSink>, profile: super::KcpProfile, fec_on: bool) {
+///
+/// A bulk stream's timeout is at least `rto_floor` (see [`bulk_rto_floor`]).
+pub(super) fn tune_resend(
+    kcp: &mut Kcp<KcpSink>,
+    profile: super::KcpProfile,
+    fec_on: bool,
+    rto_floor: Option<u32>,
+) {
     let (nodelay, interval, resend, min_rto) = profile.params();
+    let min_rto = min_rto.max(rto_floor.unwrap_or(0));
     let resend = if fec_on && resend > 0 {
         (super::fec::MAX_GROUP + 4) as u32
     } else {
@@ -479,4 +487,24 @@ pub(super) fn tune_resend(kcp: &mut Kcp<KcpSink>, profile: super::KcpProfile, fe
     };
     kcp.set_nodelay(nodelay, interval as i32, resend as i32, true);
     kcp.set_rx_minrto(min_rto);
+}
+
+/// The least retransmission timeout of a bulk stream. KCP's own timeout
+/// is the smoothed RTT plus a few milliseconds; each time the queue on the
+/// path grew by more than that, a bulk stream's segments in flight timed
+/// out together and were all sent again, with nothing lost. Startup lets
+/// the queue grow by up to the path's RTT (its window is twice the
+/// bandwidth-delay product): twice the least RTT then. Afterwards the
+/// probes grow it by a quarter: one and a half times, plus 10 ms. Not more
+/// than needed: a segment lost again and again is left to the timeout
+/// once KCP's fast resends are used up, and it holds the window meanwhile.
+/// A bulk stream's losses are otherwise repaired by fast resend (later
+/// segments acknowledged), so the timeout rarely serves anything else.
+pub(super) fn bulk_rto_floor(min_rtt: Duration, startup: bool) -> u32 {
+    let ms = min_rtt.as_millis() as u32;
+    if startup {
+        ms.saturating_mul(2)
+    } else {
+        ms.saturating_mul(3) / 2 + 10
+    }
 }

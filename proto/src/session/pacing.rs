@@ -45,6 +45,13 @@ impl Session {
         if self.current.is_none() {
             return touched;
         }
+        if self.cc.in_startup() != self.rto_floor_startup {
+            self.rto_floor_startup = self.cc.in_startup();
+            let floor = super::mux::bulk_rto_floor(self.cc.min_rtt(), self.rto_floor_startup);
+            for c in self.convs.values_mut().filter(|c| c.bulk) {
+                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, false, Some(floor));
+            }
+        }
         let rate = self.cc.pacing_rate();
         // A conversation with output still waiting for the pacer is skipped
         // (`next_admissible`), so retransmissions go before its new data,
@@ -63,7 +70,9 @@ impl Session {
                 && (!c.queue.is_empty() || c.kcp.wait_snd() >= 2 * super::fec::MAX_GROUP);
             if bulk != c.bulk {
                 c.bulk = bulk;
-                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, self.fec_on && !bulk);
+                let floor = bulk
+                    .then(|| super::mux::bulk_rto_floor(self.cc.min_rtt(), self.cc.in_startup()));
+                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, self.fec_on && !bulk, floor);
             }
             self.queued -= 1;
             self.rr_conv = id;
