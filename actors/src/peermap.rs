@@ -298,11 +298,7 @@ mod tests {
     }
 
     fn net(s: &str) -> IpNet {
-        let (a, p) = s.split_once('/').unwrap();
-        IpNet {
-            addr: a.parse().unwrap(),
-            prefix: p.parse().unwrap(),
-        }
+        s.parse().unwrap()
     }
 
     #[test]

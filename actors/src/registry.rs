@@ -706,11 +706,7 @@ mod tests {
     }
 
     fn lan(s: &str) -> IpNet {
-        let (a, p) = s.split_once('/').unwrap();
-        IpNet {
-            addr: a.parse().unwrap(),
-            prefix: p.parse().unwrap(),
-        }
+        s.parse().unwrap()
     }
 
     fn reg_routes(r: &mut Registry, i: u8, routes: &[&str], out: &mut Vec<Reply>) -> Registered {

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,49 +24,34 @@ pub fn default_mtu() -> u16 {
 
 /// Parse "10.1.2.3/24" or "fd00::3/64".
 pub fn parse_net(s: &str) -> Result<IpNet> {
-    let (a, p) = s
-        .split_once('/')
-        .ok_or_else(|| anyhow!("bad address {s:?}: want ADDRESS/PREFIX, e.g. 10.99.0.2/24"))?;
-    let addr: IpAddr = a
+    let n: IpNet = s
         .parse()
-        .map_err(|_| anyhow!("bad address {s:?}: {a:?} is not an IP address"))?;
-    let prefix: u8 = p
-        .parse()
-        .map_err(|_| anyhow!("bad address {s:?}: {p:?} is not a prefix length"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    if prefix == 0 || prefix > max {
-        bail!("bad address {s:?}: prefix must be 1..={max}");
+        .map_err(|e| anyhow!("bad address {s:?}: {e} (e.g. 10.99.0.2/24)"))?;
+    if n.prefix == 0 {
+        bail!("bad address {s:?}: prefix must be at least 1");
     }
-    if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+    if n.addr.is_unspecified() || n.addr.is_multicast() || n.addr.is_loopback() {
         bail!("bad address {s:?}: not usable as a host address");
     }
-    Ok(IpNet { addr, prefix })
+    Ok(n)
 }
 
 /// Parse a subnet route, "192.168.5.0/24" or "fd05::/48": a network
 /// address (host bits zero), not the default route.
 pub fn parse_route(s: &str) -> Result<IpNet> {
-    let (a, p) = s
-        .split_once('/')
-        .ok_or_else(|| anyhow!("bad route {s:?}: want NETWORK/PREFIX, e.g. 192.168.5.0/24"))?;
-    let addr: IpAddr = a
+    let n: IpNet = s
         .parse()
-        .map_err(|_| anyhow!("bad route {s:?}: {a:?} is not an IP address"))?;
-    let prefix: u8 = p
-        .parse()
-        .map_err(|_| anyhow!("bad route {s:?}: {p:?} is not a prefix length"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    if prefix == 0 || prefix > max {
-        bail!("bad route {s:?}: prefix must be 1..={max} (a default route is not supported)");
+        .map_err(|e| anyhow!("bad route {s:?}: {e} (e.g. 192.168.5.0/24)"))?;
+    if n.prefix == 0 {
+        bail!("bad route {s:?}: a default route is not supported");
     }
-    let n = IpNet { addr, prefix };
     if n.network() != n {
         bail!(
             "bad route {s:?}: host bits are set; did you mean {}?",
             n.network()
         );
     }
-    if addr.is_multicast() || addr.is_loopback() {
+    if n.addr.is_multicast() || n.addr.is_loopback() {
         bail!("bad route {s:?}: not a unicast network");
     }
     Ok(n)

@@ -386,6 +386,26 @@ impl IpNet {
     }
 }
 
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    /// "10.1.2.3/24", "fd00::/48" (any prefix length the family allows).
+    fn from_str(s: &str) -> Result<IpNet, String> {
+        let (a, p) = s.split_once('/').ok_or("want ADDRESS/PREFIX")?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IP address"))?;
+        let prefix: u8 = p
+            .parse()
+            .map_err(|_| format!("{p:?} is not a prefix length"))?;
+        let n = IpNet { addr, prefix };
+        if prefix > n.bits() {
+            return Err(format!("prefix must be at most {}", n.bits()));
+        }
+        Ok(n)
+    }
+}
+
 impl std::fmt::Display for IpNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -713,15 +733,15 @@ mod tests {
     }
 
     fn net(s: &str) -> IpNet {
-        let (a, p) = s.split_once('/').unwrap();
-        IpNet {
-            addr: a.parse().unwrap(),
-            prefix: p.parse().unwrap(),
-        }
+        s.parse().unwrap()
     }
 
     #[test]
     fn prefixes_contain_overlap_and_normalise() {
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("10.0.0.0".parse::<IpNet>().is_err());
+        assert!("x/8".parse::<IpNet>().is_err());
+        assert_eq!(net("::/0").prefix, 0);
         let lan = net("192.168.5.0/24");
         assert!(lan.contains(&"192.168.5.77".parse().unwrap()));
         assert!(!lan.contains(&"192.168.6.1".parse().unwrap()));
