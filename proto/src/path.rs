@@ -217,6 +217,8 @@ pub struct Paths {
     /// Since when the data on the active direct path has been lost badly,
     /// and how badly (from the receiver's reports).
     data_bad: Option<(Duration, f64)>,
+    /// When the receiver last reported on data over the active direct path.
+    data_report_at: Option<Duration>,
     /// Since when the session has been quiet (see [`Paths::set_quiet`]).
     quiet_since: Option<Duration>,
 }
@@ -244,6 +246,7 @@ impl Paths {
             direct_lost_since: None,
             relays: 0,
             data_bad: None,
+            data_report_at: None,
             quiet_since: None,
         }
     }
@@ -422,6 +425,7 @@ impl Paths {
             return None;
         }
         let (interval, max_backoff) = (self.cfg.probe_interval, self.cfg.max_backoff);
+        let down_after = self.cfg.down_after;
         let healthy = self.direct_healthy(now);
         let p = self.paths.iter_mut().find(|p| p.next_probe <= now)?;
         let id = self.next_id;
@@ -435,7 +439,14 @@ impl Paths {
         if p.probes.len() > WINDOW {
             p.probes.pop_front();
         }
-        let backoff = interval * (1u32 << p.fails.min(4));
+        // Back off from a path that stopped answering, not from one that
+        // answered a moment ago: on a lossy path a lost probe or two is
+        // normal, and probing it less would let it look down.
+        let backoff = if p.up(now, down_after) {
+            interval
+        } else {
+            interval * (1u32 << p.fails.min(4))
+        };
         // While a healthy direct path carries the traffic, relays are only
         // checked now and then (each probe through one costs the hub work).
         p.sparse = healthy && p.via.direct().is_none();
@@ -450,11 +461,12 @@ impl Paths {
     /// go unanswered while data flows; that must not count as the path
     /// being down.
     pub fn note_alive(&mut self, now: Duration) {
-        let Some(v) = self.active else { return };
+        let Some(v) = self.current() else { return };
+        // Also for a path no probe has answered yet (taken from the
+        // hub's candidates or from the first frames): data crossing it
+        // both ways is the better proof.
         if let Some(p) = self.paths.iter_mut().find(|p| p.via == v) {
-            if p.last_ack.is_some() {
-                p.last_ack = Some(now);
-            }
+            p.last_ack = Some(now);
         }
     }
 
@@ -462,8 +474,10 @@ impl Paths {
     pub fn note_data_loss(&mut self, now: Duration, loss: f64) {
         if self.active.is_none_or(|v| v.direct().is_none()) {
             self.data_bad = None;
+            self.data_report_at = None;
             return;
         }
+        self.data_report_at = Some(now);
         if loss >= self.cfg.bad_loss {
             let since = self.data_bad.map_or(now, |(t, _)| t);
             self.data_bad = Some((since, loss));
@@ -569,6 +583,7 @@ impl Paths {
                     }
                 }
                 self.data_bad = None;
+                self.data_report_at = None;
                 self.active = Some(v);
                 self.reason = r;
             }
@@ -623,6 +638,13 @@ impl Paths {
             .data_bad
             .filter(|(t, _)| now.saturating_sub(*t) >= DATA_BAD_FOR)
             .map(|(_, l)| l);
+        // While data flows on the active direct path, the receiver's
+        // reports measure its loss on thousands of frames (and
+        // `drops_data` acts on them); its probes, a few a second sharing
+        // the queue with that data, are too few to judge it by.
+        let data_reported = self
+            .data_report_at
+            .is_some_and(|t| now.saturating_sub(t) < DATA_BAD_FOR);
         let no_direct_for = || {
             now.saturating_sub(self.direct_lost_since.unwrap_or(now))
                 .as_secs()
@@ -640,7 +662,7 @@ impl Paths {
                         (_, Some(r)) => Some((r.via, Reason::NoDirectAnswer(no_direct_for()))),
                         _ => None,
                     }
-                } else if c_loss >= self.cfg.bad_loss {
+                } else if c_loss >= self.cfg.bad_loss && !data_reported {
                     // Both losses must rest on enough probes: a relay with
                     // one answer so far reads as lossless (over a lossy
                     // WAN it may lose more than the direct path). Another
@@ -675,9 +697,21 @@ impl Paths {
             Some(c) => {
                 // On a relay: a good direct path wins unless it is much slower.
                 let c_up = c.up(now, down);
+                // So does a direct path that loses no more than the relay,
+                // both measured on enough probes, even if it loses too
+                // much to count as good: a lossy WAN under both, with the
+                // relay crossing it twice. (Leaving direct for the relay
+                // takes a relay that loses 20 points less: no flapping.)
+                let no_worse_than_relay = |d: &PathStat| {
+                    d.streak >= 1
+                        && d.penalty_until.is_none_or(|t| now >= t)
+                        && d.decided(now, to) >= MIN_DECIDED
+                        && c.decided(now, to) >= MIN_DECIDED
+                        && d.loss(now, to) <= c.loss(now, to)
+                };
                 match best_direct {
                     Some(d)
-                        if promotable(d)
+                        if (promotable(d) || no_worse_than_relay(d))
                             && (!c_up || rtt(d) <= rtt(c) * 2 + Duration::from_millis(50)) =>
                     {
                         Some((d.via, Reason::DirectAnswers))
@@ -689,7 +723,7 @@ impl Paths {
                 }
             }
             None => match (best_direct, best_relay) {
-                (Some(d), _) if d.streak >= 1 => Some((d.via, Reason::DirectAnswers)),
+                (Some(d), _) => Some((d.via, Reason::DirectAnswers)),
                 (_, Some(r)) => Some((r.via, Reason::NoDirectAnswer(no_direct_for()))),
                 _ => None,
             },
@@ -890,6 +924,70 @@ mod tests {
             p.reason()
         );
         assert_eq!(switches, 1, "one move, no flapping");
+    }
+
+    #[test]
+    fn a_lossy_direct_path_is_taken_over_a_relay_that_loses_more() {
+        // The first direct probe is lost, so the relay is taken first;
+        // then direct loses 2 probes in 5 (more than `good_loss`) and the
+        // relay, crossing the same lossy WAN twice, 1 in 2.
+        let (_, mut p) = direct_and_relay();
+        let (nd, nr) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+        let lossy = |v: Via| {
+            if v.direct().is_some() {
+                nd.set(nd.get() + 1);
+                (nd.get() % 5 != 1 && nd.get() % 5 != 3).then_some(ms(50))
+            } else {
+                nr.set(nr.get() + 1);
+                (!nr.get().is_multiple_of(2)).then_some(ms(100))
+            }
+        };
+        let mut t = drive(&mut p, ms(0), 1, lossy);
+        assert!(matches!(p.current(), Some(Via::Relay(_))));
+        let mut switches = 0;
+        let mut last = p.current();
+        for _ in 0..40 {
+            t = drive(&mut p, t, 1, lossy);
+            if p.current() != last {
+                switches += 1;
+                last = p.current();
+            }
+        }
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+        assert_eq!(switches, 1, "one move, no flapping");
+    }
+
+    #[test]
+    fn data_crossing_a_direct_path_keeps_it_though_its_probes_are_lost() {
+        // Data flows on the hub's direct candidate before any probe is
+        // answered; the relay answers first. The receiver's reports (20%
+        // data loss) prove direct works: it is taken and kept although
+        // three probes in four are lost (a queue full of that data).
+        let (_, mut p) = direct_and_relay();
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+        let n = std::cell::Cell::new(0u32);
+        let answer = |v: Via| {
+            if v.direct().is_some() {
+                n.set(n.get() + 1);
+                n.get().is_multiple_of(4).then_some(ms(50))
+            } else {
+                Some(ms(60))
+            }
+        };
+        let mut moves = 0;
+        let mut last = p.current();
+        drive_with(&mut p, ms(0), 30, answer, |p, t| {
+            if t.as_millis().is_multiple_of(20) {
+                p.note_alive(t);
+                p.note_data_loss(t, 0.2);
+            }
+            if p.current() != last {
+                moves += 1;
+                last = p.current();
+            }
+        });
+        assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+        assert_eq!(moves, 0, "never left direct");
     }
 
     #[test]

@@ -678,6 +678,13 @@ impl Session {
                         None => rtt,
                     });
                     self.cc.on_rtt(now, rtt);
+                    // A pong back over the path in use shows it works both
+                    // ways, as an answered probe does. While data flows
+                    // pings go every 10-50 ms, so on a lossy path some get
+                    // through long before the path could count as down.
+                    if self.rx_via == self.paths.current() {
+                        self.paths.note_alive(now);
+                    }
                 }
             }
             Control::Feedback {
