@@ -134,6 +134,11 @@ pub enum Nat {
     /// `masquerade fully-random`: a new random port for every destination
     /// (endpoint-dependent mapping, a "symmetric" NAT): hole punching fails.
     Random,
+    /// [`Nat::Random`] that also runs a UPnP IGD daemon (Debian's miniupnpd)
+    /// for its LAN, with the public-looking address 11.(200+net).`k`.2
+    /// beside 10.(200+net).`k`.2 (miniupnpd refuses to map behind a private
+    /// external address). Mappings it makes are DNAT rules.
+    RandomUpnp,
     /// Behind the same NAT as node `j` (an earlier node), on its own LAN
     /// segment 172.16.`k`.0/24 that the NAT routes to node `j`'s segment
     /// without translation (two machines at one site).
@@ -302,20 +307,111 @@ impl Lab {
         self.ns(&x, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         self.lan_segment(net, k, &x, ns)?;
         let how = match mode {
-            Nat::Random => "masquerade fully-random",
+            Nat::Random | Nat::RandomUpnp => "masquerade fully-random",
             _ => "masquerade",
         };
         let d = format!("{prefix}d{k}");
+        let upnp = mode == Nat::RandomUpnp;
+        // What the port-mapping daemon forwards (DNAT) passes the filter.
+        let (pass_mapped, local_upnp) = if upnp {
+            (
+                "ct status dnat accept; ",
+                format!("iifname \"{d}\" accept; "),
+            )
+        } else {
+            ("", String::new())
+        };
         let rules = format!(
             "table ip fmnat {{\n\
              chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"{c}\" {how}; }}\n\
-             chain local {{ type filter hook input priority filter; policy drop; ct state established,related accept; iifname \"lo\" accept; }}\n\
-             chain pass {{ type filter hook forward priority filter; policy drop; ct state established,related accept; iifname \"{d}\" accept; }}\n\
+             chain local {{ type filter hook input priority filter; policy drop; ct state established,related accept; iifname \"lo\" accept; {local_upnp}}}\n\
+             chain pass {{ type filter hook forward priority filter; policy drop; ct state established,related accept; {pass_mapped}iifname \"{d}\" accept; }}\n\
              }}\n"
         );
         let f = self.path(&format!("nat{k}.nft"));
         std::fs::write(&f, rules)?;
         self.ns(&x, "nft", &["-f", &f])?;
+        if upnp {
+            self.start_upnp(&x, &router, sub, k, &a, &c, &d)?;
+        }
+        Ok(())
+    }
+
+    /// Run miniupnpd in NAT namespace `x` for LAN device `d`, external
+    /// device `c` (router side `a`), and wait until it listens.
+    #[allow(clippy::too_many_arguments)]
+    fn start_upnp(
+        &mut self,
+        x: &str,
+        router: &str,
+        sub: u8,
+        k: usize,
+        a: &str,
+        c: &str,
+        d: &str,
+    ) -> Result<()> {
+        let public = format!("11.{sub}.{k}.2");
+        self.ns(x, "ip", &["addr", "add", &format!("{public}/24"), "dev", c])?;
+        self.ns(
+            router,
+            "ip",
+            &["addr", "add", &format!("11.{sub}.{k}.1/24"), "dev", a],
+        )?;
+        // miniupnpd's nftables back end keeps its rules in these chains.
+        let chains = "table inet filter {\n\
+             chain miniupnpd { }\n\
+             chain forward { type filter hook forward priority filter; policy accept; jump miniupnpd; }\n\
+             chain prerouting_miniupnpd { }\n\
+             chain postrouting_miniupnpd { }\n\
+             chain pre { type nat hook prerouting priority dstnat; policy accept; jump prerouting_miniupnpd; }\n\
+             chain post { type nat hook postrouting priority srcnat; policy accept; jump postrouting_miniupnpd; }\n\
+             }\n";
+        let f = self.path(&format!("upnp{k}.nft"));
+        std::fs::write(&f, chains)?;
+        self.ns(x, "nft", &["-f", &f])?;
+        let conf = format!(
+            "ext_ifname={c}\next_ip={public}\nlistening_ip={d}\nenable_upnp=yes\n\
+             enable_natpmp=yes\nsecure_mode=yes\nsystem_uptime=yes\n\
+             uuid=3b9a1c4e-7d2f-4a8b-9c3d-5e6f7a8b9c{k:02x}\n\
+             allow 1024-65535 172.16.{k}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
+        );
+        let cf = self.path(&format!("miniupnpd{k}.conf"));
+        std::fs::write(&cf, conf)?;
+        let log = std::fs::File::create(self.dir.join(format!("miniupnpd{k}.log")))?;
+        let pid = self.path(&format!("miniupnpd{k}.pid"));
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                x,
+                "miniupnpd",
+                "-f",
+                &cf,
+                "-d",
+                "-4",
+                "-P",
+                &pid,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| anyhow!("miniupnpd (Debian package miniupnpd-nftables): {e}"))?;
+        // Killed with the namespace's other processes when the lab drops.
+        let listening = || {
+            Command::new("ip")
+                .args(["netns", "exec", x, "ss", "-uln"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains(":1900 "))
+                .unwrap_or(false)
+        };
+        self.wait(Duration::from_secs(10), |_| listening())
+            .map_err(|e| {
+                anyhow!(
+                    "miniupnpd did not start: {e}\n{}",
+                    self.log(&format!("miniupnpd{k}.log"))
+                )
+            })?;
         Ok(())
     }
 

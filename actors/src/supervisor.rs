@@ -96,6 +96,12 @@ pub struct GetNodeStatus;
 #[rtype(result = "()")]
 pub struct SetHubs(pub Vec<(PublicKey, SocketAddr)>);
 
+/// New local candidates (e.g. a port mapping the router granted after
+/// start): registered again with every hub, which passes them on.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetLocalEndpoints(pub Vec<SocketAddr>);
+
 /// Tell the hubs we leave (shutdown).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -601,6 +607,19 @@ impl Handler<GetNodeStatus> for Supervisor {
                     counters: counters(&act.last_snapshot),
                 }),
         )
+    }
+}
+
+impl Handler<SetLocalEndpoints> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, m: SetLocalEndpoints, _: &mut Context<Self>) {
+        if m.0 == self.setup.local_endpoints {
+            return;
+        }
+        self.setup.local_endpoints = m.0;
+        for (hub, _) in &self.setup.hubs {
+            self.send(*hub, self.register_msg(hub), true);
+        }
     }
 }
 

@@ -211,6 +211,9 @@ pub struct PeerFile {
     /// Split TCP: terminate inner TCP connections at each peer and carry
     /// them as streams (default true).
     pub split_tcp: Option<bool>,
+    /// Ask the router for a UPnP port mapping to offer as a candidate
+    /// (default true; `--no-port-mapping`).
+    pub port_mapping: Option<bool>,
     /// Prometheus metrics listen address (`--metrics`).
     pub metrics: Option<String>,
     /// Log filter (as RUST_LOG), applied on reload.

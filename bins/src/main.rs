@@ -5,6 +5,7 @@ mod control;
 mod metrics;
 mod netcheck;
 mod ping;
+mod portmap;
 mod reload;
 mod routing;
 
@@ -218,6 +219,10 @@ struct PeerArgs {
     /// peers' split connections (they then send theirs as packets too).
     #[arg(long)]
     no_split_tcp: bool,
+    /// Do not ask the router for a port mapping (UPnP IGD) to offer as a
+    /// candidate [default: ask, when listening on all addresses over IPv4].
+    #[arg(long)]
+    no_port_mapping: bool,
     /// A subnet this node routes for (site to site), e.g. 192.168.5.0/24;
     /// repeat for several. The other peers send packets for it here.
     #[arg(long = "route")]
@@ -772,6 +777,12 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     if let Some((_, h)) = hubs.iter().find(|(_, h)| h.is_ipv6() && local.is_ipv4()) {
         bail!("hub {h} is an IPv6 address but this node listens on IPv4 ({local}): listen on [::]:{} instead", local.port());
     }
+    // A socket bound to one address was placed there on purpose: no port
+    // mapping then.
+    let port_mapping = !a.no_port_mapping
+        && f.port_mapping.unwrap_or(true)
+        && local.ip().is_unspecified()
+        && !hubs.iter().all(|(_, h)| h.is_ipv6());
 
     let route_args = if a.routes.is_empty() {
         f.routes.clone().unwrap_or_default()
@@ -833,6 +844,32 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         vec![local]
     };
     tracing::debug!(?local_endpoints, "local candidates");
+    // The router is asked for a port mapping in the background; a mapping
+    // it grants joins the candidates (registered again with the hubs).
+    // Dropping `stop_mapping` at exit removes it; `mapping_gone` says when.
+    let (stop_mapping, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (gone_tx, mapping_gone) = std::sync::mpsc::channel::<()>();
+    let mapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mapping = port_mapping.then(|| {
+        let (port, mut eps) = (local.port(), local_endpoints.clone());
+        let mapped = mapped.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            match portmap::map_udp(port, Duration::from_secs(2)) {
+                Ok(m) => {
+                    tracing::info!(external = %m.external, "the router maps a public port to this node (UPnP)");
+                    eps.insert(0, m.external);
+                    eps.truncate(transport::wire::MAX_ADDRS - 1);
+                    let _ = tx.send(eps);
+                    mapped.store(true, std::sync::atomic::Ordering::SeqCst);
+                    m.keep(stop_rx);
+                    let _ = gone_tx.send(());
+                }
+                Err(e) => tracing::debug!("no port mapping: {e:#}"),
+            }
+        });
+        rx
+    });
     let setup = PeerSetup {
         me: key.public,
         overlay,
@@ -891,6 +928,14 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             )
             .with_route_sink(routes_tx),
         );
+        if let Some(rx) = mapping {
+            let s = sup.clone();
+            actix::spawn(async move {
+                if let Ok(eps) = rx.await {
+                    s.do_send(fastmesh_actors::supervisor::SetLocalEndpoints(eps));
+                }
+            });
+        }
         let sup_r = sup.clone();
         let do_reload: std::rc::Rc<dyn Fn() -> Result<String>> = std::rc::Rc::new(move || {
             let c = reload::peer(&cfg_path, &running, hubs_by_flag)?;
@@ -946,6 +991,12 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         let _ = std::fs::remove_file(&control);
         Ok::<i32, anyhow::Error>(code)
     })?;
+    // Remove a port mapping: one request to the router, not waited for
+    // longer than 2 s (the router may be gone).
+    drop(stop_mapping);
+    if mapped.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = mapping_gone.recv_timeout(Duration::from_secs(2));
+    }
     // The TUN device disappears with the process.
     if code != 0 {
         std::process::exit(code);

@@ -186,6 +186,7 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
         ("heartbeat", f.heartbeat != running.heartbeat),
         ("offload", f.offload != running.offload),
         ("split_tcp", f.split_tcp != running.split_tcp),
+        ("port_mapping", f.port_mapping != running.port_mapping),
         ("control", f.control != running.control),
         ("metrics", f.metrics != running.metrics),
         ("routes", f.routes != running.routes),

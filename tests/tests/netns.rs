@@ -597,9 +597,14 @@ fn netcheck(lab: &Lab, k: usize) -> serde_json::Value {
 }
 
 fn nat_lab(prefix: &str, net: u8, nat: Nat, hubs: usize) -> (Lab, [usize; 2]) {
+    nat_lab_with(prefix, net, [nat, nat], hubs)
+}
+
+/// [`nat_lab`] with each peer behind its own kind of NAT.
+fn nat_lab_with(prefix: &str, net: u8, nats: [Nat; 2], hubs: usize) -> (Lab, [usize; 2]) {
     let n = hubs + 1;
     let mut kinds = vec![None; hubs];
-    kinds.extend([Some(nat), Some(nat)]);
+    kinds.extend(nats.map(Some));
     let mut lab = Lab::with_nat(prefix, net, n, &kinds).expect("namespace lab with NAT");
     for h in 0..hubs {
         lab.start_hub_at(h, 1.0).unwrap();
@@ -729,6 +734,46 @@ fn random_port_nats_fall_back_to_the_relay_and_traffic_flows() {
     let during = relayed(&lab, 0) - before;
     assert!(during > 5_000, "the hub relayed only {during} frames");
     assert_eq!(nat_path(&lab, a).0, "relay");
+}
+
+#[test]
+fn a_router_port_mapping_gives_random_port_nats_a_direct_path() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Both NATs pick a new port per destination (the test above: relay),
+    // but the first runs a UPnP IGD daemon (miniupnpd) and maps a public
+    // port for its peer.
+    let (lab, [a, b]) = nat_lab_with("fmup", 34, [Nat::RandomUpnp, Nat::Random], 1);
+    let mapped = format!("11.234.{a}.2:4800");
+    // The mapping is asked for in the background, then registered again.
+    let offered = |l: &Lab| {
+        l.status(0)
+            .ok()
+            .and_then(|h| {
+                h["status"]["members"]
+                    .as_array()?
+                    .iter()
+                    .find(|m| m["name"] == format!("peer{a}"))
+                    .map(|m| m["endpoints"].to_string())
+            })
+            .unwrap_or_default()
+    };
+    lab.wait(Duration::from_secs(10), |l| offered(l).contains(&mapped))
+        .unwrap_or_else(|e| panic!("the hub never offered {mapped}: {e}: {}", offered(&lab)));
+    let t = wait_path(&lab, [a, b], "direct", 40);
+    println!("direct {t:?} after the mesh was up");
+    println!("{}", lab.status_table(b));
+    let before = relayed(&lab, 0);
+    let bytes = 20_000_000;
+    let r = transfer(&lab, a, b, bytes, 5304);
+    assert_transfer("through a mapped port", bytes, &r, &lab);
+    let during = relayed(&lab, 0) - before;
+    assert!(during < 20, "the hub relayed {during} frames");
+    let st = lab.status(b).unwrap();
+    assert_eq!(
+        st["status"]["peers"][0]["endpoint"].as_str(),
+        Some(mapped.as_str()),
+        "peer{b} sends to the mapped port"
+    );
 }
 
 #[test]
