@@ -173,7 +173,7 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
             );
         }
     }
-    let fixed: [(&'static str, bool); 15] = [
+    let fixed: [(&'static str, bool); 16] = [
         ("address", f.address != running.address),
         ("address6", f.address6 != running.address6),
         ("listen", f.listen != running.listen),
