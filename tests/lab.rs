@@ -193,32 +193,18 @@ impl Lab {
                 lab.add_nat_node(net, k, &ns, mode)?;
                 continue;
             }
-            let a = format!("{prefix}a{k}");
-            let b = format!("{prefix}b{k}");
-            sh(
-                "ip",
-                &[
-                    "link", "add", &a, "netns", &router, "type", "veth", "peer", "name", &b,
-                    "netns", &ns,
-                ],
-            )?;
             let sub = 200 + net;
-            let r_ip = format!("10.{sub}.{k}.1/24");
-            let n_ip = format!("10.{sub}.{k}.2/24");
-            // Real links carry MTU-sized packets: make the kernel segment
-            // GSO/TSO aggregates before they reach the router, so the loss
-            // rule drops packets one by one, not 64 KB at a time.
-            lab.ns(&router, "ip", &["link", "set", &a, "gso_max_segs", "1"])?;
-            lab.ns(&ns, "ip", &["link", "set", &b, "gso_max_segs", "1"])?;
-            lab.ns(&router, "ip", &["addr", "add", &r_ip, "dev", &a])?;
-            lab.ns(&router, "ip", &["link", "set", &a, "up"])?;
-            lab.ns(&ns, "ip", &["link", "set", "lo", "up"])?;
-            lab.ns(&ns, "ip", &["addr", "add", &n_ip, "dev", &b])?;
-            lab.ns(&ns, "ip", &["link", "set", &b, "up"])?;
-            lab.ns(
-                &ns,
-                "ip",
-                &["route", "add", "default", "via", &format!("10.{sub}.{k}.1")],
+            lab.link(
+                (
+                    &router,
+                    &format!("{prefix}a{k}"),
+                    Ipv4Addr::new(10, sub, k as u8, 1),
+                ),
+                (
+                    &ns,
+                    &format!("{prefix}b{k}"),
+                    Ipv4Addr::new(10, sub, k as u8, 2),
+                ),
             )?;
             lab.nodes.push(LabNode {
                 ns,
@@ -277,32 +263,9 @@ impl Lab {
         self.namespaces.push(x.clone());
         let sub = 200 + net;
         let (a, c) = (format!("{prefix}a{k}"), format!("{prefix}c{k}"));
-        sh(
-            "ip",
-            &[
-                "link", "add", &a, "netns", &router, "type", "veth", "peer", "name", &c, "netns",
-                &x,
-            ],
-        )?;
-        self.ns(&router, "ip", &["link", "set", &a, "gso_max_segs", "1"])?;
-        self.ns(&x, "ip", &["link", "set", &c, "gso_max_segs", "1"])?;
-        self.ns(
-            &router,
-            "ip",
-            &["addr", "add", &format!("10.{sub}.{k}.1/24"), "dev", &a],
-        )?;
-        self.ns(&router, "ip", &["link", "set", &a, "up"])?;
-        self.ns(&x, "ip", &["link", "set", "lo", "up"])?;
-        self.ns(
-            &x,
-            "ip",
-            &["addr", "add", &format!("10.{sub}.{k}.2/24"), "dev", &c],
-        )?;
-        self.ns(&x, "ip", &["link", "set", &c, "up"])?;
-        self.ns(
-            &x,
-            "ip",
-            &["route", "add", "default", "via", &format!("10.{sub}.{k}.1")],
+        self.link(
+            (&router, &a, Ipv4Addr::new(10, sub, k as u8, 1)),
+            (&x, &c, Ipv4Addr::new(10, sub, k as u8, 2)),
         )?;
         self.ns(&x, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         self.lan_segment(net, k, &x, ns)?;
@@ -418,35 +381,17 @@ impl Lab {
     /// The LAN segment 172.16.`k`.0/24 between NAT namespace `x` (.1) and
     /// node `k` in `ns` (.2, default route via the NAT), and the node's record.
     fn lan_segment(&mut self, net: u8, k: usize, x: &str, ns: &str) -> Result<()> {
-        let (d, b) = (
-            format!("{}d{k}", self.prefix),
-            format!("{}b{k}", self.prefix),
-        );
-        sh(
-            "ip",
-            &[
-                "link", "add", &d, "netns", x, "type", "veth", "peer", "name", &b, "netns", ns,
-            ],
-        )?;
-        self.ns(x, "ip", &["link", "set", &d, "gso_max_segs", "1"])?;
-        self.ns(ns, "ip", &["link", "set", &b, "gso_max_segs", "1"])?;
-        self.ns(
-            x,
-            "ip",
-            &["addr", "add", &format!("172.16.{k}.1/24"), "dev", &d],
-        )?;
-        self.ns(x, "ip", &["link", "set", &d, "up"])?;
-        self.ns(ns, "ip", &["link", "set", "lo", "up"])?;
-        self.ns(
-            ns,
-            "ip",
-            &["addr", "add", &format!("172.16.{k}.2/24"), "dev", &b],
-        )?;
-        self.ns(ns, "ip", &["link", "set", &b, "up"])?;
-        self.ns(
-            ns,
-            "ip",
-            &["route", "add", "default", "via", &format!("172.16.{k}.1")],
+        self.link(
+            (
+                x,
+                &format!("{}d{k}", self.prefix),
+                Ipv4Addr::new(172, 16, k as u8, 1),
+            ),
+            (
+                ns,
+                &format!("{}b{k}", self.prefix),
+                Ipv4Addr::new(172, 16, k as u8, 2),
+            ),
         )?;
         self.nodes.push(LabNode {
             ns: ns.to_string(),
@@ -457,6 +402,33 @@ impl Lab {
             control: self.dir.join(format!("n{k}.sock")),
         });
         self.procs.push(None);
+        Ok(())
+    }
+
+    /// A veth link from `up` (namespace, device, address) to `down`, each
+    /// end with its address in a /24; `down` gets its loopback up and a
+    /// default route via `up`'s address. Real links carry MTU-sized
+    /// packets: both ends segment GSO/TSO aggregates, so loss rules drop
+    /// packets one by one, not 64 KB at a time.
+    fn link(&self, up: (&str, &str, Ipv4Addr), down: (&str, &str, Ipv4Addr)) -> Result<()> {
+        let ((un, ud, ua), (dn, dd, da)) = (up, down);
+        sh(
+            "ip",
+            &[
+                "link", "add", ud, "netns", un, "type", "veth", "peer", "name", dd, "netns", dn,
+            ],
+        )?;
+        for (n, d, a) in [(un, ud, ua), (dn, dd, da)] {
+            self.ns(n, "ip", &["link", "set", d, "gso_max_segs", "1"])?;
+            self.ns(n, "ip", &["addr", "add", &format!("{a}/24"), "dev", d])?;
+            self.ns(n, "ip", &["link", "set", d, "up"])?;
+        }
+        self.ns(dn, "ip", &["link", "set", "lo", "up"])?;
+        self.ns(
+            dn,
+            "ip",
+            &["route", "add", "default", "via", &ua.to_string()],
+        )?;
         Ok(())
     }
 
@@ -511,35 +483,17 @@ impl Lab {
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         sh("ip", &["netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
-        let (g, h) = (
-            format!("{}g{k}", self.prefix),
-            format!("{}h{k}", self.prefix),
-        );
         let node_ns = self.nodes[k].ns.clone();
-        sh(
-            "ip",
-            &[
-                "link", "add", &g, "netns", &node_ns, "type", "veth", "peer", "name", &h, "netns",
-                &ns,
-            ],
-        )?;
-        let gw = format!("192.168.{net}.1");
         let host = Ipv4Addr::new(192, 168, net, 2);
-        self.ns(
-            &node_ns,
-            "ip",
-            &["addr", "add", &format!("{gw}/24"), "dev", &g],
+        self.link(
+            (
+                &node_ns,
+                &format!("{}g{k}", self.prefix),
+                Ipv4Addr::new(192, 168, net, 1),
+            ),
+            (&ns, &format!("{}h{k}", self.prefix), host),
         )?;
-        self.ns(&node_ns, "ip", &["link", "set", &g, "up"])?;
         self.ns(&node_ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        self.ns(&ns, "ip", &["link", "set", "lo", "up"])?;
-        self.ns(
-            &ns,
-            "ip",
-            &["addr", "add", &format!("{host}/24"), "dev", &h],
-        )?;
-        self.ns(&ns, "ip", &["link", "set", &h, "up"])?;
-        self.ns(&ns, "ip", &["route", "add", "default", "via", &gw])?;
         self.nodes.push(LabNode {
             ns,
             underlay: host,
