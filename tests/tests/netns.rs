@@ -774,6 +774,24 @@ fn a_router_port_mapping_gives_random_port_nats_a_direct_path() {
         Some(mapped.as_str()),
         "peer{b} sends to the mapped port"
     );
+    // A peer that stops removes its mapping from the router.
+    let rules = |l: &Lab| {
+        l.ns(
+            &format!("fmup-x{a}"),
+            "nft",
+            &["list", "chain", "inet", "filter", "prerouting_miniupnpd"],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+    };
+    assert!(rules(&lab).contains("dnat"), "{}", rules(&lab));
+    let mut lab = lab;
+    assert!(lab.stop(a).is_some_and(|s| s.success()));
+    assert!(
+        !rules(&lab).contains("dnat"),
+        "mapping left: {}",
+        rules(&lab)
+    );
 }
 
 #[test]
