@@ -365,7 +365,14 @@ impl Supervisor {
                 upserts,
                 removals,
             } => {
-                let source = self.map_source();
+                // A delta shows its hub has us registered, even while our
+                // own view says no hub does (a heartbeat answer was lost
+                // and we are registering again). Setting it aside then
+                // recorded its version as seen without applying it: the
+                // next registration reported that version, the hub had
+                // nothing newer to send, and a peer that joined meanwhile
+                // stayed unknown until the map changed again.
+                let source = self.map_source().or(Some(hub));
                 if source != self.map_from {
                     // Following another hub now: start from its snapshot.
                     self.map_from = source;
