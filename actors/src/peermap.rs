@@ -208,19 +208,16 @@ impl Router {
     pub fn insert_route(&mut self, net: IpNet, key: PublicKey) {
         let net = net.network();
         let v6 = net.addr.is_ipv6();
+        // Kept ordered longest prefix first, IPv4 before IPv6.
+        let order = |l: u8, f: bool| (std::cmp::Reverse(l), f);
         let at = match self
             .nets
-            .iter()
-            .position(|(l, f, _)| *l == net.prefix && *f == v6)
+            .binary_search_by_key(&order(net.prefix, v6), |(l, f, _)| order(*l, *f))
         {
-            Some(i) => i,
-            None => {
-                self.nets.push((net.prefix, v6, BTreeMap::new()));
-                self.nets.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
-                self.nets
-                    .iter()
-                    .position(|(l, f, _)| *l == net.prefix && *f == v6)
-                    .unwrap_or(0)
+            Ok(i) => i,
+            Err(i) => {
+                self.nets.insert(i, (net.prefix, v6, BTreeMap::new()));
+                i
             }
         };
         self.nets[at].2.insert(net.addr, key);

@@ -811,6 +811,25 @@ mod tests {
         t
     }
 
+    /// [`drive_with`], counting how often the traffic moved to another path.
+    fn drive_counting_moves(
+        p: &mut Paths,
+        from: Duration,
+        secs: u64,
+        answer: impl Fn(Via) -> Option<Duration>,
+        mut each: impl FnMut(&mut Paths, Duration),
+    ) -> (Duration, usize) {
+        let (mut moves, mut last) = (0, p.current());
+        let t = drive_with(p, from, secs, answer, |p, t| {
+            each(p, t);
+            if p.current() != last {
+                moves += 1;
+                last = p.current();
+            }
+        });
+        (t, moves + usize::from(p.current() != last))
+    }
+
     /// Paths with one direct candidate (`addr(1)`) and one relay.
     fn direct_and_relay() -> ([u8; 32], Paths) {
         let hub = [7; 32];
@@ -907,16 +926,7 @@ mod tests {
                 Some(ms(40))
             }
         };
-        let mut switches = 0;
-        let mut last = p.current();
-        let mut t = t;
-        for _ in 0..30 {
-            t = drive(&mut p, t, 1, lossy);
-            if p.current() != last {
-                switches += 1;
-                last = p.current();
-            }
-        }
+        let (_, switches) = drive_counting_moves(&mut p, t, 30, lossy, |_, _| {});
         assert_eq!(p.current(), Some(Via::Relay(hub)));
         assert!(
             matches!(p.reason(), Reason::DirectLossy(_)),
@@ -942,17 +952,9 @@ mod tests {
                 (!nr.get().is_multiple_of(2)).then_some(ms(100))
             }
         };
-        let mut t = drive(&mut p, ms(0), 1, lossy);
+        let t = drive(&mut p, ms(0), 1, lossy);
         assert!(matches!(p.current(), Some(Via::Relay(_))));
-        let mut switches = 0;
-        let mut last = p.current();
-        for _ in 0..40 {
-            t = drive(&mut p, t, 1, lossy);
-            if p.current() != last {
-                switches += 1;
-                last = p.current();
-            }
-        }
+        let (_, switches) = drive_counting_moves(&mut p, t, 40, lossy, |_, _| {});
         assert_eq!(p.current(), Some(Via::Direct(addr(1))));
         assert_eq!(switches, 1, "one move, no flapping");
     }
@@ -974,16 +976,10 @@ mod tests {
                 Some(ms(60))
             }
         };
-        let mut moves = 0;
-        let mut last = p.current();
-        drive_with(&mut p, ms(0), 30, answer, |p, t| {
+        let (_, moves) = drive_counting_moves(&mut p, ms(0), 30, answer, |p, t| {
             if t.as_millis().is_multiple_of(20) {
                 p.note_alive(t);
                 p.note_data_loss(t, 0.2);
-            }
-            if p.current() != last {
-                moves += 1;
-                last = p.current();
             }
         });
         assert_eq!(p.current(), Some(Via::Direct(addr(1))));

@@ -150,7 +150,7 @@ impl Session {
         let on = self.cfg.fec && parity_for(MAX_GROUP, self.cc.clean_loss()) > 0;
         if on != self.fec_on {
             self.fec_on = on;
-            let floor = super::mux::bulk_rto_floor(self.cc.min_rtt(), self.cc.in_startup());
+            let floor = self.bulk_rto_floor();
             for c in self.convs.values_mut() {
                 let f = c.bulk.then_some(floor);
                 super::mux::tune_resend(&mut c.kcp, self.cfg.profile, on && !c.bulk, f);

@@ -489,6 +489,13 @@ pub(super) fn tune_resend(
     kcp.set_rx_minrto(min_rto);
 }
 
+impl Session {
+    /// [`bulk_rto_floor`] for this session's path and controller phase now.
+    pub(super) fn bulk_rto_floor(&self) -> u32 {
+        bulk_rto_floor(self.cc.min_rtt(), self.cc.in_startup())
+    }
+}
+
 /// The least retransmission timeout of a bulk stream. KCP's own timeout
 /// is the smoothed RTT plus a few milliseconds; each time the queue on the
 /// path grew by more than that, a bulk stream's segments in flight timed

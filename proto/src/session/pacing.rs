@@ -45,9 +45,9 @@ impl Session {
         if self.current.is_none() {
             return touched;
         }
+        let floor = self.bulk_rto_floor();
         if self.cc.in_startup() != self.rto_floor_startup {
             self.rto_floor_startup = self.cc.in_startup();
-            let floor = super::mux::bulk_rto_floor(self.cc.min_rtt(), self.rto_floor_startup);
             for c in self.convs.values_mut().filter(|c| c.bulk) {
                 super::mux::tune_resend(&mut c.kcp, self.cfg.profile, false, Some(floor));
             }
@@ -70,9 +70,8 @@ impl Session {
                 && (!c.queue.is_empty() || c.kcp.wait_snd() >= 2 * super::fec::MAX_GROUP);
             if bulk != c.bulk {
                 c.bulk = bulk;
-                let floor = bulk
-                    .then(|| super::mux::bulk_rto_floor(self.cc.min_rtt(), self.cc.in_startup()));
-                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, self.fec_on && !bulk, floor);
+                let f = bulk.then_some(floor);
+                super::mux::tune_resend(&mut c.kcp, self.cfg.profile, self.fec_on && !bulk, f);
             }
             self.queued -= 1;
             self.rr_conv = id;
