@@ -899,6 +899,34 @@ impl Lab {
         Ok(())
     }
 
+    /// Firewall node `k` (not behind a NAT) as a network that passes no UDP:
+    /// every UDP datagram on its underlay link is dropped both ways, and so
+    /// are TCP segments to the ports in `tcp_ports` (a network that passes
+    /// only HTTPS). `None` removes the rules.
+    pub fn block_udp(&self, k: usize, tcp_ports: Option<&[u16]>) -> Result<()> {
+        let ns = &self.nodes[k].ns;
+        let _ = self.ns(ns, "nft", &["delete", "table", "inet", "fmblock"]);
+        let Some(ports) = tcp_ports else {
+            return Ok(());
+        };
+        let dev = format!("{}b{k}", self.prefix);
+        let mut rules = format!(
+            "table inet fmblock {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n  \
+             oifname \"{dev}\" meta l4proto udp counter drop\n"
+        );
+        for p in ports {
+            rules.push_str(&format!("  oifname \"{dev}\" tcp dport {p} counter drop\n"));
+        }
+        rules.push_str(&format!(
+            " }}\n chain in {{\n  type filter hook input priority 0; policy accept;\n  \
+             iifname \"{dev}\" meta l4proto udp counter drop\n }}\n}}\n"
+        ));
+        let f = self.path(&format!("block{k}.nft"));
+        std::fs::write(&f, rules)?;
+        self.ns(ns, "nft", &["-f", &f])?;
+        Ok(())
+    }
+
     /// Start the hub (1-s heartbeats) and peers 1..=`peers` with default
     /// settings; return once every peer is ready, or an error with the logs.
     pub fn start_mesh(&mut self, peers: usize, timeout: Duration) -> Result<()> {

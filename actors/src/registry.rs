@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+use transport::stream::is_stream_addr;
 use transport::wire::{
     Control, ErrorCode, IpNet, PeerInfo, PublicKey, MAX_ADDRS, MAX_ROUTES, MAX_UPSERTS,
 };
@@ -346,12 +347,17 @@ impl Registry {
         }
         owners_changed |= before != self.owners.len();
 
-        let mut endpoints = vec![observed];
+        // A member that reaches us by stream (TCP or TLS fallback) has no
+        // UDP endpoint we saw; its own candidates may still work for others.
+        let mut endpoints = Vec::with_capacity(MAX_ADDRS);
+        if !is_stream_addr(&observed) {
+            endpoints.push(observed);
+        }
         for e in local_endpoints {
             if endpoints.len() >= MAX_ADDRS {
                 break;
             }
-            if !endpoints.contains(&e) {
+            if !endpoints.contains(&e) && !is_stream_addr(&e) {
                 endpoints.push(e);
             }
         }
@@ -420,8 +426,9 @@ impl Registry {
             to: key,
             msg: Control::HeartbeatAck { seq, observed },
         });
-        // NAT rebinding: the first endpoint is the observed one.
-        if m.info.endpoints.first() != Some(&observed) {
+        // NAT rebinding: the first endpoint is the observed one (a stream
+        // address is not an endpoint: see `register`).
+        if !is_stream_addr(&observed) && m.info.endpoints.first() != Some(&observed) {
             m.info.endpoints.retain(|e| *e != observed);
             m.info.endpoints.insert(0, observed);
             m.info.endpoints.truncate(MAX_ADDRS);
@@ -880,6 +887,32 @@ mod tests {
         deliver(&out, 1, &mut fresh);
         assert_eq!(fresh.len(), 1);
         assert_eq!(fresh.version(), r.version());
+    }
+
+    #[test]
+    fn a_member_on_a_stream_offers_no_stream_address_to_others() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        let mut m1 = PeerMap::new(key(1));
+        reg(&mut r, 0, 1, 0, &mut out);
+        let stream: SocketAddr = "[100::7]:443".parse().unwrap();
+        let lan = SocketAddr::from(([192, 168, 1, 2], 4800));
+        let claim = Claim {
+            overlay: net(2),
+            local_endpoints: vec![lan, "[100::9]:443".parse().unwrap()],
+            ..Claim::default()
+        };
+        r.register(Duration::ZERO, key(2), stream, claim, &mut out);
+        // Its heartbeats come by the stream too: no rebinding to it.
+        r.heartbeat(Duration::from_secs(1), key(2), stream, 1, 0, &mut out);
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.get(&key(2)).unwrap().endpoints, vec![lan]);
+        // Back on UDP: the observed endpoint is first again.
+        out.clear();
+        let v = r.version();
+        r.heartbeat(Duration::from_secs(2), key(2), ep(2), 2, v, &mut out);
+        deliver(&out, 1, &mut m1);
+        assert_eq!(m1.get(&key(2)).unwrap().endpoints, vec![ep(2), lan]);
     }
 
     #[test]

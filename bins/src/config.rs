@@ -176,6 +176,14 @@ pub struct HubFile {
     pub metrics: Option<String>,
     /// Log filter (as RUST_LOG), applied on reload.
     pub log: Option<String>,
+    /// TCP fallback listen address, or "off" (`--tcp-listen`).
+    pub tcp_listen: Option<String>,
+    /// TLS fallback listen address (`--tls-listen`).
+    pub tls_listen: Option<String>,
+    /// TLS certificate chain, PEM (`--tls-cert`).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key, PEM (`--tls-key`).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Peer settings as a config file holds them.
@@ -220,6 +228,10 @@ pub struct PeerFile {
     pub log: Option<String>,
     /// Subnets this peer routes for, e.g. ["192.168.5.0/24"].
     pub routes: Option<Vec<String>>,
+    /// Stream fallback to the hubs: "tcp,tls", "tcp", "tls" or "off" (`--fallback`).
+    pub fallback: Option<String>,
+    /// The hubs' TLS port (`--tls-port`).
+    pub tls_port: Option<u16>,
 }
 
 #[cfg(test)]

@@ -147,21 +147,29 @@ pub fn table(v: &Value) -> String {
         s["name"].as_str().unwrap_or(""),
         s["key"].as_str().unwrap_or(""),
         joined(&s["overlay"]),
-        s["observed"].as_str().unwrap_or("-")
+        match s["observed"].as_str() {
+            Some(o) if o.starts_with("[100::") => "a TCP/TLS stream (fallback)",
+            Some(o) => o,
+            None => "-",
+        }
     ));
     if s["routes"].as_array().is_some_and(|r| !r.is_empty()) {
         out.push_str(&format!("routes for {}\n", joined(&s["routes"])));
     }
     for h in s["hubs"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "hub  {:<22} {}  rtt {}  last ack {}\n",
+            "hub  {:<22} {}  rtt {}  last ack {}{}\n",
             h["addr"].as_str().unwrap_or(""),
             h["state"].as_str().unwrap_or(""),
             opt_ms(&h["rtt_ms"]),
             h["last_ack_s"]
                 .as_f64()
                 .map(|x| format!("{x:.1}s ago"))
-                .unwrap_or_else(|| "never".into())
+                .unwrap_or_else(|| "never".into()),
+            h["via"]
+                .as_str()
+                .map(|v| format!("  via {v}"))
+                .unwrap_or_default()
         ));
     }
     out.push_str(&format!(
@@ -233,6 +241,20 @@ fn push_hints(out: &mut String, h: Vec<String>) {
 }
 
 /// For each unusual state in a status document, what to do about it.
+/// Mark each hub of a peer's status that is reached by a stream (TCP or TLS
+/// fallback): `"via": "tcp://ADDR"`.
+pub fn add_hub_streams(v: &mut Value, links: &[(std::net::SocketAddr, Option<String>)]) {
+    for h in v["status"]["hubs"].as_array_mut().into_iter().flatten() {
+        let via = links
+            .iter()
+            .find(|(a, _)| h["addr"].as_str() == Some(&a.to_string()))
+            .and_then(|(_, via)| via.clone());
+        if let Some(via) = via {
+            h["via"] = Value::String(via);
+        }
+    }
+}
+
 pub fn hints(v: &Value) -> Vec<String> {
     let s = &v["status"];
     let mut out = Vec::new();
@@ -263,6 +285,9 @@ pub fn hints(v: &Value) -> Vec<String> {
     for h in s["hubs"].as_array().into_iter().flatten() {
         let addr = h["addr"].as_str().unwrap_or("");
         let state = h["state"].as_str().unwrap_or("");
+        if let Some(via) = h["via"].as_str() {
+            out.push(format!("hub {addr} is reached by {via}: UDP to it goes unanswered (blocked or throttled on the way); fastmesh keeps trying UDP and returns to it when it passes, meanwhile peers are reached through the hub's relay"));
+        }
         if state.starts_with("connecting") {
             out.push(format!("hub {addr} does not answer: check that UDP to {addr} passes (firewall, the hub's --listen address), that the hub runs, and that its public key in --hub is right; direct paths to known peers keep working meanwhile"));
         } else if let Some(why) = state.strip_prefix("refused: ") {

@@ -2,6 +2,7 @@
 
 mod config;
 mod control;
+mod fallback;
 mod metrics;
 mod netcheck;
 mod ping;
@@ -169,6 +170,21 @@ struct HubArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9480 [default: off].
     #[arg(long)]
     metrics: Option<String>,
+    /// TCP address for peers that cannot use UDP, or "off" [default: the
+    /// UDP listen address; skipped with a warning if taken].
+    #[arg(long)]
+    tcp_listen: Option<String>,
+    /// TLS address for peers on networks that pass only HTTPS, e.g.
+    /// [::]:443 [default: off].
+    #[arg(long)]
+    tls_listen: Option<String>,
+    /// TLS certificate chain (PEM) [default: self-signed, made at start;
+    /// peers do not check it, the Noise session inside authenticates].
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM), with --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -230,6 +246,14 @@ struct PeerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9480 [default: off].
     #[arg(long)]
     metrics: Option<String>,
+    /// Where UDP to a hub goes unanswered, reach it by these instead, in
+    /// order: "tcp,tls", "tcp", "tls" or "off" [default: tcp,tls]. TCP goes to
+    /// the hub's UDP port number, TLS to --tls-port.
+    #[arg(long)]
+    fallback: Option<String>,
+    /// The hubs' TLS port for the fallback [default: 443].
+    #[arg(long)]
+    tls_port: Option<u16>,
 }
 
 /// Unicast addresses of this host's interfaces, except loopback, link-local
@@ -445,10 +469,14 @@ fn bind_udp_or_default(listen: Option<String>) -> Result<std::net::UdpSocket> {
     }
 }
 
-fn bind_udp(listen: &str) -> Result<std::net::UdpSocket> {
-    let addr: SocketAddr = listen.parse().map_err(|_| {
+fn parse_listen(listen: &str) -> Result<SocketAddr> {
+    listen.parse().map_err(|_| {
         anyhow!("bad listen address {listen:?}: want IP:PORT, e.g. 0.0.0.0:4800 or [::]:4800")
-    })?;
+    })
+}
+
+fn bind_udp(listen: &str) -> Result<std::net::UdpSocket> {
+    let addr = parse_listen(listen)?;
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -522,8 +550,39 @@ fn run_hub(a: HubArgs) -> Result<()> {
     let owners = store.load()?;
     let revoked = store.load_revoked()?;
     let sock = bind_udp_or_default(listen)?;
+    let udp_at = sock.local_addr()?;
+    // Stream fallback: TCP on the UDP address unless told otherwise (a
+    // taken port only warns), TLS where asked.
+    let tcp_l = match a.tcp_listen.or(f.tcp_listen) {
+        Some(t) if t == "off" => None,
+        Some(t) => {
+            let at = parse_listen(&t)?;
+            Some(fallback::bind_tcp(at).with_context(|| format!("cannot listen on TCP {at}"))?)
+        }
+        None => match fallback::bind_tcp(udp_at) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "no TCP fallback for peers: cannot listen on TCP {udp_at} (set --tcp-listen)");
+                None
+            }
+        },
+    };
+    let tls_l = match a.tls_listen.or(f.tls_listen) {
+        Some(t) => {
+            let at = parse_listen(&t)?;
+            let cfg = fallback::server_tls(
+                a.tls_cert.or(f.tls_cert).as_deref(),
+                a.tls_key.or(f.tls_key).as_deref(),
+            )?;
+            let l = fallback::bind_tcp(at).with_context(|| format!("cannot listen on TLS {at}"))?;
+            Some((l, cfg))
+        }
+        None => None,
+    };
     tracing::info!(
-        listen = %sock.local_addr()?,
+        listen = %udp_at,
+        tcp = ?tcp_l.as_ref().and_then(|l| l.local_addr().ok()),
+        tls = ?tls_l.as_ref().and_then(|l| l.0.local_addr().ok()),
         key = %key_hex(&key.public),
         members_known = owners.len(),
         "hub starting"
@@ -539,7 +598,13 @@ fn run_hub(a: HubArgs) -> Result<()> {
     }
     let sys = actix::System::new();
     sys.block_on(async move {
-        let sock = Arc::new(transport::FastUdp::new(sock)?);
+        let sock = Arc::new(transport::Streamed::new(transport::FastUdp::new(sock)?));
+        if let Some(l) = tcp_l {
+            actix::spawn(sock.listen(tokio::net::TcpListener::from_std(l)?, None));
+        }
+        if let Some((l, cfg)) = tls_l {
+            actix::spawn(sock.listen(tokio::net::TcpListener::from_std(l)?, Some(cfg)));
+        }
         let node = Node::new(
             NodeConfig {
                 admission: Admission::AnyWithNetworkKey,
@@ -727,6 +792,22 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         .iter()
         .map(|s| parse_hub(s))
         .collect::<Result<Vec<_>>>()?;
+    let fb = fallback::Fallback::parse(
+        a.fallback
+            .as_deref()
+            .or(f.fallback.as_deref())
+            .unwrap_or("tcp,tls"),
+        a.tls_port.or(f.tls_port).unwrap_or(443),
+    )?;
+    let stream_routes =
+        move |specs: &[String], hubs: &[(transport::wire::PublicKey, SocketAddr)]| {
+            specs
+                .iter()
+                .zip(hubs)
+                .map(|(s, (_, udp))| fb.route(s, *udp))
+                .collect::<Vec<_>>()
+        };
+    let first_routes = stream_routes(&hub_specs, &hubs);
     let address = a.address.or(f.address).ok_or_else(|| {
         anyhow!("no overlay address: pass --address, e.g. --address 10.99.0.2/24")
     })?;
@@ -765,6 +846,11 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         .or(f.control)
         .unwrap_or_else(|| PathBuf::from(format!("/run/fastmesh/{tun_name}.sock")));
     let heartbeat = secs(a.heartbeat.or(f.heartbeat).unwrap_or(5.0), "heartbeat")?;
+    let fallback_cfg = transport::stream::FallbackConfig {
+        // Above the heartbeat interval: the hub answers each heartbeat.
+        after_heard: (heartbeat * 5 / 2).max(Duration::from_secs(12)),
+        ..Default::default()
+    };
     let key = StaticKeypair::from_private(load_key(&key_path, "node key")?);
     let psk = load_key(&net_path, "network key")?;
     check_tun_access()?;
@@ -884,7 +970,9 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     };
     let sys = actix::System::new();
     let code = sys.block_on(async move {
-        let sock = Arc::new(transport::FastUdp::new(sock)?);
+        let sock = Arc::new(transport::Streamed::new(transport::FastUdp::new(sock)?));
+        sock.set_fallback_config(fallback_cfg);
+        sock.set_hubs(first_routes);
         let dev = Arc::new(tun_rs::AsyncDevice::new(dev)?);
         let node = Node::new(
             NodeConfig {
@@ -903,7 +991,9 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         );
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
         let sup_ctx = Context::<Supervisor>::new();
-        let plane_ctx = Context::<Dataplane<transport::FastUdp, tun_rs::AsyncDevice>>::new();
+        let plane_ctx = Context::<
+            Dataplane<transport::Streamed<transport::FastUdp>, tun_rs::AsyncDevice>,
+        >::new();
         let (reader, recycle) = TunReader::new(
             dev.clone(),
             plane_ctx.address().recipient(),
@@ -911,7 +1001,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         );
         let plane = plane_ctx.run(Dataplane::new(
             node,
-            sock,
+            sock.clone(),
             Some(dev),
             sup_ctx.address().recipient(),
             Some(recycle),
@@ -937,9 +1027,11 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             });
         }
         let sup_r = sup.clone();
+        let sock_r = sock.clone();
         let do_reload: std::rc::Rc<dyn Fn() -> Result<String>> = std::rc::Rc::new(move || {
             let c = reload::peer(&cfg_path, &running, hubs_by_flag)?;
             if let Some(h) = c.hubs {
+                sock_r.set_hubs(stream_routes(&c.hub_specs, &h));
                 sup_r.do_send(fastmesh_actors::supervisor::SetHubs(h));
             }
             tracing::info!("{}", c.message);
@@ -948,15 +1040,21 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         on_sighup(do_reload.clone());
         let listener = control::bind(&control)?;
         let s2 = sup.clone();
+        let sock_c = sock.clone();
         actix::spawn(control::serve(listener, move |line: String| {
             let s = s2.clone();
             let rl = do_reload.clone();
+            let links = sock_c.hub_links();
             async move {
                 if line == "reload" {
                     return reload_answer(&*rl);
                 }
                 match s.send(GetNodeStatus).await {
-                    Ok(st) => serde_json::json!({"kind": "peer", "status": st}),
+                    Ok(st) => {
+                        let mut v = serde_json::json!({"kind": "peer", "status": st});
+                        control::add_hub_streams(&mut v, &links);
+                        v
+                    }
                     Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),
                 }
             }

@@ -21,7 +21,9 @@ pub fn report(status: &Value) -> Result<Value> {
     for h in s["hubs"].as_array().into_iter().flatten() {
         let state = h["state"].as_str().unwrap_or("");
         let last = h["last_ack_s"].as_f64();
-        let works = state == "registered" && last.is_some_and(|t| t <= FRESH_S);
+        // A hub reached by the TCP or TLS fallback answers, but not by UDP.
+        let via = h["via"].as_str();
+        let works = state == "registered" && last.is_some_and(|t| t <= FRESH_S) && via.is_none();
         let observed = h["observed"].as_str().map(str::to_string);
         if works {
             if let Some(a) = observed
@@ -39,6 +41,7 @@ pub fn report(status: &Value) -> Result<Value> {
             "rtt_ms": h["rtt_ms"],
             "last_ack_s": last,
             "observed": observed,
+            "via": via,
         }));
     }
     let answering = hubs.iter().filter(|h| h["udp_works"] == true).count();
@@ -76,6 +79,10 @@ pub fn text(r: &Value) -> String {
                     .as_f64()
                     .map_or("-".into(), |x| format!("{x:.1} ms")),
                 h["observed"].as_str().unwrap_or("?")
+            ));
+        } else if let Some(via) = h["via"].as_str() {
+            out.push_str(&format!(
+                "hub {addr}: UDP unanswered, reached by {via} instead: UDP is blocked or throttled on the way\n"
             ));
         } else {
             out.push_str(&format!(
@@ -120,6 +127,17 @@ mod tests {
         assert!(one["nat"]["same_mapping_for_all_destinations"].is_null());
         assert_eq!(one["hubs"][1]["udp_works"], false);
         assert!(text(&one).contains("hub h2:4800: no answer"));
+        // A hub answering only over the TCP fallback: UDP does not work.
+        let mut tcp = ok("h2:4800", "[100::3]:4800");
+        tcp["via"] = json!("tcp://h2:4800");
+        let r = report(&status(json!([ok("h1:4800", "9.9.9.9:40000"), tcp]))).unwrap();
+        assert_eq!(r["hubs"][1]["udp_works"], false);
+        assert!(r["nat"]["same_mapping_for_all_destinations"].is_null());
+        assert!(
+            text(&r).contains("reached by tcp://h2:4800 instead"),
+            "{}",
+            text(&r)
+        );
         assert!(report(&json!({"kind": "hub", "status": {}})).is_err());
     }
 }

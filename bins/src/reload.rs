@@ -83,7 +83,7 @@ impl HubChange {
             None => None,
         };
         let mut not_applied = Vec::new();
-        let fixed: [(&'static str, bool); 9] = [
+        let fixed: [(&'static str, bool); 13] = [
             ("listen", f.listen != running.listen),
             ("key", f.key != running.key),
             ("network_key", f.network_key != running.network_key),
@@ -96,6 +96,10 @@ impl HubChange {
                 "allow_route_overlap",
                 f.allow_route_overlap != running.allow_route_overlap,
             ),
+            ("tcp_listen", f.tcp_listen != running.tcp_listen),
+            ("tls_listen", f.tls_listen != running.tls_listen),
+            ("tls_cert", f.tls_cert != running.tls_cert),
+            ("tls_key", f.tls_key != running.tls_key),
         ];
         for (name, changed) in fixed {
             if changed {
@@ -143,6 +147,8 @@ fn summary(applied: Vec<String>, not_applied: &[&str]) -> String {
 pub struct PeerChange {
     /// The hubs from the file, when they changed and no --hub flag set them.
     pub hubs: Option<Vec<(PublicKey, SocketAddr)>>,
+    /// Their specs as written ("PUBKEY@HOST:PORT"), in the same order.
+    pub hub_specs: Vec<String>,
     /// What a log line and `fastmesh reload` report.
     pub message: String,
 }
@@ -157,6 +163,7 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
     };
     let mut not_applied: Vec<&str> = Vec::new();
     let mut hubs = None;
+    let mut hub_specs = Vec::new();
     if f.hubs != running.hubs {
         if hubs_by_flag {
             not_applied.push("hubs (--hub flags set them)");
@@ -171,9 +178,10 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
                     .map(|h| parse_hub(h))
                     .collect::<Result<Vec<_>>>()?,
             );
+            hub_specs = specs;
         }
     }
-    let fixed: [(&'static str, bool); 16] = [
+    let fixed: [(&'static str, bool); 18] = [
         ("address", f.address != running.address),
         ("address6", f.address6 != running.address6),
         ("listen", f.listen != running.listen),
@@ -190,6 +198,8 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
         ("control", f.control != running.control),
         ("metrics", f.metrics != running.metrics),
         ("routes", f.routes != running.routes),
+        ("fallback", f.fallback != running.fallback),
+        ("tls_port", f.tls_port != running.tls_port),
     ];
     not_applied.extend(fixed.iter().filter(|x| x.1).map(|x| x.0));
     let mut parts = Vec::new();
@@ -205,6 +215,7 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
     }
     Ok(PeerChange {
         hubs,
+        hub_specs,
         message: summary(parts, &not_applied),
     })
 }

@@ -162,6 +162,8 @@ pub struct Node {
     max_sessions: usize,
     relaying: bool,
     relays: Vec<PublicKey>,
+    /// Relays reached by a stream (see [`Node::set_last_resort_relays`]).
+    last_resort: Vec<PublicKey>,
     scratch: Vec<u8>,
     /// The frame buffer [`Node::service`] lends to `poll_transmit`.
     txbuf: Vec<u8>,
@@ -218,6 +220,7 @@ impl Node {
             max_sessions: cfg.max_sessions.max(1),
             relaying: cfg.relay,
             relays: Vec::new(),
+            last_resort: Vec::new(),
             scratch: Vec::with_capacity(2048),
             txbuf: Vec::with_capacity(2048),
             tx_probe: false,
@@ -290,12 +293,14 @@ impl Node {
         let entropy = &mut self.entropy;
         let base = self.incarnation;
         let relays = &self.relays;
+        let last_resort = &self.last_resort;
         let s = self.sessions.entry(key).or_insert_with(|| {
             let mut b = [0u8; 8];
             entropy.fill(&mut b);
             let mut s = Session::new(cfg, &local, key, endpoint, base ^ u64::from_le_bytes(b));
             if !relays.contains(&key) {
                 s.set_relays(relays);
+                s.set_last_resort_relays(last_resort);
             }
             s
         });
@@ -322,6 +327,20 @@ impl Node {
                 s.set_relays(relays);
             }
             self.ready.insert(*k);
+        }
+    }
+
+    /// The relays set with [`Node::set_relays`].
+    pub fn relays(&self) -> &[PublicKey] {
+        &self.relays
+    }
+
+    /// Relays that our frames reach by a stream (TCP or TLS fallback): every
+    /// session takes them only when no other relay answers.
+    pub fn set_last_resort_relays(&mut self, relays: &[PublicKey]) {
+        self.last_resort = relays.to_vec();
+        for s in self.sessions.values_mut() {
+            s.set_last_resort_relays(relays);
         }
     }
 

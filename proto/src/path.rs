@@ -221,6 +221,9 @@ pub struct Paths {
     data_report_at: Option<Duration>,
     /// Since when the session has been quiet (see [`Paths::set_quiet`]).
     quiet_since: Option<Duration>,
+    /// Relays reached by a stream (TCP or TLS fallback): taken only when
+    /// no other relay answers.
+    last_resort: Vec<PublicKey>,
 }
 
 /// What [`Paths::decide`] found.
@@ -248,7 +251,14 @@ impl Paths {
             data_bad: None,
             data_report_at: None,
             quiet_since: None,
+            last_resort: Vec::new(),
         }
+    }
+
+    /// The relays reached by a stream (see [`Paths::decide`]): a relay
+    /// over UDP that answers is preferred to them whatever the RTTs.
+    pub fn set_last_resort(&mut self, relays: &[PublicKey]) {
+        self.last_resort = relays.to_vec();
     }
 
     /// A session with no data for a while is quiet: no probes go and no
@@ -620,12 +630,14 @@ impl Paths {
                     }
                 })
             });
+        let last_resort =
+            |p: &PathStat| matches!(p.via, Via::Relay(k) if self.last_resort.contains(&k));
         let best_relay = self
             .paths
             .iter()
             .filter(|p| p.via.direct().is_none())
             .filter(up)
-            .min_by_key(|p| rtt(p));
+            .min_by_key(|p| (last_resort(p), rtt(p)));
         let cur = self
             .active
             .and_then(|v| self.paths.iter().find(|p| p.via == v));
@@ -718,6 +730,10 @@ impl Paths {
                     }
                     _ if !c_up => best_relay
                         .filter(|r| r.via != c.via)
+                        .map(|r| (r.via, Reason::NoDirectAnswer(no_direct_for()))),
+                    // Off a stream relay as soon as a UDP one answers.
+                    _ if last_resort(c) => best_relay
+                        .filter(|r| !last_resort(r))
                         .map(|r| (r.via, Reason::NoDirectAnswer(no_direct_for()))),
                     _ => None,
                 }
@@ -871,6 +887,38 @@ mod tests {
             Some(if v.direct().is_some() { ms(20) } else { ms(60) })
         });
         assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+    }
+
+    #[test]
+    fn a_relay_reached_by_stream_is_the_last_resort() {
+        // Two relays, no direct path; the one on a stream is faster.
+        let (udp_hub, tcp_hub) = ([7; 32], [8; 32]);
+        let mut p = Paths::new(PathConfig::default());
+        p.set_relays(ms(0), &[udp_hub, tcp_hub]);
+        p.set_direct(ms(0), &[addr(1)]);
+        p.set_last_resort(&[tcp_hub]);
+        let rtt = |v: Via| match v {
+            Via::Relay(k) if k == tcp_hub => Some(ms(30)),
+            Via::Relay(_) => Some(ms(80)),
+            Via::Direct(_) => None,
+        };
+        let t = drive(&mut p, ms(0), 5, rtt);
+        assert_eq!(p.current(), Some(Via::Relay(udp_hub)));
+        // The UDP relay stops answering: the stream one carries on...
+        let t = drive(&mut p, t, 6, |v| {
+            (v == Via::Relay(tcp_hub)).then_some(ms(30))
+        });
+        assert_eq!(p.current(), Some(Via::Relay(tcp_hub)));
+        // ...until the UDP relay answers again, slower as it is (its probes
+        // backed off meanwhile: at most `max_backoff` apart).
+        drive(&mut p, t, 18, rtt);
+        assert_eq!(p.current(), Some(Via::Relay(udp_hub)));
+        // Without the mark the faster relay wins.
+        let mut q = Paths::new(PathConfig::default());
+        q.set_relays(ms(0), &[udp_hub, tcp_hub]);
+        q.set_direct(ms(0), &[addr(1)]);
+        drive(&mut q, ms(0), 5, rtt);
+        assert_eq!(q.current(), Some(Via::Relay(tcp_hub)));
     }
 
     #[test]

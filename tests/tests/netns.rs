@@ -1518,3 +1518,115 @@ fn ipv6_only_and_dual_stack_underlays() {
     assert_transfer("20 MB over a dual-stack underlay", 20_000_000, &r, &lab);
     println!("{}", lab.status_table(1));
 }
+
+/// How peer `k` reaches its first hub besides UDP ("tcp://...", "tls://...",
+/// or "" on UDP).
+fn hub_via(lab: &Lab, k: usize) -> String {
+    lab.status(k)
+        .ok()
+        .and_then(|v| v["status"]["hubs"][0]["via"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn udp_blocked_peers_reach_the_mesh_over_tcp_and_tls_and_return_to_udp() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("fmsf", 35, 2).expect("namespace lab");
+    let tls = format!("{}:443", lab.nodes[0].underlay);
+    lab.start_hub_with(0, 1.0, &["--tls-listen", &tls]).unwrap();
+    for k in 1..=2 {
+        lab.start_peer(k, &[]).unwrap();
+    }
+    if let Err(e) = lab.wait(Duration::from_secs(30), |l| {
+        l.peer_ready(1) && l.peer_ready(2)
+    }) {
+        panic!("mesh did not come up: {e}\n{}", lab.logs());
+    }
+    wait_path(&lab, [1, 2], "direct", 30);
+    let on = |via: &'static str| {
+        move |l: &Lab| {
+            hub_via(l, 1).starts_with(via)
+                && l.peer_ready(1)
+                && nat_path(l, 1).0 == "relay"
+                && nat_path(l, 2).0 == "relay"
+        }
+    };
+    let check_traffic = |lab: &Lab, what: &str, from: usize, to: usize, port: u16| {
+        let (_, out) = ping(lab, from, &lab.nodes[to].overlay.to_string(), 20);
+        assert!(
+            received(&out).is_some_and(|n| n >= 19),
+            "{what}: ping {out}\n{}",
+            lab.status_table(1)
+        );
+        let bytes = 20_000_000;
+        let r = transfer(lab, from, to, bytes, port);
+        assert_transfer(what, bytes, &r, lab);
+    };
+
+    // No UDP at all for peer 1 (both ways): its hub link moves to TCP and
+    // both peers reach each other through the hub's relay.
+    lab.block_udp(1, Some(&[])).unwrap();
+    let t = lab
+        .wait(Duration::from_secs(60), on("tcp://"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "no TCP fallback: {e}\n{}\n{}",
+                lab.status_table(1),
+                lab.logs()
+            )
+        });
+    println!("UDP blocked: hub over TCP, peers relayed after {t:?}");
+    println!("{}", lab.status_table(1));
+    check_traffic(&lab, "UDP blocked, TCP fallback", 1, 2, 5351);
+
+    // A network that passes only HTTPS (no UDP, no TCP to 4800), from a
+    // fresh start: TLS on port 443.
+    lab.stop(1);
+    lab.block_udp(1, Some(&[4800])).unwrap();
+    lab.start_peer(1, &[]).unwrap();
+    let t = lab
+        .wait(Duration::from_secs(60), on("tls://"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "no TLS fallback: {e}\n{}\n{}",
+                lab.status_table(1),
+                lab.logs()
+            )
+        });
+    println!("only HTTPS passes: started over TLS, peers relayed after {t:?}");
+    check_traffic(&lab, "only HTTPS passes, TLS fallback", 2, 1, 5352);
+    let hub = lab.status(0).unwrap();
+    let m = hub["status"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "peer1")
+        .cloned()
+        .unwrap();
+    assert!(
+        m["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| !e.as_str().unwrap_or("").starts_with("[100::")),
+        "a stream address offered as a candidate: {m}"
+    );
+
+    // Rules removed: back to UDP, and a direct path, within 30 s.
+    lab.block_udp(1, None).unwrap();
+    let t = lab
+        .wait(Duration::from_secs(30), |l| {
+            hub_via(l, 1).is_empty() && nat_path(l, 1).0 == "direct" && nat_path(l, 2).0 == "direct"
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "not back on direct UDP: {e}\n{}\n{}\n{}",
+                lab.status_table(1),
+                lab.status_table(2),
+                lab.logs()
+            )
+        });
+    println!("unblocked: hub over UDP and the peers direct again after {t:?}");
+    let (ok, out) = ping(&lab, 1, &lab.nodes[2].overlay.to_string(), 5);
+    assert!(ok, "{out}");
+}

@@ -62,6 +62,16 @@ pub trait Datagram: Send + Sync {
         out[0] = self.try_recv_gro(&mut bufs[0])?;
         Ok(1)
     }
+    /// A number that changes whenever the destinations reached by a stream
+    /// instead of datagrams change ([`crate::stream::Streamed`]); constant
+    /// for a plain socket.
+    fn stream_epoch(&self) -> u64 {
+        0
+    }
+    /// Whether frames to `to` travel on a stream now.
+    fn on_stream(&self, _to: SocketAddr) -> bool {
+        false
+    }
     /// Send several datagrams; returns how many were sent. Implementations with
     /// `sendmmsg` or GSO can do this in one system call.
     fn send_batch<'a>(

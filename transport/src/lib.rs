@@ -21,7 +21,7 @@ pub mod io;
 pub mod stream;
 
 pub use io::{os_entropy, Datagram, FastUdp, PacketDevice};
-pub use stream::Streamed;
 pub use proto::{cc, crypto, driver, ip, node, path, session, split, wire};
 pub use proto::{Admission, Driver, Event, FlowMode, KcpProfile, Node, NodeConfig, NodeStats};
 pub use proto::{SessionConfig, SessionStats};
+pub use stream::Streamed;

@@ -52,6 +52,8 @@ pub const RX_QUEUE: usize = 4096;
 pub const TX_QUEUE: usize = 1024;
 /// A hub closes a connection that brought nothing for this long.
 pub const ACCEPT_IDLE: Duration = Duration::from_secs(60);
+/// Longest wait between dials of a hub that keeps failing.
+pub const MAX_REDIAL: Duration = Duration::from_secs(30);
 /// Time for a TCP connect or a TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -194,6 +196,8 @@ struct HubLink {
     heard: bool,
     next_udp_retry: Instant,
     dial_not_before: Instant,
+    /// Dials failed in a row (the wait before the next one doubles).
+    fails: u32,
 }
 
 struct Shared {
@@ -208,6 +212,8 @@ struct Shared {
     tls_client: Arc<rustls::ClientConfig>,
     next_id: AtomicU64,
     next_gen: AtomicU64,
+    /// Bumped when a hub moves between UDP and a stream.
+    epoch: AtomicU64,
     n: Counters,
 }
 
@@ -259,6 +265,7 @@ impl<D: Datagram> Streamed<D> {
                 tls_client: Arc::new(tls_client_config()),
                 next_id: AtomicU64::new(1),
                 next_gen: AtomicU64::new(1),
+                epoch: AtomicU64::new(0),
                 n: Counters::default(),
             }),
         }
@@ -295,6 +302,7 @@ impl<D: Datagram> Streamed<D> {
                     heard: false,
                     next_udp_retry: now,
                     dial_not_before: now,
+                    fails: 0,
                 },
             };
             map.insert(h.udp, link);
@@ -375,8 +383,7 @@ impl<D: Datagram> Streamed<D> {
                             lock(&sh.conns).insert(addr, tx);
                             serve(&sh, s, addr, rx, ACCEPT_IDLE, || {}).await;
                         }
-                        Some(a) => match tokio::time::timeout(CONNECT_TIMEOUT, a.accept(s)).await
-                        {
+                        Some(a) => match tokio::time::timeout(CONNECT_TIMEOUT, a.accept(s)).await {
                             Ok(Ok(t)) => {
                                 bump(&sh.n.accepted);
                                 lock(&sh.conns).insert(addr, tx);
@@ -420,8 +427,10 @@ impl<D: Datagram> Streamed<D> {
                 if now.saturating_duration_since(*last_rx) >= cfg.stream_silent {
                     tracing::warn!(hub = %to, via = %h.targets[h.next], "stream to hub silent; trying the next way");
                     bump(&self.sh.n.dial_failed);
+                    h.fails += 1;
                     h.next = (h.next + 1) % h.targets.len();
                     h.mode = Mode::Udp;
+                    bump(&self.sh.epoch);
                     return true;
                 }
                 self.sh.queue(tx, buf);
@@ -468,6 +477,7 @@ impl<D: Datagram> Streamed<D> {
             if matches!(h.mode, Mode::Stream { .. }) {
                 tracing::info!(hub = %a, "UDP to hub works again; leaving the stream");
                 bump(&self.sh.n.returns);
+                bump(&self.sh.epoch);
                 // Dropping the sender ends the connection.
                 h.mode = Mode::Udp;
             }
@@ -505,7 +515,9 @@ async fn dial(sh: Arc<Shared>, hub: SocketAddr, target: Target, gen: u64) {
                     last_rx: Instant::now(),
                 };
                 h.next_udp_retry = Instant::now();
+                h.fails = 0;
                 bump(&sh.n.fallbacks);
+                bump(&sh.epoch);
                 tracing::info!(%hub, via = %target, "hub reached by stream");
                 true
             }
@@ -552,16 +564,27 @@ async fn dial(sh: Arc<Shared>, hub: SocketAddr, target: Target, gen: u64) {
     }
     let cfg = lock(&sh.cfg).clone();
     if let Err(e) = result {
-        tracing::warn!(%hub, via = %target, error = %e, "stream to hub failed");
+        h.fails += 1;
+        // Each target's failure is told once; a hub that stays down is
+        // retried less and less often, quietly.
+        if h.fails as usize <= h.targets.len() {
+            tracing::warn!(%hub, via = %target, error = %e, "stream to hub failed");
+        } else {
+            tracing::debug!(%hub, via = %target, error = %e, "stream to hub failed");
+        }
         bump(&sh.n.dial_failed);
         h.next = (h.next + 1) % h.targets.len().max(1);
     }
     if !matches!(h.mode, Mode::Udp) {
         // Failed, or the connection ended under us: next send dials again
         // (UDP is still unanswered).
+        if matches!(h.mode, Mode::Stream { .. }) {
+            bump(&sh.epoch);
+        }
         h.mode = Mode::Udp;
     }
-    h.dial_not_before = Instant::now() + cfg.redial;
+    let backoff = cfg.redial * 2u32.pow(h.fails.saturating_sub(1).min(4));
+    h.dial_not_before = Instant::now() + backoff.min(MAX_REDIAL);
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -710,25 +733,20 @@ impl<D: Datagram> Datagram for Streamed<D> {
         }
     }
 
-    fn recv_from(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
-        async move {
-            loop {
-                if let Some(x) = self.pop_rx(buf) {
-                    return Ok(x);
-                }
-                match self.udp.try_recv_from(buf) {
-                    Ok((n, from)) => {
-                        self.heard_udp(std::iter::once(from));
-                        return Ok((n, from));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-                self.readable().await?;
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        loop {
+            if let Some(x) = self.pop_rx(buf) {
+                return Ok(x);
             }
+            match self.udp.try_recv_from(buf) {
+                Ok((n, from)) => {
+                    self.heard_udp(std::iter::once(from));
+                    return Ok((n, from));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            self.readable().await?;
         }
     }
 
@@ -736,19 +754,17 @@ impl<D: Datagram> Datagram for Streamed<D> {
         self.udp.local_addr()
     }
 
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            loop {
-                if !lock(&self.sh.rx).is_empty() {
-                    return Ok(());
-                }
-                // A frame queued after the check above leaves a permit, so
-                // this wait ends at once.
-                tokio::select! {
-                    biased;
-                    _ = self.sh.rx_ready.notified() => {}
-                    r = self.udp.readable() => return r,
-                }
+    async fn readable(&self) -> io::Result<()> {
+        loop {
+            if !lock(&self.sh.rx).is_empty() {
+                return Ok(());
+            }
+            // A frame queued after the check above leaves a permit, so
+            // this wait ends at once.
+            tokio::select! {
+                biased;
+                _ = self.sh.rx_ready.notified() => {}
+                r = self.udp.readable() => return r,
             }
         }
     }
@@ -806,6 +822,17 @@ impl<D: Datagram> Datagram for Streamed<D> {
             n += 1;
         }
         Ok(n)
+    }
+
+    fn stream_epoch(&self) -> u64 {
+        self.sh.epoch.load(Ordering::Relaxed)
+    }
+
+    fn on_stream(&self, to: SocketAddr) -> bool {
+        is_stream_addr(&to)
+            || lock(&self.sh.hubs)
+                .get(&to)
+                .is_some_and(|h| matches!(h.mode, Mode::Stream { .. }))
     }
 
     fn try_recv_gro(&self, buf: &mut [u8]) -> io::Result<(usize, usize, SocketAddr)> {
@@ -908,9 +935,7 @@ mod tests {
     async fn echo_hub(
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> (Arc<Streamed<UdpSocket>>, SocketAddr, SocketAddr) {
-        let hub = Arc::new(Streamed::new(
-            UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-        ));
+        let hub = Arc::new(Streamed::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()));
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tcp = l.local_addr().unwrap();
         tokio::spawn(hub.listen(l, tls));

@@ -217,6 +217,8 @@ pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
     epoch: Instant,
     alarm: Rc<AlarmShared>,
     rxbufs: Vec<Vec<u8>>,
+    /// The socket's stream epoch the relays were last ranked at.
+    stream_epoch: u64,
 }
 
 impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
@@ -245,6 +247,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             epoch: Instant::now(),
             alarm: Rc::default(),
             rxbufs: (0..RX_BUFS).map(|_| vec![0; 65_536]).collect(),
+            stream_epoch: 0,
         }
     }
 
@@ -255,12 +258,37 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
     /// The node's poll sequence ([`Node::service`]), then the alarm for its
     /// next deadline, and a wait for the socket if it filled up.
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.rank_relays();
         let now = self.now();
         let next = self.node.service(now, &mut self.io);
         if self.io.take_blocked() {
             self.wait_writable(ctx);
         }
         alarm_set(&self.alarm, next.map(|t| self.epoch + t.max(now)));
+    }
+
+    /// When a hub moved between UDP and a stream (fallback), tell the
+    /// sessions which relays are streamed: those are the last resort.
+    fn rank_relays(&mut self) {
+        let e = self.io.sock.stream_epoch();
+        if e == self.stream_epoch {
+            return;
+        }
+        self.stream_epoch = e;
+        let sock = &self.io.sock;
+        let streamed: Vec<PublicKey> = self
+            .node
+            .relays()
+            .iter()
+            .filter(|k| {
+                self.node
+                    .session(k)
+                    .and_then(|s| s.endpoint())
+                    .is_some_and(|a| sock.on_stream(a))
+            })
+            .copied()
+            .collect();
+        self.node.set_last_resort_relays(&streamed);
     }
 
     /// Resume sending when the socket has room again.

@@ -421,6 +421,11 @@ impl Session {
         self.paths.set_relays(self.now, relays);
     }
 
+    /// Relays reached by a stream: the last resort (see [`crate::path::Paths::set_last_resort`]).
+    pub fn set_last_resort_relays(&mut self, relays: &[PublicKey]) {
+        self.paths.set_last_resort(relays);
+    }
+
     /// The hub asked both sides to try these candidates now.
     pub fn punch(&mut self, now: Duration, eps: &[SocketAddr]) {
         self.now = self.now.max(now);
