@@ -241,6 +241,21 @@ fn push_hints(out: &mut String, h: Vec<String>) {
 }
 
 /// For each unusual state in a status document, what to do about it.
+/// The stream fallback's counters for `status --json`.
+pub fn streams_json(s: &transport::stream::StreamStats) -> Value {
+    serde_json::json!({
+        "open": s.open,
+        "accepted": s.accepted,
+        "refused": s.refused,
+        "frames_rx": s.frames_rx,
+        "frames_tx": s.frames_tx,
+        "dropped": s.dropped,
+        "fallbacks": s.fallbacks,
+        "returns": s.returns,
+        "dial_failed": s.dial_failed,
+    })
+}
+
 /// Mark each hub of a peer's status that is reached by a stream (TCP or TLS
 /// fallback): `"via": "tcp://ADDR"`.
 pub fn add_hub_streams(v: &mut Value, links: &[(std::net::SocketAddr, Option<String>)]) {

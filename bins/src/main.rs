@@ -618,9 +618,14 @@ fn run_hub(a: HubArgs) -> Result<()> {
             transport::os_entropy()?,
         );
         let reg_ctx = Context::<RegistryActor>::new();
-        let plane =
-            Dataplane::<_, NoDevice>::new(node, sock, None, reg_ctx.address().recipient(), None)
-                .start();
+        let plane = Dataplane::<_, NoDevice>::new(
+            node,
+            sock.clone(),
+            None,
+            reg_ctx.address().recipient(),
+            None,
+        )
+        .start();
         let mut registry = fastmesh_actors::registry::Registry::new(
             RegistryConfig {
                 heartbeat,
@@ -660,9 +665,11 @@ fn run_hub(a: HubArgs) -> Result<()> {
         on_sighup(do_reload.clone());
         let listener = control::bind(&control)?;
         let r2 = reg.clone();
+        let sock_c = sock.clone();
         actix::spawn(control::serve(listener, move |line: String| {
             let r = r2.clone();
             let rl = do_reload.clone();
+            let streams = sock_c.stats();
             async move {
                 if line == "reload" {
                     return reload_answer(&*rl);
@@ -678,18 +685,24 @@ fn run_hub(a: HubArgs) -> Result<()> {
                     };
                 }
                 match r.send(GetHubStatus).await {
-                    Ok(s) => serde_json::json!({"kind": "hub", "status": s}),
+                    Ok(s) => {
+                        let mut v = serde_json::json!({"kind": "hub", "status": s});
+                        v["status"]["streams"] = control::streams_json(&streams);
+                        v
+                    }
                     Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),
                 }
             }
         }));
         if let Some(l) = metrics_l {
             let r3 = reg.clone();
+            let sock_m = sock.clone();
             actix::spawn(metrics::serve(l, move || {
                 let r = r3.clone();
+                let streams = sock_m.stats();
                 async move {
                     match r.send(GetHubStatus).await {
-                        Ok(s) => metrics::hub_text(&s),
+                        Ok(s) => metrics::hub_text(&s, &streams),
                         Err(_) => String::new(),
                     }
                 }
@@ -1045,6 +1058,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             let s = s2.clone();
             let rl = do_reload.clone();
             let links = sock_c.hub_links();
+            let streams = sock_c.stats();
             async move {
                 if line == "reload" {
                     return reload_answer(&*rl);
@@ -1053,6 +1067,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
                     Ok(st) => {
                         let mut v = serde_json::json!({"kind": "peer", "status": st});
                         control::add_hub_streams(&mut v, &links);
+                        v["status"]["streams"] = control::streams_json(&streams);
                         v
                     }
                     Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),
@@ -1061,11 +1076,13 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         }));
         if let Some(l) = metrics_l {
             let s3 = sup.clone();
+            let sock_m = sock.clone();
             actix::spawn(metrics::serve(l, move || {
                 let s = s3.clone();
+                let streams = sock_m.stats();
                 async move {
                     match s.send(GetNodeStatus).await {
-                        Ok(st) => metrics::peer_text(&st),
+                        Ok(st) => metrics::peer_text(&st, &streams),
                         Err(_) => String::new(),
                     }
                 }

@@ -21,6 +21,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
+use transport::stream::StreamStats;
 
 type GaugeF = Gauge<f64, AtomicU64>;
 
@@ -99,9 +100,47 @@ fn plane_counters(r: &mut Registry, counters: &BTreeMap<String, u64>) {
     );
 }
 
+/// The stream fallback's counters (TCP and TLS to hubs).
+fn stream_metrics(r: &mut Registry, s: &StreamStats) {
+    r.register(
+        "fastmesh_stream_open",
+        "Stream (TCP or TLS fallback) connections open now",
+        gauge(s.open as i64),
+    );
+    for (name, help, v) in [
+        ("accepted", "Stream connections a hub accepted", s.accepted),
+        (
+            "refused",
+            "Stream connections refused (limit, failed TLS handshake)",
+            s.refused,
+        ),
+        ("frames_received", "Frames read from streams", s.frames_rx),
+        ("frames_sent", "Frames queued to streams", s.frames_tx),
+        (
+            "dropped",
+            "Frames dropped at a full stream queue or for a closed stream",
+            s.dropped,
+        ),
+        (
+            "fallbacks",
+            "Times a hub was reached by a stream because UDP went unanswered",
+            s.fallbacks,
+        ),
+        (
+            "returns",
+            "Times a hub was reached by UDP again after a stream",
+            s.returns,
+        ),
+        ("dial_failed", "Stream dials that failed", s.dial_failed),
+    ] {
+        r.register(format!("fastmesh_stream_{name}"), help, counter(v));
+    }
+}
+
 /// Metrics of a peer.
-pub fn peer_text(st: &NodeStatus) -> String {
+pub fn peer_text(st: &NodeStatus, streams: &StreamStats) -> String {
     let mut r = Registry::default();
+    stream_metrics(&mut r, streams);
     let labels = |name: &str, key: &str| PeerLabels {
         peer: name.to_string(),
         key: key.to_string(),
@@ -276,8 +315,9 @@ pub fn peer_text(st: &NodeStatus) -> String {
 }
 
 /// Metrics of a hub.
-pub fn hub_text(st: &HubStatus) -> String {
+pub fn hub_text(st: &HubStatus, streams: &StreamStats) -> String {
     let mut r = Registry::default();
+    stream_metrics(&mut r, streams);
     r.register(
         "fastmesh_hub_members",
         "Members online",

@@ -1629,4 +1629,12 @@ fn udp_blocked_peers_reach_the_mesh_over_tcp_and_tls_and_return_to_udp() {
     println!("unblocked: hub over UDP and the peers direct again after {t:?}");
     let (ok, out) = ping(&lab, 1, &lab.nodes[2].overlay.to_string(), 5);
     assert!(ok, "{out}");
+    // Counted: the hub accepted a TCP and a TLS connection; the restarted
+    // peer fell back once (TCP failed first) and returned once.
+    let hs = &lab.status(0).unwrap()["status"]["streams"];
+    assert!(hs["accepted"].as_u64() >= Some(2), "{hs}");
+    let ps = &lab.status(1).unwrap()["status"]["streams"];
+    assert_eq!(ps["fallbacks"], 1, "{ps}");
+    assert_eq!(ps["returns"], 1, "{ps}");
+    assert!(ps["dial_failed"].as_u64() >= Some(1), "{ps}");
 }
