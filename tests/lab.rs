@@ -139,6 +139,9 @@ pub enum Nat {
     /// beside 10.(200+net).`k`.2 (miniupnpd refuses to map behind a private
     /// external address). Mappings it makes are DNAT rules.
     RandomUpnp,
+    /// [`Nat::RandomUpnp`] with UPnP IGD off: the daemon answers only PCP
+    /// and NAT-PMP (UDP 5351), as many routers do.
+    RandomPmp,
     /// Behind the same NAT as node `j` (an earlier node), on its own LAN
     /// segment 172.16.`k`.0/24 that the NAT routes to node `j`'s segment
     /// without translation (two machines at one site).
@@ -270,11 +273,11 @@ impl Lab {
         self.ns(&x, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         self.lan_segment(net, k, &x, ns)?;
         let how = match mode {
-            Nat::Random | Nat::RandomUpnp => "masquerade fully-random",
+            Nat::Random | Nat::RandomUpnp | Nat::RandomPmp => "masquerade fully-random",
             _ => "masquerade",
         };
         let d = format!("{prefix}d{k}");
-        let upnp = mode == Nat::RandomUpnp;
+        let upnp = matches!(mode, Nat::RandomUpnp | Nat::RandomPmp);
         // What the port-mapping daemon forwards (DNAT) passes the filter.
         let (pass_mapped, local_upnp) = if upnp {
             (
@@ -295,23 +298,23 @@ impl Lab {
         std::fs::write(&f, rules)?;
         self.ns(&x, "nft", &["-f", &f])?;
         if upnp {
-            self.start_upnp(&x, &router, sub, k, &a, &c, &d)?;
+            let igd = mode == Nat::RandomUpnp;
+            self.start_upnp(&x, &router, sub, k, [&a, &c, &d], igd)?;
         }
         Ok(())
     }
 
     /// Run miniupnpd in NAT namespace `x` for LAN device `d`, external
-    /// device `c` (router side `a`), and wait until it listens.
-    #[allow(clippy::too_many_arguments)]
+    /// device `c` (router side `a`), and wait until it listens: UPnP IGD,
+    /// NAT-PMP and PCP, or without `igd` only the latter two.
     fn start_upnp(
         &mut self,
         x: &str,
         router: &str,
         sub: u8,
         k: usize,
-        a: &str,
-        c: &str,
-        d: &str,
+        [a, c, d]: [&str; 3],
+        igd: bool,
     ) -> Result<()> {
         let public = format!("11.{sub}.{k}.2");
         self.ns(x, "ip", &["addr", "add", &format!("{public}/24"), "dev", c])?;
@@ -333,10 +336,11 @@ impl Lab {
         std::fs::write(&f, chains)?;
         self.ns(x, "nft", &["-f", &f])?;
         let conf = format!(
-            "ext_ifname={c}\next_ip={public}\nlistening_ip={d}\nenable_upnp=yes\n\
+            "ext_ifname={c}\next_ip={public}\nlistening_ip={d}\nenable_upnp={}\n\
              enable_natpmp=yes\nsecure_mode=yes\nsystem_uptime=yes\n\
              uuid=3b9a1c4e-7d2f-4a8b-9c3d-5e6f7a8b9c{k:02x}\n\
-             allow 1024-65535 172.16.{k}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
+             allow 1024-65535 172.16.{k}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+            if igd { "yes" } else { "no" }
         );
         let cf = self.path(&format!("miniupnpd{k}.conf"));
         std::fs::write(&cf, conf)?;
@@ -361,11 +365,12 @@ impl Lab {
             .spawn()
             .map_err(|e| anyhow!("miniupnpd (Debian package miniupnpd-nftables): {e}"))?;
         // Killed with the namespace's other processes when the lab drops.
+        let port = if igd { ":1900 " } else { ":5351 " };
         let listening = || {
             Command::new("ip")
                 .args(["netns", "exec", x, "ss", "-uln"])
                 .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains(":1900 "))
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains(port))
                 .unwrap_or(false)
         };
         self.wait(Duration::from_secs(10), |_| listening())

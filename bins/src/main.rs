@@ -235,8 +235,8 @@ struct PeerArgs {
     /// peers' split connections (they then send theirs as packets too).
     #[arg(long)]
     no_split_tcp: bool,
-    /// Do not ask the router for a port mapping (UPnP IGD) to offer as a
-    /// candidate [default: ask, when listening on all addresses over IPv4].
+    /// Do not ask the router for a port mapping (UPnP IGD, PCP, NAT-PMP) to
+    /// offer as a candidate [default: ask, when listening on all addresses over IPv4].
     #[arg(long)]
     no_port_mapping: bool,
     /// A subnet this node routes for (site to site), e.g. 192.168.5.0/24;
@@ -956,7 +956,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         std::thread::spawn(move || {
             match portmap::map_udp(port, Duration::from_secs(2)) {
                 Ok(m) => {
-                    tracing::info!(external = %m.external, "the router maps a public port to this node (UPnP)");
+                    tracing::info!(external = %m.external, protocol = m.protocol(), "the router maps a public port to this node");
                     eps.insert(0, m.external);
                     eps.truncate(transport::wire::MAX_ADDRS - 1);
                     let _ = tx.send(eps);

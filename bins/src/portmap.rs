@@ -1,15 +1,17 @@
-//! Port mapping on the router in front of a peer (UPnP IGD).
+//! Port mapping on the router in front of a peer (UPnP IGD, then PCP or
+//! NAT-PMP).
 //!
 //! A peer behind a NAT that picks a new port for every destination cannot
-//! be reached by hole punching. If its router speaks UPnP IGD, the peer
-//! asks it to forward one public UDP port to the peer's socket and offers
-//! that address to the hubs as one more candidate; the other peers probe
-//! it like any other and go direct when it answers. The lease is renewed
-//! at half its length and removed when the peer stops.
+//! be reached by hole punching. If its router speaks UPnP IGD, PCP or
+//! NAT-PMP, the peer asks it to forward one public UDP port to the peer's
+//! socket and offers that address to the hubs as one more candidate; the
+//! other peers probe it like any other and go direct when it answers. The
+//! lease is renewed at half its length and removed when the peer stops.
 
 use anyhow::{anyhow, Context, Result};
 use igd_next::{Gateway, PortMappingProtocol, SearchOptions};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::num::NonZeroU16;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -19,16 +21,48 @@ const DESCRIPTION: &str = "fastmesh";
 
 /// A mapping the router holds for us.
 pub struct Mapping {
-    gateway: Gateway,
-    internal: SocketAddr,
+    how: How,
     /// The public address other peers can send to.
     pub external: SocketAddr,
 }
 
-/// Find the router (SSDP, up to `timeout`) and map a public UDP port to
-/// `port` on this host: the same port number if it is free there, any
-/// other one if not.
+enum How {
+    Igd {
+        gateway: Gateway,
+        internal: SocketAddr,
+    },
+    /// PCP or NAT-PMP (the crate's client is async: it runs on a runtime
+    /// of its own in the mapping's thread).
+    Pcp {
+        rt: tokio::runtime::Runtime,
+        map: crab_nat::PortMapping,
+    },
+}
+
+impl Mapping {
+    /// Which protocol the router answered.
+    pub fn protocol(&self) -> &'static str {
+        match &self.how {
+            How::Igd { .. } => "UPnP IGD",
+            How::Pcp { map, .. } => match map.mapping_type() {
+                crab_nat::PortMappingType::NatPmp => "NAT-PMP",
+                crab_nat::PortMappingType::Pcp { .. } => "PCP",
+            },
+        }
+    }
+}
+
+/// Map a public UDP port to `port` on this host: UPnP IGD first (the router
+/// found by SSDP within `timeout`), then PCP and NAT-PMP at the default
+/// gateway. The same port number if it is free there, any other one if not.
 pub fn map_udp(port: u16, timeout: Duration) -> Result<Mapping> {
+    match map_igd(port, timeout) {
+        Ok(m) => Ok(m),
+        Err(igd) => map_pcp(port).map_err(|pcp| anyhow!("{igd:#}; {pcp:#}")),
+    }
+}
+
+fn map_igd(port: u16, timeout: Duration) -> Result<Mapping> {
     let gateway = igd_next::search_gateway(SearchOptions {
         timeout: Some(timeout),
         single_search_timeout: Some(timeout),
@@ -63,9 +97,85 @@ pub fn map_udp(port: u16, timeout: Duration) -> Result<Mapping> {
         ));
     }
     Ok(Mapping {
-        gateway,
-        internal,
+        how: How::Igd { gateway, internal },
         external: SocketAddr::new(ip, ext_port),
+    })
+}
+
+/// The default IPv4 gateway (from `/proc/net/route`).
+fn default_gateway() -> Result<Ipv4Addr> {
+    let t = std::fs::read_to_string("/proc/net/route").context("cannot read /proc/net/route")?;
+    gateway_in(&t).ok_or_else(|| anyhow!("no default IPv4 gateway"))
+}
+
+/// The gateway of the default route in a `/proc/net/route` table.
+fn gateway_in(table: &str) -> Option<Ipv4Addr> {
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (dest, gw) = (f.get(1)?, f.get(2)?);
+        if *dest != "00000000" {
+            return None;
+        }
+        // Hex in host (little-endian) byte order.
+        let v = u32::from_str_radix(gw, 16).ok()?;
+        let ip = Ipv4Addr::from(v.to_le_bytes());
+        (!ip.is_unspecified()).then_some(ip)
+    })
+}
+
+fn map_pcp(port: u16) -> Result<Mapping> {
+    let gw = IpAddr::V4(default_gateway()?);
+    let probe = UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect((gw, 5351))?;
+    let client = probe.local_addr()?.ip();
+    let internal = NonZeroU16::new(port).ok_or_else(|| anyhow!("port 0"))?;
+    let timeouts = crab_nat::TimeoutConfig {
+        initial_timeout: Duration::from_millis(250),
+        max_retries: 2,
+        max_retry_timeout: Some(Duration::from_secs(1)),
+    };
+    let opts = crab_nat::PortMappingOptions {
+        external_port: Some(internal),
+        lifetime_seconds: Some(LEASE_SECS),
+        timeout_config: Some(timeouts),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (map, ip) = rt.block_on(async {
+        let map =
+            crab_nat::PortMapping::new(gw, client, crab_nat::InternetProtocol::Udp, internal, opts)
+                .await
+                .map_err(|e| anyhow!("no PCP or NAT-PMP answer from gateway {gw}: {e}"))?;
+        let ip = match map.mapping_type() {
+            crab_nat::PortMappingType::Pcp { external_ip, .. } => external_ip,
+            crab_nat::PortMappingType::NatPmp => {
+                match crab_nat::natpmp::external_address(gw, Some(timeouts)).await {
+                    Ok(ip) => IpAddr::V4(ip),
+                    Err(e) => {
+                        let _ = map.try_drop().await;
+                        return Err(anyhow!("gateway {gw} did not give its public address: {e}"));
+                    }
+                }
+            }
+        };
+        Ok((map, ip))
+    })?;
+    let ip = match ip {
+        // PCP carries IPv4 addresses as IPv4-mapped IPv6 ones.
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    if ip.is_unspecified() || is_private(ip) {
+        let _ = rt.block_on(map.try_drop());
+        return Err(anyhow!(
+            "gateway {gw}'s public address {ip} is not public (a NAT behind another NAT): mapping dropped"
+        ));
+    }
+    let external = SocketAddr::new(ip, map.external_port().get());
+    Ok(Mapping {
+        how: How::Pcp { rt, map },
+        external,
     })
 }
 
@@ -86,23 +196,53 @@ fn is_private(ip: IpAddr) -> bool {
 impl Mapping {
     /// Renew the lease at half its length until `stop` fires (or its
     /// sender is dropped), then remove the mapping.
-    pub fn keep(self, stop: mpsc::Receiver<()>) {
-        let half = Duration::from_secs(u64::from(LEASE_SECS) / 2);
+    pub fn keep(mut self, stop: mpsc::Receiver<()>) {
+        let lease = match &self.how {
+            How::Igd { .. } => LEASE_SECS,
+            How::Pcp { map, .. } => map.lifetime().max(60),
+        };
+        let half = Duration::from_secs(u64::from(lease) / 2);
         // Renew on each timeout; a stop message or a dropped sender ends it.
         while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(half) {
-            if let Err(e) = self.gateway.add_port(
-                PortMappingProtocol::UDP,
-                self.external.port(),
-                self.internal,
-                LEASE_SECS,
-                DESCRIPTION,
-            ) {
+            let renewed = match &mut self.how {
+                How::Igd { gateway, internal } => gateway
+                    .add_port(
+                        PortMappingProtocol::UDP,
+                        self.external.port(),
+                        *internal,
+                        LEASE_SECS,
+                        DESCRIPTION,
+                    )
+                    .map_err(|e| e.to_string()),
+                How::Pcp { rt, map } => rt.block_on(map.renew()).map_err(|e| e.to_string()),
+            };
+            if let Err(e) = renewed {
                 tracing::warn!(external = %self.external, "port mapping not renewed: {e}");
             }
         }
-        let _ = self
-            .gateway
-            .remove_port(PortMappingProtocol::UDP, self.external.port());
+        match self.how {
+            How::Igd { gateway, .. } => {
+                let _ = gateway.remove_port(PortMappingProtocol::UDP, self.external.port());
+            }
+            How::Pcp { rt, map } => {
+                let _ = rt.block_on(map.try_drop());
+            }
+        }
         tracing::info!(external = %self.external, "port mapping removed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_gateway_is_read_from_the_route_table() {
+        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                 eth0\t0010A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n\
+                 eth0\t00000000\t0110A8C0\t0003\t0\t0\t0\t00000000\n";
+        assert_eq!(gateway_in(t), Some(Ipv4Addr::new(192, 168, 16, 1)));
+        assert_eq!(gateway_in("Iface\tDestination\tGateway\n"), None);
+        assert_eq!(gateway_in("h\neth0\t00000000\tzz\n"), None);
     }
 }

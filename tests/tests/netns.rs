@@ -738,12 +738,23 @@ fn random_port_nats_fall_back_to_the_relay_and_traffic_flows() {
 
 #[test]
 fn a_router_port_mapping_gives_random_port_nats_a_direct_path() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // Both NATs pick a new port per destination (the test above: relay),
     // but the first runs a UPnP IGD daemon (miniupnpd) and maps a public
     // port for its peer.
-    let (lab, [a, b]) = nat_lab_with("fmup", 34, [Nat::RandomUpnp, Nat::Random], 1);
-    let mapped = format!("11.234.{a}.2:4800");
+    port_mapping_gives_a_direct_path("fmup", 34, Nat::RandomUpnp, "UPnP IGD");
+}
+
+#[test]
+fn a_router_with_only_pcp_or_nat_pmp_maps_a_port_too() {
+    // The same daemon with UPnP IGD off: the peer finds no IGD and asks the
+    // default gateway by PCP (NAT-PMP if PCP is refused).
+    port_mapping_gives_a_direct_path("fmpp", 36, Nat::RandomPmp, "PCP");
+}
+
+fn port_mapping_gives_a_direct_path(prefix: &str, net: u8, nat: Nat, protocol: &str) {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (lab, [a, b]) = nat_lab_with(prefix, net, [nat, Nat::Random], 1);
+    let mapped = format!("11.{}.{a}.2:4800", 200 + net as u32);
     // The mapping is asked for in the background, then registered again.
     let offered = |l: &Lab| {
         l.status(0)
@@ -761,6 +772,12 @@ fn a_router_port_mapping_gives_random_port_nats_a_direct_path() {
         .unwrap_or_else(|e| panic!("the hub never offered {mapped}: {e}: {}", offered(&lab)));
     let t = wait_path(&lab, [a, b], "direct", 40);
     println!("direct {t:?} after the mesh was up");
+    let log = lab.log(&format!("peer{a}.log"));
+    assert!(
+        log.contains(&format!("protocol=\"{protocol}\""))
+            || log.contains(&format!("protocol={protocol}")),
+        "mapped by {protocol}: {log}"
+    );
     println!("{}", lab.status_table(b));
     let before = relayed(&lab, 0);
     let bytes = 20_000_000;
@@ -777,7 +794,7 @@ fn a_router_port_mapping_gives_random_port_nats_a_direct_path() {
     // A peer that stops removes its mapping from the router.
     let rules = |l: &Lab| {
         l.ns(
-            &format!("fmup-x{a}"),
+            &format!("{prefix}-x{a}"),
             "nft",
             &["list", "chain", "inet", "filter", "prerouting_miniupnpd"],
         )
