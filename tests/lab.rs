@@ -932,6 +932,36 @@ impl Lab {
         Ok(())
     }
 
+    /// Count the UDP datagrams node `k` sends to anything but the hubs in
+    /// `hubs` (and the overlay): a counter read by [`Lab::udp_out_count`].
+    pub fn count_udp_out(&self, k: usize, hubs: &[Ipv4Addr]) -> Result<()> {
+        let ns = &self.nodes[k].ns;
+        let _ = self.ns(ns, "nft", &["delete", "table", "ip", "fmcount"]);
+        let set: Vec<String> = hubs.iter().map(|h| h.to_string()).collect();
+        let rules = format!(
+            "table ip fmcount {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n  \
+             ip daddr != {{ {}, 10.99.0.0/16 }} meta l4proto udp counter\n }}\n}}\n",
+            set.join(", ")
+        );
+        let f = self.path(&format!("count{k}.nft"));
+        std::fs::write(&f, rules)?;
+        self.ns(ns, "nft", &["-f", &f])?;
+        Ok(())
+    }
+
+    /// Datagrams counted since [`Lab::count_udp_out`].
+    pub fn udp_out_count(&self, k: usize) -> Result<u64> {
+        let o = self.ns(&self.nodes[k].ns, "nft", &["list", "table", "ip", "fmcount"])?;
+        let t = String::from_utf8_lossy(&o.stdout);
+        let n = t
+            .split("packets ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow!("no counter in {t}"))?;
+        Ok(n)
+    }
+
     /// Start the hub (1-s heartbeats) and peers 1..=`peers` with default
     /// settings; return once every peer is ready, or an error with the logs.
     pub fn start_mesh(&mut self, peers: usize, timeout: Duration) -> Result<()> {

@@ -734,6 +734,20 @@ fn random_port_nats_fall_back_to_the_relay_and_traffic_flows() {
     let during = relayed(&lab, 0) - before;
     assert!(during > 5_000, "the hub relayed only {during} frames");
     assert_eq!(nat_path(&lab, a).0, "relay");
+    // Staying on the relay costs little: while traffic flows (20 s of
+    // pings, so the sessions keep measuring), each peer sends few
+    // datagrams anywhere but to the hub: backed-off probes and punches.
+    for k in [a, b] {
+        lab.count_udp_out(k, &[lab.nodes[0].underlay]).unwrap();
+    }
+    let (_, out) = ping(&lab, a, &lab.nodes[b].overlay.to_string(), 100);
+    assert!(received(&out).is_some_and(|n| n >= 95), "{out}");
+    for k in [a, b] {
+        let n = lab.udp_out_count(k).unwrap();
+        println!("peer{k}: {n} datagrams off the relay in 20 s");
+        assert!(n <= 40, "peer{k} sent {n} datagrams to direct candidates in 20 s");
+    }
+    assert_eq!(nat_path(&lab, a).0, "relay");
 }
 
 #[test]
