@@ -951,7 +951,11 @@ impl Lab {
 
     /// Datagrams counted since [`Lab::count_udp_out`].
     pub fn udp_out_count(&self, k: usize) -> Result<u64> {
-        let o = self.ns(&self.nodes[k].ns, "nft", &["list", "table", "ip", "fmcount"])?;
+        let o = self.ns(
+            &self.nodes[k].ns,
+            "nft",
+            &["list", "table", "ip", "fmcount"],
+        )?;
         let t = String::from_utf8_lossy(&o.stdout);
         let n = t
             .split("packets ")

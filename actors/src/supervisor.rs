@@ -132,9 +132,46 @@ pub struct Supervisor {
     route_sink: Option<mpsc::UnboundedSender<BTreeSet<IpNet>>>,
     /// The set last sent there.
     subnets: BTreeSet<IpNet>,
+    /// Many-port punching per peer: when the next attempt may start, and
+    /// the wait after it.
+    birthday_next: BTreeMap<PublicKey, (Duration, Duration)>,
 }
 
+/// Wait after the first many-port attempt with a peer (the first punch
+/// notice may reach one side before it knows the other); doubled after
+/// each, up to [`BIRTHDAY_MAX_WAIT`].
+pub const BIRTHDAY_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait between many-port attempts with one peer.
+pub const BIRTHDAY_MAX_WAIT: Duration = Duration::from_secs(1800);
+
 impl Supervisor {
+    /// The many-port step of a punch with `peer` (whose endpoints the hub
+    /// lists as `theirs`), if one side's NAT changes ports and the last
+    /// attempt is long enough ago.
+    fn birthday(
+        &mut self,
+        now: Duration,
+        hub: PublicKey,
+        peer: &PublicKey,
+        theirs: &[SocketAddr],
+    ) -> Option<transport::path::Birthday> {
+        let seen = self.observed_by.get(&hub).copied().or(self.observed)?;
+        let mut mine = vec![seen];
+        mine.extend_from_slice(&self.setup.local_endpoints);
+        let plan = transport::path::birthday_plan(&mine, theirs)?;
+        let (next, wait) = self
+            .birthday_next
+            .get(peer)
+            .copied()
+            .unwrap_or((Duration::ZERO, BIRTHDAY_WAIT / 2));
+        if now < next {
+            return None;
+        }
+        let wait = (wait * 2).min(BIRTHDAY_MAX_WAIT);
+        self.birthday_next.insert(*peer, (now + wait, wait));
+        Some(plan)
+    }
+
     /// A supervisor driving the data plane at `plane`/`snap`; a fatal refusal
     /// is reported through `fatal`.
     pub fn new(
@@ -158,6 +195,7 @@ impl Supervisor {
             last_snapshot: Snapshot::default(),
             map_from: None,
             hub_versions: BTreeMap::new(),
+            birthday_next: BTreeMap::new(),
             route_sink: None,
             subnets: BTreeSet::new(),
         }
@@ -304,6 +342,7 @@ impl Supervisor {
                     self.plane.do_send(Cmd::RemovePeer(k));
                     self.hb.remove_peer(&k);
                     self.peers.remove(&k);
+                    self.birthday_next.remove(&k);
                 }
             }
         }
@@ -340,9 +379,11 @@ impl Supervisor {
             }
             Control::PunchNotify { peer, candidates } if self.map.get(&peer).is_some() => {
                 tracing::debug!(peer = %short_key(&peer), ?candidates, "hub asks to punch");
+                let birthday = self.birthday(now, hub, &peer, &candidates);
                 self.plane.do_send(Cmd::Punch {
                     key: peer,
                     candidates,
+                    birthday,
                 });
             }
             Control::Nack { code, message } => match code {

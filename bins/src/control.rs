@@ -256,6 +256,17 @@ pub fn streams_json(s: &transport::stream::StreamStats) -> Value {
     })
 }
 
+/// The many-port punching counters for `status --json`.
+pub fn punch_json(s: &transport::spray::SprayStats) -> Value {
+    serde_json::json!({
+        "opened": s.opened,
+        "sprayed": s.sprayed,
+        "met": s.met,
+        "answered": s.answered,
+        "kept": s.kept,
+    })
+}
+
 /// Mark each hub of a peer's status that is reached by a stream (TCP or TLS
 /// fallback): `"via": "tcp://ADDR"`.
 pub fn add_hub_streams(v: &mut Value, links: &[(std::net::SocketAddr, Option<String>)]) {

@@ -983,7 +983,9 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     };
     let sys = actix::System::new();
     let code = sys.block_on(async move {
-        let sock = Arc::new(transport::Streamed::new(transport::FastUdp::new(sock)?));
+        let sock = Arc::new(transport::Streamed::new(transport::Sprayed::new(
+            transport::FastUdp::new(sock)?,
+        )));
         sock.set_fallback_config(fallback_cfg);
         sock.set_hubs(first_routes);
         let dev = Arc::new(tun_rs::AsyncDevice::new(dev)?);
@@ -1005,7 +1007,10 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
         let sup_ctx = Context::<Supervisor>::new();
         let plane_ctx = Context::<
-            Dataplane<transport::Streamed<transport::FastUdp>, tun_rs::AsyncDevice>,
+            Dataplane<
+                transport::Streamed<transport::Sprayed<transport::FastUdp>>,
+                tun_rs::AsyncDevice,
+            >,
         >::new();
         let (reader, recycle) = TunReader::new(
             dev.clone(),
@@ -1059,6 +1064,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
             let rl = do_reload.clone();
             let links = sock_c.hub_links();
             let streams = sock_c.stats();
+            let punch = sock_c.inner().stats();
             async move {
                 if line == "reload" {
                     return reload_answer(&*rl);
@@ -1068,6 +1074,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
                         let mut v = serde_json::json!({"kind": "peer", "status": st});
                         control::add_hub_streams(&mut v, &links);
                         v["status"]["streams"] = control::streams_json(&streams);
+                        v["status"]["punch"] = control::punch_json(&punch);
                         v
                     }
                     Err(e) => serde_json::json!({"kind": "error", "error": e.to_string()}),

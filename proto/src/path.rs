@@ -775,6 +775,55 @@ impl Paths {
     }
 }
 
+/// The extra step of a punch between a peer whose NAT picks a new port for
+/// every destination ("hard") and one whose NAT keeps one mapping for all
+/// ("easy"): plain probes cannot meet, since the easy side does not know
+/// which port the hard side's NAT will use towards it. Both sides act at the
+/// same time (a hub's punch notice reaches both):
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Birthday {
+    /// We are the hard side: send from many fresh local ports to the easy
+    /// side's endpoint, opening as many mappings on our NAT.
+    OpenPorts(SocketAddr),
+    /// We are the easy side: send to many random ports of the hard side's
+    /// public address; one that meets a mapping it opened makes a path.
+    Spray(std::net::IpAddr),
+}
+
+/// Whether a node whose endpoints are `eps` (as a hub lists them: the
+/// endpoint the hub saw first, then the node's own addresses) looks to be
+/// behind a NAT that changed its port: IPv4, not reachable at any of its own
+/// addresses, and none of them has the port the hub saw. (A NAT that keeps
+/// ports for one destination may still change them for others; one that
+/// changes them may still keep one mapping for all: this is a guess, as
+/// good as one hub can make.)
+pub fn behind_port_changing_nat(eps: &[SocketAddr]) -> bool {
+    let Some(seen) = eps.first().filter(|a| a.is_ipv4()) else {
+        return false;
+    };
+    let own: Vec<&SocketAddr> = eps[1..].iter().filter(|a| a.is_ipv4()).collect();
+    !own.is_empty()
+        && own
+            .iter()
+            .all(|a| a.ip() != seen.ip() && a.port() != seen.port())
+}
+
+/// The birthday step for a pair, from our endpoints and theirs (each as
+/// [`behind_port_changing_nat`] takes them); None unless exactly one side
+/// is hard (two hard sides stay on the relay: no flood of probes).
+pub fn birthday_plan(mine: &[SocketAddr], theirs: &[SocketAddr]) -> Option<Birthday> {
+    let their_seen = *theirs.first().filter(|a| a.is_ipv4())?;
+    mine.first().filter(|a| a.is_ipv4())?;
+    match (
+        behind_port_changing_nat(mine),
+        behind_port_changing_nat(theirs),
+    ) {
+        (true, false) => Some(Birthday::OpenPorts(their_seen)),
+        (false, true) => Some(Birthday::Spray(their_seen.ip())),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -887,6 +936,46 @@ mod tests {
             Some(if v.direct().is_some() { ms(20) } else { ms(60) })
         });
         assert_eq!(p.current(), Some(Via::Direct(addr(1))));
+    }
+
+    #[test]
+    fn birthday_only_between_one_hard_and_one_easy_side() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // Hub saw a new port: hard. Kept port, or reachable at its own
+        // address (public, or a port mapping): easy.
+        let hard = [a("198.51.100.1:40123"), a("172.16.1.2:4800")];
+        let cone = [a("198.51.100.2:4800"), a("172.16.2.2:4800")];
+        let public = [a("203.0.113.5:4800"), a("203.0.113.5:4800")];
+        let mapped = [
+            a("198.51.100.1:40123"),
+            a("198.51.100.1:4800"),
+            a("172.16.1.2:4800"),
+        ];
+        assert!(behind_port_changing_nat(&hard));
+        for e in [
+            &cone[..],
+            &public,
+            &mapped,
+            &[],
+            &[a("[2001:db8::1]:1"), a("[fd00::1]:4800")],
+        ] {
+            assert!(!behind_port_changing_nat(e), "{e:?}");
+        }
+        assert_eq!(
+            birthday_plan(&hard, &cone),
+            Some(Birthday::OpenPorts(cone[0]))
+        );
+        assert_eq!(
+            birthday_plan(&cone, &hard),
+            Some(Birthday::Spray(hard[0].ip()))
+        );
+        assert_eq!(
+            birthday_plan(&public, &hard),
+            Some(Birthday::Spray(hard[0].ip()))
+        );
+        assert_eq!(birthday_plan(&hard, &hard), None);
+        assert_eq!(birthday_plan(&cone, &public), None);
+        assert_eq!(birthday_plan(&[], &hard), None);
     }
 
     #[test]

@@ -745,9 +745,36 @@ fn random_port_nats_fall_back_to_the_relay_and_traffic_flows() {
     for k in [a, b] {
         let n = lab.udp_out_count(k).unwrap();
         println!("peer{k}: {n} datagrams off the relay in 20 s");
-        assert!(n <= 40, "peer{k} sent {n} datagrams to direct candidates in 20 s");
+        assert!(
+            n <= 40,
+            "peer{k} sent {n} datagrams to direct candidates in 20 s"
+        );
     }
     assert_eq!(nat_path(&lab, a).0, "relay");
+}
+
+#[test]
+fn a_random_port_nat_and_a_cone_nat_go_direct_by_many_port_punching() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Plain punching cannot meet: the random side's NAT gives a new port
+    // towards the cone side, which the cone side's filter does not expect.
+    let (lab, [a, b]) = nat_lab_with("fmbd", 37, [Nat::Random, Nat::Cone], 1);
+    let t = wait_path(&lab, [a, b], "direct", 90);
+    println!("direct {t:?} after the mesh was up");
+    println!("{}", lab.status_table(a));
+    println!("{}", lab.status_table(b));
+    let pa = lab.status(a).unwrap()["status"]["punch"].clone();
+    let pb = lab.status(b).unwrap()["status"]["punch"].clone();
+    assert!(pa["opened"].as_u64() >= Some(1) && pa["met"] == 1, "{pa}");
+    assert!(pb["sprayed"].as_u64() >= Some(1), "{pb}");
+    let before = relayed(&lab, 0);
+    let bytes = 20_000_000;
+    let r = transfer(&lab, a, b, bytes, 5305);
+    assert_transfer("random-port NAT to cone NAT, direct", bytes, &r, &lab);
+    let during = relayed(&lab, 0) - before;
+    assert!(during < 20, "the hub relayed {during} frames");
+    assert_eq!(nat_path(&lab, a).0, "direct");
+    assert_eq!(nat_path(&lab, b).0, "direct");
 }
 
 #[test]

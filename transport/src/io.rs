@@ -72,6 +72,12 @@ pub trait Datagram: Send + Sync {
     fn on_stream(&self, _to: SocketAddr) -> bool {
         false
     }
+    /// Many-port punching, the side behind a port-changing NAT: open many
+    /// mappings towards `dest` ([`crate::spray::Sprayed`]; nothing for a
+    /// plain socket).
+    fn open_ports(&self, _dest: SocketAddr) {}
+    /// Many-port punching, the other side: probe many ports of `ip`.
+    fn spray(&self, _ip: std::net::IpAddr) {}
     /// Send several datagrams; returns how many were sent. Implementations with
     /// `sendmmsg` or GSO can do this in one system call.
     fn send_batch<'a>(

@@ -17,11 +17,14 @@
 
 #![warn(missing_docs)]
 
+mod inbox;
 pub mod io;
+pub mod spray;
 pub mod stream;
 
 pub use io::{os_entropy, Datagram, FastUdp, PacketDevice};
 pub use proto::{cc, crypto, driver, ip, node, path, session, split, wire};
 pub use proto::{Admission, Driver, Event, FlowMode, KcpProfile, Node, NodeConfig, NodeStats};
 pub use proto::{SessionConfig, SessionStats};
+pub use spray::Sprayed;
 pub use stream::Streamed;

@@ -27,19 +27,20 @@
 //! (the sessions recover like from loss). A hub closes a connection on which
 //! nothing arrived for [`ACCEPT_IDLE`].
 
+use crate::inbox::{lock, Inbox};
 use crate::io::Datagram;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::bytes::Bytes;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -201,8 +202,7 @@ struct HubLink {
 }
 
 struct Shared {
-    rx: Mutex<VecDeque<(Vec<u8>, SocketAddr)>>,
-    rx_ready: Notify,
+    rx: Inbox,
     /// Hub: connections by their stream address.
     conns: Mutex<BTreeMap<SocketAddr, mpsc::Sender<Bytes>>>,
     /// Peer: hubs by UDP address.
@@ -217,22 +217,14 @@ struct Shared {
     n: Counters,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Shared {
     /// A frame read from a stream, handed up as if from `from`.
     fn push_rx(&self, frame: Vec<u8>, from: SocketAddr) {
-        let mut q = lock(&self.rx);
-        if q.len() >= RX_QUEUE {
+        if self.rx.push(frame, from) {
+            bump(&self.n.frames_rx);
+        } else {
             bump(&self.n.dropped);
-            return;
         }
-        q.push_back((frame, from));
-        drop(q);
-        bump(&self.n.frames_rx);
-        self.rx_ready.notify_one();
     }
 
     fn queue(&self, tx: &mpsc::Sender<Bytes>, buf: &[u8]) {
@@ -256,8 +248,7 @@ impl<D: Datagram> Streamed<D> {
         Streamed {
             udp,
             sh: Arc::new(Shared {
-                rx: Mutex::default(),
-                rx_ready: Notify::new(),
+                rx: Inbox::new(RX_QUEUE),
                 conns: Mutex::default(),
                 hubs: Mutex::default(),
                 has_hubs: AtomicBool::new(false),
@@ -485,10 +476,7 @@ impl<D: Datagram> Streamed<D> {
     }
 
     fn pop_rx(&self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-        let (f, from) = lock(&self.sh.rx).pop_front()?;
-        let n = f.len().min(buf.len());
-        buf[..n].copy_from_slice(&f[..n]);
-        Some((n, from))
+        self.sh.rx.pop(buf)
     }
 }
 
@@ -755,18 +743,7 @@ impl<D: Datagram> Datagram for Streamed<D> {
     }
 
     async fn readable(&self) -> io::Result<()> {
-        loop {
-            if !lock(&self.sh.rx).is_empty() {
-                return Ok(());
-            }
-            // A frame queued after the check above leaves a permit, so
-            // this wait ends at once.
-            tokio::select! {
-                biased;
-                _ = self.sh.rx_ready.notified() => {}
-                r = self.udp.readable() => return r,
-            }
-        }
+        self.sh.rx.readable(&self.udp).await
     }
 
     fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
@@ -828,6 +805,14 @@ impl<D: Datagram> Datagram for Streamed<D> {
         self.sh.epoch.load(Ordering::Relaxed)
     }
 
+    fn open_ports(&self, dest: SocketAddr) {
+        self.udp.open_ports(dest)
+    }
+
+    fn spray(&self, ip: std::net::IpAddr) {
+        self.udp.spray(ip)
+    }
+
     fn on_stream(&self, to: SocketAddr) -> bool {
         is_stream_addr(&to)
             || lock(&self.sh.hubs)
@@ -849,16 +834,7 @@ impl<D: Datagram> Datagram for Streamed<D> {
         bufs: &mut [Vec<u8>],
         out: &mut [(usize, usize, SocketAddr)],
     ) -> io::Result<usize> {
-        let mut k = 0;
-        while k < bufs.len().min(out.len()) {
-            match self.pop_rx(&mut bufs[k]) {
-                Some((n, from)) => {
-                    out[k] = (n, n.max(1), from);
-                    k += 1;
-                }
-                None => break,
-            }
-        }
+        let k = self.sh.rx.pop_batch(bufs, out);
         if k > 0 {
             return Ok(k);
         }

@@ -104,6 +104,8 @@ pub enum Cmd {
         key: PublicKey,
         /// Its candidate endpoints.
         candidates: Vec<SocketAddr>,
+        /// The many-port step, when one side's NAT changes ports.
+        birthday: Option<transport::path::Birthday>,
     },
     /// Forget a peer; its keys are dropped.
     RemovePeer(PublicKey),
@@ -452,9 +454,15 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
             Cmd::Punch {
                 key,
                 mut candidates,
+                birthday,
             } => {
                 self.keep_reachable(&mut candidates);
-                self.node.punch(now, &key, &candidates)
+                self.node.punch(now, &key, &candidates);
+                match birthday {
+                    Some(transport::path::Birthday::OpenPorts(to)) => self.io.sock.open_ports(to),
+                    Some(transport::path::Birthday::Spray(ip)) => self.io.sock.spray(ip),
+                    None => {}
+                }
             }
             Cmd::RemovePeer(key) => self.node.remove_peer(&key),
             Cmd::RestartPeer(key) => {
