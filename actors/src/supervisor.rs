@@ -726,3 +726,106 @@ impl Handler<Leave> for Supervisor {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use transport::wire::PeerInfo;
+
+    /// A data plane that records the peers it is told to add.
+    struct Plane(Rc<RefCell<Vec<PublicKey>>>);
+
+    impl Actor for Plane {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Cmd> for Plane {
+        type Result = ();
+        fn handle(&mut self, c: Cmd, _: &mut Context<Self>) {
+            if let Cmd::AddPeer { key, .. } = c {
+                self.0.borrow_mut().push(key);
+            }
+        }
+    }
+
+    impl Handler<GetSnapshot> for Plane {
+        type Result = MessageResult<GetSnapshot>;
+        fn handle(&mut self, _: GetSnapshot, _: &mut Context<Self>) -> Self::Result {
+            MessageResult(Snapshot::default())
+        }
+    }
+
+    /// Regression (seen once in the 10%-loss WAN namespace test): a delta
+    /// that arrives while the peer registers again, after its hub forgot
+    /// it, must be applied; it used to be set aside with its version
+    /// recorded as seen, so the peer it announced stayed unknown.
+    #[test]
+    fn a_delta_arriving_while_registering_again_is_applied() {
+        let (me, hub, other) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let hub_at = SocketAddr::from(([192, 0, 2, 1], 4800));
+        actix::System::new().block_on(async move {
+            let added = Rc::new(RefCell::new(Vec::new()));
+            let plane = Plane(added.clone()).start();
+            let setup = PeerSetup {
+                me,
+                overlay: vec![IpNet {
+                    addr: [10, 0, 0, 1].into(),
+                    prefix: 24,
+                }],
+                name: "me".into(),
+                local_endpoints: Vec::new(),
+                hubs: vec![(hub, hub_at)],
+                heartbeat: HeartbeatConfig::default(),
+                routes: Vec::new(),
+            };
+            let sup =
+                Supervisor::new(setup, plane.clone().recipient(), plane.recipient(), None).start();
+            let from_hub = |msg| NetEvent {
+                peer: hub,
+                endpoint: Some(hub_at),
+                event: Event::Control(msg),
+            };
+            let observed = SocketAddr::from(([198, 51, 100, 1], 4800));
+            sup.send(from_hub(Control::RegisterAck {
+                observed,
+                heartbeat_ms: 1000,
+            }))
+            .await
+            .unwrap();
+            // The hub lost us (a heartbeat answer was lost, or it restarted):
+            // we register again, and meanwhile a delta comes.
+            sup.send(from_hub(Control::Nack {
+                code: ErrorCode::NotAllowed,
+                message: "not registered".into(),
+            }))
+            .await
+            .unwrap();
+            let info = PeerInfo {
+                key: other,
+                overlay: vec![IpNet {
+                    addr: [10, 0, 0, 3].into(),
+                    prefix: 24,
+                }],
+                endpoints: vec![SocketAddr::from(([198, 51, 100, 3], 4800))],
+                name: "other".into(),
+                routes: Vec::new(),
+            };
+            sup.send(from_hub(Control::PeerMapDelta {
+                from_version: 0,
+                to_version: 7,
+                upserts: vec![info],
+                removals: Vec::new(),
+            }))
+            .await
+            .unwrap();
+            let st = sup.send(GetNodeStatus).await.unwrap();
+            assert_eq!(st.map_version, 7);
+            assert!(
+                added.borrow().contains(&other),
+                "the new peer was not added"
+            );
+        });
+    }
+}
