@@ -573,14 +573,20 @@ impl Lab {
 
     /// [`Lab::start_hub_at`] with extra flags.
     pub fn start_hub_with(&mut self, k: usize, heartbeat: f64, extra: &[&str]) -> Result<()> {
+        let args = self.hub_args(k, Some(heartbeat), extra);
+        self.start_hub_args(k, &args)
+    }
+
+    /// The arguments that start a hub in node `k` (no `--heartbeat` flag
+    /// without `heartbeat`: the hub's config file or default decides).
+    pub fn hub_args(&self, k: usize, heartbeat: Option<f64>, extra: &[&str]) -> Vec<String> {
         let listen = format!("{}:{PORT}", self.nodes[k].underlay);
-        let hb = heartbeat.to_string();
         let data = if k == 0 {
             "hubdata".to_string()
         } else {
             format!("hubdata{k}")
         };
-        let args = [
+        let mut args: Vec<String> = [
             "hub",
             "--listen",
             &listen,
@@ -590,14 +596,21 @@ impl Lab {
             &self.path("network.key"),
             "--data-dir",
             &self.path(&data),
-            "--heartbeat",
-            &hb,
             "--control",
             &self.nodes[k].control.to_string_lossy(),
         ]
-        .map(String::from);
+        .map(String::from)
+        .to_vec();
+        if let Some(hb) = heartbeat {
+            args.push("--heartbeat".into());
+            args.push(hb.to_string());
+        }
+        with_overrides(args, extra)
+    }
+
+    /// Start a hub in node `k` with exactly these arguments.
+    pub fn start_hub_args(&mut self, k: usize, args: &[String]) -> Result<()> {
         let bin = self.bin.to_string_lossy().into_owned();
-        let args = with_overrides(args.to_vec(), extra);
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = if k == 0 {
             "hub.log".to_string()

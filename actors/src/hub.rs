@@ -46,6 +46,10 @@ pub struct HubStatus {
     pub relay_dropped: u64,
     /// The data plane's counters (as a peer's status has them).
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// Heartbeat interval members are told, seconds.
+    pub heartbeat_s: f64,
+    /// Silent heartbeats before a member is dropped.
+    pub expire_beats: u32,
 }
 
 /// Revoke a node key (operator command). Replies whether it was newly revoked.
@@ -58,6 +62,17 @@ pub struct Revoke(pub PublicKey);
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct SetAllowed(pub Option<std::collections::BTreeSet<PublicKey>>);
+
+/// New heartbeat timing (a reload): the interval members are told in their
+/// next heartbeat's ack, and the silent beats before one is dropped.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetTiming {
+    /// Heartbeat interval.
+    pub heartbeat: std::time::Duration,
+    /// Silent heartbeats before a member is dropped.
+    pub expire_beats: u32,
+}
 
 /// Ask for the hub's status.
 #[derive(Debug, Message)]
@@ -314,11 +329,21 @@ impl Handler<SetAllowed> for RegistryActor {
     }
 }
 
+impl Handler<SetTiming> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, m: SetTiming, _ctx: &mut Context<Self>) {
+        tracing::info!(heartbeat = ?m.heartbeat, expire_beats = m.expire_beats, "heartbeat timing changed");
+        self.reg.set_timing(m.heartbeat, m.expire_beats);
+    }
+}
+
 impl Handler<GetHubStatus> for RegistryActor {
     type Result = ResponseActFuture<Self, HubStatus>;
     fn handle(&mut self, _: GetHubStatus, _ctx: &mut Context<Self>) -> Self::Result {
         let now = self.now();
         let status = HubStatus {
+            heartbeat_s: self.reg.heartbeat_interval().as_secs_f64(),
+            expire_beats: self.reg.config().expire_beats,
             map_version: self.reg.version(),
             members: self
                 .reg

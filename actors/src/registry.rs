@@ -424,7 +424,11 @@ impl Registry {
         m.last_seen = now;
         out.push(Reply {
             to: key,
-            msg: Control::HeartbeatAck { seq, observed },
+            msg: Control::HeartbeatAck {
+                seq,
+                observed,
+                interval_ms: Some(self.cfg.heartbeat.as_millis() as u32),
+            },
         });
         // NAT rebinding: the first endpoint is the observed one (a stream
         // address is not an endpoint: see `register`).
@@ -458,6 +462,18 @@ impl Registry {
         self.bump(*key);
         self.push_all(out);
         true
+    }
+
+    /// Change the heartbeat interval and the silent beats before expiry (a
+    /// reload): members learn the interval from their next heartbeat's ack.
+    pub fn set_timing(&mut self, heartbeat: Duration, expire_beats: u32) {
+        self.cfg.heartbeat = heartbeat;
+        self.cfg.expire_beats = expire_beats.max(1);
+    }
+
+    /// The heartbeat interval members are told.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.cfg.heartbeat
     }
 
     /// Drop members silent for `expire_beats` heartbeats; returns their keys.
@@ -826,6 +842,32 @@ mod tests {
                 owners_changed: false
             }
         ));
+    }
+
+    #[test]
+    fn a_new_heartbeat_interval_reaches_members_in_their_acks_and_sets_expiry() {
+        let mut r = Registry::new(RegistryConfig::default(), BTreeMap::new(), 0);
+        let mut out = vec![];
+        reg(&mut r, 0, 1, 0, &mut out);
+        reg(&mut r, 0, 2, 0, &mut out);
+        let acked = |out: &[Reply]| {
+            out.iter().find_map(|r| match r.msg {
+                Control::HeartbeatAck { interval_ms, .. } => Some(interval_ms),
+                _ => None,
+            })
+        };
+        out.clear();
+        let v = r.version();
+        r.heartbeat(Duration::from_secs(1), key(1), ep(1), 1, v, &mut out);
+        assert_eq!(acked(&out), Some(Some(5000)));
+        // Reloaded to 1 s and 3 beats: the next ack says so, and a member
+        // silent for 3 s (not 30) expires.
+        r.set_timing(Duration::from_secs(1), 3);
+        out.clear();
+        r.heartbeat(Duration::from_secs(2), key(1), ep(1), 2, v, &mut out);
+        assert_eq!(acked(&out), Some(Some(1000)));
+        assert!(r.expire(Duration::from_secs(2), &mut out).is_empty());
+        assert_eq!(r.expire(Duration::from_secs(4), &mut out), vec![key(2)]);
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct NodeStatus {
     pub observed: Option<String>,
     /// Peer-map version.
     pub map_version: u64,
+    /// Heartbeat interval in use (the hub's, once one answered), seconds.
+    pub heartbeat_s: f64,
     /// Hubs.
     pub hubs: Vec<HubStatus>,
     /// Peers, in key order.
@@ -101,6 +103,12 @@ pub struct SetHubs(pub Vec<(PublicKey, SocketAddr)>);
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct SetLocalEndpoints(pub Vec<SocketAddr>);
+
+/// A new heartbeat interval from the config file (a reload): used until a
+/// hub says otherwise, as at start.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetHeartbeat(pub Duration);
 
 /// Tell the hubs we leave (shutdown).
 #[derive(Debug, Message)]
@@ -372,10 +380,22 @@ impl Supervisor {
                     .set_interval(Duration::from_millis(heartbeat_ms as u64));
                 self.hb.on_registered(&hub, now);
             }
-            Control::HeartbeatAck { seq, observed } => {
+            Control::HeartbeatAck {
+                seq,
+                observed,
+                interval_ms,
+            } => {
                 self.observed = Some(observed);
                 self.observed_by.insert(hub, observed);
                 self.hb.on_hub_ack(&hub, seq, now);
+                // The hub's interval changed (it was reloaded): follow it.
+                if let Some(ms) = interval_ms {
+                    let d = Duration::from_millis(ms as u64);
+                    if d != self.hb.config().interval {
+                        tracing::info!(interval = ?d, "hub changed the heartbeat interval");
+                        self.hb.set_interval(d);
+                    }
+                }
             }
             Control::PunchNotify { peer, candidates } if self.map.get(&peer).is_some() => {
                 tracing::debug!(peer = %short_key(&peer), ?candidates, "hub asks to punch");
@@ -442,7 +462,12 @@ impl Supervisor {
                 self.hb.on_peer_heard(&peer, now);
                 // Through a relay there is no endpoint to report.
                 let observed = endpoint.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-                self.send(peer, Control::HeartbeatAck { seq, observed }, false);
+                let ack = Control::HeartbeatAck {
+                    seq,
+                    observed,
+                    interval_ms: None,
+                };
+                self.send(peer, ack, false);
             }
             Control::HeartbeatAck { seq, .. } => self.hb.on_peer_ack(&peer, seq, now),
             _ => {}
@@ -624,6 +649,14 @@ impl Handler<NetEvent> for Supervisor {
     }
 }
 
+impl Handler<SetHeartbeat> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, m: SetHeartbeat, _ctx: &mut Context<Self>) {
+        self.setup.heartbeat.interval = m.0;
+        self.hb.set_interval(m.0);
+    }
+}
+
 impl Handler<GetNodeStatus> for Supervisor {
     type Result = ResponseActFuture<Self, NodeStatus>;
     fn handle(&mut self, _: GetNodeStatus, _ctx: &mut Context<Self>) -> Self::Result {
@@ -650,6 +683,7 @@ impl Handler<GetNodeStatus> for Supervisor {
                     routes: act.setup.routes.iter().map(|n| n.to_string()).collect(),
                     observed: act.observed.map(|o| o.to_string()),
                     map_version: act.map.version(),
+                    heartbeat_s: act.hb.config().interval.as_secs_f64(),
                     hubs: act.hub_statuses(),
                     peers: res.into_iter().filter_map(Result::ok).collect(),
                     counters: counters(&act.last_snapshot),

@@ -521,6 +521,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
     };
     let running = f.clone();
     let (cfg_path, flag_allow) = (a.config.clone(), a.allow.clone());
+    let timing_by_flag = a.heartbeat.is_some() || a.expire_beats.is_some();
     let listen = a.listen.or(f.listen);
     let key_path = a.key.or(f.key).ok_or_else(|| {
         anyhow!("no hub key: pass --key FILE (create one with `fastmesh keygen --out hub.key`)")
@@ -653,10 +654,17 @@ fn run_hub(a: HubArgs) -> Result<()> {
                     &running,
                     &flag_allow,
                     a.no_relay,
+                    timing_by_flag,
                     load_allow_list,
                 )?;
                 let msg = c.apply_log()?;
                 reg.do_send(fastmesh_actors::hub::SetAllowed(c.allow.take()));
+                if let Some((heartbeat, expire_beats)) = c.timing {
+                    reg.do_send(fastmesh_actors::hub::SetTiming {
+                        heartbeat,
+                        expire_beats,
+                    });
+                }
                 plane.do_send(fastmesh_actors::dataplane::Cmd::SetRelaying(c.relay));
                 tracing::info!("{msg}");
                 Ok(msg)
@@ -793,6 +801,7 @@ fn run_peer(a: PeerArgs) -> Result<()> {
     let running = f.clone();
     let cfg_path = a.config.clone();
     let hubs_by_flag = !a.hubs.is_empty();
+    let heartbeat_by_flag = a.heartbeat.is_some();
     let hub_specs = if a.hubs.is_empty() {
         f.hubs.unwrap_or_default()
     } else {
@@ -1047,7 +1056,10 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         let sup_r = sup.clone();
         let sock_r = sock.clone();
         let do_reload: std::rc::Rc<dyn Fn() -> Result<String>> = std::rc::Rc::new(move || {
-            let c = reload::peer(&cfg_path, &running, hubs_by_flag)?;
+            let c = reload::peer(&cfg_path, &running, hubs_by_flag, heartbeat_by_flag)?;
+            if let Some(h) = c.heartbeat {
+                sup_r.do_send(fastmesh_actors::supervisor::SetHeartbeat(h));
+            }
             if let Some(h) = c.hubs {
                 sock_r.set_hubs(stream_routes(&c.hub_specs, &h));
                 sup_r.do_send(fastmesh_actors::supervisor::SetHubs(h));

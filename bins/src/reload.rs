@@ -6,12 +6,13 @@
 //! At run time: on a hub the allow-list, relaying on/off and the log level;
 //! on a peer its hubs and the log level. Everything else needs a restart.
 
-use crate::config::{parse_hub, read_toml, HubFile, PeerFile};
+use crate::config::{parse_hub, read_toml, secs, HubFile, PeerFile};
 use anyhow::{anyhow, Result};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Duration;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 use transport::wire::PublicKey;
 
@@ -58,19 +59,23 @@ pub struct HubChange {
     pub relay: bool,
     /// New log filter, if the file sets one.
     log: Option<(String, EnvFilter)>,
+    /// New heartbeat interval and silent beats before expiry, if changed.
+    pub timing: Option<(Duration, u32)>,
     /// Settings that differ from the running ones and need a restart.
     pub not_applied: Vec<&'static str>,
 }
 
 impl HubChange {
     /// Read the hub's config file again. `flag_allow` and `flag_no_relay`
-    /// are the command line's, which win over the file as at startup;
+    /// are the command line's, which win over the file as at startup (so
+    /// does `timing_by_flag`: --heartbeat or --expire-beats given);
     /// `running` is the file as it was read at startup.
     pub fn read(
         path: &Option<PathBuf>,
         running: &HubFile,
         flag_allow: &Option<PathBuf>,
         flag_no_relay: bool,
+        timing_by_flag: bool,
         load_allow: impl Fn(&Path) -> Result<BTreeSet<[u8; 32]>>,
     ) -> Result<HubChange> {
         let f: HubFile = read_toml(config(path)?)?;
@@ -83,13 +88,22 @@ impl HubChange {
             None => None,
         };
         let mut not_applied = Vec::new();
-        let fixed: [(&'static str, bool); 13] = [
+        let mut timing = None;
+        if f.heartbeat != running.heartbeat || f.expire_beats != running.expire_beats {
+            if timing_by_flag {
+                not_applied.push("heartbeat (--heartbeat or --expire-beats set it)");
+            } else {
+                timing = Some((
+                    secs(f.heartbeat.unwrap_or(5.0), "heartbeat")?,
+                    f.expire_beats.unwrap_or(6).max(1),
+                ));
+            }
+        }
+        let fixed: [(&'static str, bool); 11] = [
             ("listen", f.listen != running.listen),
             ("key", f.key != running.key),
             ("network_key", f.network_key != running.network_key),
             ("data_dir", f.data_dir != running.data_dir),
-            ("heartbeat", f.heartbeat != running.heartbeat),
-            ("expire_beats", f.expire_beats != running.expire_beats),
             ("control", f.control != running.control),
             ("metrics", f.metrics != running.metrics),
             (
@@ -110,6 +124,7 @@ impl HubChange {
             allow,
             relay: !flag_no_relay && f.relay.unwrap_or(true),
             log,
+            timing,
             not_applied,
         })
     }
@@ -124,6 +139,12 @@ impl HubChange {
             },
             format!("relaying {}", if self.relay { "on" } else { "off" }),
         ];
+        if let Some((hb, beats)) = self.timing {
+            parts.push(format!(
+                "heartbeat {} s, members dropped after {beats} silent",
+                hb.as_secs_f64()
+            ));
+        }
         if let Some((spec, f)) = self.log.take() {
             set_log(f)?;
             parts.push(format!("log level {spec}"));
@@ -149,13 +170,20 @@ pub struct PeerChange {
     pub hubs: Option<Vec<(PublicKey, SocketAddr)>>,
     /// Their specs as written ("PUBKEY@HOST:PORT"), in the same order.
     pub hub_specs: Vec<String>,
+    /// A new heartbeat interval (used until a hub sets one), if changed.
+    pub heartbeat: Option<Duration>,
     /// What a log line and `fastmesh reload` report.
     pub message: String,
 }
 
 /// A peer's reload: its hubs (unless --hub flags set them at startup) and
 /// the log level; every other changed setting is named.
-pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> Result<PeerChange> {
+pub fn peer(
+    path: &Option<PathBuf>,
+    running: &PeerFile,
+    hubs_by_flag: bool,
+    heartbeat_by_flag: bool,
+) -> Result<PeerChange> {
     let f: PeerFile = read_toml(config(path)?)?;
     let log = match &f.log {
         Some(l) => Some((l.clone(), log_filter(l)?)),
@@ -181,7 +209,15 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
             hub_specs = specs;
         }
     }
-    let fixed: [(&'static str, bool); 18] = [
+    let mut heartbeat = None;
+    if f.heartbeat != running.heartbeat {
+        if heartbeat_by_flag {
+            not_applied.push("heartbeat (--heartbeat set it)");
+        } else {
+            heartbeat = Some(secs(f.heartbeat.unwrap_or(5.0), "heartbeat")?);
+        }
+    }
+    let fixed: [(&'static str, bool); 17] = [
         ("address", f.address != running.address),
         ("address6", f.address6 != running.address6),
         ("listen", f.listen != running.listen),
@@ -191,7 +227,6 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
         ("key", f.key != running.key),
         ("network_key", f.network_key != running.network_key),
         ("name", f.name != running.name),
-        ("heartbeat", f.heartbeat != running.heartbeat),
         ("offload", f.offload != running.offload),
         ("split_tcp", f.split_tcp != running.split_tcp),
         ("port_mapping", f.port_mapping != running.port_mapping),
@@ -206,6 +241,12 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
     if let Some(h) = &hubs {
         parts.push(format!("{} hubs", h.len()));
     }
+    if let Some(h) = heartbeat {
+        parts.push(format!(
+            "heartbeat {} s until a hub sets one",
+            h.as_secs_f64()
+        ));
+    }
     if let Some((spec, filter)) = log {
         set_log(filter)?;
         parts.push(format!("log level {spec}"));
@@ -216,6 +257,7 @@ pub fn peer(path: &Option<PathBuf>, running: &PeerFile, hubs_by_flag: bool) -> R
     Ok(PeerChange {
         hubs,
         hub_specs,
+        heartbeat,
         message: summary(parts, &not_applied),
     })
 }
@@ -247,24 +289,31 @@ mod tests {
         };
         let no_list = |_: &Path| -> Result<BTreeSet<[u8; 32]>> { Ok(BTreeSet::new()) };
         let p = file("relay = false\nheartbeat = 2\nlisten = \"0.0.0.0:9\"\n");
-        let c = HubChange::read(&p, &running, &None, false, no_list).unwrap();
+        let c = HubChange::read(&p, &running, &None, false, false, no_list).unwrap();
         assert!(!c.relay);
         assert!(c.allow.is_none());
-        assert_eq!(c.not_applied, vec!["listen", "heartbeat"]);
+        assert_eq!(c.not_applied, vec!["listen"]);
+        assert_eq!(c.timing, Some((Duration::from_secs(2), 6)));
+        // Set by --heartbeat at start: the file's value is named, not applied.
+        let c = HubChange::read(&p, &running, &None, false, true, no_list).unwrap();
+        assert_eq!(c.timing, None);
+        assert_eq!(c.not_applied.len(), 2, "{:?}", c.not_applied);
+        let p = file("heartbeat = 0.001\n");
+        assert!(HubChange::read(&p, &running, &None, false, false, no_list).is_err());
         // The command line's --no-relay wins over the file, as at startup.
         let p = file("relay = true\nheartbeat = 5.0\n");
-        let c = HubChange::read(&p, &running, &None, true, no_list).unwrap();
+        let c = HubChange::read(&p, &running, &None, true, false, no_list).unwrap();
         assert!(!c.relay && c.not_applied.is_empty());
         // Errors come before anything is applied.
         let bad = |_: &Path| -> Result<BTreeSet<[u8; 32]>> { Err(anyhow!("no such file")) };
         let p = file("allow = \"/nonexistent\"\n");
-        assert!(HubChange::read(&p, &running, &None, false, bad).is_err());
+        assert!(HubChange::read(&p, &running, &None, false, false, bad).is_err());
         let p = file("log = \"[[[\"\n");
-        let e = HubChange::read(&p, &running, &None, false, no_list)
+        let e = HubChange::read(&p, &running, &None, false, false, no_list)
             .err()
             .unwrap();
         assert!(e.to_string().contains("bad log level"), "{e}");
-        let e = HubChange::read(&None, &running, &None, false, no_list)
+        let e = HubChange::read(&None, &running, &None, false, false, no_list)
             .err()
             .unwrap();
         assert!(e.to_string().contains("started without --config"), "{e}");

@@ -131,7 +131,13 @@ fn control() -> impl Strategy<Value = Control> {
             }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(seq, map_version)| Control::Heartbeat { seq, map_version }),
-        (any::<u64>(), addr()).prop_map(|(seq, observed)| Control::HeartbeatAck { seq, observed }),
+        (any::<u64>(), addr(), any::<Option<u32>>()).prop_map(|(seq, observed, interval_ms)| {
+            Control::HeartbeatAck {
+                seq,
+                observed,
+                interval_ms,
+            }
+        }),
         any::<[u8; 32]>().prop_map(|target| Control::PunchRequest { target }),
         (any::<[u8; 32]>(), prop::collection::vec(addr(), 0..4))
             .prop_map(|(peer, candidates)| Control::PunchNotify { peer, candidates }),

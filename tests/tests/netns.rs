@@ -1270,8 +1270,11 @@ fn reload_during_a_transfer_keeps_every_session() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = Lab::new("fmtr", 29, 2).expect("namespace lab (needs root, iproute2, nftables)");
     let conf = lab.path("hub.toml");
-    std::fs::write(&conf, "relay = true\n").unwrap();
-    lab.start_hub_with(0, 1.0, &["--config", &conf]).unwrap();
+    // The heartbeat from the file (no --heartbeat flag), so a reload may
+    // change it.
+    std::fs::write(&conf, "relay = true\nheartbeat = 1\n").unwrap();
+    let args = lab.hub_args(0, None, &["--config", &conf]);
+    lab.start_hub_args(0, &args).unwrap();
     for k in 1..=2 {
         lab.start_peer(k, &[]).unwrap();
     }
@@ -1295,8 +1298,9 @@ fn reload_during_a_transfer_keeps_every_session() {
     };
     let bytes: u64 = 500_000_000;
     let mut t = start_transfer(&lab, 1, 2, bytes, 5310);
-    // Both peers' keys on the allow-list, a log level, and a heartbeat that
-    // needs a restart.
+    // Both peers' keys on the allow-list, a log level, a new heartbeat
+    // interval (members follow it from their next heartbeat's ack), and a
+    // setting that needs a restart.
     let keys: Vec<String> = (1..=2)
         .map(|k| {
             let o = lab
@@ -1309,11 +1313,13 @@ fn reload_during_a_transfer_keeps_every_session() {
     std::fs::write(&allow, keys.join("\n") + "\n").unwrap();
     std::fs::write(
         &conf,
-        format!("relay = true\nallow = \"{allow}\"\nlog = \"debug\"\nheartbeat = 2\n"),
+        format!(
+            "relay = true\nallow = \"{allow}\"\nlog = \"debug\"\nheartbeat = 2\nexpire_beats = 8\nmetrics = \"127.0.0.1:1\"\n"
+        ),
     )
     .unwrap();
     assert!(lab.signal(0, libc::SIGHUP));
-    let want = "reloaded: allow-list of 2 keys, relaying on, log level debug; changed but not applied until a restart: heartbeat";
+    let want = "reloaded: allow-list of 2 keys, relaying on, heartbeat 2 s, members dropped after 8 silent, log level debug; changed but not applied until a restart: metrics";
     lab.wait(Duration::from_secs(5), |l| l.logs().contains(want))
         .unwrap_or_else(|e| panic!("no reload line after SIGHUP: {e}\n{}", lab.logs()));
     assert!(
@@ -1336,7 +1342,18 @@ fn reload_during_a_transfer_keeps_every_session() {
     let st = lab.status(1).unwrap();
     let p = &st["status"]["peers"][0];
     assert_eq!(p["restarts"], 0, "no session restarted: {p}");
+    // Both peers took the hub's new interval, without registering again.
+    for k in 1..=2 {
+        lab.wait(Duration::from_secs(10), |l| {
+            l.status(k).is_ok_and(|v| v["status"]["heartbeat_s"] == 2.0)
+        })
+        .unwrap_or_else(|e| panic!("peer{k} kept its heartbeat: {e}\n{}", lab.logs()));
+        let regs = &lab.status(k).unwrap()["status"]["hubs"][0]["registrations"];
+        assert_eq!(regs, 1, "peer{k} registered again");
+    }
     let hub = lab.status(0).unwrap();
+    assert_eq!(hub["status"]["heartbeat_s"], 2.0);
+    assert_eq!(hub["status"]["expire_beats"], 8);
     assert_eq!(
         hub["status"]["members"].as_array().unwrap().len(),
         2,

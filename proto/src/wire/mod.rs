@@ -519,6 +519,11 @@ pub enum Control {
         seq: u64,
         /// Endpoint the heartbeat was seen from.
         observed: SocketAddr,
+        /// A hub's heartbeat interval now (None from a peer): members
+        /// follow a hub whose interval changed (a reload) without
+        /// registering again. Absent in acks from older nodes.
+        #[serde(default)]
+        interval_ms: Option<u32>,
     },
     /// Peer → hub: please coordinate a direct path to `target`.
     PunchRequest {
