@@ -50,6 +50,10 @@ pub struct HubStatus {
     pub heartbeat_s: f64,
     /// Silent heartbeats before a member is dropped.
     pub expire_beats: u32,
+    /// Registrations accepted since the hub started.
+    pub registrations: u64,
+    /// Registrations refused since the hub started, by reason.
+    pub refusals: std::collections::BTreeMap<String, u64>,
 }
 
 /// Revoke a node key (operator command). Replies whether it was newly revoked.
@@ -341,7 +345,10 @@ impl Handler<GetHubStatus> for RegistryActor {
     type Result = ResponseActFuture<Self, HubStatus>;
     fn handle(&mut self, _: GetHubStatus, _ctx: &mut Context<Self>) -> Self::Result {
         let now = self.now();
+        let (registrations, refused) = self.reg.registration_counts();
         let status = HubStatus {
+            registrations,
+            refusals: refused.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             heartbeat_s: self.reg.heartbeat_interval().as_secs_f64(),
             expire_beats: self.reg.config().expire_beats,
             map_version: self.reg.version(),

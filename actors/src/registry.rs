@@ -130,6 +130,22 @@ pub struct Registry {
     defer: bool,
     /// A change waits for [`Registry::flush_pushes`].
     pending: bool,
+    /// Registrations accepted, and refused by reason.
+    accepted: u64,
+    refused: BTreeMap<&'static str, u64>,
+}
+
+/// The metrics label of a refusal.
+fn refusal_reason(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::AddressInUse => "address_in_use",
+        ErrorCode::NotAllowed => "not_allowed",
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::Busy => "busy",
+        ErrorCode::Revoked => "revoked",
+        ErrorCode::NotListed => "not_listed",
+        ErrorCode::RouteInUse => "route_in_use",
+    }
 }
 
 /// Short hex form of a key for logs and messages.
@@ -157,6 +173,8 @@ impl Registry {
             log: VecDeque::new(),
             defer: false,
             pending: false,
+            accepted: 0,
+            refused: BTreeMap::new(),
         }
     }
 
@@ -274,8 +292,37 @@ impl Registry {
         Ok(())
     }
 
-    /// A `Register` from `key`, seen at `observed`. Returns the replies to send.
+    /// A `Register` from `key`, seen at `observed`. Returns the replies to
+    /// send. Counted: accepted, or refused by the reason the `Nack` gives.
     pub fn register(
+        &mut self,
+        now: Duration,
+        key: PublicKey,
+        observed: SocketAddr,
+        claim: Claim,
+        out: &mut Vec<Reply>,
+    ) -> Registered {
+        let r = self.register_checked(now, key, observed, claim, out);
+        match r {
+            Registered::Accepted { .. } => self.accepted += 1,
+            Registered::Refused => {
+                let reason = match out.last().map(|r| &r.msg) {
+                    Some(Control::Nack { code, .. }) => refusal_reason(*code),
+                    _ => "other",
+                };
+                *self.refused.entry(reason).or_default() += 1;
+            }
+        }
+        r
+    }
+
+    /// Registrations accepted so far, and refused by reason (`revoked`,
+    /// `not_listed`, `address_in_use`, `route_in_use`, `bad_request`).
+    pub fn registration_counts(&self) -> (u64, &BTreeMap<&'static str, u64>) {
+        (self.accepted, &self.refused)
+    }
+
+    fn register_checked(
         &mut self,
         now: Duration,
         key: PublicKey,
@@ -1008,6 +1055,11 @@ mod tests {
             }
         ));
         assert_eq!(out.len(), 1, "learns nothing of the map");
+        // Counted: two accepted, one refused as revoked.
+        let (accepted, refused) = r.registration_counts();
+        assert_eq!(accepted, 2);
+        assert_eq!(refused.get("revoked"), Some(&1));
+        assert_eq!(refused.len(), 1);
         out.clear();
         r.heartbeat(Duration::from_secs(2), key(2), ep(2), 1, 0, &mut out);
         assert!(matches!(

@@ -339,6 +339,24 @@ pub fn hub_text(st: &HubStatus, streams: &StreamStats) -> String {
         gauge(st.revoked as i64),
     );
     r.register(
+        "fastmesh_hub_registrations_accepted",
+        "Registrations accepted since the hub started",
+        counter(st.registrations),
+    );
+    let refused = Family::<ReasonLabels, Counter>::default();
+    for (reason, &n) in &st.refusals {
+        refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.clone(),
+            })
+            .inc_by(n);
+    }
+    r.register(
+        "fastmesh_hub_registrations_refused",
+        "Registrations refused since the hub started, by reason",
+        refused,
+    );
+    r.register(
         "fastmesh_hub_relay_dropped",
         "Relay messages dropped (unknown or unready destination, full queue)",
         counter(st.relay_dropped),

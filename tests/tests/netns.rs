@@ -1159,6 +1159,13 @@ fn metrics_scraped_with_curl_pass_promtool_and_follow_traffic() {
     assert_eq!(code, "200", "{hub}");
     promtool(&hub);
     assert!(hub.contains("fastmesh_hub_members 2"), "{hub}");
+    let accepted: u64 = hub
+        .lines()
+        .find_map(|l| l.strip_prefix("fastmesh_hub_registrations_accepted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(accepted >= 2, "two peers registered: {hub}");
+    assert!(hub.contains("fastmesh_stream_open 0"), "{hub}");
     let (before, code) = scrape(1, "/metrics");
     assert_eq!(code, "200");
     promtool(&before);
