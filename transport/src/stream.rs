@@ -575,10 +575,14 @@ async fn dial(sh: Arc<Shared>, hub: SocketAddr, target: Target, gen: u64) {
     h.dial_not_before = Instant::now() + backoff.min(MAX_REDIAL);
 }
 
+/// The largest frame a stream carries: a relayed frame of a 9,000-byte TUN
+/// MTU with room to spare. A longer length prefix ends the connection.
+pub const MAX_STREAM_FRAME: usize = 16 * 1024;
+
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(2)
-        .max_frame_length(u16::MAX as usize)
+        .max_frame_length(MAX_STREAM_FRAME)
         .new_codec()
 }
 
