@@ -97,12 +97,13 @@ pub fn server_tls(cert: Option<&Path>, key: Option<&Path>) -> Result<Arc<rustls:
         _ => bail!("--tls-cert and --tls-key go together"),
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| anyhow!("TLS: {e}"))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| anyhow!("TLS certificate and key do not fit: {e}"))?;
+    cfg.alpn_protocols = vec![transport::stream::TLS_ALPN.to_vec()];
     Ok(Arc::new(cfg))
 }
 

@@ -651,13 +651,19 @@ async fn read_frame<R: AsyncRead + Unpin>(
 /// still checked so the handshake is well formed.
 fn tls_client_config() -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth()
+        .with_no_client_auth();
+    c.alpn_protocols = vec![TLS_ALPN.to_vec()];
+    c
 }
+
+/// The application protocol both ends name in the TLS handshake: what an
+/// HTTPS client to a web server names, so the handshake looks like one.
+pub const TLS_ALPN: &[u8] = b"http/1.1";
 
 /// Accepts any server certificate: the hub is authenticated by the Noise
 /// handshake carried inside, not by TLS.
@@ -900,14 +906,14 @@ mod tests {
         let c = rcgen::generate_simple_self_signed(vec!["hub.example".into()]).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(c.key_pair.serialize_der().into());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(vec![c.cert.der().clone()], key)
-                .unwrap(),
-        )
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![c.cert.der().clone()], key)
+            .unwrap();
+        cfg.alpn_protocols = vec![TLS_ALPN.to_vec()];
+        Arc::new(cfg)
     }
 
     /// A hub that echoes every frame to where it came from, with a stream
