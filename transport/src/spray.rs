@@ -37,6 +37,11 @@ pub use proto::path::Birthday;
 
 /// Fresh sockets the hard side opens per attempt.
 pub const OPEN_PORTS: usize = 256;
+/// Attempts of the hard side under way at once (each holds [`OPEN_PORTS`]
+/// descriptors for [`OPEN_FOR`]); more are skipped, and the next punch
+/// notice for that peer tries again. Keeps a node with many peers from
+/// running out of descriptors.
+pub const MAX_OPENING: usize = 2;
 /// Random ports the easy side sends to per attempt.
 pub const SPRAY_PORTS: usize = 1024;
 /// How long an attempt waits for a meeting.
@@ -187,7 +192,7 @@ impl<D: Datagram + 'static> Sprayed<D> {
         let sh = self.sh.clone();
         {
             let mut st = lock(&sh.st);
-            if st.opening.contains_key(&dest) {
+            if st.opening.contains_key(&dest) || st.opening.len() >= MAX_OPENING {
                 return;
             }
             st.opening.insert(dest, Opening { socks: Vec::new() });
@@ -545,6 +550,20 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((&buf[..got.0], got.1), (&b"reply"[..], easy_at));
+    }
+
+    #[tokio::test]
+    async fn at_most_two_attempts_open_ports_at_once() {
+        let hard = Sprayed::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        // Three peers that never answer (loopback addresses nothing
+        // listens on).
+        for i in 2..=4u8 {
+            hard.open_ports(SocketAddr::from(([127, 0, 0, i], 9)));
+        }
+        assert_eq!(hard.stats().opened, 2);
+        // The same peer again while its attempt runs: nothing new.
+        hard.open_ports(SocketAddr::from(([127, 0, 0, 2], 9)));
+        assert_eq!(hard.stats().opened, 2);
     }
 
     fn hard_kept_addr<D>(h: &Sprayed<D>, to: SocketAddr) -> SocketAddr {
