@@ -170,11 +170,6 @@ impl<D: Datagram + 'static> Sprayed<D> {
         }
     }
 
-    /// The wrapped socket.
-    pub fn inner(&self) -> &D {
-        &self.udp
-    }
-
     /// The counters.
     pub fn stats(&self) -> SprayStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
