@@ -28,7 +28,7 @@
 
 use crate::impair::{GilbertElliott, LinkSpec};
 use crate::traffic::{self, Kind};
-use crate::world::{hub_host, World, WorldConfig};
+use crate::world::{hub_host, World, WorldConfig, PROBE_EVERY};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
@@ -610,6 +610,7 @@ fn run_in(cfg: &ChaosConfig, seed: u64, sched: &[Scheduled], dir: &std::path::Pa
     let mut w = World::build(
         &mut sim,
         WorldConfig {
+            probe_every: PROBE_EVERY,
             peers: cfg.peers,
             heartbeat: cfg.heartbeat,
             spec: LinkSpec::latency(Duration::from_millis(5)),

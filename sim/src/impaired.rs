@@ -55,6 +55,9 @@ pub struct Impaired<D> {
     epoch: tokio::time::Instant,
     state: Mutex<ImpairState>,
     knob: Option<ChaosKnob>,
+    /// Receive buffer of [`Impaired::pull_inner`], allocated once: zeroing
+    /// 64 KiB on every poll was a fifth of a big world's run time.
+    rx: Mutex<Vec<u8>>,
 }
 
 impl<D: Datagram> Impaired<D> {
@@ -83,6 +86,7 @@ impl<D: Datagram> Impaired<D> {
                 scratch: Vec::new(),
             }),
             knob: None,
+            rx: Mutex::new(vec![0u8; 65_536]),
         }
     }
 
@@ -129,11 +133,11 @@ impl<D: Datagram> Impaired<D> {
         let mut guard = self.state.lock().expect("impair lock");
         let st = &mut *guard;
         let now = self.now();
-        let seed = self.seed ^ addr_seed(from);
+        let seed = || self.seed ^ addr_seed(from);
         let link = st
             .links
             .entry(from)
-            .or_insert_with(|| (self.spec)(from).build(seed));
+            .or_insert_with(|| (self.spec)(from).build(seed()));
         st.scratch.clear();
         link.apply(now, data.len(), &mut st.scratch);
         if let Some((gen, spec)) = self.knob.as_ref().map(ChaosKnob::get) {
@@ -146,7 +150,7 @@ impl<D: Datagram> Impaired<D> {
                     if e.0 != gen {
                         *e = (
                             gen,
-                            spec.build(seed ^ gen.wrapping_mul(0x2545_f491_4f6c_dd1d)),
+                            spec.build(seed() ^ gen.wrapping_mul(0x2545_f491_4f6c_dd1d)),
                         );
                     }
                     st.extra_out.clear();
@@ -176,7 +180,10 @@ impl<D: Datagram> Impaired<D> {
 impl<D: Datagram> Impaired<D> {
     /// Admit every datagram the inner socket has ready, without waiting.
     fn pull_inner(&self) -> io::Result<()> {
-        let mut tmp = [0u8; 65_536];
+        let mut tmp = self
+            .rx
+            .lock()
+            .map_err(|_| io::Error::other("impair rx lock"))?;
         loop {
             match self.inner.try_recv_from(&mut tmp) {
                 Ok((n, from)) => self.admit(&tmp[..n], from),

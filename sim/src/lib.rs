@@ -3,6 +3,7 @@
 //! * [`impair`]: seeded sans-IO impairment stages (loss, burst loss, delay,
 //!   jitter, reordering, duplication, bottleneck) and [`Impaired`], the
 //!   datagram wrapper that applies them on tokio's (turmoil's) clock.
+//! * [`fabric`]: where a world runs: turmoil, or a quicker runtime for big worlds.
 //! * [`des`]: a discrete-event network that runs sans-IO nodes over seeded
 //!   impaired links in simulated time (fast, bit-for-bit reproducible).
 //! * [`traffic`]: self-checking inner packets.
@@ -23,6 +24,7 @@
 pub mod bulk;
 pub mod chaos;
 pub mod des;
+pub mod fabric;
 pub mod impair;
 pub mod impaired;
 pub mod nat;

@@ -1,6 +1,6 @@
-//! A NAT in front of one turmoil host, as a [`Datagram`] wrapper.
+//! A NAT in front of one simulated host, as a [`Datagram`] wrapper.
 //!
-//! turmoil routes host to host with no address translation, so the NAT is
+//! The simulators route host to host with no address translation, so the NAT is
 //! modelled at the host's socket: a pool of sockets bound on seeded random
 //! ports stands for the NAT's public ports.
 //!
@@ -16,12 +16,12 @@
 //! forgets every mapping (a NAT reboot, or conntrack -F): a cone NAT keeps its
 //! port, a random one hands out new ports from then on.
 
-use crate::turmoil_net::TurmoilUdp;
+use crate::fabric::{Binder, SimUdp};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,14 +57,14 @@ struct NatState {
 /// A host's socket behind a NAT.
 pub struct SimNat {
     kind: NatKind,
-    pool: Vec<Arc<TurmoilUdp>>,
+    pool: Vec<Arc<SimUdp>>,
     state: Mutex<NatState>,
     dropped: AtomicU64,
 }
 
 impl SimNat {
-    /// A NAT of `kind` whose public ports come from `seed`.
-    pub async fn bind(kind: NatKind, seed: u64) -> io::Result<SimNat> {
+    /// A NAT of `kind` on this host (`binder`) whose public ports come from `seed`.
+    pub async fn bind(binder: &Binder, kind: NatKind, seed: u64) -> io::Result<SimNat> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n = match kind {
             NatKind::Cone => 1,
@@ -73,8 +73,8 @@ impl SimNat {
         let mut pool = Vec::with_capacity(n);
         while pool.len() < n {
             let port: u16 = rng.random_range(20_000..60_000);
-            if let Ok(s) = turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port)).await {
-                pool.push(Arc::new(TurmoilUdp(s)));
+            if let Ok(s) = binder.bind(port).await {
+                pool.push(Arc::new(s));
             }
         }
         Ok(SimNat {

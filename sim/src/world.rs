@@ -3,17 +3,18 @@
 //! seeded impaired links, with in-memory TUN devices.
 //!
 //! The test drives time with [`World::run_until`] and looks at each host
-//! through shared probes (status snapshots written by the host every 100 ms of
-//! simulated time) and the hosts' [`MemTunHandle`]s. Hosts can be crashed and
+//! through shared probes (status snapshots written by the host every
+//! [`WorldConfig::probe_every`] of simulated time) and the hosts' [`MemTunHandle`]s. Hosts can be crashed and
 //! restarted with turmoil; a restarted host gets fresh randomness, so its
 //! peers see a new incarnation. The hub's owner table lives in a real
 //! directory and survives its crashes.
 
 use crate::des::SIM_PSK;
+use crate::fabric::{Binder, Fabric, SimUdp};
 use crate::impair::LinkSpec;
 use crate::impaired::ChaosKnob;
 use crate::nat::{NatKind, SimNat};
-use crate::turmoil_net::{AppSender, MemTun, TurmoilUdp};
+use crate::turmoil_net::{AppSender, MemTun};
 use crate::Impaired;
 use actix::prelude::*;
 use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
@@ -24,7 +25,7 @@ use fastmesh_actors::store::OwnerStore;
 use fastmesh_actors::supervisor::{GetNodeStatus, NodeStatus, PeerSetup, Supervisor};
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,33 +39,37 @@ use transport::{Admission, Datagram, Node, NodeConfig};
 pub const PORT: u16 = 4000;
 /// Key seed of the hub.
 pub const HUB_SEED: u64 = 1000;
+/// How often hosts write their status probes unless told otherwise.
+pub const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 /// A UDP socket that can move to another local port (NAT rebinding as the
 /// peers see it: the same node, a new source port).
 pub struct Rebindable {
-    cur: Mutex<Arc<TurmoilUdp>>,
+    binder: Binder,
+    cur: Mutex<Arc<SimUdp>>,
     swapped: Notify,
 }
 
 impl Rebindable {
-    /// Bind on `port`.
-    pub async fn bind(port: u16) -> io::Result<Rebindable> {
-        let s = turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port)).await?;
+    /// Bind on `port` of this host (`binder`).
+    pub async fn bind(binder: Binder, port: u16) -> io::Result<Rebindable> {
+        let s = binder.bind(port).await?;
         Ok(Rebindable {
-            cur: Mutex::new(Arc::new(TurmoilUdp(s))),
+            binder,
+            cur: Mutex::new(Arc::new(s)),
             swapped: Notify::new(),
         })
     }
 
     /// Move to `port`; the old socket is closed.
     pub async fn rebind(&self, port: u16) -> io::Result<()> {
-        let s = turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port)).await?;
-        *self.cur.lock().map_err(|_| io::Error::other("poisoned"))? = Arc::new(TurmoilUdp(s));
+        let s = self.binder.bind(port).await?;
+        *self.cur.lock().map_err(|_| io::Error::other("poisoned"))? = Arc::new(s);
         self.swapped.notify_waiters();
         Ok(())
     }
 
-    fn cur(&self) -> Arc<TurmoilUdp> {
+    fn cur(&self) -> Arc<SimUdp> {
         self.cur.lock().expect("rebind lock").clone()
     }
 }
@@ -257,6 +262,10 @@ pub struct WorldConfig {
     pub hubs: usize,
     /// NAT in front of peer `i` (`nat[i]`); missing entries: none.
     pub nat: Vec<Option<NatKind>>,
+    /// How often each host writes its status probe (a multiple of 100 ms;
+    /// building a peer's status asks every per-peer actor, so big worlds
+    /// probe less often).
+    pub probe_every: Duration,
 }
 
 /// turmoil host name of hub `i`.
@@ -283,7 +292,7 @@ pub fn peer_seed(i: usize) -> u64 {
 
 impl World {
     /// Register the hub and the peers as turmoil hosts.
-    pub fn build(sim: &mut turmoil::Sim<'_>, cfg: WorldConfig) -> World {
+    pub fn build(sim: &mut impl Fabric, cfg: WorldConfig) -> World {
         let hub_key = StaticKeypair::from_seed(HUB_SEED).public;
         let hub_statuses: Vec<Arc<Mutex<Option<HubStatus>>>> =
             (0..cfg.hubs.max(1)).map(|_| Arc::default()).collect();
@@ -297,7 +306,7 @@ impl World {
             let revoke = hub_revoke[h].clone();
             let knob = hub_knobs[h].clone();
             let starts = Arc::new(AtomicU64::new(0));
-            sim.host(hub_host(h), move || {
+            sim.host(&hub_host(h), move |binder: Binder| {
                 let cfg = cfg.clone();
                 let probe = probe.clone();
                 let revoke = revoke.clone();
@@ -305,11 +314,9 @@ impl World {
                 let n = starts.fetch_add(1, Ordering::SeqCst);
                 async move {
                     let seed = cfg.seed ^ 0xabcd ^ ((h as u64) << 20) ^ (n << 32);
+                    let sock = binder.bind(PORT).await?;
                     let sock =
-                        turmoil::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), PORT)).await?;
-                    let sock = Arc::new(
-                        Impaired::new(TurmoilUdp(sock), cfg.spec.clone(), seed).with_knob(knob),
-                    );
+                        Arc::new(Impaired::new(sock, cfg.spec.clone(), seed).with_knob(knob));
                     let node = Node::new(
                         NodeConfig {
                             admission: Admission::AnyWithNetworkKey,
@@ -341,6 +348,7 @@ impl World {
                         RegistryActor::open(rcfg, store, (n + 1) << 40, plane.clone().recipient())?
                             .with_snapshot(plane.recipient());
                     let reg = reg_ctx.run(reg);
+                    let mut last_probe: Option<tokio::time::Instant> = None;
                     loop {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         let keys: Vec<PublicKey> = revoke
@@ -350,6 +358,10 @@ impl World {
                         for k in keys {
                             let _ = reg.send(Revoke(k)).await;
                         }
+                        if last_probe.is_some_and(|t| t.elapsed() < cfg.probe_every) {
+                            continue;
+                        }
+                        last_probe = Some(tokio::time::Instant::now());
                         if let Ok(s) = reg.send(GetHubStatus).await {
                             if let Ok(mut p) = probe.lock() {
                                 *p = Some(s);
@@ -380,7 +392,7 @@ impl World {
                 let knob = knob.clone();
                 let host = host.clone();
                 let starts = Arc::new(AtomicU64::new(0));
-                sim.host(host.clone(), move || {
+                sim.host(&host.clone(), move |binder: Binder| {
                     let cfg = cfg.clone();
                     let dev = Arc::new(dev.clone());
                     let status = status.clone();
@@ -393,8 +405,10 @@ impl World {
                     async move {
                         let seed = cfg.seed ^ (i as u64 + 1) ^ (n << 32);
                         let inner = match nat_kind {
-                            None => PeerSock::Plain(Rebindable::bind(PORT).await?),
-                            Some(k) => PeerSock::Nat(SimNat::bind(k, seed ^ 0x4e41_5400).await?),
+                            None => PeerSock::Plain(Rebindable::bind(binder.clone(), PORT).await?),
+                            Some(k) => {
+                                PeerSock::Nat(SimNat::bind(&binder, k, seed ^ 0x4e41_5400).await?)
+                            }
                         };
                         let sock =
                             Arc::new(Impaired::new(inner, cfg.spec.clone(), seed).with_knob(knob));
@@ -435,7 +449,7 @@ impl World {
                                 .map(|h| {
                                     (
                                         StaticKeypair::from_seed(HUB_SEED + h as u64).public,
-                                        SocketAddr::new(turmoil::lookup(hub_host(h)), PORT),
+                                        SocketAddr::new(binder.lookup(&hub_host(h)), PORT),
                                     )
                                 })
                                 .collect(),
@@ -451,6 +465,7 @@ impl World {
                             plane.recipient(),
                             None,
                         ));
+                        let mut last_probe: Option<tokio::time::Instant> = None;
                         loop {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             let port = rebind_to.swap(0, Ordering::SeqCst);
@@ -464,6 +479,10 @@ impl World {
                                 }
                                 _ => {}
                             }
+                            if last_probe.is_some_and(|t| t.elapsed() < cfg.probe_every) {
+                                continue;
+                            }
+                            last_probe = Some(tokio::time::Instant::now());
                             if let Ok(s) = sup.send(GetNodeStatus).await {
                                 if let Ok(mut p) = status.lock() {
                                     *p = Some(s);
@@ -502,7 +521,7 @@ impl World {
     /// passes; returns the simulated time it took, or None on timeout.
     pub fn run_until(
         &mut self,
-        sim: &mut turmoil::Sim<'_>,
+        sim: &mut impl Fabric,
         limit: Duration,
         mut cond: impl FnMut(&mut World) -> bool,
     ) -> Option<Duration> {
@@ -543,7 +562,11 @@ impl World {
     pub fn all_connected(&self) -> bool {
         let n = self.peers.len();
         self.peers.iter().all(|p| {
-            p.status().is_some_and(|s| {
+            // Looked at in place: this runs on every step while a mesh forms.
+            p.status.lock().is_ok_and(|s| {
+                let Some(s) = s.as_ref() else {
+                    return false;
+                };
                 s.hubs.iter().all(|h| h.state == "registered")
                     && s.peers.len() == n - 1
                     && s.peers

@@ -4,7 +4,7 @@
 //! counters read from the nodes' status.
 
 use sim::impair::LinkSpec;
-use sim::world::{World, WorldConfig};
+use sim::world::{World, WorldConfig, PROBE_EVERY};
 use std::time::Duration;
 
 const HB: Duration = Duration::from_secs(5);
@@ -17,6 +17,7 @@ fn world(sim: &mut turmoil::Sim<'static>, peers: usize, name: &str) -> World {
         sim,
         WorldConfig {
             peers,
+            probe_every: PROBE_EVERY,
             heartbeat: HB,
             spec: LinkSpec::latency(Duration::from_millis(10)),
             seed: 3,

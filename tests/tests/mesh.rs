@@ -5,7 +5,7 @@ use sim::impair::LinkSpec;
 use sim::nat::NatKind;
 use sim::pumps::Pumps;
 use sim::traffic::{self, Kind};
-use sim::world::{World, WorldConfig};
+use sim::world::{World, WorldConfig, PROBE_EVERY};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -47,6 +47,7 @@ fn world_nat(
     World::build(
         sim,
         WorldConfig {
+            probe_every: PROBE_EVERY,
             peers: 5,
             heartbeat: HB,
             spec,

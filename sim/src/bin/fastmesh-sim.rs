@@ -3,6 +3,7 @@
 //!     fastmesh-sim chaos --seed S [--only I,J,..] [--no-shrink]
 //!     fastmesh-sim chaos --seeds N [--from S]
 //!     (both take --peers N --hubs H --faults K --window SECS)
+//!     fastmesh-sim world [--peers N] [--secs S] [--loss P] [--latency MS] [--probe-ms MS] [--turmoil]
 //!
 //! One seed prints its schedule and what the run found; on a violation it
 //! shrinks the schedule (faults removed one at a time while the run still
@@ -10,6 +11,7 @@
 //! print one line each and a summary table. Exit status 1 on any violation.
 
 use sim::chaos::{run, schedule, shrink, ChaosConfig, Outcome};
+use sim::fabric::{Fabric, Quick};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,112 @@ fn usage() -> ExitCode {
          \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS]"
     );
     ExitCode::from(2)
+}
+
+/// `fastmesh-sim world`: how fast the simulator runs a mesh of N peers and
+/// one hub (1-s heartbeats) that formed and then stays up for S simulated
+/// seconds over links with the given loss and one-way latency.
+fn world(args: &[String]) -> ExitCode {
+    let (mut peers, mut secs, mut loss, mut latency) = (10usize, 60u64, 0.01f64, 10u64);
+    let mut probe_ms = 1000u64;
+    let mut use_turmoil = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--turmoil" {
+            use_turmoil = true;
+            continue;
+        }
+        let v = it.next().cloned().unwrap_or_default();
+        let ok = match a.as_str() {
+            "--peers" => v.parse().map(|x| peers = x).is_ok() && (2..=250).contains(&peers),
+            "--secs" => v.parse().map(|x| secs = x).is_ok(),
+            "--loss" => v.parse().map(|x| loss = x).is_ok() && (0.0..1.0).contains(&loss),
+            "--latency" => v.parse().map(|x| latency = x).is_ok(),
+            "--probe-ms" => v.parse().map(|x| probe_ms = x).is_ok(),
+            _ => false,
+        };
+        if !ok {
+            eprintln!("usage: fastmesh-sim world [--peers 2..250] [--secs S] [--loss 0..1] [--latency MS] [--probe-ms MS] [--turmoil]");
+            return ExitCode::from(2);
+        }
+    }
+    let limit = Duration::from_secs(120 + secs + 10);
+    let probe_every = Duration::from_millis(probe_ms);
+    let ok = if use_turmoil {
+        let mut sim = turmoil::Builder::new()
+            .simulation_duration(limit)
+            .rng_seed(1)
+            .build();
+        world_in(&mut sim, "turmoil", peers, secs, loss, latency, probe_every)
+    } else {
+        let mut sim = Quick::new(Duration::from_millis(1), limit);
+        world_in(&mut sim, "quick", peers, secs, loss, latency, probe_every)
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn world_in(
+    sim: &mut impl Fabric,
+    fabric: &str,
+    peers: usize,
+    secs: u64,
+    loss: f64,
+    latency: u64,
+    probe_every: Duration,
+) -> bool {
+    use sim::impair::LinkSpec;
+    use sim::world::{World, WorldConfig};
+    let dir = std::env::temp_dir().join(format!("fastmesh-world-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("{}: {e}", dir.display());
+        return false;
+    }
+    let form_limit = Duration::from_secs(120);
+    let mut w = World::build(
+        sim,
+        WorldConfig {
+            peers,
+            probe_every,
+            heartbeat: Duration::from_secs(1),
+            spec: LinkSpec {
+                loss,
+                ..LinkSpec::latency(Duration::from_millis(latency))
+            },
+            seed: 1,
+            store_dir: dir.clone(),
+            hubs: 1,
+            nat: vec![],
+        },
+    );
+    let t = Instant::now();
+    let formed = w.run_until(sim, form_limit, |w| w.all_connected());
+    let form_wall = t.elapsed();
+    let Some(formed) = formed else {
+        eprintln!("the mesh of {peers} did not form within {form_limit:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        return false;
+    };
+    let t = Instant::now();
+    w.run_until(sim, Duration::from_secs(secs), |_| false);
+    let run_wall = t.elapsed();
+    let up = w
+        .peers
+        .iter()
+        .filter(|p| p.status().is_some_and(|s| s.peers.len() == peers - 1))
+        .count();
+    println!(
+        "{fabric}, {peers} peers: formed in {:.1} s simulated ({:.1} s wall); then {secs} s simulated in {:.1} s wall; {up} of {peers} peers list all others at the end",
+        formed.as_secs_f64(),
+        form_wall.as_secs_f64(),
+        run_wall.as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    up == peers
 }
 
 fn line(seed: u64, o: &Outcome, wall: Duration) -> String {
@@ -41,6 +149,9 @@ fn line(seed: u64, o: &Outcome, wall: Duration) -> String {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("world") {
+        return world(&args[1..]);
+    }
     if args.first().map(String::as_str) != Some("chaos") {
         return usage();
     }
