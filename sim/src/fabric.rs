@@ -195,6 +195,7 @@ struct NetState {
     names: BTreeMap<String, IpAddr>,
     sockets: BTreeMap<SocketAddr, Arc<Mutex<Inbox>>>,
     cut: BTreeSet<(IpAddr, IpAddr)>,
+    sent: u64,
     dropped: u64,
 }
 
@@ -226,6 +227,11 @@ impl QuickNet {
         self.state().names.get(name).copied()
     }
 
+    /// Datagrams sent so far.
+    pub fn sent(&self) -> u64 {
+        self.state().sent
+    }
+
     /// Datagrams dropped: no socket at the destination, a partition, or a
     /// full receive buffer.
     pub fn dropped(&self) -> u64 {
@@ -235,6 +241,7 @@ impl QuickNet {
     fn deliver(&self, from: SocketAddr, to: SocketAddr, buf: &[u8]) {
         let inbox = {
             let mut st = self.state();
+            st.sent += 1;
             let key = (from.ip().min(to.ip()), from.ip().max(to.ip()));
             match st.sockets.get(&to) {
                 Some(i) if !st.cut.contains(&key) => i.clone(),

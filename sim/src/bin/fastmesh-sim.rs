@@ -60,7 +60,9 @@ fn world(args: &[String]) -> ExitCode {
         world_in(&mut sim, "turmoil", peers, secs, loss, latency, probe_every)
     } else {
         let mut sim = Quick::new(Duration::from_millis(1), limit);
-        world_in(&mut sim, "quick", peers, secs, loss, latency, probe_every)
+        let ok = world_in(&mut sim, "quick", peers, secs, loss, latency, probe_every);
+        println!("  datagrams sent in all: {}", sim.net().sent());
+        ok
     };
     if ok {
         ExitCode::SUCCESS
