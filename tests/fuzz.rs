@@ -90,6 +90,7 @@ fn controls() -> Vec<Vec<u8>> {
             to_version: 2,
             upserts: vec![info.clone(), info],
             removals: vec![[1; 32]],
+            revoked: vec![[1; 32]],
         },
         Control::Heartbeat {
             seq: 9,

@@ -32,6 +32,8 @@ pub struct PeerMap {
     me: PublicKey,
     version: u64,
     peers: BTreeMap<PublicKey, PeerInfo>,
+    /// Keys some hub revoked: never taken back into the map.
+    denied: BTreeSet<PublicKey>,
 }
 
 impl PeerMap {
@@ -41,6 +43,7 @@ impl PeerMap {
             me,
             version: 0,
             peers: BTreeMap::new(),
+            denied: BTreeSet::new(),
         }
     }
 
@@ -103,7 +106,7 @@ impl PeerMap {
         }
         let mut old = keep.unwrap_or_default();
         for p in upserts {
-            if p.key == self.me {
+            if p.key == self.me || self.denied.contains(&p.key) {
                 continue;
             }
             let prev = self
@@ -127,6 +130,13 @@ impl PeerMap {
         }
         self.version = to;
         Ok(changes)
+    }
+
+    /// Drop `key` for good: it leaves the map (the change, if it was in it)
+    /// and no later delta brings it back.
+    pub fn deny(&mut self, key: PublicKey) -> Option<MapChange> {
+        self.denied.insert(key);
+        self.peers.remove(&key).map(|_| MapChange::Removed(key))
     }
 
     /// The routing table for the current map.
@@ -245,6 +255,22 @@ mod tests {
             name: String::new(),
             routes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_denied_key_leaves_and_no_later_delta_or_snapshot_brings_it_back() {
+        let mut m = PeerMap::new([1; 32]);
+        m.apply(0, 5, &[info(2, 1), info(3, 1)], &[]).unwrap();
+        assert_eq!(m.deny([3; 32]), Some(MapChange::Removed([3; 32])));
+        assert_eq!(m.deny([3; 32]), None, "already gone");
+        assert_eq!(m.deny([9; 32]), None, "never listed");
+        // The hub the map follows has not heard of the revocation.
+        let c = m.apply(5, 6, &[info(3, 2)], &[]).unwrap();
+        assert!(c.is_empty(), "{c:?}");
+        let c = m.apply(0, 7, &[info(2, 1), info(3, 1)], &[]).unwrap();
+        assert!(c.is_empty(), "{c:?}");
+        assert_eq!(m.len(), 1);
+        assert!(m.get(&[3; 32]).is_none());
     }
 
     #[test]

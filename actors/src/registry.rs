@@ -634,7 +634,15 @@ impl Registry {
                 None => {}
             }
         }
-        delta_messages(*key, from, self.version, upserts, removals, out);
+        delta_messages(
+            *key,
+            from,
+            self.version,
+            upserts,
+            removals,
+            &self.revoked,
+            out,
+        );
         if let Some(m) = self.members.get_mut(key) {
             m.version = self.version;
         }
@@ -653,15 +661,24 @@ fn delta_messages(
     version: u64,
     upserts: Vec<PeerInfo>,
     removals: Vec<PublicKey>,
+    revoked: &BTreeSet<PublicKey>,
     out: &mut Vec<Reply>,
 ) {
-    let mut rm = removals.chunks(transport::wire::MAX_REMOVALS).peekable();
+    // Half the list limit: each removal may be listed again as revoked.
+    let mut rm = removals
+        .chunks(transport::wire::MAX_REMOVALS / 2)
+        .peekable();
     let mut up = upserts.into_iter().peekable();
     let mut first = true;
     while first || up.peek().is_some() || rm.peek().is_some() {
         let removals = rm.next().map(|c| c.to_vec()).unwrap_or_default();
-        // A removal is a 32-byte key and its length byte.
-        let mut size = DELTA_OVERHEAD + removals.len() * 34;
+        let gone: Vec<PublicKey> = removals
+            .iter()
+            .filter(|k| revoked.contains(*k))
+            .copied()
+            .collect();
+        // A key is 32 bytes and its length byte.
+        let mut size = DELTA_OVERHEAD + (removals.len() + gone.len()) * 34;
         let mut batch = Vec::new();
         while let Some(p) = up.peek() {
             let n = p.encoded_len();
@@ -678,6 +695,7 @@ fn delta_messages(
                 to_version: version,
                 upserts: batch,
                 removals,
+                revoked: gone,
             },
         });
         first = false;
@@ -730,6 +748,7 @@ mod tests {
                 to_version,
                 upserts,
                 removals,
+                ..
             } = &r.msg
             {
                 map.apply(*from_version, *to_version, upserts, removals)
@@ -1039,6 +1058,12 @@ mod tests {
         out.clear();
         assert!(r.revoke(&key(2), &mut out));
         assert!(!r.revoke(&key(2), &mut out), "idempotent");
+        assert!(
+            out.iter().any(|o| matches!(&o.msg,
+                Control::PeerMapDelta { removals, revoked, .. }
+                    if removals == &vec![key(2)] && revoked == &vec![key(2)])),
+            "the removal is marked as a revocation: {out:?}"
+        );
         deliver(&out, 1, &mut m1);
         assert_eq!(m1.len(), 0, "removal pushed at once");
         assert!(

@@ -425,7 +425,14 @@ impl Supervisor {
                 to_version,
                 upserts,
                 removals,
+                revoked,
             } => {
+                // A revocation holds whichever hub says it: hubs do not
+                // share their registries, and the one whose map we follow
+                // may be cut off from us, or may not have heard of it.
+                let denied: Vec<MapChange> =
+                    revoked.iter().filter_map(|k| self.map.deny(*k)).collect();
+                self.apply_changes(denied);
                 // A delta shows its hub has us registered, even while our
                 // own view says no hub does (a heartbeat answer was lost
                 // and we are registering again). Setting it aside then
@@ -851,6 +858,7 @@ mod tests {
                 to_version: 7,
                 upserts: vec![info],
                 removals: Vec::new(),
+                revoked: Vec::new(),
             }))
             .await
             .unwrap();

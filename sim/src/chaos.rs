@@ -342,6 +342,11 @@ struct Checker {
     quiet_from: Option<Duration>,
     /// Revoked peer -> from when nothing of it may arrive.
     revoked_after: BTreeMap<usize, Option<Duration>>,
+    /// Peer -> since when it can reach a live hub (absent: it cannot, so
+    /// it cannot hear of revocations either).
+    hub_reach_since: BTreeMap<usize, Duration>,
+    /// Heartbeats (and a second) for a revocation to reach everyone.
+    grace: Duration,
 }
 
 impl Checker {
@@ -365,6 +370,8 @@ impl Checker {
             recovered: BTreeMap::new(),
             quiet_from: None,
             revoked_after: BTreeMap::new(),
+            hub_reach_since: BTreeMap::new(),
+            grace: Duration::ZERO,
         }
     }
 
@@ -415,7 +422,13 @@ impl Checker {
             return;
         }
         if let Some(Some(r)) = self.revoked_after.get(&from) {
-            if sent_at.is_some_and(|s| s >= *r) {
+            // The receiver must have been able to hear of it, too: from a
+            // grace after it last reached a hub (absent: it cannot).
+            let deadline = self
+                .hub_reach_since
+                .get(&at)
+                .map(|&reach| (*r).max(reach + self.grace));
+            if deadline.is_some_and(|d| sent_at.is_some_and(|s| s >= d)) {
                 self.violation(
                     now,
                     format!("peer{at} accepted a packet from revoked peer{from}"),
@@ -524,6 +537,18 @@ impl Applied {
 
     fn down(&self, h: Host) -> bool {
         self.crashed.get(&h).is_some_and(|c| *c > 0)
+    }
+
+    fn is_cut(&self, a: Host, b: Host) -> bool {
+        let k = if a < b { (a, b) } else { (b, a) };
+        self.cuts.get(&k).is_some_and(|c| *c > 0)
+    }
+
+    /// Peer `j` is up and some hub is up and not cut off from it.
+    fn reaches_a_hub(&self, j: usize, hubs: usize) -> bool {
+        !self.down(Host::Peer(j))
+            && (0..hubs)
+                .any(|h| !self.down(Host::Hub(h)) && !self.is_cut(Host::Peer(j), Host::Hub(h)))
     }
 }
 
@@ -676,6 +701,7 @@ fn run_in(cfg: &ChaosConfig, seed: u64, sched: &[Scheduled], dir: &std::path::Pa
         .max(cfg.window);
     let end = quiet_from + cfg.recover;
     let grace = cfg.heartbeat * 3 + Duration::from_secs(1);
+    ck.grace = grace;
     let mut revoke_seen: BTreeMap<usize, (Duration, BTreeSet<usize>)> = BTreeMap::new();
     let mut next_check = Duration::ZERO;
     let mut next_forged = Duration::ZERO;
@@ -790,6 +816,13 @@ fn check_state(
             ck.violation(now, format!("address {a} owned by {keys:?}"));
         }
     }
+    for j in 0..n {
+        if st.reaches_a_hub(j, w.hub_statuses.len()) {
+            ck.hub_reach_since.entry(j).or_insert(now);
+        } else {
+            ck.hub_reach_since.remove(&j);
+        }
+    }
     // Revocations: from when the last hub has it, plus the grace, the key
     // is gone everywhere and nothing it sends may arrive.
     for (&i, (_, seen)) in revoke_seen.iter_mut() {
@@ -812,7 +845,14 @@ fn check_state(
                     }
                 }
                 for (j, p) in w.peers.iter().enumerate() {
-                    if j == i || st.down(Host::Peer(j)) {
+                    // A peer learns of a revocation from a hub: one cut off
+                    // from every hub keeps its map until it reaches one
+                    // again, and is held to the grace from then.
+                    let heard = ck
+                        .hub_reach_since
+                        .get(&j)
+                        .is_some_and(|&r| now >= r + grace);
+                    if j == i || st.down(Host::Peer(j)) || !heard {
                         continue;
                     }
                     if p.status()
@@ -1018,7 +1058,11 @@ mod tests {
         // Nothing of a revoked peer may arrive once its grace is over.
         let mut c = checker();
         c.revoked_after.insert(0, Some(Duration::ZERO));
+        // ...at a receiver that could not hear of it, it may.
         c.delivered(t, 1, &pkt(&c, 0, 1, Kind::Udp, 100, 5));
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        c.hub_reach_since.insert(1, Duration::ZERO);
+        c.delivered(t, 1, &pkt(&c, 0, 1, Kind::Udp, 100, 6));
         assert!(
             c.violations.iter().any(|v| v.contains("revoked")),
             "{:?}",

@@ -381,6 +381,7 @@ impl Member {
                         to_version,
                         upserts,
                         removals,
+                        ..
                     }) => {
                         if self
                             .map

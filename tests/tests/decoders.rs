@@ -126,6 +126,7 @@ fn control() -> impl Strategy<Value = Control> {
                     from_version,
                     to_version,
                     upserts,
+                    revoked: removals.iter().take(1).copied().collect(),
                     removals,
                 }
             }),

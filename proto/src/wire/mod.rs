@@ -505,6 +505,12 @@ pub enum Control {
         /// Members removed (at most [`MAX_REMOVALS`]).
         #[serde(deserialize_with = "bounded::<_, _, MAX_REMOVALS>")]
         removals: Vec<PublicKey>,
+        /// Of `removals`, the keys the hub revoked: a peer drops these on
+        /// word from any hub it is registered with, not only the one whose
+        /// map it follows, and takes them back from no hub. (Absent from
+        /// older hubs' deltas.)
+        #[serde(default, deserialize_with = "bounded::<_, _, MAX_REMOVALS>")]
+        revoked: Vec<PublicKey>,
     },
     /// Peer → hub or peer → peer: liveness, with the sender's peer-map version.
     Heartbeat {
@@ -708,6 +714,7 @@ mod tests {
             to_version: 2,
             upserts: Vec::new(),
             removals: vec![[7u8; 32]; n],
+            revoked: Vec::new(),
         };
         let ok = delta(MAX_REMOVALS).encode().unwrap();
         assert_eq!(Control::decode(&ok).unwrap(), delta(MAX_REMOVALS));
