@@ -2,7 +2,9 @@
 //!
 //!     fastmesh-sim chaos --seed S [--only I,J,..] [--no-shrink]
 //!     fastmesh-sim chaos --seeds N [--from S]
-//!     (both take --peers N --hubs H --faults K --window SECS)
+//!     (both take --peers N --hubs H --faults K --window SECS, and --quick
+//!     to run on sim::fabric::Quick instead of turmoil, --flows K to have
+//!     each peer send to K others instead of all)
 //!     fastmesh-sim world [--peers N] [--secs S] [--loss P] [--latency MS] [--probe-ms MS] [--turmoil]
 //!
 //! One seed prints its schedule and what the run found; on a violation it
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 fn usage() -> ExitCode {
     eprintln!(
         "usage: fastmesh-sim chaos (--seed S [--only I,J,..] [--no-shrink] | --seeds N [--from S])\n\
-         \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS]"
+         \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS] [--quick] [--flows K]"
     );
     ExitCode::from(2)
 }
@@ -178,6 +180,11 @@ fn main() -> ExitCode {
                 }
             }
             "--no-shrink" => no_shrink = true,
+            "--quick" => cfg.quick = true,
+            "--flows" => match num(val()) {
+                Some(v) if v >= 1 => cfg.flows_per_peer = Some(v as usize),
+                _ => return usage(),
+            },
             "--peers" => match num(val()) {
                 Some(v) if v >= 3 => cfg.peers = v as usize,
                 _ => return usage(),
@@ -232,11 +239,13 @@ fn main() -> ExitCode {
                 }
                 let list: Vec<String> = kept.iter().map(|k| k.to_string()).collect();
                 println!(
-                    "replay: fastmesh-sim chaos --seed {s} --peers {} --hubs {} --faults {} --window {} --only {}",
+                    "replay: fastmesh-sim chaos --seed {s} --peers {} --hubs {} --faults {} --window {}{}{} --only {}",
                     cfg.peers,
                     cfg.hubs,
                     cfg.faults,
                     cfg.window.as_secs(),
+                    if cfg.quick { " --quick" } else { "" },
+                    cfg.flows_per_peer.map(|k| format!(" --flows {k}")).unwrap_or_default(),
                     list.join(",")
                 );
             }
