@@ -26,9 +26,9 @@
 //! * within [`ChaosConfig::recover`] of the quiet period's start, every pair
 //!   of peers not revoked exchanges traffic again.
 
+use crate::fabric::{Fabric, Quick};
 use crate::impair::{GilbertElliott, LinkSpec};
 use crate::traffic::{self, Kind};
-use crate::fabric::{Fabric, Quick};
 use crate::world::{hub_host, World, WorldConfig, PROBE_EVERY};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

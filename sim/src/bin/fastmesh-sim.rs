@@ -5,6 +5,7 @@
 //!     (both take --peers N --hubs H --faults K --window SECS, and --quick
 //!     to run on sim::fabric::Quick instead of turmoil, --flows K to have
 //!     each peer send to K others instead of all)
+//!     fastmesh-sim floor N
 //!     fastmesh-sim world [--peers N] [--secs S] [--loss P] [--latency MS] [--probe-ms MS] [--turmoil]
 //!
 //! One seed prints its schedule and what the run found; on a violation it
@@ -23,6 +24,42 @@ fn usage() -> ExitCode {
          \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS] [--quick] [--flows K]"
     );
     ExitCode::from(2)
+}
+
+/// `fastmesh-sim floor N`: what turmoil costs with N hosts that only sleep
+/// (one timer a second each), for 60 simulated seconds at its 1-ms step:
+/// the floor under any turmoil world of that many hosts.
+fn floor(args: &[String]) -> ExitCode {
+    let Some(n) = args
+        .first()
+        .and_then(|a| a.parse::<usize>().ok())
+        .filter(|n| (1..=250).contains(n))
+    else {
+        eprintln!("usage: fastmesh-sim floor HOSTS (1..250)");
+        return ExitCode::from(2);
+    };
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(Duration::from_secs(70))
+        .build();
+    for i in 0..n {
+        sim.host(format!("h{i}"), || async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let t = Instant::now();
+    while sim.elapsed() < Duration::from_secs(60) {
+        if let Err(e) = sim.step() {
+            eprintln!("step: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    println!(
+        "turmoil, {n} idle hosts: 60 s simulated in {:.1} s wall",
+        t.elapsed().as_secs_f64()
+    );
+    ExitCode::SUCCESS
 }
 
 /// `fastmesh-sim world`: how fast the simulator runs a mesh of N peers and
@@ -155,6 +192,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("world") {
         return world(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("floor") {
+        return floor(&args[1..]);
     }
     if args.first().map(String::as_str) != Some("chaos") {
         return usage();
