@@ -69,9 +69,9 @@ pub struct HubLink {
 pub struct PeerLink {
     /// Last time anything came back from the peer.
     pub last_heard: Option<Duration>,
-    /// Last heartbeat ack.
+    /// Last heartbeat from the peer (or ack of ours, from older peers).
     pub last_ack: Option<Duration>,
-    /// Heartbeat round-trip time.
+    /// Heartbeat round-trip time (only from older peers' acks).
     pub rtt: Option<Duration>,
     /// Times the session was restarted.
     pub restarts: u64,
@@ -325,7 +325,15 @@ impl Heartbeats {
         }
     }
 
-    /// `peer` acked heartbeat `seq`.
+    /// A heartbeat came from `peer`.
+    pub fn on_peer_heartbeat(&mut self, peer: &PublicKey, now: Duration) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.last_ack = Some(now);
+            p.last_heard = Some(now);
+        }
+    }
+
+    /// `peer` acked heartbeat `seq` (older peers ack every heartbeat).
     pub fn on_peer_ack(&mut self, peer: &PublicKey, seq: u64, now: Duration) {
         if let Some(p) = self.peers.get_mut(peer) {
             if let Some(sent) = p.sent.remove(&seq) {
@@ -425,6 +433,35 @@ mod tests {
         // Heard at 4; dead after 3 s of silence -> restart at 8.
         assert_eq!(restarts, 1);
         assert_eq!(h.peer(&PEER).unwrap().restarts, 1);
+    }
+
+    /// Peers do not ack each other's heartbeats: the other side's own
+    /// heartbeats keep the link alive, and their silence restarts it.
+    #[test]
+    fn heard_heartbeats_keep_a_peer_alive_without_acks() {
+        let mut h = Heartbeats::new(cfg(), &[], s(0));
+        h.add_peer(PEER, s(0));
+        let mut restarts = 0;
+        for t in 0..10 {
+            let mut out = vec![];
+            h.poll(s(t), &mut out);
+            assert!(
+                out.iter()
+                    .any(|a| matches!(a, Action::PeerHeartbeat { .. })),
+                "we keep sending ours at {t}"
+            );
+            restarts += out
+                .iter()
+                .filter(|a| matches!(a, Action::RestartPeer(_)))
+                .count();
+            if t < 5 {
+                h.on_peer_heartbeat(&PEER, s(t));
+            }
+        }
+        assert_eq!(restarts, 1, "heard at 4; restarted after 3 s of silence");
+        let p = h.peer(&PEER).unwrap();
+        assert_eq!(p.last_ack, Some(s(4)), "shown as the last heartbeat");
+        assert_eq!(p.rtt, None, "no RTT without acks");
     }
 
     #[test]

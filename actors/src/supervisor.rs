@@ -462,20 +462,16 @@ impl Supervisor {
         }
     }
 
-    fn on_peer_control(&mut self, peer: PublicKey, endpoint: Option<SocketAddr>, msg: Control) {
+    fn on_peer_control(&mut self, peer: PublicKey, msg: Control) {
         let now = self.now();
         match msg {
-            Control::Heartbeat { seq, .. } => {
-                self.hb.on_peer_heard(&peer, now);
-                // Through a relay there is no endpoint to report.
-                let observed = endpoint.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-                let ack = Control::HeartbeatAck {
-                    seq,
-                    observed,
-                    interval_ms: None,
-                };
-                self.send(peer, ack, false);
-            }
+            // Peers do not acknowledge each other's heartbeats: each side
+            // sends its own, and a heartbeat heard is all the other side's
+            // acknowledgement would have said (liveness goes by what is
+            // heard; the session's pings measure RTT). An idle pair sends
+            // two frames per interval instead of four. Acks from older
+            // peers are still taken.
+            Control::Heartbeat { .. } => self.hb.on_peer_heartbeat(&peer, now),
             Control::HeartbeatAck { seq, .. } => self.hb.on_peer_ack(&peer, seq, now),
             _ => {}
         }
@@ -620,7 +616,7 @@ impl Handler<NetEvent> for Supervisor {
         let now = self.now();
         match ev.event {
             Event::Control(msg) if hub => self.on_hub_control(ev.peer, msg),
-            Event::Control(msg) => self.on_peer_control(ev.peer, ev.endpoint, msg),
+            Event::Control(msg) => self.on_peer_control(ev.peer, msg),
             Event::Established | Event::PeerRestarted | Event::Recovered if hub => {
                 // A (new) session with the hub: register over it right away.
                 if !self
