@@ -467,6 +467,15 @@ impl Session {
     }
 }
 
+/// The least retransmission timeout of a control conversation. Control
+/// messages (registrations, peer-map deltas) are small and not urgent to the
+/// millisecond, and their round trip includes the other side's processing:
+/// a hub admitting a thousand members at once answers each one late, and with
+/// the fast profile's 30 ms every control segment in flight timed out and was
+/// sent again, over and over (`fastmesh-lab hubload 1000`: 36 s for all to
+/// register). A loss costs at most this much more.
+pub(super) const CONTROL_MIN_RTO: u32 = 200;
+
 /// KCP's retransmission settings for `profile`. While FEC protects the data
 /// frames, a segment is not resent fast (after a few later segments were
 /// acknowledged) but only after a group's worth were, or at its timeout:
@@ -482,6 +491,11 @@ pub(super) fn tune_resend(
 ) {
     let (nodelay, interval, resend, min_rto) = profile.params();
     let min_rto = min_rto.max(rto_floor.unwrap_or(0));
+    let min_rto = if kcp.conv() == super::CONV_CONTROL {
+        min_rto.max(CONTROL_MIN_RTO)
+    } else {
+        min_rto
+    };
     let resend = if fec_on && resend > 0 {
         (super::fec::MAX_GROUP + 4) as u32
     } else {

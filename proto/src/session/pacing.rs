@@ -106,7 +106,11 @@ impl Session {
             }
             // Output carrying data waits for the pacer; acks and probes do not.
             if let Some(conv) = conv {
-                self.last_kcp_tx = Some(now);
+                // Data, not control: control messages do not make a session
+                // "active" (pinging for RTT samples, idle restarts).
+                if conv != super::CONV_CONTROL {
+                    self.last_kcp_tx = Some(now);
+                }
                 self.paced.entry(conv).or_default().push_back(pkt);
                 self.paced_len += 1;
             } else {

@@ -334,3 +334,72 @@ fn a_hub_holds_no_conversations_its_members_open() {
     );
     assert!(hub.out.rx.is_empty(), "no inner packet was delivered");
 }
+
+/// A lost control segment is resent after the control conversation's
+/// timeout floor (200 ms), not the data profile's 30 ms: a busy hub answers
+/// late, and a short timeout made it resend everything in flight to every
+/// member over and over.
+#[test]
+fn a_lost_control_segment_waits_for_the_control_timeout_floor() {
+    let now = Duration::from_secs(10);
+    let (mut a, mut b, _) = established(7, now);
+    let kb = *b.node.public_key();
+    let ka = *a.node.public_key();
+    let retransmits = |a: &Side| a.node.session(&kb).unwrap().stats().retransmits;
+    // Let the TCP flow's segment be acknowledged first, and the control
+    // conversation measure a round trip of next to nothing (so its own
+    // timeout would be as short as its floor lets it be).
+    let mut seen = Vec::new();
+    for t in 1..=50u64 {
+        let at = now + Duration::from_millis(20 * t);
+        if t % 5 == 0 && t <= 40 {
+            let m = crate::wire::Control::Heartbeat {
+                seq: t,
+                map_version: 3,
+            };
+            assert!(a.node.send_control_reliable(at, &kb, &m));
+        }
+        pump(&mut a, &mut b, at, &mut seen);
+    }
+    let before = retransmits(&a);
+    let sent = now + Duration::from_millis(1100);
+    let hb = crate::wire::Control::Heartbeat {
+        seq: 7,
+        map_version: 3,
+    };
+    assert!(a.node.send_control_reliable(sent, &kb, &hb));
+    // Everything A sends for the next 150 ms is lost.
+    let mut later = 0;
+    for t in 0..=15u64 {
+        a.node
+            .service(sent + Duration::from_millis(10 * t), &mut a.out);
+        if t > 0 {
+            later += a.out.frames.len();
+        }
+        a.out.frames.clear();
+    }
+    assert_eq!(retransmits(&a), before, "resent before the floor");
+    // A control message is not data: it does not set the session pinging
+    // every 10 ms as a transfer does (a hub pushing a change to every member
+    // made every member session ping at that rate for a second).
+    assert!(
+        later <= 2,
+        "{later} frames in the 150 ms after a control message"
+    );
+    for t in 16..=60u64 {
+        pump(
+            &mut a,
+            &mut b,
+            sent + Duration::from_millis(10 * t),
+            &mut seen,
+        );
+    }
+    assert!(retransmits(&a) > before, "never resent");
+    assert!(
+        b.out
+            .events
+            .iter()
+            .any(|(k, e)| *k == ka && matches!(e, Event::Control(c) if *c == hb)),
+        "the control message arrived in the end"
+    );
+}
