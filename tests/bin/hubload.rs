@@ -403,8 +403,13 @@ impl Member {
                 }
             }
             if !registered && last_register.elapsed() > Duration::from_secs(5) {
-                // Lost registration (or handshake): start over.
+                // Lost registration (or handshake): start over, as the
+                // supervisor does: a fresh handshake, and the registration
+                // again as a datagram (a session that stays established
+                // raises no event to send it on).
                 let _ = self.node.connect(epoch.elapsed(), &hub);
+                let m = self.register_msg();
+                self.node.send_control(&hub, &m);
                 last_register = tokio::time::Instant::now();
             }
             let wake = next

@@ -149,12 +149,7 @@ impl Session {
                 self.handshake_attempts = 0;
                 self.start_handshake(ctx);
             }
-            // (A session that never sent data is not active: its clock may
-            // start near zero, and every session a node opened in its first
-            // second used to ping every 10 ms until the clock passed 1 s.)
-            let active = self
-                .last_kcp_tx
-                .is_some_and(|t| now.saturating_sub(t) < Duration::from_secs(1));
+            let active = now.saturating_sub(self.last_kcp_tx) < Duration::from_secs(1);
             // While data flows the controller wants fresh RTT samples (its
             // queue signal); a ping scheduled at the idle interval is
             // brought forward as soon as data starts.
