@@ -413,32 +413,9 @@ mod tests {
         assert!(at.windows(2).all(|w| w[1] - w[0] <= 2000));
     }
 
-    #[test]
-    fn silent_peer_is_restarted_and_heard_peer_is_not() {
-        let mut h = Heartbeats::new(cfg(), &[], s(0));
-        h.add_peer(PEER, s(0));
-        let mut restarts = 0;
-        for t in 0..10 {
-            let mut out = vec![];
-            h.poll(s(t), &mut out);
-            restarts += out
-                .iter()
-                .filter(|a| matches!(a, Action::RestartPeer(_)))
-                .count();
-            if t < 5 {
-                // acks arrive until t=4
-                h.on_peer_ack(&PEER, t + 1, s(t));
-            }
-        }
-        // Heard at 4; dead after 3 s of silence -> restart at 8.
-        assert_eq!(restarts, 1);
-        assert_eq!(h.peer(&PEER).unwrap().restarts, 1);
-    }
-
-    /// Peers do not ack each other's heartbeats: the other side's own
-    /// heartbeats keep the link alive, and their silence restarts it.
-    #[test]
-    fn heard_heartbeats_keep_a_peer_alive_without_acks() {
+    /// Ten seconds of polling with one peer that is heard (by `hear`) until
+    /// t=4 and silent after; returns the heartbeats and the restarts.
+    fn heard_until_4(hear: impl Fn(&mut Heartbeats, u64)) -> (Heartbeats, usize) {
         let mut h = Heartbeats::new(cfg(), &[], s(0));
         h.add_peer(PEER, s(0));
         let mut restarts = 0;
@@ -455,9 +432,26 @@ mod tests {
                 .filter(|a| matches!(a, Action::RestartPeer(_)))
                 .count();
             if t < 5 {
-                h.on_peer_heartbeat(&PEER, s(t));
+                hear(&mut h, t);
             }
         }
+        (h, restarts)
+    }
+
+    #[test]
+    fn silent_peer_is_restarted_and_heard_peer_is_not() {
+        // Acks of ours (from older peers) arrive until t=4.
+        let (h, restarts) = heard_until_4(|h, t| h.on_peer_ack(&PEER, t + 1, s(t)));
+        // Heard at 4; dead after 3 s of silence -> restart at 8.
+        assert_eq!(restarts, 1);
+        assert_eq!(h.peer(&PEER).unwrap().restarts, 1);
+    }
+
+    /// Peers do not ack each other's heartbeats: the other side's own
+    /// heartbeats keep the link alive, and their silence restarts it.
+    #[test]
+    fn heard_heartbeats_keep_a_peer_alive_without_acks() {
+        let (h, restarts) = heard_until_4(|h, t| h.on_peer_heartbeat(&PEER, s(t)));
         assert_eq!(restarts, 1, "heard at 4; restarted after 3 s of silence");
         let p = h.peer(&PEER).unwrap();
         assert_eq!(p.last_ack, Some(s(4)), "shown as the last heartbeat");

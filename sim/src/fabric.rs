@@ -125,60 +125,7 @@ pub enum SimUdp {
     Quick(QuickUdp),
 }
 
-impl Datagram for SimUdp {
-    fn send_to(
-        &self,
-        buf: &[u8],
-        to: SocketAddr,
-    ) -> impl Future<Output = io::Result<usize>> + Send {
-        async move {
-            match self {
-                SimUdp::Turmoil(s) => s.send_to(buf, to).await,
-                SimUdp::Quick(s) => s.try_send_to(buf, to),
-            }
-        }
-    }
-    fn recv_from(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
-        crate::turmoil_net::recv_when_readable(self, buf)
-    }
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        match self {
-            SimUdp::Turmoil(s) => s.local_addr(),
-            SimUdp::Quick(s) => Ok(s.addr),
-        }
-    }
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            match self {
-                SimUdp::Turmoil(s) => s.readable().await,
-                SimUdp::Quick(s) => std::future::poll_fn(|cx| s.poll_readable(cx.waker())).await,
-            }
-        }
-    }
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        match self {
-            SimUdp::Turmoil(s) => s.try_recv_from(buf),
-            SimUdp::Quick(s) => s.try_recv_from(buf),
-        }
-    }
-    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        match self {
-            SimUdp::Turmoil(s) => s.try_send_to(buf, to),
-            SimUdp::Quick(s) => s.try_send_to(buf, to),
-        }
-    }
-    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            match self {
-                SimUdp::Turmoil(s) => s.writable().await,
-                SimUdp::Quick(_) => Ok(()),
-            }
-        }
-    }
-}
+either_datagram!(SimUdp { Turmoil, Quick });
 
 /// Datagrams a [`QuickUdp`] holds before it drops new ones (a socket's
 /// receive buffer).
@@ -275,12 +222,12 @@ pub struct QuickUdp {
 }
 
 impl QuickUdp {
-    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+    fn send_now(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
         self.net.deliver(self.addr, to, buf);
         Ok(buf.len())
     }
 
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    fn recv_now(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         let (from, data) = self
             .inbox
             .lock()
@@ -305,6 +252,37 @@ impl QuickUdp {
             i.wakers.push(waker.clone());
         }
         Poll::Pending
+    }
+}
+
+impl Datagram for QuickUdp {
+    fn send_to(
+        &self,
+        buf: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        std::future::ready(self.send_now(buf, to))
+    }
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+        crate::turmoil_net::recv_when_readable(self, buf)
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::poll_fn(|cx| self.poll_readable(cx.waker()))
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.recv_now(buf)
+    }
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.send_now(buf, to)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
     }
 }
 

@@ -21,6 +21,71 @@
 // traits require rather than relying on `async fn` inference.
 #![allow(clippy::manual_async_fn)]
 
+/// `impl Datagram` for an enum of two socket kinds, each a `Datagram`
+/// itself: every call goes to the variant's (`recv_from` through readiness).
+macro_rules! either_datagram {
+    ($ty:ident { $a:ident, $b:ident }) => {
+        impl transport::Datagram for $ty {
+            fn send_to(
+                &self,
+                buf: &[u8],
+                to: std::net::SocketAddr,
+            ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send {
+                async move {
+                    match self {
+                        $ty::$a(s) => s.send_to(buf, to).await,
+                        $ty::$b(s) => s.send_to(buf, to).await,
+                    }
+                }
+            }
+            fn recv_from(
+                &self,
+                buf: &mut [u8],
+            ) -> impl std::future::Future<Output = std::io::Result<(usize, std::net::SocketAddr)>> + Send
+            {
+                $crate::turmoil_net::recv_when_readable(self, buf)
+            }
+            fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+                match self {
+                    $ty::$a(s) => s.local_addr(),
+                    $ty::$b(s) => s.local_addr(),
+                }
+            }
+            fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+                async move {
+                    match self {
+                        $ty::$a(s) => s.readable().await,
+                        $ty::$b(s) => s.readable().await,
+                    }
+                }
+            }
+            fn try_recv_from(
+                &self,
+                buf: &mut [u8],
+            ) -> std::io::Result<(usize, std::net::SocketAddr)> {
+                match self {
+                    $ty::$a(s) => s.try_recv_from(buf),
+                    $ty::$b(s) => s.try_recv_from(buf),
+                }
+            }
+            fn try_send_to(&self, buf: &[u8], to: std::net::SocketAddr) -> std::io::Result<usize> {
+                match self {
+                    $ty::$a(s) => s.try_send_to(buf, to),
+                    $ty::$b(s) => s.try_send_to(buf, to),
+                }
+            }
+            fn writable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+                async move {
+                    match self {
+                        $ty::$a(s) => s.writable().await,
+                        $ty::$b(s) => s.writable().await,
+                    }
+                }
+            }
+        }
+    };
+}
+
 pub mod bulk;
 pub mod chaos;
 pub mod des;

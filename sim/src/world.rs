@@ -125,65 +125,7 @@ pub enum PeerSock {
     Nat(SimNat),
 }
 
-impl Datagram for PeerSock {
-    fn send_to(
-        &self,
-        buf: &[u8],
-        to: SocketAddr,
-    ) -> impl Future<Output = io::Result<usize>> + Send {
-        async move {
-            match self {
-                PeerSock::Plain(s) => s.send_to(buf, to).await,
-                PeerSock::Nat(s) => s.send_to(buf, to).await,
-            }
-        }
-    }
-    fn recv_from(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
-        async move {
-            match self {
-                PeerSock::Plain(s) => s.recv_from(buf).await,
-                PeerSock::Nat(s) => s.recv_from(buf).await,
-            }
-        }
-    }
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        match self {
-            PeerSock::Plain(s) => s.local_addr(),
-            PeerSock::Nat(s) => s.local_addr(),
-        }
-    }
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            match self {
-                PeerSock::Plain(s) => s.readable().await,
-                PeerSock::Nat(s) => s.readable().await,
-            }
-        }
-    }
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        match self {
-            PeerSock::Plain(s) => s.try_recv_from(buf),
-            PeerSock::Nat(s) => s.try_recv_from(buf),
-        }
-    }
-    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        match self {
-            PeerSock::Plain(s) => s.try_send_to(buf, to),
-            PeerSock::Nat(s) => s.try_send_to(buf, to),
-        }
-    }
-    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            match self {
-                PeerSock::Plain(s) => s.writable().await,
-                PeerSock::Nat(s) => s.writable().await,
-            }
-        }
-    }
-}
+either_datagram!(PeerSock { Plain, Nat });
 
 /// What the test sees of one peer.
 pub struct PeerHandle {
