@@ -33,6 +33,10 @@ const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 const MAX_LOSS_COMPENSATION: f64 = 0.3;
 /// Oldest receiver report the clean-loss estimate uses.
 const CLEAN_MAX_AGE: Duration = Duration::from_secs(5);
+/// Loss above the path's own that ends startup once delivery stops growing.
+const STARTUP_OVERFLOW: f64 = 0.05;
+/// The receiver reports at most this often while data arrives.
+const REPORT_LAG: Duration = Duration::from_millis(20);
 /// Delivery-rate samples the bandwidth filter keeps however old they are.
 const MIN_BW_SAMPLES: usize = 25;
 
@@ -88,6 +92,13 @@ pub struct RateControl {
     /// frames received), over the loss horizon.
     clean: VecDeque<(Duration, u64, u64)>,
     clean_loss: f64,
+    /// The last report at which the sender had been pacing above the
+    /// estimate with data waiting (startup, a probing round): frames sent
+    /// until then may have overrun the bottleneck's queue, so reports that
+    /// may still cover them are no evidence of the path's own loss.
+    hot_until: Duration,
+    /// `app_limited` at the previous report.
+    was_app_limited: bool,
 }
 
 impl RateControl {
@@ -113,6 +124,8 @@ impl RateControl {
             probe_base: 0.0,
             clean: VecDeque::new(),
             clean_loss: 0.0,
+            hot_until: Duration::ZERO,
+            was_app_limited: false,
         }
     }
 
@@ -218,8 +231,28 @@ impl RateControl {
                 return; // stale or reordered report
             }
         }
-        if let Some(&(_, last)) = self.reports.back() {
-            if self.queue_quiet() {
+        // The phase in force since the previous report, which frames that
+        // this report covers were paced under.
+        let hot = match self.phase {
+            Phase::Startup => true,
+            Phase::ProbeBw(i) => CYCLE[i] > 1.0,
+            Phase::Drain => false,
+        };
+        // A sender that had nothing waiting (messages, a trickle) did not
+        // pace above the path whatever the phase; one whose backlog just
+        // ran out (the end of a transfer) still has the last round's
+        // frames on the way.
+        let limited = self.app_limited && self.was_app_limited;
+        self.was_app_limited = self.app_limited;
+        if hot && !limited {
+            self.hot_until = now;
+        }
+        if let Some(&(last_t, last)) = self.reports.back() {
+            // Frames received after the previous report left the sender
+            // at least a round trip before it, and the receiver reports
+            // up to 20 ms late: only then are they surely not overflow.
+            let cool = last_t >= self.hot_until + self.min_rtt() + REPORT_LAG;
+            if cool && self.queue_quiet() {
                 let dh = r.highest.saturating_sub(last.highest);
                 let df = r.frames.saturating_sub(last.frames).min(dh);
                 self.clean.push_back((now, dh, df));
@@ -323,7 +356,17 @@ impl RateControl {
                     // startup gain must not keep the tunnel's pacer at it.
                 } else {
                     self.full_bw_rounds += 1;
-                    if self.full_bw_rounds >= 3 {
+                    // Delivery stopped growing while frames go missing at
+                    // more than the path's own loss rate: the bottleneck's
+                    // queue is overflowing, and every further round at the
+                    // startup gain only overflows it more. On a short path
+                    // with a shallow queue the round trip never shows the
+                    // queue (it overflows first), so without this startup
+                    // ran its three rounds at nearly three times the
+                    // path's rate (a 1 Gbit/s link with a 2 ms queue:
+                    // 7,800 retransmissions in 60 ms).
+                    let overflowing = self.loss > self.clean_loss + STARTUP_OVERFLOW;
+                    if self.full_bw_rounds >= 3 || overflowing {
                         self.phase = Phase::Drain;
                         self.phase_start = now;
                     }
@@ -371,7 +414,7 @@ impl RateControl {
             // can never exceed the bottleneck, so this cannot inflate the
             // estimate past it; the cruising rounds then pace at the estimate.
             Phase::ProbeBw(i) if CYCLE[i] > 1.0 => {
-                CYCLE[i] / (1.0 - self.loss.min(MAX_LOSS_COMPENSATION))
+                CYCLE[i] / (1.0 - self.clean_loss.min(MAX_LOSS_COMPENSATION))
             }
             // Cruising: the delivered rate is what survives the path's
             // random loss, so pacing at it would leave that share of the
@@ -581,6 +624,76 @@ mod tests {
             r.bytes += (rate * 0.025) as u64;
             c.on_report(ms(*t), *r);
         }
+    }
+
+    /// One 50-ms round over a path of `path` bytes/s that loses `random`
+    /// of what it carries and drops (overflow) whatever exceeds its rate;
+    /// 1000-byte frames, two reports per round. Returns whether the
+    /// pacer sent more than the path carries.
+    fn round_over(
+        c: &mut RateControl,
+        r: &mut Report,
+        t: &mut u64,
+        path: f64,
+        random: f64,
+    ) -> bool {
+        let send = c.pacing_rate();
+        for _ in 0..2 {
+            *t += 25;
+            let sent = (send * 0.025 / 1000.0).round().max(1.0) as u64;
+            let carried = (send.min(path) * 0.025 / 1000.0) as u64;
+            let got = (carried as f64 * (1.0 - random)).round() as u64;
+            r.highest += sent;
+            r.frames += got;
+            r.bytes += got * 1000;
+            c.on_report(ms(*t), *r);
+        }
+        send > path
+    }
+
+    #[test]
+    fn startup_ends_at_the_first_flat_round_that_overflows() {
+        // No queue ever shows in the round trips (a shallow queue
+        // overflows first): only the loss tells.
+        let (mut c, mut r) = fresh(50);
+        let mut t = 0;
+        let mut over = 0;
+        for _ in 0..60 {
+            if c.phase() != "Startup" {
+                break;
+            }
+            over += round_over(&mut c, &mut r, &mut t, 1_000_000.0, 0.0) as u32;
+        }
+        assert_ne!(c.phase(), "Startup");
+        // Growth stops at the first overflowing round; the next one shows
+        // the loss with flat delivery (without the loss signal: three
+        // flat rounds at the startup gain).
+        assert!(over <= 2, "{over} rounds above the path's rate");
+        // What startup overflowed is not the path's own loss: no parity,
+        // no compensation for it while cruising.
+        for _ in 0..20 {
+            round_over(&mut c, &mut r, &mut t, 1_000_000.0, 0.0);
+        }
+        assert_eq!(c.clean_loss(), 0.0);
+        assert!(c.btl_bw() > 950_000.0, "{}", c.btl_bw());
+    }
+
+    #[test]
+    fn random_loss_neither_ends_startup_nor_hides_from_the_clean_estimate() {
+        let (mut c, mut r) = fresh(50);
+        let mut t = 0;
+        for _ in 0..60 {
+            if c.phase() != "Startup" {
+                break;
+            }
+            round_over(&mut c, &mut r, &mut t, 1_000_000.0, 0.1);
+        }
+        // Startup went on until the path's rate (90% of it delivered).
+        assert!(c.btl_bw() > 850_000.0, "{}", c.btl_bw());
+        for _ in 0..40 {
+            round_over(&mut c, &mut r, &mut t, 1_000_000.0, 0.1);
+        }
+        assert!((c.clean_loss() - 0.1).abs() < 0.03, "{}", c.clean_loss());
     }
 
     #[test]

@@ -13,7 +13,7 @@ fn samples(seed: u64, total: u64, step: Duration) -> Vec<u64> {
     let spec = LinkSpec::latency(Duration::from_micros(250))
         .with_jitter(Duration::from_micros(100))
         .with_rate(1_000_000_000, 256_000);
-    let (mut net, _, _) = tcp_pair(
+    let (mut net, _, kb) = tcp_pair(
         seed,
         (NodeConfig::default(), NodeConfig::default()),
         spec,
@@ -32,6 +32,26 @@ fn samples(seed: u64, total: u64, step: Duration) -> Vec<u64> {
     }
     assert_eq!(net.host(1).apps[k].stats.read, total, "every byte");
     assert!(!net.host(1).apps[k].stats.corrupt);
+    // The link loses nothing but what overflows its queue: the sender
+    // finds its rate without overrunning it for long, and protects
+    // nothing with parity (its controller once took its own overflow for
+    // path loss: a third of its frames parity, one in ten a retransmission).
+    let st = net.node(0).node.peer_stats(&kb).expect("session");
+    let frames = net.wire(0, 1).packets;
+    println!(
+        "seed {seed}: {frames} frames, {} retransmitted, {} parity",
+        st.retransmits, st.fec_parity
+    );
+    assert!(
+        st.fec_parity * 100 <= frames,
+        "seed {seed}: {} parity",
+        st.fec_parity
+    );
+    assert!(
+        st.retransmits * 10 <= frames,
+        "seed {seed}: {} retransmitted",
+        st.retransmits
+    );
     v
 }
 
