@@ -248,7 +248,8 @@ pub struct Session {
     /// When the node admitted this session (for eviction at the cap).
     born: Duration,
     last_tx: Duration,
-    last_kcp_tx: Duration,
+    /// When data last left on a KCP conversation (None: never).
+    last_kcp_tx: Option<Duration>,
     next_ping: Duration,
     next_feedback: Duration,
     reported: u64,
@@ -358,7 +359,7 @@ impl Session {
             last_rx: Duration::ZERO,
             born: Duration::ZERO,
             last_tx: Duration::ZERO,
-            last_kcp_tx: Duration::ZERO,
+            last_kcp_tx: None,
             next_ping: Duration::ZERO,
             next_feedback: Duration::ZERO,
             reported: 0,

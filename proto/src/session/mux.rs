@@ -134,7 +134,9 @@ impl Session {
                 // for a while (not a transfer stalled on its window).
                 let idle = self.queued == 0
                     && self.paced_len == 0
-                    && now.saturating_sub(self.last_kcp_tx) >= IDLE_RESTART
+                    && self
+                        .last_kcp_tx
+                        .is_none_or(|t| now.saturating_sub(t) >= IDLE_RESTART)
                     && self.convs.values().all(|c| c.kcp.wait_snd() == 0);
                 let c = self.conv(now, id);
                 c.queue.push_back(pkt.to_vec());

@@ -109,7 +109,7 @@ impl Session {
                 // Data, not control: control messages do not make a session
                 // "active" (pinging for RTT samples, idle restarts).
                 if conv != super::CONV_CONTROL {
-                    self.last_kcp_tx = now;
+                    self.last_kcp_tx = Some(now);
                 }
                 self.paced.entry(conv).or_default().push_back(pkt);
                 self.paced_len += 1;

@@ -260,7 +260,9 @@ impl Session {
         }
         let idle = self.queued == 0
             && self.paced_len == 0
-            && now.saturating_sub(self.last_kcp_tx) >= super::IDLE_RESTART
+            && self
+                .last_kcp_tx
+                .is_none_or(|t| now.saturating_sub(t) >= super::IDLE_RESTART)
             && self.convs.values().all(|c| c.kcp.wait_snd() == 0);
         let c = self.conv(now, conv);
         c.queue.push_back(msg.encode());

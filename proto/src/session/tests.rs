@@ -403,3 +403,38 @@ fn a_lost_control_segment_waits_for_the_control_timeout_floor() {
         "the control message arrived in the end"
     );
 }
+
+#[test]
+fn a_new_session_without_data_goes_quiet_once_its_path_is_measured() {
+    // A node's clock starts near zero: a session that never carried data
+    // once counted as busy until the clock passed one second, and pinged
+    // every 10 ms until then (a hub admitting a thousand members at once
+    // sent them a thousand pings a second each way).
+    let now = Duration::ZERO;
+    let mut a = side(1, 7, "192.0.2.1:4000", now);
+    let mut b = side(2, 99, "192.0.2.2:4000", now);
+    let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
+    a.node.add_peer(kb, Some(b.addr));
+    b.node.add_peer(ka, Some(a.addr));
+    a.node.connect(now, &kb).unwrap();
+    let mut seen = Vec::new();
+    let mut settled_at = None;
+    let mut after = 0;
+    for t in 0..=150u64 {
+        let at = Duration::from_millis(10 * t);
+        let before = seen.len();
+        pump(&mut a, &mut b, at, &mut seen);
+        let st = a.node.session(&kb).expect("session").stats();
+        if settled_at.is_none() && st.pmtu_settled {
+            settled_at = Some(at);
+        } else if settled_at.is_some() {
+            after += seen.len() - before;
+        }
+    }
+    // The path-MTU search (which pings busily: an unanswered probe counts
+    // only if something else came back) settles at once on this path ...
+    let settled_at = settled_at.expect("the path-MTU search settled");
+    assert!(settled_at <= Duration::from_millis(200), "{settled_at:?}");
+    // ... and then the session is quiet: no ping every 10 ms.
+    assert!(after <= 5, "{after} frames from A after {settled_at:?}");
+}

@@ -149,7 +149,17 @@ impl Session {
                 self.handshake_attempts = 0;
                 self.start_handshake(ctx);
             }
-            let active = now.saturating_sub(self.last_kcp_tx) < Duration::from_secs(1);
+            // (A session that never sent data is not active: its clock may
+            // start near zero, and every session a node opened in its first
+            // second used to ping every 10 ms until the clock passed 1 s.)
+            // While the path-MTU search runs it pings as busily: a probe
+            // that goes unanswered counts against its size only if the
+            // path answered something else meanwhile, and an idle session
+            // would otherwise leave its search unsettled until data flows.
+            let active = self
+                .last_kcp_tx
+                .is_some_and(|t| now.saturating_sub(t) < Duration::from_secs(1))
+                || self.pmtu.settled().is_none();
             // While data flows the controller wants fresh RTT samples (its
             // queue signal); a ping scheduled at the idle interval is
             // brought forward as soon as data starts.
