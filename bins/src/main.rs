@@ -11,6 +11,11 @@ mod reload;
 mod routing;
 
 use actix::prelude::*;
+
+/// jemalloc gives memory back to the system after a burst (glibc's malloc
+/// kept a hub at 200 MB after 1,000 members joined, 35 MB of it in use).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use config::*;

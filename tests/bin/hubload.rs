@@ -194,9 +194,17 @@ pub fn generator(args: &[&str]) -> Result<()> {
             tokio::task::spawn_local(m.run(shared.clone(), epoch));
         }
         let changed = shared.borrow().changed.clone();
-        // Phase 1: all join.
-        if !until(&changed, Duration::from_secs(300), || shared.borrow().registered >= n).await {
-            bail!("only {} of {n} registered after 300 s", shared.borrow().registered);
+        // Phase 1: all join (progress every 5 s: a slow join shows whether
+        // everyone is slow or a few stragglers are left).
+        loop {
+            if until(&changed, Duration::from_secs(5), || shared.borrow().registered >= n).await {
+                break;
+            }
+            let k = shared.borrow().registered;
+            if t0.elapsed() > Duration::from_secs(300) {
+                bail!("only {k} of {n} registered after 300 s");
+            }
+            println!("  {k} of {n} registered after {:.0} s", t0.elapsed().as_secs_f64());
         }
         println!(
             "{n} members joining at once: all registered after {:.2} s",
