@@ -18,6 +18,7 @@ use fastmesh_actors::peermap::PeerMap;
 use fastmesh_actors::store::parse_key_hex;
 use fastmesh_tests::lab::{proc_cpu_secs, proc_status, Lab};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -118,6 +119,48 @@ pub fn hubload(args: &[&str]) -> Result<()> {
     }
     let text = std::fs::read_to_string(&log)?;
     print!("{text}");
+    // What the hub dropped or refused, and what its kernel dropped before
+    // the hub read it (a join that needs retries shows why here).
+    if let Ok(o) = lab.exec(0, "cat", &["/proc/net/snmp"]) {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
+        if let [names, values] = udp[..] {
+            let field = |f: &str| {
+                names
+                    .split_whitespace()
+                    .position(|n| n == f)
+                    .and_then(|i| values.split_whitespace().nth(i))
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            println!(
+                "hub's namespace: {} UDP datagrams received, {} dropped for a full receive buffer",
+                field("InDatagrams"),
+                field("RcvbufErrors")
+            );
+        }
+    }
+    if let Ok(v) = lab.status(0) {
+        if let Some(c) = v["status"]["counters"].as_object() {
+            let drops: Vec<String> = c
+                .iter()
+                .filter(|(k, v)| {
+                    !k.starts_with("udp_")
+                        && !k.starts_with("plane_")
+                        && v.as_u64().is_some_and(|n| n > 0)
+                })
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!(
+                "hub counters (drops, refusals): {}",
+                if drops.is_empty() {
+                    "none".into()
+                } else {
+                    drops.join(", ")
+                }
+            );
+        }
+    }
     let (cpu, rss) = sampled.context("no steady window")?;
     println!(
         "hub at steady state: {:.1}% of one core, RSS {:.1} MB (at start {:.1} MB)",
@@ -142,6 +185,8 @@ struct Shared {
     nacks: u64,
     /// Woken when a member registers or its map version moves.
     changed: Rc<tokio::sync::Notify>,
+    /// Members not registered yet, by the state of their hub session.
+    waiting: BTreeMap<u32, String>,
 }
 
 /// One member's output to its socket.
@@ -204,7 +249,11 @@ pub fn generator(args: &[&str]) -> Result<()> {
             if t0.elapsed() > Duration::from_secs(300) {
                 bail!("only {k} of {n} registered after 300 s");
             }
-            println!("  {k} of {n} registered after {:.0} s", t0.elapsed().as_secs_f64());
+            let mut states: BTreeMap<String, u32> = BTreeMap::new();
+            for st in shared.borrow().waiting.values() {
+                *states.entry(st.clone()).or_default() += 1;
+            }
+            println!("  {k} of {n} registered after {:.0} s; the others' hub sessions: {states:?}", t0.elapsed().as_secs_f64());
         }
         println!(
             "{n} members joining at once: all registered after {:.2} s",
@@ -409,6 +458,26 @@ impl Member {
                     }
                     _ => {}
                 }
+            }
+            if !registered {
+                let st = match self.node.session(&hub) {
+                    None => "no session".to_string(),
+                    Some(s) => {
+                        let x = s.stats();
+                        format!(
+                            "established {} handshaking {} dead {} handshakes {} retransmits {} control backlog {}",
+                            s.is_established(),
+                            s.handshaking(),
+                            s.is_dead(),
+                            x.handshakes,
+                            x.retransmits,
+                            x.control_backlog_dropped
+                        )
+                    }
+                };
+                shared.borrow_mut().waiting.insert(self.i, st);
+            } else {
+                shared.borrow_mut().waiting.remove(&self.i);
             }
             if !registered && last_register.elapsed() > Duration::from_secs(5) {
                 // Lost registration (or handshake): start over, as the
