@@ -165,8 +165,14 @@ pub const PUNCH_REQUEST_EVERY: Duration = Duration::from_secs(10);
 
 /// Conversation id of the reliable control channel.
 pub const CONV_CONTROL: u32 = 0;
-/// KCP window of the control conversation, in segments.
-pub const CONTROL_WND: u16 = 128;
+/// KCP window of the control conversation, in segments: what one session
+/// keeps in flight, and so what it sends again at each timeout while no
+/// acknowledgement comes back. At 128, a hub pushing maps to a thousand
+/// members at once had up to 128,000 segments in flight; its own receive
+/// buffer overflowed with the members' acknowledgements, and it resent them
+/// all at every timeout (joins of 80-220 s in 6 runs of 21). At 16 a
+/// thousand-record map (~90 segments) takes about six round trips.
+pub const CONTROL_WND: u16 = 16;
 /// Most segments the control conversation holds unsent or unacknowledged;
 /// reliable control messages beyond are refused and counted (a hub's
 /// members resynchronise their maps from the version they report).

@@ -438,3 +438,57 @@ fn a_new_session_without_data_goes_quiet_once_its_path_is_measured() {
     // ... and then the session is quiet: no ping every 10 ms.
     assert!(after <= 5, "{after} frames from A after {settled_at:?}");
 }
+
+#[test]
+fn control_messages_to_a_silent_peer_keep_a_small_window_in_flight() {
+    // A hub pushing maps to a thousand members at once kept up to 128
+    // control segments in flight to each, and when the members' acks were
+    // lost in its own full receive buffer it sent them all again at every
+    // timeout (`fastmesh-lab hubload 1000`: 460,000 datagrams in ten
+    // seconds, joins of 80-220 s). What is resent while nothing comes back
+    // is bounded by the control window, not by what is queued.
+    let now = Duration::from_secs(10);
+    let (mut a, mut b, _) = established(7, now);
+    let kb = *b.node.public_key();
+    let mut seen = Vec::new();
+    pump(&mut a, &mut b, now + Duration::from_millis(50), &mut seen);
+    let before = a.node.session(&kb).unwrap().stats().retransmits;
+    let sent = now + Duration::from_millis(100);
+    for seq in 0..200u64 {
+        let m = crate::wire::Control::Heartbeat {
+            seq,
+            map_version: 3,
+        };
+        assert!(a.node.send_control_reliable(sent, &kb, &m));
+    }
+    // Nothing A sends arrives for two seconds.
+    for t in 0..=200u64 {
+        a.node
+            .service(sent + Duration::from_millis(10 * t), &mut a.out);
+        a.out.frames.clear();
+    }
+    let resent = a.node.session(&kb).unwrap().stats().retransmits - before;
+    // Four or five timeouts (200 ms, then growing by half) in two seconds.
+    println!("{resent} control segments resent");
+    assert!(resent > 0, "nothing resent");
+    assert!(resent <= 100, "{resent} control segments resent");
+    // And once the path works again, everything arrives in order.
+    for t in 201..=600u64 {
+        pump(
+            &mut a,
+            &mut b,
+            sent + Duration::from_millis(10 * t),
+            &mut seen,
+        );
+    }
+    let got: Vec<u64> = b
+        .out
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Control(crate::wire::Control::Heartbeat { seq, .. }) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, (0..200).collect::<Vec<_>>());
+}
