@@ -2,11 +2,14 @@
 //! table. Control messages arrive from the hub's data plane as [`NetEvent`]s;
 //! replies go back as [`Cmd::Send`].
 
+use crate::cluster::{Batch, Book, Change, Cluster, Outcome, ProposeError};
 use crate::dataplane::{Cmd, GetSnapshot, NetEvent};
 use crate::registry::{short_key, Claim, Registered, Registry, RegistryConfig, Reply};
 use crate::store::OwnerStore;
 use actix::prelude::*;
 use serde::Serialize;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use transport::wire::{Control, ErrorCode, PublicKey};
@@ -54,6 +57,25 @@ pub struct HubStatus {
     pub registrations: u64,
     /// Registrations refused since the hub started, by reason.
     pub refusals: std::collections::BTreeMap<String, u64>,
+    /// The hubs' shared registry, when this hub is one of several.
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// This hub's view of the hubs' Raft.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterStatus {
+    /// This hub's id.
+    pub id: u64,
+    /// "Leader", "Follower", "Candidate" or "Learner".
+    pub state: String,
+    /// The leader this hub knows of.
+    pub leader: Option<u64>,
+    /// Raft term.
+    pub term: u64,
+    /// Index of the last entry applied here.
+    pub applied: Option<u64>,
+    /// Registrations waiting for the log.
+    pub waiting: usize,
 }
 
 /// Revoke a node key (operator command). Replies whether it was newly revoked.
@@ -101,7 +123,18 @@ pub struct RegistryActor {
     plane: Recipient<Cmd>,
     snap: Option<Recipient<GetSnapshot>>,
     epoch: Instant,
+    /// The hubs' replicated book (None: this hub alone decides).
+    cluster: Option<Cluster>,
+    /// Registrations that change ownership, waiting to go through the log.
+    waiting: Vec<(PublicKey, SocketAddr, Claim)>,
+    /// A batch of them is in the log's hands.
+    proposing: bool,
 }
+
+/// The book changed (an entry was applied or a snapshot installed).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct BookUpdate(Arc<Book>);
 
 impl RegistryActor {
     /// A registry answering through `plane`, persisting ownership to `store`
@@ -117,7 +150,111 @@ impl RegistryActor {
             plane,
             snap: None,
             epoch: Instant::now(),
+            cluster: None,
+            waiting: Vec::new(),
+            proposing: false,
         }
+    }
+
+    /// Share ownership and revocations with other hubs through `cluster`
+    /// (whose log is then the durable copy: the owner file is not used).
+    pub fn with_cluster(mut self, cluster: Cluster) -> RegistryActor {
+        self.store = None;
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Put the waiting registrations through the log, one batch at a time.
+    fn propose(&mut self, ctx: &mut Context<Self>) {
+        let Some(c) = self.cluster.clone() else {
+            return;
+        };
+        if self.proposing || self.waiting.is_empty() {
+            return;
+        }
+        self.proposing = true;
+        let regs = std::mem::take(&mut self.waiting);
+        let batch = Batch(
+            regs.iter()
+                .map(|(key, _, claim)| Change::Claim {
+                    key: *key,
+                    addrs: claim.overlay.iter().map(|n| n.addr).collect(),
+                })
+                .collect(),
+        );
+        let fut = async move { c.propose(batch).await };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.proposing = false;
+            act.decided(regs, res, ctx);
+            act.propose(ctx);
+        }));
+    }
+
+    /// Answer registrations the log decided on.
+    fn decided(
+        &mut self,
+        regs: Vec<(PublicKey, SocketAddr, Claim)>,
+        res: Result<Vec<Outcome>, ProposeError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let now = self.now();
+        let mut out = Vec::new();
+        let res = match res {
+            Ok(o) if o.len() == regs.len() => Ok(o),
+            Ok(o) => Err(ProposeError::Fatal(format!(
+                "{} outcomes for {} claims",
+                o.len(),
+                regs.len()
+            ))),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(outcomes) => {
+                for ((key, observed, claim), o) in regs.into_iter().zip(outcomes) {
+                    match o {
+                        Outcome::Done | Outcome::Unchanged => {
+                            let addrs: Vec<IpAddr> = claim.overlay.iter().map(|n| n.addr).collect();
+                            // The leader applied it; this hub's copy may lag.
+                            self.reg.grant(&key, &addrs);
+                            let name = claim.name.clone();
+                            if let Registered::Accepted { .. } =
+                                self.reg.register(now, key, observed, claim, &mut out)
+                            {
+                                tracing::info!(%name, key = %short_key(&key), %observed, "member registered (ownership committed by the hubs)");
+                            }
+                        }
+                        Outcome::InUse { addr, owner } => self.reg.refuse(
+                            key,
+                            ErrorCode::AddressInUse,
+                            format!(
+                                "overlay address {addr} is owned by another node (key {})",
+                                short_key(&owner)
+                            ),
+                            &mut out,
+                        ),
+                        Outcome::Revoked => self.reg.refuse(
+                            key,
+                            ErrorCode::Revoked,
+                            "this node's key was revoked by the hub operator".into(),
+                            &mut out,
+                        ),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%e, claims = regs.len(), "registrations not confirmed by the hubs");
+                for (key, _, _) in regs {
+                    self.reg.refuse(
+                        key,
+                        ErrorCode::Busy,
+                        format!("hub cannot confirm address ownership: {e}"),
+                        &mut out,
+                    );
+                }
+            }
+        }
+        self.flush(out);
+        self.schedule_push(ctx);
     }
 
     /// Also report the data plane's relay counters in the status.
@@ -209,6 +346,16 @@ impl RegistryActor {
 impl Actor for RegistryActor {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(c) = &self.cluster {
+            let first = c.book.borrow().clone();
+            let updates = futures_util::stream::unfold(c.book.clone(), |mut rx| async move {
+                rx.changed().await.ok()?;
+                let b = rx.borrow_and_update().clone();
+                Some((BookUpdate(b), rx))
+            });
+            ctx.add_stream(updates);
+            StreamHandler::handle(self, BookUpdate(first), ctx);
+        }
         let step = (self.reg.config().heartbeat / 2).max(Duration::from_millis(20));
         ctx.run_interval(step, |act, ctx| {
             let mut out = Vec::new();
@@ -220,6 +367,23 @@ impl Actor for RegistryActor {
             act.flush(out);
             act.schedule_push(ctx);
         });
+    }
+}
+
+impl StreamHandler<BookUpdate> for RegistryActor {
+    fn handle(&mut self, b: BookUpdate, ctx: &mut Context<Self>) {
+        let mut out = Vec::new();
+        for k in self.reg.apply_book(&b.0.owners, &b.0.revoked, &mut out) {
+            tracing::warn!(key = %short_key(&k), "node key revoked (through the hubs' log)");
+            self.plane.do_send(Cmd::RemovePeer(k));
+        }
+        self.flush(out);
+        self.schedule_push(ctx);
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        // The book's sender lives as long as Raft; nothing to do here (the
+        // default would stop the registry).
     }
 }
 
@@ -251,6 +415,18 @@ impl Handler<NetEvent> for RegistryActor {
                     name: name.clone(),
                     have_version,
                 };
+                if self.cluster.is_some()
+                    && self.reg.admissible(&key, &claim)
+                    && self.reg.changes_owners(&key, &claim.overlay)
+                {
+                    // Ownership is the hubs' to decide: answered once the
+                    // log has it (the latest registration of a key wins).
+                    self.reg.seen(now, &key);
+                    self.waiting.retain(|(k, _, _)| *k != key);
+                    self.waiting.push((key, observed, claim));
+                    self.propose(ctx);
+                    return;
+                }
                 let res = self.reg.register(now, key, observed, claim, &mut out);
                 match res {
                     Registered::Accepted { owners_changed } => {
@@ -299,8 +475,25 @@ impl Handler<NetEvent> for RegistryActor {
 }
 
 impl Handler<Revoke> for RegistryActor {
-    type Result = Result<bool, String>;
+    type Result = ResponseActFuture<Self, Result<bool, String>>;
     fn handle(&mut self, r: Revoke, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(c) = self.cluster.clone() {
+            // Through the log: applied at every hub (this one included,
+            // when the book update arrives) or, without a majority, nowhere
+            // until the hubs reconnect.
+            let key = r.0;
+            let fut = async move { c.propose(Batch(vec![Change::Revoke { key }])).await };
+            return Box::pin(fut.into_actor(self).map(|res, _, _| match res {
+                Ok(o) => Ok(o.first() == Some(&Outcome::Done)),
+                Err(e) => Err(format!("not confirmed by a majority of hubs: {e}")),
+            }));
+        }
+        Box::pin(actix::fut::ready(self.revoke_here(r, ctx)))
+    }
+}
+
+impl RegistryActor {
+    fn revoke_here(&mut self, r: Revoke, ctx: &mut Context<Self>) -> Result<bool, String> {
         let mut out = Vec::new();
         let newly = self.reg.revoke(&r.0, &mut out);
         if newly {
@@ -369,6 +562,17 @@ impl Handler<GetHubStatus> for RegistryActor {
             relayed_bytes: 0,
             relay_dropped: 0,
             counters: Default::default(),
+            cluster: self.cluster.as_ref().map(|c| {
+                let m = c.raft.metrics().borrow().clone();
+                ClusterStatus {
+                    id: m.id,
+                    state: format!("{:?}", m.state),
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    applied: m.last_applied.map(|l| l.index),
+                    waiting: self.waiting.len() + usize::from(self.proposing),
+                }
+            }),
         };
         let snap = self.snap.clone();
         Box::pin(

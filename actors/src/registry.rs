@@ -292,6 +292,70 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether a registration of `claim` by `key` would pass every check
+    /// this registry can make (revocation, allow-list, addresses, routes).
+    pub fn admissible(&self, key: &PublicKey, claim: &Claim) -> bool {
+        !self.revoked.contains(key)
+            && self.allowed.as_ref().is_none_or(|a| a.contains(key))
+            && self.check_claim(key, &claim.overlay).is_ok()
+            && self.check_routes(key, &claim.routes).is_ok()
+    }
+
+    /// Whether `key` claiming `overlay` would change who owns what.
+    pub fn changes_owners(&self, key: &PublicKey, overlay: &[IpNet]) -> bool {
+        let want: BTreeSet<IpAddr> = overlay.iter().map(|n| n.addr).collect();
+        let had: BTreeSet<IpAddr> = self
+            .owners
+            .iter()
+            .filter(|(_, k)| *k == key)
+            .map(|(a, _)| *a)
+            .collect();
+        want != had
+    }
+
+    /// `key` owns exactly `addrs` (decided elsewhere: by the hubs' log).
+    pub fn grant(&mut self, key: &PublicKey, addrs: &[IpAddr]) {
+        self.owners.retain(|a, k| k != key || addrs.contains(a));
+        for a in addrs {
+            self.owners.insert(*a, *key);
+        }
+    }
+
+    /// Refuse a registration from `key` (decided elsewhere), counted like
+    /// any refusal.
+    pub fn refuse(
+        &mut self,
+        key: PublicKey,
+        code: ErrorCode,
+        message: String,
+        out: &mut Vec<Reply>,
+    ) {
+        *self.refused.entry(refusal_reason(code)).or_default() += 1;
+        out.push(Reply {
+            to: key,
+            msg: Control::Nack { code, message },
+        });
+    }
+
+    /// Take the replicated book's ownership and revocations: the book is
+    /// authoritative. Newly revoked keys leave the map (members are told)
+    /// and are returned.
+    pub fn apply_book(
+        &mut self,
+        owners: &BTreeMap<IpAddr, PublicKey>,
+        revoked: &BTreeSet<PublicKey>,
+        out: &mut Vec<Reply>,
+    ) -> Vec<PublicKey> {
+        let newly: Vec<PublicKey> = revoked.difference(&self.revoked).copied().collect();
+        for k in &newly {
+            self.revoke(k, out);
+        }
+        if self.owners != *owners {
+            self.owners = owners.clone();
+        }
+        newly
+    }
+
     /// A `Register` from `key`, seen at `observed`. Returns the replies to
     /// send. Counted: accepted, or refused by the reason the `Nack` gives.
     pub fn register(

@@ -184,6 +184,12 @@ pub struct HubFile {
     pub tls_cert: Option<PathBuf>,
     /// TLS private key, PEM (`--tls-key`).
     pub tls_key: Option<PathBuf>,
+    /// This hub's id among several hubs (`--cluster-id`).
+    pub cluster_id: Option<u64>,
+    /// Hub-to-hub TCP listen address (`--cluster-listen`).
+    pub cluster_listen: Option<String>,
+    /// Every hub of the cluster, "ID=PUBKEY@HOST:PORT" (`--cluster-hub`).
+    pub cluster_hubs: Option<Vec<String>>,
 }
 
 /// Peer settings as a config file holds them.

@@ -118,6 +118,18 @@ pub fn table(v: &Value) -> String {
             s["owned_addresses"],
             s["revoked"]
         ));
+        let c = &s["cluster"];
+        if c.is_object() {
+            out.push_str(&format!(
+                "cluster  hub {}  {}  leader {}  term {}  applied {}  waiting {}\n",
+                c["id"],
+                c["state"].as_str().unwrap_or("?"),
+                c["leader"],
+                c["term"],
+                c["applied"],
+                c["waiting"]
+            ));
+        }
         out.push_str(&format!(
             "relay  {} frames ({}) forwarded, {} dropped\n",
             s["relayed"].as_u64().unwrap_or(0),

@@ -190,6 +190,18 @@ struct HubArgs {
     /// TLS private key (PEM), with --tls-cert.
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// This hub's id among several hubs that share one registry (Raft);
+    /// needs --cluster-hub for every hub [default: this hub alone].
+    #[arg(long)]
+    cluster_id: Option<u64>,
+    /// TCP address for the other hubs, e.g. 0.0.0.0:4801 [default: the
+    /// address this hub's --cluster-hub entry gives].
+    #[arg(long)]
+    cluster_listen: Option<String>,
+    /// A hub of the cluster as ID=PUBKEY@HOST:PORT (its hub-to-hub TCP
+    /// address); list every hub, this one included, the same on all.
+    #[arg(long = "cluster-hub")]
+    cluster_hubs: Vec<String>,
 }
 
 #[derive(Args)]
@@ -552,9 +564,33 @@ fn run_hub(a: HubArgs) -> Result<()> {
     let psk = load_key(&net_path, "network key")?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let cluster_hubs = if a.cluster_hubs.is_empty() {
+        f.cluster_hubs.clone().unwrap_or_default()
+    } else {
+        a.cluster_hubs.clone()
+    };
+    let cluster_cfg = cluster_config(a.cluster_id.or(f.cluster_id), &cluster_hubs, &key)?;
+    let cluster_l = match &cluster_cfg {
+        Some(c) => {
+            let at = match a.cluster_listen.clone().or(f.cluster_listen.clone()) {
+                Some(l) => l,
+                None => c.hub(c.me).map(|h| h.addr.clone()).unwrap_or_default(),
+            };
+            let l = std::net::TcpListener::bind(&at)
+                .with_context(|| format!("cannot listen for other hubs on TCP {at}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
     let store = OwnerStore::new(data_dir.join("owners"));
-    let owners = store.load()?;
-    let revoked = store.load_revoked()?;
+    // With several hubs the book lives in their shared log; this hub's own
+    // owner file is not read.
+    let (owners, revoked) = if cluster_cfg.is_some() {
+        Default::default()
+    } else {
+        (store.load()?, store.load_revoked()?)
+    };
     let sock = bind_udp_or_default(listen)?;
     let udp_at = sock.local_addr()?;
     // Stream fallback: TCP on the UDP address unless told otherwise (a
@@ -602,8 +638,16 @@ fn run_hub(a: HubArgs) -> Result<()> {
     if no_relay {
         tracing::info!("relaying disabled (--no-relay)");
     }
+    let hub_keys = fastmesh_actors::cluster::net::HubKeys {
+        private: key.private,
+        psk,
+    };
     let sys = actix::System::new();
     sys.block_on(async move {
+        let cluster = match (cluster_cfg, cluster_l) {
+            (Some(cfg), Some(l)) => Some(start_cluster(cfg, hub_keys, &data_dir, l).await?),
+            _ => None,
+        };
         let sock = Arc::new(transport::Streamed::new(transport::FastUdp::new(sock)?));
         if let Some(l) = tcp_l {
             actix::spawn(sock.listen(tokio::net::TcpListener::from_std(l)?, None));
@@ -650,6 +694,10 @@ fn run_hub(a: HubArgs) -> Result<()> {
         }
         let reg = RegistryActor::new(registry, Some(store), plane.clone().recipient())
             .with_snapshot(plane.clone().recipient());
+        let reg = match cluster {
+            Some(c) => reg.with_cluster(c),
+            None => reg,
+        };
         let reg = reg_ctx.run(reg);
         let do_reload: std::rc::Rc<dyn Fn() -> Result<String>> = {
             let (reg, plane) = (reg.clone(), plane.clone());
@@ -726,6 +774,72 @@ fn run_hub(a: HubArgs) -> Result<()> {
         let _ = std::fs::remove_file(&control);
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// The hub cluster from `--cluster-id` and `--cluster-hub` (None: this hub alone).
+fn cluster_config(
+    id: Option<u64>,
+    hubs: &[String],
+    key: &StaticKeypair,
+) -> Result<Option<fastmesh_actors::cluster::ClusterConfig>> {
+    use fastmesh_actors::cluster::{parse_hub_peer, ClusterConfig};
+    let me = match (id, hubs.is_empty()) {
+        (None, true) => return Ok(None),
+        (Some(_), true) => bail!(
+            "--cluster-id needs --cluster-hub ID=PUBKEY@HOST:PORT for every hub, this one included"
+        ),
+        (None, false) => bail!("--cluster-hub needs --cluster-id (this hub's id in the list)"),
+        (Some(me), false) => me,
+    };
+    let hubs = hubs
+        .iter()
+        .map(|s| parse_hub_peer(s).map_err(|e| anyhow!("--cluster-hub {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let cfg = ClusterConfig { me, hubs };
+    cfg.check(&key.public)
+        .map_err(|e| anyhow!("cluster: {e}"))?;
+    Ok(Some(cfg))
+}
+
+/// Start this hub's Raft (state in `data_dir`) and serve the other hubs on `l`.
+async fn start_cluster(
+    cfg: fastmesh_actors::cluster::ClusterConfig,
+    keys: fastmesh_actors::cluster::net::HubKeys,
+    data_dir: &std::path::Path,
+    l: std::net::TcpListener,
+) -> Result<fastmesh_actors::cluster::Cluster> {
+    use fastmesh_actors::cluster::{net, store::DirDisk, Cluster};
+    let disk = Arc::new(DirDisk(data_dir.to_path_buf()));
+    tracing::info!(
+        id = cfg.me,
+        hubs = cfg.hubs.len(),
+        "joining the hub cluster"
+    );
+    let c = Cluster::start(cfg.clone(), keys.clone(), disk, net::TcpDialer)
+        .await
+        .map_err(|e| anyhow!("cluster: {e}"))?;
+    let l = tokio::net::TcpListener::from_std(l)?;
+    let (raft, cfg) = (c.raft.clone(), Arc::new(cfg));
+    actix::spawn(async move {
+        loop {
+            match l.accept().await {
+                Ok((s, from)) => {
+                    let _ = s.set_nodelay(true);
+                    let (raft, cfg, keys) = (raft.clone(), cfg.clone(), keys.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = net::serve(s, raft, cfg, keys).await {
+                            tracing::debug!(%from, %e, "hub connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%e, "cannot accept a hub connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(c)
 }
 
 /// Reload on every SIGHUP (which then no longer ends the process).

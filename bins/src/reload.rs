@@ -99,7 +99,7 @@ impl HubChange {
                 ));
             }
         }
-        let fixed: [(&'static str, bool); 11] = [
+        let fixed: [(&'static str, bool); 14] = [
             ("listen", f.listen != running.listen),
             ("key", f.key != running.key),
             ("network_key", f.network_key != running.network_key),
@@ -114,6 +114,9 @@ impl HubChange {
             ("tls_listen", f.tls_listen != running.tls_listen),
             ("tls_cert", f.tls_cert != running.tls_cert),
             ("tls_key", f.tls_key != running.tls_key),
+            ("cluster_id", f.cluster_id != running.cluster_id),
+            ("cluster_listen", f.cluster_listen != running.cluster_listen),
+            ("cluster_hubs", f.cluster_hubs != running.cluster_hubs),
         ];
         for (name, changed) in fixed {
             if changed {

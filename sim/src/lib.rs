@@ -90,6 +90,7 @@ pub mod bulk;
 pub mod chaos;
 pub mod des;
 pub mod fabric;
+pub mod hubs;
 pub mod impair;
 pub mod impaired;
 pub mod nat;

@@ -1720,3 +1720,163 @@ fn udp_blocked_peers_reach_the_mesh_over_tcp_and_tls_and_return_to_udp() {
     assert_eq!(ps["returns"], 1, "{ps}");
     assert!(ps["dial_failed"].as_u64() >= Some(1), "{ps}");
 }
+
+/// Cluster flags for hub `h` of `n` hubs in nodes 0..n (hub-to-hub TCP on 4801).
+fn cluster_hub_args(lab: &Lab, h: usize, n: usize) -> Vec<String> {
+    let mut args = lab.hub_args(h, Some(1.0), &[]);
+    args.extend([
+        "--cluster-id".to_string(),
+        (h + 1).to_string(),
+        "--cluster-listen".to_string(),
+        format!("{}:4801", lab.nodes[h].underlay),
+    ]);
+    for j in 0..n {
+        let spec = lab.hub_spec(j).unwrap();
+        let key = spec.split('@').next().unwrap().to_string();
+        args.push("--cluster-hub".into());
+        args.push(format!("{}={key}@{}:4801", j + 1, lab.nodes[j].underlay));
+    }
+    args
+}
+
+fn cluster_status(lab: &Lab, h: usize) -> Option<serde_json::Value> {
+    let v = lab.status(h).ok()?;
+    let c = v["status"]["cluster"].clone();
+    c.is_object().then_some(c)
+}
+
+#[test]
+fn three_hubs_one_killed_while_peers_register_the_survivors_agree() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new("fmh3", 38, 5).expect("namespace lab");
+    for h in 0..3 {
+        let args = cluster_hub_args(&lab, h, 3);
+        lab.start_hub_args(h, &args).unwrap();
+    }
+    let leader = |l: &Lab, hubs: &[usize]| -> Option<u64> {
+        let ls: Vec<Option<u64>> = hubs
+            .iter()
+            .map(|h| cluster_status(l, *h).and_then(|c| c["leader"].as_u64()))
+            .collect();
+        ls[0].filter(|_| ls.iter().all(|x| *x == ls[0]))
+    };
+    let took = lab
+        .wait(Duration::from_secs(20), |l| leader(l, &[0, 1, 2]).is_some())
+        .unwrap_or_else(|e| panic!("no leader: {e}\n{}", lab.logs()));
+    println!("hubs elected a leader in {:.1} s", took.as_secs_f64());
+    let specs: Vec<String> = (0..3).map(|h| lab.hub_spec(h).unwrap()).collect();
+    let peer_args = |lab: &Lab, k: usize| {
+        let mut args = lab.peer_args(k, &["--hub", &specs[0]]);
+        for s in &specs[1..] {
+            args.push("--hub".into());
+            args.push(s.clone());
+        }
+        args
+    };
+    for k in [3, 4] {
+        let a = peer_args(&lab, k);
+        lab.start_peer_args(k, &a).unwrap();
+    }
+    lab.wait(Duration::from_secs(30), |l| {
+        l.peer_ready_with(3, 1) && l.peer_ready_with(4, 1)
+    })
+    .unwrap_or_else(|e| panic!("two peers did not come up: {e}\n{}", lab.logs()));
+    // Peer 5 registers while the leader is killed.
+    let a = peer_args(&lab, 5);
+    lab.start_peer_args(5, &a).unwrap();
+    let killed = (leader(&lab, &[0, 1, 2]).expect("leader") - 1) as usize;
+    lab.kill9(killed);
+    let survivors: Vec<usize> = (0..3).filter(|h| *h != killed).collect();
+    println!("killed hub {killed} (the leader) while peer 5 registers");
+    let took = lab
+        .wait(Duration::from_secs(40), |l| {
+            (3..=5).all(|k| {
+                l.status(k).is_ok_and(|v| {
+                    let s = &v["status"];
+                    s["peers"]
+                        .as_array()
+                        .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["state"] == "up"))
+                        && s["hubs"].as_array().is_some_and(|h| {
+                            h.iter().filter(|h| h["state"] == "registered").count() == 2
+                        })
+                })
+            })
+        })
+        .unwrap_or_else(|e| panic!("peers did not settle on the survivors: {e}\n{}", lab.logs()));
+    println!(
+        "all three peers registered with both survivors {:.1} s after the kill",
+        took.as_secs_f64()
+    );
+    // The survivors agree: same leader, same applied index, same owners.
+    let agree = |l: &Lab| {
+        let c: Vec<_> = survivors.iter().map(|h| cluster_status(l, *h)).collect();
+        let owned: Vec<_> = survivors
+            .iter()
+            .map(|h| {
+                l.status(*h)
+                    .ok()
+                    .map(|v| v["status"]["owned_addresses"].clone())
+            })
+            .collect();
+        c.iter().all(|x| x.is_some())
+            && c[0].as_ref().unwrap()["applied"] == c[1].as_ref().unwrap()["applied"]
+            && c[0].as_ref().unwrap()["leader"] == c[1].as_ref().unwrap()["leader"]
+            && owned[0] == owned[1]
+            && owned[0] == Some(serde_json::json!(6))
+    };
+    lab.wait(Duration::from_secs(10), agree)
+        .unwrap_or_else(|e| {
+            panic!(
+                "survivors disagree: {e}\n{}\n{}",
+                lab.status_table(survivors[0]),
+                lab.status_table(survivors[1])
+            )
+        });
+    let (ok, out) = ping(&lab, 5, &lab.nodes[3].overlay.to_string(), 3);
+    assert!(ok, "ping from the peer that joined during the kill: {out}");
+    // A revocation at one survivor reaches the other and every member.
+    let pub4 = lab.fastmesh(&["pubkey", &lab.path("n4.key")]).unwrap();
+    let pub4 = String::from_utf8_lossy(&pub4.stdout).trim().to_string();
+    let t0 = Instant::now();
+    let out = lab
+        .fastmesh(&[
+            "revoke",
+            &pub4,
+            "--control",
+            &lab.nodes[survivors[1]].control.to_string_lossy(),
+        ])
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.wait(Duration::from_secs(10), |l| {
+        survivors.iter().all(|h| {
+            l.status(*h)
+                .is_ok_and(|v| v["status"]["revoked"] == 1 && v["status"]["owned_addresses"] == 4)
+        }) && [3, 5].iter().all(|k| {
+            l.status(*k).is_ok_and(|v| {
+                v["status"]["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 1)
+            })
+        })
+    })
+    .unwrap_or_else(|e| panic!("revocation did not reach everyone: {e}\n{}", lab.logs()));
+    println!(
+        "revocation at hub {} reached both survivors and every member in {:.2} s (heartbeat 1 s)",
+        survivors[1],
+        t0.elapsed().as_secs_f64()
+    );
+    // The killed hub comes back with its disk and catches up.
+    let args = cluster_hub_args(&lab, killed, 3);
+    lab.start_hub_args(killed, &args).unwrap();
+    lab.wait(Duration::from_secs(20), |l| {
+        l.status(killed)
+            .is_ok_and(|v| v["status"]["revoked"] == 1 && v["status"]["owned_addresses"] == 4)
+    })
+    .unwrap_or_else(|e| panic!("the restarted hub did not catch up: {e}\n{}", lab.logs()));
+    println!("{}", lab.status_table(killed));
+}
