@@ -129,6 +129,9 @@ pub struct RegistryActor {
     waiting: Vec<(PublicKey, SocketAddr, Claim)>,
     /// A batch of them is in the log's hands.
     proposing: bool,
+    /// The allow-list this hub's own config gave, as last loaded: a reload
+    /// that leaves it as it was proposes nothing.
+    own_allow: Option<std::collections::BTreeSet<PublicKey>>,
 }
 
 /// The book changed (an entry was applied or a snapshot installed).
@@ -153,6 +156,7 @@ impl RegistryActor {
             cluster: None,
             waiting: Vec::new(),
             proposing: false,
+            own_allow: None,
         }
     }
 
@@ -161,6 +165,7 @@ impl RegistryActor {
     pub fn with_cluster(mut self, cluster: Cluster) -> RegistryActor {
         self.store = None;
         self.cluster = Some(cluster);
+        self.own_allow = self.reg.allowed().cloned();
         self
     }
 
@@ -187,6 +192,19 @@ impl RegistryActor {
             act.proposing = false;
             act.decided(regs, res, ctx);
             act.propose(ctx);
+        }));
+    }
+
+    /// Put an allow-list change through the log (logged if it fails: the
+    /// operator reloads again).
+    fn propose_allow(&mut self, change: Change, ctx: &mut Context<Self>) {
+        let Some(c) = self.cluster.clone() else {
+            return;
+        };
+        let fut = async move { c.propose(Batch(vec![change])).await };
+        ctx.spawn(fut.into_actor(self).map(|res, _, _| match res {
+            Ok(_) => tracing::info!("allow-list committed by the hubs"),
+            Err(e) => tracing::error!(%e, "allow-list not committed: reload again once the hubs reach a majority"),
         }));
     }
 
@@ -354,7 +372,15 @@ impl Actor for RegistryActor {
                 Some((BookUpdate(b), rx))
             });
             ctx.add_stream(updates);
+            // This hub's own allow file seeds a cluster that has none yet.
+            let seed = match (first.allow_set, self.reg.allowed()) {
+                (false, Some(keys)) => Some(keys.iter().copied().collect()),
+                _ => None,
+            };
             StreamHandler::handle(self, BookUpdate(first), ctx);
+            if let Some(keys) = seed {
+                self.propose_allow(Change::SeedAllow { keys }, ctx);
+            }
         }
         let step = (self.reg.config().heartbeat / 2).max(Duration::from_millis(20));
         ctx.run_interval(step, |act, ctx| {
@@ -376,6 +402,17 @@ impl StreamHandler<BookUpdate> for RegistryActor {
         for k in self.reg.apply_book(&b.0.owners, &b.0.revoked, &mut out) {
             tracing::warn!(key = %short_key(&k), "node key revoked (through the hubs' log)");
             self.plane.do_send(Cmd::RemovePeer(k));
+        }
+        if b.0.allow_set && self.reg.allowed() != b.0.allowed.as_ref() {
+            let before: Vec<PublicKey> = self.reg.members().map(|(k, _)| *k).collect();
+            self.reg.set_allowed(b.0.allowed.clone(), &mut out);
+            for k in before.into_iter().filter(|k| self.reg.member(k).is_none()) {
+                self.plane.do_send(Cmd::RemovePeer(k));
+            }
+            tracing::info!(
+                keys = b.0.allowed.as_ref().map(|a| a.len()),
+                "allow-list replaced (through the hubs' log)"
+            );
         }
         self.flush(out);
         self.schedule_push(ctx);
@@ -516,6 +553,18 @@ impl RegistryActor {
 impl Handler<SetAllowed> for RegistryActor {
     type Result = ();
     fn handle(&mut self, m: SetAllowed, ctx: &mut Context<Self>) {
+        if self.cluster.is_some() {
+            // Every hub's list: through the log, applied when it commits;
+            // only when this hub's own list changed (a reload for anything
+            // else must not overwrite what another hub's operator set).
+            if m.0 == self.own_allow {
+                return;
+            }
+            self.own_allow = m.0.clone();
+            let keys = m.0.map(|k| k.into_iter().collect());
+            self.propose_allow(Change::Allow { keys }, ctx);
+            return;
+        }
         let mut out = Vec::new();
         let before = self.reg.members().count();
         self.reg.set_allowed(m.0, &mut out);

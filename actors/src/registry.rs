@@ -188,6 +188,11 @@ impl Registry {
         self.version
     }
 
+    /// The allow-list (None: anyone with the network key).
+    pub fn allowed(&self) -> Option<&BTreeSet<PublicKey>> {
+        self.allowed.as_ref()
+    }
+
     /// Keys refused for good (persisted with the owners).
     pub fn revoked(&self) -> &BTreeSet<PublicKey> {
         &self.revoked

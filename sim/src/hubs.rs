@@ -15,7 +15,7 @@ use fastmesh_actors::cluster::net::{self, Dialer, HubKeys};
 use fastmesh_actors::cluster::store::MemDisk;
 use fastmesh_actors::cluster::{Book, Cluster, ClusterConfig, HubPeer};
 use fastmesh_actors::dataplane::{Cmd, NetEvent};
-use fastmesh_actors::hub::{GetHubStatus, HubStatus, RegistryActor, Revoke};
+use fastmesh_actors::hub::{GetHubStatus, HubStatus, RegistryActor, Revoke, SetAllowed};
 use fastmesh_actors::registry::{Registry, RegistryConfig};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -104,6 +104,8 @@ pub struct HubProbe {
     pub inbox: Mutex<Vec<(PublicKey, Vec<IpAddr>)>>,
     /// Keys to revoke at this hub.
     pub revoke: Mutex<Vec<PublicKey>>,
+    /// Allow-lists to load at this hub, as a reload would.
+    pub allow: Mutex<Vec<Option<std::collections::BTreeSet<PublicKey>>>>,
     /// The book as applied at this hub (updated every 10 ms while it is up).
     pub book: Mutex<Option<Arc<Book>>>,
     /// Latest status (every 100 ms).
@@ -243,6 +245,14 @@ impl Hubs {
                                     });
                                 }
                             });
+                        }
+                        let allow: Vec<_> = probe
+                            .allow
+                            .lock()
+                            .map(|mut v| v.drain(..).collect())
+                            .unwrap_or_default();
+                        for a in allow {
+                            reg.do_send(SetAllowed(a));
                         }
                         if let Ok(mut b) = probe.book.lock() {
                             *b = Some(book.borrow().clone());

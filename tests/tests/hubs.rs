@@ -286,3 +286,117 @@ fn three_hubs_agree_on_owners_and_revocations_under_partitions_and_crashes() {
         run(seed);
     }
 }
+
+/// Step until `cond` holds, at most `limit` of simulated time.
+fn step_until(sim: &mut turmoil::Sim<'_>, limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = sim.elapsed() + limit;
+    while sim.elapsed() < end {
+        if cond() {
+            return true;
+        }
+        sim.step().expect("simulation step");
+    }
+    cond()
+}
+
+#[test]
+fn an_allow_list_reloaded_at_one_hub_applies_at_every_hub() {
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(Duration::from_secs(120))
+        .tick_duration(Duration::from_millis(1))
+        .rng_seed(5)
+        .build();
+    let hubs = Hubs::build(&mut sim, HUBS, Duration::from_secs(1));
+    let (k1, k2, k3) = (node_key(1), node_key(2), node_key(3));
+    let answer_to = |hubs: &Hubs, key: PublicKey, hub: usize| -> Option<Control> {
+        let a = hubs.answers.lock().unwrap();
+        a.iter()
+            .rev()
+            .find(|a| a.to == key && a.hub == hub)
+            .map(|a| a.msg.clone())
+    };
+    let register = |hubs: &Hubs, key: PublicKey, hub: usize, last: u8| {
+        hubs.probes[hub]
+            .inbox
+            .lock()
+            .unwrap()
+            .push((key, vec![IpAddr::from([10, 77, 0, last])]));
+    };
+    let acked = |m: Option<Control>| matches!(m, Some(Control::RegisterAck { .. }));
+    assert!(step_until(&mut sim, Duration::from_secs(20), || {
+        hubs.probes.iter().all(|p| {
+            p.status
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|s| s.cluster.as_ref().is_some_and(|c| c.leader.is_some()))
+        })
+    }));
+    register(&hubs, k1, 0, 1);
+    register(&hubs, k2, 2, 2);
+    assert!(
+        step_until(&mut sim, Duration::from_secs(10), || {
+            acked(answer_to(&hubs, k1, 0)) && acked(answer_to(&hubs, k2, 2))
+        }),
+        "both nodes admitted before any allow-list"
+    );
+    // An operator reloads hub 1 with a list that names only k1.
+    hubs.probes[1]
+        .allow
+        .lock()
+        .unwrap()
+        .push(Some(BTreeSet::from([k1])));
+    let listed = Some(BTreeSet::from([k1]));
+    assert!(
+        step_until(&mut sim, Duration::from_secs(10), || {
+            hubs.books()
+                .iter()
+                .all(|b| b.as_ref().is_some_and(|b| b.allowed == listed))
+        }),
+        "every hub's book has the list"
+    );
+    // Hub 2 drops its unlisted member and refuses a new unlisted key.
+    assert!(
+        step_until(&mut sim, Duration::from_secs(5), || {
+            hubs.probes[2]
+                .status
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|s| !s.members.iter().any(|m| m.key == short_key(&k2)))
+        }),
+        "hub 2 still lists a member the allow-list leaves out"
+    );
+    register(&hubs, k3, 2, 3);
+    register(&hubs, k1, 2, 1);
+    assert!(step_until(&mut sim, Duration::from_secs(10), || {
+        acked(answer_to(&hubs, k1, 2))
+            && matches!(
+                answer_to(&hubs, k3, 2),
+                Some(Control::Nack {
+                    code: ErrorCode::NotListed,
+                    ..
+                })
+            )
+    }));
+    // A reload at a hub whose own file did not change (hub 0 never had a
+    // list) proposes nothing: the list stays.
+    hubs.probes[0].allow.lock().unwrap().push(None);
+    step_until(&mut sim, Duration::from_secs(3), || false);
+    assert!(hubs
+        .books()
+        .iter()
+        .all(|b| b.as_ref().is_some_and(|b| b.allowed == listed)));
+    // Hub 1's operator removes the list: anyone is admitted again, everywhere.
+    hubs.probes[1].allow.lock().unwrap().push(None);
+    assert!(step_until(&mut sim, Duration::from_secs(10), || {
+        hubs.books().iter().all(|b| {
+            b.as_ref()
+                .is_some_and(|b| b.allow_set && b.allowed.is_none())
+        })
+    }));
+    register(&hubs, k3, 1, 3);
+    assert!(step_until(&mut sim, Duration::from_secs(10), || acked(
+        answer_to(&hubs, k3, 1)
+    )));
+}

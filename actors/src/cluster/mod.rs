@@ -54,6 +54,19 @@ pub enum Change {
         /// The revoked node.
         key: PublicKey,
     },
+    /// Admit only `keys` from now on (None: anyone with the network key);
+    /// an operator reloaded a hub's allow-list.
+    Allow {
+        /// The listed keys.
+        keys: Option<Vec<PublicKey>>,
+    },
+    /// [`Change::Allow`], but only if no allow-list was ever set: a hub
+    /// starting with an allow file seeds a new cluster's list without
+    /// overwriting a newer one it has not caught up with yet.
+    SeedAllow {
+        /// The listed keys.
+        keys: Vec<PublicKey>,
+    },
 }
 
 /// Changes proposed together (one log entry).
@@ -85,6 +98,10 @@ pub struct Book {
     pub owners: BTreeMap<IpAddr, PublicKey>,
     /// Keys that may never register again.
     pub revoked: BTreeSet<PublicKey>,
+    /// Only these keys may register (None: anyone with the network key).
+    pub allowed: Option<BTreeSet<PublicKey>>,
+    /// An allow-list (or "anyone") was set through the log.
+    pub allow_set: bool,
 }
 
 impl Book {
@@ -130,6 +147,22 @@ impl Book {
                 self.owners.retain(|_, k| k != key);
                 Outcome::Done
             }
+            Change::SeedAllow { .. } if self.allow_set => Outcome::Unchanged,
+            Change::Allow { keys: Some(keys) } | Change::SeedAllow { keys } => {
+                self.set_allowed(Some(keys.iter().copied().collect()))
+            }
+            Change::Allow { keys: None } => self.set_allowed(None),
+        }
+    }
+
+    fn set_allowed(&mut self, keys: Option<BTreeSet<PublicKey>>) -> Outcome {
+        let same = self.allow_set && self.allowed == keys;
+        self.allowed = keys;
+        self.allow_set = true;
+        if same {
+            Outcome::Unchanged
+        } else {
+            Outcome::Done
         }
     }
 }
@@ -393,6 +426,34 @@ mod tests {
         };
         assert_eq!(b.apply(&again), Outcome::Revoked);
         assert!(b.owners.is_empty());
+    }
+
+    #[test]
+    fn a_seeded_allow_list_never_overwrites_one_set_before() {
+        let mut b = Book::default();
+        assert_eq!(
+            b.apply(&Change::SeedAllow { keys: vec![k(1)] }),
+            Outcome::Done
+        );
+        assert_eq!(b.allowed, Some(BTreeSet::from([k(1)])));
+        // A second hub starting with an older file: ignored.
+        assert_eq!(
+            b.apply(&Change::SeedAllow { keys: vec![k(2)] }),
+            Outcome::Unchanged
+        );
+        assert_eq!(b.allowed, Some(BTreeSet::from([k(1)])));
+        // An operator's reload replaces it, also with "anyone".
+        b.apply(&Change::Allow {
+            keys: Some(vec![k(2), k(3)]),
+        });
+        assert_eq!(b.allowed, Some(BTreeSet::from([k(2), k(3)])));
+        assert_eq!(b.apply(&Change::Allow { keys: None }), Outcome::Done);
+        assert_eq!(b.allowed, None);
+        assert_eq!(
+            b.apply(&Change::SeedAllow { keys: vec![k(1)] }),
+            Outcome::Unchanged
+        );
+        assert_eq!(b.allowed, None);
     }
 
     #[test]
