@@ -124,6 +124,9 @@ pub enum Fault {
     Rebind(usize, u16),
     /// The peer's key is revoked at every hub (permanent).
     Revoke(usize),
+    /// The NAT in front of the peer forgets every mapping (instantaneous):
+    /// its next datagram out leaves from a new public port.
+    NatFlush(usize),
 }
 
 /// A fault, when it begins (after the mesh formed) and how long it lasts.
@@ -152,6 +155,7 @@ impl fmt::Display for Scheduled {
             Fault::Split(g) => write!(f, "split peers {g:?} from the others"),
             Fault::Impair(h, i) => write!(f, "impair {h}: {i:?}"),
             Fault::Rebind(i, p) => write!(f, "peer{i} rebinds to port {p}"),
+            Fault::NatFlush(i) => write!(f, "peer{i}'s NAT forgets its mappings"),
             Fault::Revoke(i) => write!(f, "revoke peer{i} at every hub"),
         }
     }
@@ -180,6 +184,10 @@ pub struct ChaosConfig {
     /// Each peer sends to this many others (the next ones in order); `None`:
     /// to all (n² flows, too many for big worlds).
     pub flows_per_peer: Option<usize>,
+    /// Peers 0..`nat_peers` sit behind a NAT with one public port for all
+    /// destinations (their paths are punched through it); schedules may
+    /// flush those NATs. The others may rebind their sockets.
+    pub nat_peers: usize,
 }
 
 impl Default for ChaosConfig {
@@ -194,6 +202,7 @@ impl Default for ChaosConfig {
             revoke: true,
             quick: false,
             flows_per_peer: None,
+            nat_peers: 0,
         }
     }
 }
@@ -271,7 +280,19 @@ pub fn schedule(cfg: &ChaosConfig, seed: u64) -> Vec<Scheduled> {
                 host(&mut rng),
                 Impairment::Bandwidth(rng.random_range(200_000..5_000_000)),
             ),
-            88..=95 => Fault::Rebind(rng.random_range(0..cfg.peers), rng.random_range(4001..4999)),
+            // (No extra draw without NATs: the schedules of older seeds stay as they were.)
+            88..=95 if cfg.nat_peers > 0 && rng.random_bool(0.5) => {
+                Fault::NatFlush(rng.random_range(0..cfg.nat_peers.min(cfg.peers)))
+            }
+            88..=95 => {
+                if cfg.nat_peers >= cfg.peers {
+                    continue;
+                }
+                Fault::Rebind(
+                    rng.random_range(cfg.nat_peers..cfg.peers),
+                    rng.random_range(4001..4999),
+                )
+            }
             _ => {
                 if !cfg.revoke || revoked {
                     continue;
@@ -281,7 +302,7 @@ pub fn schedule(cfg: &ChaosConfig, seed: u64) -> Vec<Scheduled> {
             }
         };
         let dur = match fault {
-            Fault::Rebind(..) | Fault::Revoke(_) => Duration::ZERO,
+            Fault::Rebind(..) | Fault::Revoke(_) | Fault::NatFlush(_) => Duration::ZERO,
             _ => dur,
         };
         let slot = match &fault {
@@ -607,6 +628,13 @@ fn apply(
                     .store(*port, std::sync::atomic::Ordering::SeqCst);
             }
         }
+        Fault::NatFlush(i) => {
+            if on {
+                w.peers[*i]
+                    .nat_flush
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
         Fault::Revoke(i) => {
             if on {
                 let k = w.peers[*i].key;
@@ -668,7 +696,9 @@ fn run_on(
             seed,
             store_dir: dir.to_path_buf(),
             hubs: cfg.hubs.max(1),
-            nat: vec![],
+            nat: (0..cfg.nat_peers)
+                .map(|_| Some(crate::nat::NatKind::Cone))
+                .collect(),
         },
     );
     let mut out = Outcome {

@@ -4,7 +4,8 @@
 //!     fastmesh-sim chaos --seeds N [--from S]
 //!     (both take --peers N --hubs H --faults K --window SECS, and --quick
 //!     to run on sim::fabric::Quick instead of turmoil, --flows K to have
-//!     each peer send to K others instead of all)
+//!     each peer send to K others instead of all, --nat K to put peers
+//!     0..K behind NATs whose mappings schedules may flush)
 //!     fastmesh-sim floor N
 //!     fastmesh-sim world [--peers N] [--secs S] [--loss P] [--latency MS] [--probe-ms MS] [--turmoil]
 //!
@@ -25,7 +26,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: fastmesh-sim chaos (--seed S [--only I,J,..] [--no-shrink] | --seeds N [--from S])\n\
-         \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS] [--quick] [--flows K]"
+         \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS] [--quick] [--flows K] [--nat K]"
     );
     ExitCode::from(2)
 }
@@ -241,6 +242,10 @@ fn main() -> ExitCode {
                 Some(v) if v >= 1 => cfg.faults = v as usize,
                 _ => return usage(),
             },
+            "--nat" => match num(val()) {
+                Some(v) => cfg.nat_peers = v as usize,
+                _ => return usage(),
+            },
             "--window" => match num(val()) {
                 Some(v) if v >= 2 => cfg.window = Duration::from_secs(v),
                 _ => return usage(),
@@ -283,13 +288,14 @@ fn main() -> ExitCode {
                 }
                 let list: Vec<String> = kept.iter().map(|k| k.to_string()).collect();
                 println!(
-                    "replay: fastmesh-sim chaos --seed {s} --peers {} --hubs {} --faults {} --window {}{}{} --only {}",
+                    "replay: fastmesh-sim chaos --seed {s} --peers {} --hubs {} --faults {} --window {}{}{}{} --only {}",
                     cfg.peers,
                     cfg.hubs,
                     cfg.faults,
                     cfg.window.as_secs(),
                     if cfg.quick { " --quick" } else { "" },
                     cfg.flows_per_peer.map(|k| format!(" --flows {k}")).unwrap_or_default(),
+                    if cfg.nat_peers > 0 { format!(" --nat {}", cfg.nat_peers) } else { String::new() },
                     list.join(",")
                 );
             }
