@@ -563,6 +563,7 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("relayed".into(), n.relayed),
         ("relayed_bytes".into(), n.relayed_bytes),
         ("drop_relay".into(), n.relay_dropped),
+        ("drop_memory_budget".into(), n.budget_dropped),
         ("split_opened".into(), s.split.opened),
         ("split_accepted".into(), s.split.accepted),
         ("split_refused".into(), s.split.refused),

@@ -47,6 +47,29 @@ pub struct NodeConfig {
     pub relay: bool,
     /// Split TCP (see [`crate::split`]).
     pub split: SplitConfig,
+    /// Most bytes all sessions together may hold for others: relayed frames
+    /// waiting to go and reliable control messages not yet acknowledged.
+    /// Beyond it both are refused and counted (`budget_dropped`).
+    pub memory_budget: usize,
+}
+
+/// [`NodeConfig::memory_budget`] by default: at most this much of a hub's
+/// memory goes to what members make it hold for them.
+pub const MEMORY_BUDGET: usize = 256 << 20;
+
+/// While the node is at its budget, the sessions' holdings are counted again
+/// at most this often (the count walks every session).
+pub const BUDGET_RECOUNT: Duration = Duration::from_millis(50);
+
+/// The node's memory budget and its running estimate.
+struct Budget {
+    limit: usize,
+    /// Held at the last count over the sessions...
+    counted: usize,
+    /// ...plus what was admitted since.
+    added: usize,
+    /// When the last count was made.
+    at: Option<Duration>,
 }
 
 /// How long a session must have been silent before a newcomer may replace it
@@ -63,6 +86,7 @@ impl Default for NodeConfig {
             max_sessions: 16_384,
             relay: false,
             split: SplitConfig::default(),
+            memory_budget: MEMORY_BUDGET,
         }
     }
 }
@@ -145,6 +169,9 @@ pub struct NodeStats {
     /// Relay messages dropped: not a relay, unknown or unready destination,
     /// from a node we do not take relayed frames from, or a full queue.
     pub relay_dropped: u64,
+    /// Relayed frames and reliable control messages refused because the
+    /// node held [`NodeConfig::memory_budget`] bytes for others.
+    pub budget_dropped: u64,
 }
 
 /// Why the node refused to send.
@@ -160,6 +187,7 @@ pub struct Node {
     cfg: Arc<SessionConfig>,
     admission: Admission,
     max_sessions: usize,
+    budget: Budget,
     relaying: bool,
     relays: Vec<PublicKey>,
     /// Relays reached by a stream (see [`Node::set_last_resort_relays`]).
@@ -218,6 +246,12 @@ impl Node {
             cfg: Arc::new(cfg.session),
             admission: cfg.admission,
             max_sessions: cfg.max_sessions.max(1),
+            budget: Budget {
+                limit: cfg.memory_budget,
+                counted: 0,
+                added: 0,
+                at: None,
+            },
             relaying: cfg.relay,
             relays: Vec::new(),
             last_resort: Vec::new(),
@@ -448,17 +482,30 @@ impl Node {
         ok
     }
 
-    /// Send a control message to `peer` reliably and in order.
+    /// Send a control message to `peer` reliably and in order (refused,
+    /// and counted, when the node holds its memory budget).
     pub fn send_control_reliable(
         &mut self,
         now: Duration,
         peer: &PublicKey,
         msg: &Control,
     ) -> bool {
+        let Some(s) = self.sessions.get_mut(peer) else {
+            return false;
+        };
+        let Ok(v) = msg.encode() else {
+            s.send_control_reliable(now, msg); // counts it as too large
+            return false;
+        };
+        let cost = s.control_cost(now, v.len());
+        self.now = self.now.max(now);
+        if !self.admit(cost) {
+            return false;
+        }
         let ok = self
             .sessions
             .get_mut(peer)
-            .is_some_and(|s| s.send_control_reliable(now, msg));
+            .is_some_and(|s| s.send_control_encoded(now, &v));
         if ok {
             self.ready.insert(*peer);
         }
@@ -594,6 +641,7 @@ impl Node {
             if self.relaying {
                 let len = (msg.len() - 33) as u64;
                 let ok = key != sender
+                    && self.admit(msg.len())
                     && self
                         .sessions
                         .get_mut(&key)
@@ -665,6 +713,36 @@ impl Node {
             }
             _ => false,
         }
+    }
+
+    /// Bytes all sessions hold for others now (walks every session).
+    pub fn held_bytes(&self) -> usize {
+        self.sessions.values().map(Session::held_bytes).sum()
+    }
+
+    /// Whether `len` more bytes held for others fit the budget. The count
+    /// is the last walk over the sessions plus what was admitted since (it
+    /// only overestimates); a walk happens only when that estimate is full,
+    /// at most every [`BUDGET_RECOUNT`].
+    fn admit(&mut self, len: usize) -> bool {
+        let b = &mut self.budget;
+        if b.counted + b.added + len <= b.limit {
+            b.added += len;
+            return true;
+        }
+        if b.at.is_none_or(|t| self.now >= t + BUDGET_RECOUNT) {
+            let held = self.sessions.values().map(Session::held_bytes).sum();
+            let b = &mut self.budget;
+            b.counted = held;
+            b.added = 0;
+            b.at = Some(self.now);
+            if held + len <= b.limit {
+                b.added = len;
+                return true;
+            }
+        }
+        self.stats.budget_dropped += 1;
+        false
     }
 
     /// Whether anything since the last `handle_timeout` needs the poll

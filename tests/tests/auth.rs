@@ -251,3 +251,84 @@ fn a_hub_at_its_session_cap_refuses_newcomers_until_a_session_goes_silent() {
     assert!(hub.session(&k1).is_some(), "the active member stays");
     assert_eq!(hub.peers().count(), 2, "never more than the cap");
 }
+
+/// A hub that reaches members which never acknowledge: reliable control
+/// messages pile up in its sessions. With a budget the hub holds at most
+/// that much for all of them together and counts what it refuses; without,
+/// the same load makes it hold several times more.
+#[test]
+fn a_hub_holds_no_more_than_its_memory_budget_for_silent_members() {
+    use transport::crypto::{EntropySource, StaticKeypair};
+    use transport::wire::{Control, ErrorCode};
+    use transport::Node;
+    const BUDGET: usize = 256 << 10;
+    let hub_with = |budget: usize| {
+        Node::new(
+            NodeConfig {
+                admission: Admission::AnyWithNetworkKey,
+                memory_budget: budget,
+                ..NodeConfig::default()
+            },
+            StaticKeypair::from_seed(100),
+            SIM_PSK,
+            1_700_000_000_000,
+            EntropySource::seeded(7),
+        )
+    };
+    let load = |hub: &mut Node| -> (usize, u64) {
+        let hub_addr: SocketAddr = "10.0.0.100:4000".parse().unwrap();
+        let t = Duration::from_secs(1);
+        let mut keys = Vec::new();
+        for i in 0..4u8 {
+            let mut n = Node::new(
+                NodeConfig::default(),
+                StaticKeypair::from_seed(u64::from(i) + 1),
+                SIM_PSK,
+                1_700_000_000_000,
+                EntropySource::seeded(u64::from(i) + 20),
+            );
+            let a: SocketAddr = format!("10.0.0.{}:4000", i + 1).parse().unwrap();
+            handshake(&mut n, a, hub, hub_addr, t);
+            keys.push(*n.public_key());
+        }
+        // The members fall silent; the hub keeps pushing 1 KB messages.
+        let msg = Control::Nack {
+            code: ErrorCode::Busy,
+            message: "x".repeat(1000),
+        };
+        let (mut sent, mut peak) = (0u64, 0usize);
+        for round in 0..1500u64 {
+            let now = t + Duration::from_millis(10 * round);
+            for k in &keys {
+                if hub.send_control_reliable(now, k, &msg) {
+                    sent += 1;
+                }
+            }
+            hub.handle_timeout(now);
+            let mut buf = Vec::new();
+            while hub.poll_transmit(now, &mut buf).is_some() {}
+            peak = peak.max(hub.held_bytes());
+        }
+        (peak, sent)
+    };
+    let mut capped = hub_with(BUDGET);
+    let (held, sent) = load(&mut capped);
+    assert!(held <= BUDGET, "held at most {held} > budget {BUDGET}");
+    assert!(
+        capped.stats().budget_dropped > 0,
+        "the load must reach the budget: {:?}",
+        capped.stats()
+    );
+    let mut free = hub_with(transport::node::MEMORY_BUDGET);
+    let (held_free, sent_free) = load(&mut free);
+    assert_eq!(free.stats().budget_dropped, 0);
+    assert!(
+        held_free > 3 * BUDGET,
+        "without the budget the same load holds more: {held_free}"
+    );
+    assert!(sent < sent_free);
+    println!(
+        "silent members: with a {BUDGET}-byte budget the hub held at most {held} bytes ({} refused); without, {held_free}",
+        capped.stats().budget_dropped
+    );
+}

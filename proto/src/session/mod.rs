@@ -155,6 +155,8 @@ enum Out {
     ProbeTo(Via, Vec<u8>),
     /// A fragment of a plaintext too large for the path, for one path.
     FragTo(Via, Vec<u8>),
+    /// A relay message held for the node (counted in `relay_bytes`).
+    Relayed(Vec<u8>),
 }
 
 /// Relayed frames a session holds for the node before they are dropped.
@@ -226,6 +228,8 @@ pub struct Session {
     wanted: bool,
     pending: VecDeque<Vec<u8>>,
     urgent: VecDeque<Out>,
+    /// Bytes of [`Out::Relayed`] in `urgent`.
+    relay_bytes: usize,
     /// Packets waiting in conversation queues (sum of `Conv::queue` lengths).
     queued: usize,
     /// Running average size of packets admitted into KCP (bytes, for the inflight cap).
@@ -344,6 +348,7 @@ impl Session {
             wanted: false,
             pending: VecDeque::new(),
             urgent: VecDeque::new(),
+            relay_bytes: 0,
             queued: 0,
             avg_seg: 1000.0,
             paced: BTreeMap::new(),
@@ -476,8 +481,32 @@ impl Session {
             return false;
         }
         msg[1..33].copy_from_slice(src);
-        self.urgent.push_back(Out::Plain(msg));
+        self.relay_bytes += msg.len();
+        self.urgent.push_back(Out::Relayed(msg));
         true
+    }
+
+    /// Bytes this session holds for others: relayed frames waiting to go,
+    /// and reliable control messages not yet acknowledged (whole segments).
+    /// What a node's memory budget counts.
+    pub fn held_bytes(&self) -> usize {
+        self.relay_bytes + self.control_held()
+    }
+
+    /// What a reliable control message of `len` bytes adds to
+    /// [`Session::held_bytes`] (whole KCP segments; opens the control
+    /// conversation, which the message is about to use).
+    pub fn control_cost(&mut self, now: Duration, len: usize) -> usize {
+        let mss = self.conv(now, CONV_CONTROL).kcp.mss().max(1);
+        len.div_ceil(mss).max(1) * mss
+    }
+
+    fn control_held(&self) -> usize {
+        let control = self
+            .convs
+            .get(&CONV_CONTROL)
+            .map_or(0, |c| c.kcp.wait_snd() * c.kcp.mss());
+        control
     }
 
     /// Seal the plaintext `plain` into `buf` now, outside the queues (the
@@ -593,12 +622,17 @@ impl Session {
             self.stats.control_too_large += 1;
             return false;
         };
+        self.send_control_encoded(now, &v)
+    }
+
+    /// [`Session::send_control_reliable`] of a message already encoded.
+    pub fn send_control_encoded(&mut self, now: Duration, v: &[u8]) -> bool {
         let c = self.conv(now, CONV_CONTROL);
         if c.kcp.wait_snd() >= CONTROL_BACKLOG {
             self.stats.control_backlog_dropped += 1;
             return false;
         }
-        if c.kcp.send(&v).is_err() {
+        if c.kcp.send(v).is_err() {
             return false;
         }
         c.last_active = now;
@@ -810,6 +844,10 @@ impl Session {
                     }
                     Out::FragTo(via, p) => {
                         to = via;
+                        p
+                    }
+                    Out::Relayed(p) => {
+                        self.relay_bytes -= p.len();
                         p
                     }
                     Out::Plain(p) => {
