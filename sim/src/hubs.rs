@@ -141,8 +141,10 @@ fn member_endpoint(key: &PublicKey) -> SocketAddr {
 }
 
 impl Hubs {
-    /// Add `n` hub hosts to `sim`, each with a disk that outlives its crashes.
-    pub fn build(sim: &mut turmoil::Sim<'_>, n: usize, heartbeat: Duration) -> Hubs {
+    /// Add `n` hub hosts to `sim`, each with a disk that outlives its crashes;
+    /// Raft's random numbers (this thread's) are seeded with `seed`.
+    pub fn build(sim: &mut turmoil::Sim<'_>, n: usize, heartbeat: Duration, seed: u64) -> Hubs {
+        fastmesh_actors::cluster::runtime::seed(seed);
         let answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
         let revocations: Arc<Mutex<Vec<RevokeResult>>> = Arc::default();
         let mut probes = Vec::new();

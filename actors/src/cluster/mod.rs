@@ -15,6 +15,7 @@
 //! own file, as before.
 
 pub mod net;
+pub mod runtime;
 pub mod store;
 
 use openraft::BasicNode;
@@ -33,6 +34,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = BasicNode,
         SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = runtime::HubRuntime,
 );
 
 /// The Raft handle of a hub.
