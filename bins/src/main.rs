@@ -820,16 +820,24 @@ async fn start_cluster(
         .map_err(|e| anyhow!("cluster: {e}"))?;
     let l = tokio::net::TcpListener::from_std(l)?;
     let (raft, cfg) = (c.raft.clone(), Arc::new(cfg));
+    // Raft needs a few connections per hub; strangers get at most the rest
+    // of this many, each for the 2 s a handshake may take.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
     actix::spawn(async move {
         loop {
             match l.accept().await {
                 Ok((s, from)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::debug!(%from, "too many hub connections; closed");
+                        continue;
+                    };
                     let _ = s.set_nodelay(true);
                     let (raft, cfg, keys) = (raft.clone(), cfg.clone(), keys.clone());
                     tokio::spawn(async move {
                         if let Err(e) = net::serve(s, raft, cfg, keys).await {
                             tracing::debug!(%from, %e, "hub connection ended");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
