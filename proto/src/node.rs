@@ -55,7 +55,7 @@ pub struct NodeConfig {
 
 /// [`NodeConfig::memory_budget`] by default: at most this much of a hub's
 /// memory goes to what members make it hold for them.
-pub const MEMORY_BUDGET: usize = 256 << 20;
+pub const MEMORY_BUDGET: usize = 1 << 30;
 
 /// While the node is at its budget, the sessions' holdings are counted again
 /// at most this often (the count walks every session).

@@ -489,7 +489,13 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
                 }
             }
         }
-        self.pump(ctx);
+        // Commands come in bursts (a hub's map push is one per member, a
+        // join of thousands many per member): one pump when the burst is
+        // taken, by the alarm, not one per command. A pump per command made
+        // a hub with 10,000 joining members spend all its time in them while
+        // its registry and control socket waited.
+        let _ = ctx;
+        alarm_set(&self.alarm, Some(self.epoch + now));
     }
 }
 
