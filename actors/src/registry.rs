@@ -309,13 +309,7 @@ impl Registry {
     /// Whether `key` claiming `overlay` would change who owns what.
     pub fn changes_owners(&self, key: &PublicKey, overlay: &[IpNet]) -> bool {
         let want: BTreeSet<IpAddr> = overlay.iter().map(|n| n.addr).collect();
-        let had: BTreeSet<IpAddr> = self
-            .owners
-            .iter()
-            .filter(|(_, k)| *k == key)
-            .map(|(a, _)| *a)
-            .collect();
-        want != had
+        want != crate::cluster::owned_by(&self.owners, key)
     }
 
     /// `key` owns exactly `addrs` (decided elsewhere: by the hubs' log).

@@ -127,13 +127,7 @@ impl Book {
                     }
                 }
                 let want: BTreeSet<IpAddr> = addrs.iter().copied().collect();
-                let had: BTreeSet<IpAddr> = self
-                    .owners
-                    .iter()
-                    .filter(|(_, k)| *k == key)
-                    .map(|(a, _)| *a)
-                    .collect();
-                if had == want {
+                if owned_by(&self.owners, key) == want {
                     return Outcome::Unchanged;
                 }
                 self.owners.retain(|a, k| k != key || want.contains(a));
@@ -167,6 +161,15 @@ impl Book {
             Outcome::Done
         }
     }
+}
+
+/// The addresses `key` owns in `owners`.
+pub fn owned_by(owners: &BTreeMap<IpAddr, PublicKey>, key: &PublicKey) -> BTreeSet<IpAddr> {
+    owners
+        .iter()
+        .filter(|(_, k)| *k == key)
+        .map(|(a, _)| *a)
+        .collect()
 }
 
 /// One hub of a cluster, as every hub's configuration lists it.
