@@ -1821,6 +1821,9 @@ fn three_hubs_one_killed_while_peers_register_the_survivors_agree() {
         c.iter().all(|x| x.is_some())
             && c[0].as_ref().unwrap()["applied"] == c[1].as_ref().unwrap()["applied"]
             && c[0].as_ref().unwrap()["leader"] == c[1].as_ref().unwrap()["leader"]
+            && c[0].as_ref().unwrap()["leader"]
+                .as_u64()
+                .is_some_and(|l| survivors.contains(&(l as usize - 1)))
             && owned[0] == owned[1]
             && owned[0] == Some(serde_json::json!(6))
     };

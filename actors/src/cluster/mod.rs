@@ -338,7 +338,30 @@ impl Cluster {
     }
 
     /// Apply `batch` through the log (at the leader, wherever that is).
+    /// Without a reachable leader (an election under way, a leader just
+    /// lost) it tries again every 200 ms until [`PROPOSE_TIMEOUT`].
     pub async fn propose(&self, batch: Batch) -> Result<Vec<Outcome>, ProposeError> {
+        let work = async {
+            loop {
+                match self.propose_once(&batch).await {
+                    Err(ProposeError::NoQuorum(e)) => {
+                        tracing::debug!(%e, "proposal not placed; trying again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(PROPOSE_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(ProposeError::NoQuorum(format!(
+                "not committed within {PROPOSE_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn propose_once(&self, batch: &Batch) -> Result<Vec<Outcome>, ProposeError> {
+        let batch = batch.clone();
         let work = async {
             match self.raft.client_write(batch.clone()).await {
                 Ok(r) => Ok(r.data),

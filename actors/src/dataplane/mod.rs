@@ -443,6 +443,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
     fn handle(&mut self, cmd: Cmd, ctx: &mut Context<Self>) {
         self.io.stats.wakeups += 1;
         let now = self.now();
+        let mut burst = false;
         match cmd {
             Cmd::AddPeer { key, mut endpoints } => {
                 self.keep_reachable(&mut endpoints);
@@ -478,6 +479,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
             }
             Cmd::SetRouter(r) => self.io.router = r,
             Cmd::Send { to, msg, reliable } => {
+                burst = reliable;
                 let sent = if reliable {
                     self.node.send_control_reliable(now, &to, &msg)
                 } else {
@@ -489,13 +491,18 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
                 }
             }
         }
-        // Commands come in bursts (a hub's map push is one per member, a
-        // join of thousands many per member): one pump when the burst is
-        // taken, by the alarm, not one per command. A pump per command made
-        // a hub with 10,000 joining members spend all its time in them while
-        // its registry and control socket waited.
-        let _ = ctx;
-        alarm_set(&self.alarm, Some(self.epoch + now));
+        if burst {
+            // Reliable messages come in bursts (a hub's map push is one per
+            // member, a join of thousands many per member): one pump when
+            // the burst is taken, by the alarm, not one per message. A pump
+            // per message made a hub with 10,000 joining members spend all
+            // its time in them while its registry and control socket waited.
+            // Everything else (datagrams such as a leaving peer's last
+            // words, session commands) is sent at once, as callers expect.
+            alarm_set(&self.alarm, Some(self.epoch + now));
+        } else {
+            self.pump(ctx);
+        }
     }
 }
 
