@@ -494,7 +494,7 @@ impl Node {
             return false;
         };
         let Ok(v) = msg.encode() else {
-            s.send_control_reliable(now, msg); // counts it as too large
+            s.count_control_too_large();
             return false;
         };
         let cost = s.control_cost(now, v.len());
@@ -731,7 +731,7 @@ impl Node {
             return true;
         }
         if b.at.is_none_or(|t| self.now >= t + BUDGET_RECOUNT) {
-            let held = self.sessions.values().map(Session::held_bytes).sum();
+            let held = self.held_bytes();
             let b = &mut self.budget;
             b.counted = held;
             b.added = 0;

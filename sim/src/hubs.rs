@@ -114,6 +114,13 @@ pub struct HubProbe {
     pub up: std::sync::atomic::AtomicBool,
 }
 
+/// Everything the test queued in `q`.
+fn take<T>(q: &Mutex<Vec<T>>) -> Vec<T> {
+    q.lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default()
+}
+
 /// A cluster of hubs in a turmoil simulation.
 pub struct Hubs {
     /// Per hub.
@@ -203,11 +210,7 @@ impl Hubs {
                     let mut ticks = 0u64;
                     loop {
                         tokio::time::sleep(Duration::from_millis(10)).await;
-                        let regs: Vec<_> = probe
-                            .inbox
-                            .lock()
-                            .map(|mut v| v.drain(..).collect())
-                            .unwrap_or_default();
+                        let regs = take(&probe.inbox);
                         for (key, addrs) in regs {
                             reg.do_send(NetEvent {
                                 peer: key,
@@ -227,11 +230,7 @@ impl Hubs {
                                 }),
                             });
                         }
-                        let revoke: Vec<_> = probe
-                            .revoke
-                            .lock()
-                            .map(|mut v| v.drain(..).collect())
-                            .unwrap_or_default();
+                        let revoke = take(&probe.revoke);
                         for key in revoke {
                             let (reg, revocations) = (reg.clone(), revocations.clone());
                             tokio::task::spawn_local(async move {
@@ -248,11 +247,7 @@ impl Hubs {
                                 }
                             });
                         }
-                        let allow: Vec<_> = probe
-                            .allow
-                            .lock()
-                            .map(|mut v| v.drain(..).collect())
-                            .unwrap_or_default();
+                        let allow = take(&probe.allow);
                         for a in allow {
                             reg.do_send(SetAllowed(a));
                         }

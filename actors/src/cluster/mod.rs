@@ -283,6 +283,9 @@ pub enum ProposeError {
 
 /// How long a proposal may take before the registration is refused as busy.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Longest a proposal without a leader waits before trying again (a change
+/// in Raft's view of the leader wakes it sooner).
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// A started hub cluster member: its Raft, the book as applied here, and the
 /// way to propose changes from any hub (forwarded to the leader).
@@ -339,14 +342,17 @@ impl Cluster {
 
     /// Apply `batch` through the log (at the leader, wherever that is).
     /// Without a reachable leader (an election under way, a leader just
-    /// lost) it tries again every 200 ms until [`PROPOSE_TIMEOUT`].
+    /// lost) it tries again when Raft's view changes (a new leader, a new
+    /// term), or after 200 ms, until [`PROPOSE_TIMEOUT`].
     pub async fn propose(&self, batch: Batch) -> Result<Vec<Outcome>, ProposeError> {
         let work = async {
+            let mut view = self.raft.metrics();
             loop {
+                view.borrow_and_update();
                 match self.propose_once(&batch).await {
                     Err(ProposeError::NoQuorum(e)) => {
                         tracing::debug!(%e, "proposal not placed; trying again");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let _ = tokio::time::timeout(RETRY_AFTER, view.changed()).await;
                     }
                     other => return other,
                 }
@@ -361,31 +367,20 @@ impl Cluster {
     }
 
     async fn propose_once(&self, batch: &Batch) -> Result<Vec<Outcome>, ProposeError> {
-        let batch = batch.clone();
-        let work = async {
-            match self.raft.client_write(batch.clone()).await {
-                Ok(r) => Ok(r.data),
-                Err(e) => match e.forward_to_leader::<BasicNode>() {
-                    Some(f) => match f.leader_id {
-                        Some(leader) if leader != self.raft_id() => {
-                            self.forward.forward(leader, batch).await
-                        }
-                        _ => Err(ProposeError::NoQuorum("no leader elected".into())),
-                    },
-                    None => match e {
-                        openraft::error::RaftError::Fatal(f) => {
-                            Err(ProposeError::Fatal(f.to_string()))
-                        }
-                        other => Err(ProposeError::NoQuorum(other.to_string())),
-                    },
+        match self.raft.client_write(batch.clone()).await {
+            Ok(r) => Ok(r.data),
+            Err(e) => match e.forward_to_leader::<BasicNode>() {
+                Some(f) => match f.leader_id {
+                    Some(leader) if leader != self.raft_id() => {
+                        self.forward.forward(leader, batch.clone()).await
+                    }
+                    _ => Err(ProposeError::NoQuorum("no leader elected".into())),
                 },
-            }
-        };
-        match tokio::time::timeout(PROPOSE_TIMEOUT, work).await {
-            Ok(r) => r,
-            Err(_) => Err(ProposeError::NoQuorum(format!(
-                "not committed within {PROPOSE_TIMEOUT:?}"
-            ))),
+                None => match e {
+                    openraft::error::RaftError::Fatal(f) => Err(ProposeError::Fatal(f.to_string())),
+                    other => Err(ProposeError::NoQuorum(other.to_string())),
+                },
+            },
         }
     }
 

@@ -331,17 +331,35 @@ fn mismatch<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
     )))
 }
 
+impl<D: Dialer> HubClient<D> {
+    /// Send `req`; `pick` takes the answer of the matching kind.
+    async fn rpc<T, E: std::error::Error>(
+        &mut self,
+        req: Request,
+        ttl: Duration,
+        pick: impl FnOnce(Response) -> Option<Result<T, E>>,
+    ) -> Result<T, RPCError<u64, BasicNode, E>> {
+        match self.call(&req, ttl).await {
+            Ok(resp) => match pick(resp) {
+                Some(r) => r.map_err(|e| RemoteError::new(self.target, e).into()),
+                None => Err(mismatch()),
+            },
+            Err(e) => Err(unreachable(e)),
+        }
+    }
+}
+
 impl<D: Dialer> RaftNetwork<HubRaft> for HubClient<D> {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<HubRaft>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        match self.call(&Request::Append(rpc), option.hard_ttl()).await {
-            Ok(Response::Append(r)) => r.map_err(|e| RemoteError::new(self.target, e).into()),
-            Ok(_) => Err(mismatch()),
-            Err(e) => Err(unreachable(e)),
-        }
+        self.rpc(Request::Append(rpc), option.hard_ttl(), |r| match r {
+            Response::Append(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn install_snapshot(
@@ -352,11 +370,11 @@ impl<D: Dialer> RaftNetwork<HubRaft> for HubClient<D> {
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        match self.call(&Request::Install(rpc), option.hard_ttl()).await {
-            Ok(Response::Install(r)) => r.map_err(|e| RemoteError::new(self.target, e).into()),
-            Ok(_) => Err(mismatch()),
-            Err(e) => Err(unreachable(e)),
-        }
+        self.rpc(Request::Install(rpc), option.hard_ttl(), |r| match r {
+            Response::Install(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn vote(
@@ -364,11 +382,11 @@ impl<D: Dialer> RaftNetwork<HubRaft> for HubClient<D> {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        match self.call(&Request::Vote(rpc), option.hard_ttl()).await {
-            Ok(Response::Vote(r)) => r.map_err(|e| RemoteError::new(self.target, e).into()),
-            Ok(_) => Err(mismatch()),
-            Err(e) => Err(unreachable(e)),
-        }
+        self.rpc(Request::Vote(rpc), option.hard_ttl(), |r| match r {
+            Response::Vote(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     /// The whole snapshot in one message (the book is small: ~50 bytes an

@@ -619,10 +619,15 @@ impl Session {
     /// Send a control message reliably, in order, over the control conversation.
     pub fn send_control_reliable(&mut self, now: Duration, msg: &Control) -> bool {
         let Ok(v) = msg.encode() else {
-            self.stats.control_too_large += 1;
+            self.count_control_too_large();
             return false;
         };
         self.send_control_encoded(now, &v)
+    }
+
+    /// A control message did not encode within the wire limits.
+    pub fn count_control_too_large(&mut self) {
+        self.stats.control_too_large += 1;
     }
 
     /// [`Session::send_control_reliable`] of a message already encoded.
