@@ -564,6 +564,7 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("relayed_bytes".into(), n.relayed_bytes),
         ("drop_relay".into(), n.relay_dropped),
         ("drop_memory_budget".into(), n.budget_dropped),
+        ("held_bytes".into(), s.held_bytes as u64),
         ("split_opened".into(), s.split.opened),
         ("split_accepted".into(), s.split.accepted),
         ("split_refused".into(), s.split.refused),

@@ -78,6 +78,13 @@ fn plane_counters(r: &mut Registry, counters: &BTreeMap<String, u64>) {
                 "Split TCP connections open now",
                 gauge(v as i64),
             );
+        } else if name == "held_bytes" {
+            r.register_with_unit(
+                "fastmesh_held",
+                "Bytes held for others now (relayed frames waiting, unacknowledged control messages), against the memory budget",
+                Unit::Bytes,
+                gauge(v as i64),
+            );
         } else if name == "relayed_bytes" {
             r.register_with_unit(
                 "fastmesh_relayed",

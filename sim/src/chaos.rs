@@ -22,12 +22,19 @@
 //! * an overlay address has one owner across the hubs; a revoked key is
 //!   gone from every hub and every peer three heartbeats after the last hub
 //!   learned of it, and nothing it sends arrives from then on;
-//! * sessions and conversations stay within their budgets;
+//! * sessions and conversations stay within their budgets, and no node holds
+//!   more than its memory budget for others;
+//! * every inner TCP connection (real TCP endpoints on the peers' TUNs, see
+//!   [`crate::streams`]) delivers every byte once and in order both ways, or
+//!   is reported broken (reset, refused) to both ends;
 //! * within [`ChaosConfig::recover`] of the quiet period's start, every pair
-//!   of peers not revoked exchanges traffic again.
+//!   of peers not revoked exchanges traffic again, every connection begun
+//!   before it has ended one way or the other, and a new connection around
+//!   the ring completes.
 
 use crate::fabric::{Fabric, Quick};
 use crate::impair::{GilbertElliott, LinkSpec};
+use crate::streams::{self, Streams};
 use crate::traffic::{self, Kind};
 use crate::world::{hub_host, World, WorldConfig, PROBE_EVERY};
 use rand::{Rng, SeedableRng};
@@ -188,6 +195,12 @@ pub struct ChaosConfig {
     /// destinations (their paths are punched through it); schedules may
     /// flush those NATs. The others may rebind their sockets.
     pub nat_peers: usize,
+    /// Every node's memory budget: small, so that the faults can push a
+    /// node to it, and the checker can see it hold.
+    pub memory_budget: usize,
+    /// The hubs share one registry through Raft (turmoil only; with
+    /// [`ChaosConfig::quick`] each hub keeps its own owner table).
+    pub raft: bool,
 }
 
 impl Default for ChaosConfig {
@@ -203,6 +216,8 @@ impl Default for ChaosConfig {
             quick: false,
             flows_per_peer: None,
             nat_peers: 0,
+            memory_budget: 1 << 20,
+            raft: false,
         }
     }
 }
@@ -338,8 +353,18 @@ pub struct Outcome {
     /// restart or a full queue dropped, which an inner TCP would resend.
     pub gaps: u64,
     /// Time from the quiet period's start until every pair exchanged
-    /// traffic again (None if some never did).
+    /// traffic again and every inner TCP connection had ended (None if
+    /// some never did).
     pub recovered_after: Option<Duration>,
+    /// Inner TCP connections that completed (every byte, both ways).
+    pub tcp_completed: u64,
+    /// Inner TCP connections that broke, reported to both ends.
+    pub tcp_broken: u64,
+    /// Bytes the inner TCP receivers read and checked.
+    pub tcp_bytes: u64,
+    /// The most bytes any node held for others (against
+    /// [`ChaosConfig::memory_budget`]) in the statuses sampled.
+    pub max_held: u64,
 }
 
 /// Flow ids: one datagram flow and one reliable flow per ordered pair, and
@@ -499,6 +524,27 @@ impl Checker {
             if s >= q {
                 self.recovered.entry((from, to)).or_insert(now);
             }
+        }
+    }
+
+    /// A packet of the inner TCP hosts arrived at peer `at`: it must be for
+    /// `at`, from one of its neighbours on the ring (the only peers its
+    /// host talks to).
+    fn stream_packet(&mut self, now: Duration, at: usize, pkt: &[u8]) {
+        let Some(info) = ip::parse(pkt) else { return };
+        let me = self.addrs[at];
+        let n = self.n;
+        let neighbours = [(at + 1) % n, (at + n - 1) % n];
+        if info.dst != IpAddr::V4(me.0) {
+            self.violation(now, format!("peer{at} got a TCP segment for {}", info.dst));
+        } else if !neighbours
+            .iter()
+            .any(|&j| info.src == IpAddr::V4(self.addrs[j].0))
+        {
+            self.violation(
+                now,
+                format!("peer{at} got a TCP segment from {}", info.src),
+            );
         }
     }
 
@@ -690,6 +736,8 @@ fn run_on(
         sim,
         WorldConfig {
             probe_every: PROBE_EVERY,
+            memory_budget: cfg.memory_budget,
+            raft: cfg.raft && !cfg.quick,
             peers: cfg.peers,
             heartbeat: cfg.heartbeat,
             spec: LinkSpec::latency(Duration::from_millis(5)),
@@ -716,6 +764,10 @@ fn run_on(
     let t0 = sim.elapsed();
     let n = cfg.peers;
     let mut ck = Checker::new(w.peers.iter().map(|p| (p.overlay, p.overlay6)).collect());
+    let mut tcp = Streams::new(
+        &w.peers.iter().map(|p| p.overlay).collect::<Vec<_>>(),
+        transport::SessionConfig::default().tun_mtu(),
+    );
     let fan = cfg.flows_per_peer.unwrap_or(n - 1).min(n - 1);
     for i in 0..n {
         for j in (1..=fan).map(|d| (i + d) % n) {
@@ -768,13 +820,14 @@ fn run_on(
             if let (Fault::Revoke(i), true) = (&sched[k].fault, on) {
                 revoke_seen.insert(*i, (now, BTreeSet::new()));
                 ck.revoked_after.insert(*i, None);
+                tcp.stop(*i);
             }
             next_event += 1;
         }
         if ck.quiet_from.is_none() && now >= quiet_from {
             ck.quiet_from = Some(now);
         }
-        if ck.quiet_from.is_some() && ck.pairs_left().is_empty() {
+        if ck.quiet_from.is_some() && ck.pairs_left().is_empty() && tcp.settled(quiet_from) {
             out.recovered_after = Some(now - quiet_from);
             break;
         }
@@ -805,16 +858,44 @@ fn run_on(
         if now >= next_check {
             next_check = now + Duration::from_millis(500);
             check_state(&w, &st, &mut ck, &mut revoke_seen, now, grace, max_convs);
+            check_held(&w, &st, &mut ck, &mut out, now, cfg.memory_budget);
         }
         sim.step().expect("simulation step");
         let now = sim.elapsed() - t0;
         for at in 0..n {
             let pkts = w.peers[at].take_delivered();
             for p in pkts {
-                ck.delivered(now, at, &p);
+                if streams::is_stream_packet(&p) {
+                    ck.stream_packet(now, at, &p);
+                    tcp.input(at, p);
+                } else {
+                    ck.delivered(now, at, &p);
+                }
+            }
+        }
+        for (at, p) in tcp.poll(now) {
+            // A full TUN queue drops it; the TCP sends it again.
+            let _ = w.peers[at].apps.send(p);
+        }
+        tcp.check(now, |v| ck.violation(now, v));
+    }
+    for v in tcp.unsettled(quiet_from) {
+        ck.violation(sim.elapsed() - t0, v);
+    }
+    if std::env::var_os("CHAOS_DEBUG").is_some() {
+        for (j, p) in w.peers.iter().enumerate() {
+            if let Some(s) = p.status() {
+                let c: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+                eprintln!("peer{j}: {}", c.join(" "));
+                for q in &s.peers {
+                    eprintln!("   {} {:?}", q.name, q);
+                }
             }
         }
     }
+    out.tcp_completed = tcp.completed;
+    out.tcp_broken = tcp.broken;
+    out.tcp_bytes = tcp.bytes;
     for (i, j) in ck.pairs_left() {
         ck.violation(
             sim.elapsed() - t0,
@@ -829,6 +910,44 @@ fn run_on(
     out.gaps = ck.gaps;
     out.simulated = sim.elapsed();
     out
+}
+
+/// Every node holds at most its memory budget for others.
+fn check_held(
+    w: &World,
+    st: &Applied,
+    ck: &mut Checker,
+    out: &mut Outcome,
+    now: Duration,
+    budget: usize,
+) {
+    let held = |c: &BTreeMap<String, u64>| c.get("held_bytes").copied();
+    let mut seen: Vec<(String, u64)> = Vec::new();
+    for (j, p) in w.peers.iter().enumerate() {
+        if st.down(Host::Peer(j)) {
+            continue;
+        }
+        if let Some(h) = p.status().and_then(|s| held(&s.counters)) {
+            seen.push((format!("peer{j}"), h));
+        }
+    }
+    for (h, s) in w.hub_statuses.iter().enumerate() {
+        if st.down(Host::Hub(h)) {
+            continue;
+        }
+        if let Some(b) = s.lock().ok().and_then(|s| s.as_ref().and_then(|s| held(&s.counters))) {
+            seen.push((hub_host(h), b));
+        }
+    }
+    for (who, h) in seen {
+        out.max_held = out.max_held.max(h);
+        if h > budget as u64 {
+            ck.violation(
+                now,
+                format!("{who} holds {h} bytes for others, over its budget of {budget}"),
+            );
+        }
+    }
 }
 
 /// The hosts' status against the invariants on ownership, revocation and

@@ -95,6 +95,7 @@ pub mod impair;
 pub mod impaired;
 pub mod nat;
 pub mod pumps;
+pub mod streams;
 pub mod tcp_host;
 pub mod traffic;
 pub mod turmoil_net;

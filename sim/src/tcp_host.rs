@@ -202,6 +202,18 @@ impl TcpHost {
         self.apps.len() - 1
     }
 
+    /// App `i`'s socket, in words (state, queues, windows) for diagnostics.
+    pub fn describe(&self, i: usize) -> String {
+        let s = self.sockets.get::<tcp::Socket>(self.apps[i].handle);
+        format!(
+            "{} recv_queue {} send_queue {} window {}",
+            s.state(),
+            s.recv_queue(),
+            s.send_queue(),
+            s.recv_capacity() - s.recv_queue()
+        )
+    }
+
     /// A packet from the node's TUN side.
     pub fn input(&mut self, pkt: Vec<u8>) {
         self.link.rx.push_back(pkt);

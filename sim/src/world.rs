@@ -20,7 +20,11 @@ use actix::prelude::*;
 use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
 use fastmesh_actors::heartbeat::HeartbeatConfig;
 use fastmesh_actors::hub::{GetHubStatus, HubStatus, RegistryActor, Revoke};
-use fastmesh_actors::registry::RegistryConfig;
+use fastmesh_actors::cluster::net::{self, HubKeys};
+use fastmesh_actors::cluster::store::MemDisk;
+use fastmesh_actors::cluster::{Cluster, ClusterConfig};
+use fastmesh_actors::registry::{Registry, RegistryConfig};
+use std::collections::BTreeMap;
 use fastmesh_actors::store::OwnerStore;
 use fastmesh_actors::supervisor::{GetNodeStatus, NodeStatus, PeerSetup, Supervisor};
 use std::future::Future;
@@ -208,6 +212,40 @@ pub struct WorldConfig {
     /// building a peer's status asks every per-peer actor, so big worlds
     /// probe less often).
     pub probe_every: Duration,
+    /// Every node's memory budget ([`transport::NodeConfig::memory_budget`]).
+    pub memory_budget: usize,
+    /// The hubs share one registry through Raft (`fastmesh_actors::cluster`,
+    /// its log on a disk that survives crashes, its RPCs over turmoil's
+    /// TCP): only in turmoil, whose hosts have TCP. Otherwise each hub keeps
+    /// its own owner table in `store_dir`.
+    pub raft: bool,
+}
+
+/// Hub `h`'s Raft of `n` hubs, on `disk`, serving its peers' RPCs over
+/// turmoil's TCP.
+async fn start_raft(h: usize, n: usize, disk: Arc<MemDisk>) -> io::Result<Cluster> {
+    let cfg = ClusterConfig {
+        me: h as u64 + 1,
+        hubs: crate::hubs::cluster_list(n),
+    };
+    let keys = HubKeys {
+        private: StaticKeypair::from_seed(HUB_SEED + h as u64).private,
+        psk: SIM_PSK,
+    };
+    let cluster = Cluster::start(cfg.clone(), keys.clone(), disk, crate::hubs::TurmoilDialer)
+        .await
+        .map_err(io::Error::other)?;
+    let l = turmoil::net::TcpListener::bind(("0.0.0.0", crate::hubs::RAFT_PORT)).await?;
+    let (raft, cfg) = (cluster.raft.clone(), Arc::new(cfg));
+    tokio::task::spawn_local(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (raft, cfg, keys) = (raft.clone(), cfg.clone(), keys.clone());
+            tokio::task::spawn_local(async move {
+                let _ = net::serve(s, raft, cfg, keys).await;
+            });
+        }
+    });
+    Ok(cluster)
 }
 
 /// turmoil host name of hub `i`.
@@ -242,17 +280,22 @@ impl World {
             (0..cfg.hubs.max(1)).map(|_| Arc::default()).collect();
         let hub_knobs: Vec<ChaosKnob> =
             (0..cfg.hubs.max(1)).map(|_| ChaosKnob::default()).collect();
+        if cfg.raft {
+            fastmesh_actors::cluster::runtime::seed(cfg.seed);
+        }
         for (h, probe) in hub_statuses.iter().enumerate() {
             let cfg = cfg.clone();
             let probe = probe.clone();
             let revoke = hub_revoke[h].clone();
             let knob = hub_knobs[h].clone();
             let starts = Arc::new(AtomicU64::new(0));
+            let disk = Arc::new(MemDisk::default());
             sim.host(&hub_host(h), move |binder: Binder| {
                 let cfg = cfg.clone();
                 let probe = probe.clone();
                 let revoke = revoke.clone();
                 let knob = knob.clone();
+                let disk = disk.clone();
                 let n = starts.fetch_add(1, Ordering::SeqCst);
                 async move {
                     let seed = cfg.seed ^ 0xabcd ^ ((h as u64) << 20) ^ (n << 32);
@@ -264,6 +307,7 @@ impl World {
                             admission: Admission::AnyWithNetworkKey,
                             relay: true,
                             session: transport::SessionConfig::hub(),
+                            memory_budget: cfg.memory_budget,
                             ..NodeConfig::default()
                         },
                         StaticKeypair::from_seed(HUB_SEED + h as u64),
@@ -285,10 +329,16 @@ impl World {
                         expire_beats: 3,
                         ..RegistryConfig::default()
                     };
-                    let store = OwnerStore::new(cfg.store_dir.join(format!("owners{h}")));
-                    let reg =
+                    let reg = if cfg.raft {
+                        let cluster = start_raft(h, cfg.hubs.max(1), disk).await?;
+                        let reg = Registry::new(rcfg, BTreeMap::new(), (n + 1) << 40);
+                        RegistryActor::new(reg, None, plane.clone().recipient())
+                            .with_cluster(cluster)
+                    } else {
+                        let store = OwnerStore::new(cfg.store_dir.join(format!("owners{h}")));
                         RegistryActor::open(rcfg, store, (n + 1) << 40, plane.clone().recipient())?
-                            .with_snapshot(plane.recipient());
+                    }
+                    .with_snapshot(plane.recipient());
                     let reg = reg_ctx.run(reg);
                     let mut last_probe: Option<tokio::time::Instant> = None;
                     loop {
@@ -355,7 +405,10 @@ impl World {
                         let sock =
                             Arc::new(Impaired::new(inner, cfg.spec.clone(), seed).with_knob(knob));
                         let node = Node::new(
-                            NodeConfig::default(),
+                            NodeConfig {
+                                memory_budget: cfg.memory_budget,
+                                ..NodeConfig::default()
+                            },
                             StaticKeypair::from_seed(peer_seed(i)),
                             SIM_PSK,
                             1_700_000_000_000 + n * 1_000_000,

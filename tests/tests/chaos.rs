@@ -21,8 +21,8 @@ fn fixed_seeds_hold_every_invariant() {
         let sched = schedule(&cfg, seed);
         let o = run(&cfg, seed, &sched);
         println!(
-            "seed {seed}: {} faults, {} packets checked, {} missing from reliable flows, recovered after {:?}",
-            o.faults, o.delivered, o.gaps, o.recovered_after
+            "seed {seed}: {} faults, {} packets checked, {} missing from reliable flows, inner TCP {} completed / {} broken / {} bytes checked, most held {} bytes, recovered after {:?}",
+            o.faults, o.delivered, o.gaps, o.tcp_completed, o.tcp_broken, o.tcp_bytes, o.max_held, o.recovered_after
         );
         let list: Vec<String> = sched.iter().map(|s| format!("  {s}")).collect();
         assert!(
@@ -33,6 +33,11 @@ fn fixed_seeds_hold_every_invariant() {
         );
         assert!(o.recovered_after.is_some());
         assert!(o.delivered > 1000, "seed {seed}: traffic flowed");
+        // Inner TCP ran through the faults: connections around the ring
+        // of five, one after another, each checked byte by byte.
+        assert!(o.tcp_completed >= 50, "seed {seed}: inner TCP connections completed");
+        assert!(o.tcp_bytes > 5_000_000, "seed {seed}: inner TCP bytes checked");
+        assert!(o.max_held > 0, "seed {seed}: the nodes report what they hold");
         faults += o.faults;
     }
     assert!(faults >= SEEDS.len() * 2, "the schedules injected faults");

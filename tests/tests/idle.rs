@@ -18,6 +18,8 @@ fn world(sim: &mut turmoil::Sim<'static>, peers: usize, name: &str) -> World {
         WorldConfig {
             peers,
             probe_every: PROBE_EVERY,
+            memory_budget: transport::node::MEMORY_BUDGET,
+            raft: false,
             heartbeat: HB,
             spec: LinkSpec::latency(Duration::from_millis(10)),
             seed: 3,

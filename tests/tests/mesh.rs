@@ -48,6 +48,8 @@ fn world_nat(
         sim,
         WorldConfig {
             probe_every: PROBE_EVERY,
+            memory_budget: transport::node::MEMORY_BUDGET,
+            raft: false,
             peers: 5,
             heartbeat: HB,
             spec,

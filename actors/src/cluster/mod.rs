@@ -348,11 +348,28 @@ impl Cluster {
         let work = async {
             let mut view = self.raft.metrics();
             loop {
-                view.borrow_and_update();
+                let seen = {
+                    let m = view.borrow_and_update();
+                    (m.current_leader, m.current_term)
+                };
                 match self.propose_once(&batch).await {
                     Err(ProposeError::NoQuorum(e)) => {
                         tracing::debug!(%e, "proposal not placed; trying again");
-                        let _ = tokio::time::timeout(RETRY_AFTER, view.changed()).await;
+                        // Only a new leader or term is worth trying again
+                        // for at once: the metrics also change with every
+                        // heartbeat and replication, which would spin.
+                        let leader_moved = async {
+                            loop {
+                                if view.changed().await.is_err() {
+                                    std::future::pending::<()>().await;
+                                }
+                                let m = view.borrow_and_update();
+                                if (m.current_leader, m.current_term) != seen {
+                                    return;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(RETRY_AFTER, leader_moved).await;
                     }
                     other => return other,
                 }

@@ -193,6 +193,10 @@ pub struct Snapshot {
     pub split: transport::split::SplitStats,
     /// Every peer.
     pub peers: Vec<PeerSnapshot>,
+    /// Bytes the sessions hold for others now (relayed frames waiting,
+    /// unacknowledged control messages), counted against the node's memory
+    /// budget.
+    pub held_bytes: usize,
 }
 
 #[derive(Message)]
@@ -324,6 +328,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             node: self.node.stats().clone(),
             split: self.node.split_stats(),
             peers,
+            held_bytes: self.node.held_bytes(),
         }
     }
 }

@@ -5,7 +5,8 @@
 //!     (both take --peers N --hubs H --faults K --window SECS, and --quick
 //!     to run on sim::fabric::Quick instead of turmoil, --flows K to have
 //!     each peer send to K others instead of all, --nat K to put peers
-//!     0..K behind NATs whose mappings schedules may flush)
+//!     0..K behind NATs whose mappings schedules may flush, --raft to have
+//!     the hubs share one registry through Raft)
 //!     fastmesh-sim floor N
 //!     fastmesh-sim world [--peers N] [--secs S] [--loss P] [--latency MS] [--probe-ms MS] [--turmoil]
 //!
@@ -26,7 +27,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: fastmesh-sim chaos (--seed S [--only I,J,..] [--no-shrink] | --seeds N [--from S])\n\
-         \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS] [--quick] [--flows K] [--nat K]"
+         \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS] [--quick] [--raft] [--flows K] [--nat K]"
     );
     ExitCode::from(2)
 }
@@ -138,6 +139,8 @@ fn world_in(
         WorldConfig {
             peers,
             probe_every,
+            memory_budget: transport::node::MEMORY_BUDGET,
+            raft: false,
             heartbeat: Duration::from_secs(1),
             spec: LinkSpec {
                 loss,
@@ -177,12 +180,16 @@ fn world_in(
 
 fn line(seed: u64, o: &Outcome, wall: Duration) -> String {
     format!(
-        "seed {seed}: {} faults, {:.0} s simulated in {:.1} s, {} packets checked, {} missing from reliable flows, recovered {}, {}",
+        "seed {seed}: {} faults, {:.0} s simulated in {:.1} s, {} packets checked, {} missing from reliable flows, inner TCP {} completed / {} broken / {} KB checked, most held {} KB, recovered {}, {}",
         o.faults,
         o.simulated.as_secs_f64(),
         wall.as_secs_f64(),
         o.delivered,
         o.gaps,
+        o.tcp_completed,
+        o.tcp_broken,
+        o.tcp_bytes / 1000,
+        o.max_held / 1000,
         o.recovered_after
             .map_or("never".to_string(), |d| format!("after {:.1} s", d.as_secs_f64())),
         if o.violations.is_empty() {
@@ -226,6 +233,7 @@ fn main() -> ExitCode {
             }
             "--no-shrink" => no_shrink = true,
             "--quick" => cfg.quick = true,
+            "--raft" => cfg.raft = true,
             "--flows" => match num(val()) {
                 Some(v) if v >= 1 => cfg.flows_per_peer = Some(v as usize),
                 _ => return usage(),
@@ -288,12 +296,13 @@ fn main() -> ExitCode {
                 }
                 let list: Vec<String> = kept.iter().map(|k| k.to_string()).collect();
                 println!(
-                    "replay: fastmesh-sim chaos --seed {s} --peers {} --hubs {} --faults {} --window {}{}{}{} --only {}",
+                    "replay: fastmesh-sim chaos --seed {s} --peers {} --hubs {} --faults {} --window {}{}{}{}{} --only {}",
                     cfg.peers,
                     cfg.hubs,
                     cfg.faults,
                     cfg.window.as_secs(),
                     if cfg.quick { " --quick" } else { "" },
+                    if cfg.raft { " --raft" } else { "" },
                     cfg.flows_per_peer.map(|k| format!(" --flows {k}")).unwrap_or_default(),
                     if cfg.nat_peers > 0 { format!(" --nat {}", cfg.nat_peers) } else { String::new() },
                     list.join(",")
@@ -303,6 +312,7 @@ fn main() -> ExitCode {
         }
         (None, Some(n)) => {
             let (mut faults, mut simulated, mut bad) = (0usize, Duration::ZERO, Vec::new());
+            let (mut completed, mut broken) = (0u64, 0u64);
             let t = Instant::now();
             for s in from..from + n {
                 let t1 = Instant::now();
@@ -313,15 +323,17 @@ fn main() -> ExitCode {
                 }
                 faults += o.faults;
                 simulated += o.simulated;
+                completed += o.tcp_completed;
+                broken += o.tcp_broken;
                 if !o.violations.is_empty() {
                     bad.push(s);
                 }
             }
             println!();
-            println!("| seeds run | faults injected | simulated hours | wall s | seeds with violations |");
-            println!("|---:|---:|---:|---:|---|");
+            println!("| seeds run | faults injected | simulated hours | wall s | inner TCP completed / broken | seeds with violations |");
+            println!("|---:|---:|---:|---:|---:|---|");
             println!(
-                "| {n} | {faults} | {:.2} | {:.0} | {} |",
+                "| {n} | {faults} | {:.2} | {:.0} | {completed} / {broken} | {} |",
                 simulated.as_secs_f64() / 3600.0,
                 t.elapsed().as_secs_f64(),
                 if bad.is_empty() {
