@@ -365,6 +365,9 @@ pub struct Outcome {
     /// The most bytes any node held for others (against
     /// [`ChaosConfig::memory_budget`]) in the statuses sampled.
     pub max_held: u64,
+    /// With [`ChaosConfig::raft`]: the highest Raft log index any hub had
+    /// applied (the registry went through the log).
+    pub raft_applied: u64,
 }
 
 /// Flow ids: one datagram flow and one reliable flow per ordered pair, and
@@ -541,10 +544,7 @@ impl Checker {
             .iter()
             .any(|&j| info.src == IpAddr::V4(self.addrs[j].0))
         {
-            self.violation(
-                now,
-                format!("peer{at} got a TCP segment from {}", info.src),
-            );
+            self.violation(now, format!("peer{at} got a TCP segment from {}", info.src));
         }
     }
 
@@ -882,17 +882,6 @@ fn run_on(
     for v in tcp.unsettled(quiet_from) {
         ck.violation(sim.elapsed() - t0, v);
     }
-    if std::env::var_os("CHAOS_DEBUG").is_some() {
-        for (j, p) in w.peers.iter().enumerate() {
-            if let Some(s) = p.status() {
-                let c: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
-                eprintln!("peer{j}: {}", c.join(" "));
-                for q in &s.peers {
-                    eprintln!("   {} {:?}", q.name, q);
-                }
-            }
-        }
-    }
     out.tcp_completed = tcp.completed;
     out.tcp_broken = tcp.broken;
     out.tcp_bytes = tcp.bytes;
@@ -935,8 +924,13 @@ fn check_held(
         if st.down(Host::Hub(h)) {
             continue;
         }
-        if let Some(b) = s.lock().ok().and_then(|s| s.as_ref().and_then(|s| held(&s.counters))) {
+        let Ok(s) = s.lock() else { continue };
+        let Some(s) = s.as_ref() else { continue };
+        if let Some(b) = held(&s.counters) {
             seen.push((hub_host(h), b));
+        }
+        if let Some(c) = &s.cluster {
+            out.raft_applied = out.raft_applied.max(c.applied.unwrap_or(0));
         }
     }
     for (who, h) in seen {

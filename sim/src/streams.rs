@@ -11,9 +11,10 @@
 //!
 //! What a connection may do under faults: complete (every byte once and in
 //! order, both ways, both FINs), or break, provided both ends learn it (a
-//! reset or a refusal). A connection that neither completes nor is reported
-//! broken to both ends within the recovery bound is a violation: an
-//! application would wait on it forever.
+//! reset or a refusal, or the application's own keep-alive giving up). A
+//! connection that neither completes nor is reported broken to both ends
+//! within the recovery bound is a violation: an application would wait on
+//! it forever.
 
 use crate::tcp_host::{AppKind, AppStats, TcpHost};
 use std::collections::BTreeSet;
@@ -26,6 +27,13 @@ use transport::ip;
 pub const PORT_BASE: u16 = 40_000;
 /// Socket buffers of the TCP hosts (each direction).
 const BUFFER: usize = 64 * 1024;
+/// The applications' keep-alive interval and the time after which they
+/// give up on a connection nothing answers. A split connection's proxy
+/// holds its state in the fastmesh process: when that process restarts, an
+/// application idle in FIN-WAIT-2 (or waiting to read) hears nothing, as
+/// if the far host had rebooted, and only a keep-alive finds out.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+const USER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause between one connection's end and the next on a pair.
 const PAUSE: Duration = Duration::from_millis(300);
 
@@ -86,7 +94,10 @@ impl Streams {
         Streams {
             hosts: addrs
                 .iter()
-                .map(|a| TcpHost::new(IpAddr::V4(*a), mtu, BUFFER))
+                .map(|a| {
+                    TcpHost::new(IpAddr::V4(*a), mtu, BUFFER)
+                        .with_keepalive(KEEPALIVE, USER_TIMEOUT)
+                })
                 .collect(),
             due: vec![Some(Duration::ZERO); addrs.len()],
             conns: Vec::new(),
@@ -149,7 +160,7 @@ impl Streams {
         // Sizes and behaviours vary with the connection's number: fast and
         // slow readers, with and without an answer after the FIN.
         let total = 48 * 1024 * (1 + k % 5);
-        let reply = if k % 2 == 0 { 2048 } else { 0 };
+        let reply = if k.is_multiple_of(2) { 2048 } else { 0 };
         let rate = (k % 3 == 2).then_some(96_000.0);
         let to_addr = self.hosts[to].addr();
         self.due[from] = Some(now);
@@ -222,7 +233,8 @@ impl Streams {
                 snk.fin_at.is_some() && snk.read == c.total && snk.done_writing_at.is_some();
             let sender_told = snd.reset || snd.refused;
             let sink_told = snk.reset || snk.refused || snk.connected_at.is_none();
-            let (from_gone, to_gone) = (self.stopped.contains(&c.from), self.stopped.contains(&c.to));
+            let (from_gone, to_gone) =
+                (self.stopped.contains(&c.from), self.stopped.contains(&c.to));
             let ending = if sender_done && sink_done {
                 Some(Ending::Complete)
             } else if (sender_told || sender_done || from_gone)

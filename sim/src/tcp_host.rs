@@ -124,6 +124,9 @@ pub struct TcpHost {
     /// The applications, in the order added.
     pub apps: Vec<App>,
     buffer: usize,
+    /// Keep-alive interval and the time without an answer after which a
+    /// connection is given up (reset), for sockets added from now on.
+    keepalive: Option<(Duration, Duration)>,
 }
 
 impl TcpHost {
@@ -155,7 +158,18 @@ impl TcpHost {
             link,
             apps: Vec::new(),
             buffer,
+            keepalive: None,
         }
+    }
+
+    /// Sockets added from now on send keep-alives every `interval` while
+    /// idle and give up (reset) after `timeout` without an answer to what
+    /// they sent, as a long-lived application sets SO_KEEPALIVE and
+    /// TCP_USER_TIMEOUT: a connection whose far end vanished without a word
+    /// is found out instead of waiting forever.
+    pub fn with_keepalive(mut self, interval: Duration, timeout: Duration) -> TcpHost {
+        self.keepalive = Some((interval, timeout));
+        self
     }
 
     /// The host's address.
@@ -171,6 +185,14 @@ impl TcpHost {
         );
         s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_nagle_enabled(false);
+        if let Some((interval, timeout)) = self.keepalive {
+            s.set_keep_alive(Some(smoltcp::time::Duration::from_micros(
+                interval.as_micros() as u64,
+            )));
+            s.set_timeout(Some(smoltcp::time::Duration::from_micros(
+                timeout.as_micros() as u64,
+            )));
+        }
         match &kind {
             AppKind::Send { to, port, .. } => {
                 let local = IpEndpoint::new(IpAddress::from(self.addr), *port);

@@ -35,9 +35,18 @@ fn fixed_seeds_hold_every_invariant() {
         assert!(o.delivered > 1000, "seed {seed}: traffic flowed");
         // Inner TCP ran through the faults: connections around the ring
         // of five, one after another, each checked byte by byte.
-        assert!(o.tcp_completed >= 50, "seed {seed}: inner TCP connections completed");
-        assert!(o.tcp_bytes > 5_000_000, "seed {seed}: inner TCP bytes checked");
-        assert!(o.max_held > 0, "seed {seed}: the nodes report what they hold");
+        assert!(
+            o.tcp_completed >= 50,
+            "seed {seed}: inner TCP connections completed"
+        );
+        assert!(
+            o.tcp_bytes > 5_000_000,
+            "seed {seed}: inner TCP bytes checked"
+        );
+        assert!(
+            o.max_held > 0,
+            "seed {seed}: the nodes report what they hold"
+        );
         faults += o.faults;
     }
     assert!(faults >= SEEDS.len() * 2, "the schedules injected faults");
@@ -75,5 +84,41 @@ fn nat_flushes_hold_every_invariant() {
         );
         assert!(o.recovered_after.is_some());
         assert!(o.delivered > 1000, "seed {seed}: traffic flowed");
+    }
+}
+
+/// The two hubs share one registry through Raft (as `--cluster-hub` sets
+/// up): the same faults, and the registry's changes go through the log.
+const RAFT_SEEDS: &[u64] = &[1, 2, 5];
+
+#[test]
+fn raft_hubs_hold_every_invariant() {
+    let cfg = ChaosConfig {
+        raft: true,
+        ..ChaosConfig::default()
+    };
+    for &seed in RAFT_SEEDS {
+        let sched = schedule(&cfg, seed);
+        let o = run(&cfg, seed, &sched);
+        println!(
+            "seed {seed}: {} faults, {} packets checked, inner TCP {} completed / {} broken, Raft log applied to {}, recovered after {:?}",
+            o.faults, o.delivered, o.tcp_completed, o.tcp_broken, o.raft_applied, o.recovered_after
+        );
+        let list: Vec<String> = sched.iter().map(|s| format!("  {s}")).collect();
+        assert!(
+            o.violations.is_empty(),
+            "seed {seed}:\n{}\nschedule:\n{}\nreplay: cargo run --release -p fastmesh-sim --bin fastmesh-sim -- chaos --seed {seed} --raft",
+            o.violations.join("\n"),
+            list.join("\n")
+        );
+        assert!(o.recovered_after.is_some());
+        assert!(
+            o.raft_applied >= 5,
+            "seed {seed}: the registrations went through the log"
+        );
+        assert!(
+            o.tcp_completed >= 50,
+            "seed {seed}: inner TCP connections completed"
+        );
     }
 }

@@ -180,7 +180,7 @@ fn world_in(
 
 fn line(seed: u64, o: &Outcome, wall: Duration) -> String {
     format!(
-        "seed {seed}: {} faults, {:.0} s simulated in {:.1} s, {} packets checked, {} missing from reliable flows, inner TCP {} completed / {} broken / {} KB checked, most held {} KB, recovered {}, {}",
+        "seed {seed}: {} faults, {:.0} s simulated in {:.1} s, {} packets checked, {} missing from reliable flows, inner TCP {} completed / {} broken / {} KB checked, most held {} KB,{} recovered {}, {}",
         o.faults,
         o.simulated.as_secs_f64(),
         wall.as_secs_f64(),
@@ -190,6 +190,11 @@ fn line(seed: u64, o: &Outcome, wall: Duration) -> String {
         o.tcp_broken,
         o.tcp_bytes / 1000,
         o.max_held / 1000,
+        if o.raft_applied > 0 {
+            format!(" Raft log applied to {},", o.raft_applied)
+        } else {
+            String::new()
+        },
         o.recovered_after
             .map_or("never".to_string(), |d| format!("after {:.1} s", d.as_secs_f64())),
         if o.violations.is_empty() {
