@@ -8,7 +8,8 @@
 //! the peers split in two groups, and, laid over what one host receives,
 //! Gilbert-Elliott loss bursts, latency spikes with jitter, reordering,
 //! duplication and bandwidth drops; socket rebinding (a NAT's new port);
-//! a revocation (at every hub, as docs/deploy.md says to). Each lasts a drawn
+//! a revocation (at every hub, as docs/deploy.md says to); a peer leaving
+//! as on shutdown and joining again. Each lasts a drawn
 //! time and all have ended when the quiet period begins.
 //!
 //! Invariants, on every packet a peer writes to its TUN and on the hosts'
@@ -119,6 +120,9 @@ impl Impairment {
 pub enum Fault {
     /// The host crashes and restarts when the fault ends.
     Crash(Host),
+    /// The peer leaves the network as on shutdown (tells the hubs, then its
+    /// process stops 300 ms later) and joins again when the fault ends.
+    Leave(usize),
     /// Nothing passes between two hosts.
     Cut(Host, Host),
     /// Nothing passes between the host and any other.
@@ -157,6 +161,7 @@ impl fmt::Display for Scheduled {
         }
         match &self.fault {
             Fault::Crash(h) => write!(f, "crash {h}"),
+            Fault::Leave(i) => write!(f, "peer{i} leaves, joins again at the end"),
             Fault::Cut(a, b) => write!(f, "cut {a} <-> {b}"),
             Fault::Isolate(h) => write!(f, "isolate {h}"),
             Fault::Split(g) => write!(f, "split peers {g:?} from the others"),
@@ -201,6 +206,8 @@ pub struct ChaosConfig {
     /// The hubs share one registry through Raft (turmoil only; with
     /// [`ChaosConfig::quick`] each hub keeps its own owner table).
     pub raft: bool,
+    /// Schedules may have peers leave (as on shutdown) and join again.
+    pub leave: bool,
 }
 
 impl Default for ChaosConfig {
@@ -218,6 +225,7 @@ impl Default for ChaosConfig {
             nat_peers: 0,
             memory_budget: 1 << 20,
             raft: false,
+            leave: false,
         }
     }
 }
@@ -250,7 +258,11 @@ pub fn schedule(cfg: &ChaosConfig, seed: u64) -> Vec<Scheduled> {
             }
         };
         let fault = match rng.random_range(0..100) {
-            0..=17 => Fault::Crash(host(&mut rng)),
+            0..=17 => match host(&mut rng) {
+                // (No extra draw without `leave`: older seeds stay as they were.)
+                Host::Peer(i) if cfg.leave && rng.random_bool(0.5) => Fault::Leave(i),
+                h => Fault::Crash(h),
+            },
             18..=29 => {
                 let a = host(&mut rng);
                 let b = host(&mut rng);
@@ -322,6 +334,7 @@ pub fn schedule(cfg: &ChaosConfig, seed: u64) -> Vec<Scheduled> {
         };
         let slot = match &fault {
             Fault::Crash(h) => Some((*h, false)),
+            Fault::Leave(i) => Some((Host::Peer(*i), false)),
             Fault::Impair(h, _) => Some((*h, true)),
             _ => None,
         };
@@ -373,6 +386,8 @@ pub struct Outcome {
 /// Flow ids: one datagram flow and one reliable flow per ordered pair, and
 /// a forged one.
 const FORGED: u16 = 9_999;
+/// Between a peer's goodbye and its process stopping.
+const LEAVE_GRACE: Duration = Duration::from_millis(300);
 const EVERY: Duration = Duration::from_millis(250);
 
 struct Flow {
@@ -404,6 +419,9 @@ struct Checker {
     hub_reach_since: BTreeMap<usize, Duration>,
     /// Heartbeats (and a second) for a revocation to reach everyone.
     grace: Duration,
+    /// Peers that left (and have not joined again) -> when their process
+    /// stopped.
+    left: BTreeMap<usize, Duration>,
 }
 
 impl Checker {
@@ -429,6 +447,7 @@ impl Checker {
             revoked_after: BTreeMap::new(),
             hub_reach_since: BTreeMap::new(),
             grace: Duration::ZERO,
+            left: BTreeMap::new(),
         }
     }
 
@@ -645,6 +664,17 @@ fn apply(
 ) {
     match fault {
         Fault::Crash(h) => st.crash(sim, w, *h, on),
+        Fault::Leave(i) => {
+            if on {
+                // The process stops once its goodbye is out (the runner
+                // crashes it after LEAVE_GRACE).
+                w.peers[*i]
+                    .leave
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            } else {
+                st.crash(sim, w, Host::Peer(*i), false);
+            }
+        }
         Fault::Cut(a, b) => st.cut(sim, *a, *b, on),
         Fault::Isolate(h) => {
             for o in hosts(cfg) {
@@ -799,6 +829,8 @@ fn run_on(
     events.sort_by_key(|e| (e.0, !e.2, e.1));
     let mut next_event = 0;
     let mut st = Applied::default();
+    // Peers that said goodbye, and when their process stops.
+    let mut leaving: Vec<(Duration, usize)> = Vec::new();
     let quiet_from = sched
         .iter()
         .map(|s| s.at + s.dur)
@@ -817,12 +849,27 @@ fn run_on(
         while next_event < events.len() && events[next_event].0 <= now {
             let (_, k, on) = events[next_event];
             apply(cfg, sim, &mut w, &mut st, &sched[k].fault, on);
+            match (&sched[k].fault, on) {
+                (Fault::Leave(i), true) => leaving.push((now + LEAVE_GRACE, *i)),
+                (Fault::Leave(i), false) => {
+                    ck.left.remove(i);
+                }
+                _ => {}
+            }
             if let (Fault::Revoke(i), true) = (&sched[k].fault, on) {
                 revoke_seen.insert(*i, (now, BTreeSet::new()));
                 ck.revoked_after.insert(*i, None);
                 tcp.stop(*i);
             }
             next_event += 1;
+        }
+        for (at, i) in std::mem::take(&mut leaving) {
+            if at <= now {
+                st.crash(sim, &w, Host::Peer(i), true);
+                ck.left.insert(i, now);
+            } else {
+                leaving.push((at, i));
+            }
         }
         if ck.quiet_from.is_none() && now >= quiet_from {
             ck.quiet_from = Some(now);
@@ -981,6 +1028,27 @@ fn check_state(
     for (a, keys) in owners {
         if keys.len() > 1 {
             ck.violation(now, format!("address {a} owned by {keys:?}"));
+        }
+    }
+    // A peer that left is off every live hub's list within the grace (its
+    // goodbye, or else its silence, removes it).
+    let gone: Vec<(usize, Duration)> = ck.left.iter().map(|(&i, &t)| (i, t)).collect();
+    for (i, t) in gone {
+        if now < t + grace {
+            continue;
+        }
+        let short = fastmesh_actors::registry::short_key(&w.peers[i].key);
+        for (h, hs) in &hubs {
+            if hs.members.iter().any(|m| m.key == short) {
+                ck.violation(
+                    now,
+                    format!(
+                        "{} still lists peer{i}, which left at {:.2}s",
+                        hub_host(*h),
+                        t.as_secs_f64()
+                    ),
+                );
+            }
         }
     }
     for j in 0..n {

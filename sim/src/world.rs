@@ -25,7 +25,7 @@ use fastmesh_actors::heartbeat::HeartbeatConfig;
 use fastmesh_actors::hub::{GetHubStatus, HubStatus, RegistryActor, Revoke};
 use fastmesh_actors::registry::{Registry, RegistryConfig};
 use fastmesh_actors::store::OwnerStore;
-use fastmesh_actors::supervisor::{GetNodeStatus, NodeStatus, PeerSetup, Supervisor};
+use fastmesh_actors::supervisor::{GetNodeStatus, Leave, NodeStatus, PeerSetup, Supervisor};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
@@ -155,6 +155,9 @@ pub struct PeerHandle {
     pub nat_dropped: Arc<AtomicU64>,
     /// A fault laid over everything the peer receives (chaos runner).
     pub knob: ChaosKnob,
+    /// Set to make the peer tell its hubs it leaves (within 100 ms; the
+    /// flag clears when the peer starts again).
+    pub leave: Arc<AtomicBool>,
 }
 
 impl PeerHandle {
@@ -372,6 +375,7 @@ impl World {
             let rebind_to = Arc::new(AtomicU16::new(0));
             let nat_flush = Arc::new(AtomicBool::new(false));
             let nat_dropped = Arc::new(AtomicU64::new(0));
+            let leave = Arc::new(AtomicBool::new(false));
             let knob = ChaosKnob::default();
             let nat_kind = cfg.nat.get(i).copied().flatten();
             let key = StaticKeypair::from_seed(peer_seed(i)).public;
@@ -381,6 +385,7 @@ impl World {
                 let rebind_to = rebind_to.clone();
                 let nat_flush = nat_flush.clone();
                 let nat_dropped = nat_dropped.clone();
+                let leave = leave.clone();
                 let knob = knob.clone();
                 let host = host.clone();
                 let starts = Arc::new(AtomicU64::new(0));
@@ -391,9 +396,11 @@ impl World {
                     let rebind_to = rebind_to.clone();
                     let nat_flush = nat_flush.clone();
                     let nat_dropped = nat_dropped.clone();
+                    let leave = leave.clone();
                     let knob = knob.clone();
                     let host = host.clone();
                     let n = starts.fetch_add(1, Ordering::SeqCst);
+                    leave.store(false, Ordering::SeqCst);
                     async move {
                         let seed = cfg.seed ^ (i as u64 + 1) ^ (n << 32);
                         let inner = match nat_kind {
@@ -461,8 +468,13 @@ impl World {
                             None,
                         ));
                         let mut last_probe: Option<tokio::time::Instant> = None;
+                        let mut said_goodbye = false;
                         loop {
                             tokio::time::sleep(Duration::from_millis(100)).await;
+                            if !said_goodbye && leave.load(Ordering::SeqCst) {
+                                said_goodbye = true;
+                                let _ = sup.send(Leave).await;
+                            }
                             let port = rebind_to.swap(0, Ordering::SeqCst);
                             match sock.inner() {
                                 PeerSock::Plain(s) if port != 0 => s.rebind(port).await?,
@@ -499,6 +511,7 @@ impl World {
                 nat_flush,
                 nat_dropped,
                 knob,
+                leave,
             });
         }
         World {

@@ -6,7 +6,8 @@
 //!     to run on sim::fabric::Quick instead of turmoil, --flows K to have
 //!     each peer send to K others instead of all, --nat K to put peers
 //!     0..K behind NATs whose mappings schedules may flush, --raft to have
-//!     the hubs share one registry through Raft)
+//!     the hubs share one registry through Raft, --leave to have peers
+//!     leave as on shutdown and join again)
 //!     fastmesh-sim floor N
 //!     fastmesh-sim world [--peers N] [--secs S] [--loss P] [--latency MS] [--probe-ms MS] [--turmoil]
 //!
@@ -27,7 +28,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: fastmesh-sim chaos (--seed S [--only I,J,..] [--no-shrink] | --seeds N [--from S])\n\
-         \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS] [--quick] [--raft] [--flows K] [--nat K]"
+         \x20                        [--peers N] [--hubs H] [--faults K] [--window SECS] [--quick] [--raft] [--leave] [--flows K] [--nat K]"
     );
     ExitCode::from(2)
 }
@@ -239,6 +240,7 @@ fn main() -> ExitCode {
             "--no-shrink" => no_shrink = true,
             "--quick" => cfg.quick = true,
             "--raft" => cfg.raft = true,
+            "--leave" => cfg.leave = true,
             "--flows" => match num(val()) {
                 Some(v) if v >= 1 => cfg.flows_per_peer = Some(v as usize),
                 _ => return usage(),
@@ -301,13 +303,14 @@ fn main() -> ExitCode {
                 }
                 let list: Vec<String> = kept.iter().map(|k| k.to_string()).collect();
                 println!(
-                    "replay: fastmesh-sim chaos --seed {s} --peers {} --hubs {} --faults {} --window {}{}{}{}{} --only {}",
+                    "replay: fastmesh-sim chaos --seed {s} --peers {} --hubs {} --faults {} --window {}{}{}{}{}{} --only {}",
                     cfg.peers,
                     cfg.hubs,
                     cfg.faults,
                     cfg.window.as_secs(),
                     if cfg.quick { " --quick" } else { "" },
                     if cfg.raft { " --raft" } else { "" },
+                    if cfg.leave { " --leave" } else { "" },
                     cfg.flows_per_peer.map(|k| format!(" --flows {k}")).unwrap_or_default(),
                     if cfg.nat_peers > 0 { format!(" --nat {}", cfg.nat_peers) } else { String::new() },
                     list.join(",")
