@@ -16,6 +16,19 @@ pub mod wan;
 /// Mutation fuzzing of decoders, handshake and the receive path.
 pub mod fuzz;
 
+/// Guard a simulation test against a hang: a simulation that stops
+/// advancing its clock (a task spinning without sleeping) would otherwise
+/// hold CI until its own timeout with no word of which test. After `limit`
+/// of wall time this prints `what` and ends the test process. Not a timing
+/// goal: the limit is many times what the test takes.
+pub fn watchdog(what: &'static str, limit: std::time::Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("{what}: no result after {limit:?} of wall time; the simulation hangs");
+        std::process::exit(101);
+    });
+}
+
 /// Overlay address of simulated node `i` (10.77.0.i+1).
 pub fn overlay(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, i as u8 + 1)

@@ -285,6 +285,10 @@ fn run(seed: u64) -> (Vec<String>, usize) {
 
 #[test]
 fn three_hubs_agree_on_owners_and_revocations_under_partitions_and_crashes() {
+    fastmesh_tests::watchdog(
+        "three_hubs_agree_on_owners_and_revocations_under_partitions_and_crashes",
+        std::time::Duration::from_secs(600),
+    );
     let mut busy = 0;
     for seed in [1, 2, 3] {
         busy += run(seed).1;
@@ -298,6 +302,10 @@ fn three_hubs_agree_on_owners_and_revocations_under_partitions_and_crashes() {
 
 #[test]
 fn a_seed_replays_the_same_history() {
+    fastmesh_tests::watchdog(
+        "a_seed_replays_the_same_history",
+        std::time::Duration::from_secs(600),
+    );
     let a = run(4).0;
     let b = run(4).0;
     assert!(a.len() > 40);
@@ -318,6 +326,10 @@ fn step_until(sim: &mut turmoil::Sim<'_>, limit: Duration, mut cond: impl FnMut(
 
 #[test]
 fn an_allow_list_reloaded_at_one_hub_applies_at_every_hub() {
+    fastmesh_tests::watchdog(
+        "an_allow_list_reloaded_at_one_hub_applies_at_every_hub",
+        std::time::Duration::from_secs(600),
+    );
     let mut sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(120))
         .tick_duration(Duration::from_millis(1))
