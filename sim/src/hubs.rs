@@ -131,6 +131,33 @@ pub struct Hubs {
     pub revocations: Arc<Mutex<Vec<RevokeResult>>>,
 }
 
+/// Hub `h` of `n`: its Raft on `disk`, serving the other hubs' RPCs over
+/// turmoil's TCP on [`RAFT_PORT`] (inside a turmoil host).
+pub async fn start_raft(h: usize, n: usize, disk: Arc<MemDisk>) -> io::Result<Cluster> {
+    let cfg = ClusterConfig {
+        me: h as u64 + 1,
+        hubs: cluster_list(n),
+    };
+    let keys = HubKeys {
+        private: StaticKeypair::from_seed(HUB_SEED + h as u64).private,
+        psk: SIM_PSK,
+    };
+    let cluster = Cluster::start(cfg.clone(), keys.clone(), disk, TurmoilDialer)
+        .await
+        .map_err(io::Error::other)?;
+    let l = turmoil::net::TcpListener::bind(("0.0.0.0", RAFT_PORT)).await?;
+    let (raft, cfg) = (cluster.raft.clone(), Arc::new(cfg));
+    tokio::task::spawn_local(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (raft, cfg, keys) = (raft.clone(), cfg.clone(), keys.clone());
+            tokio::task::spawn_local(async move {
+                let _ = net::serve(s, raft, cfg, keys).await;
+            });
+        }
+    });
+    Ok(cluster)
+}
+
 /// The cluster list of `n` hubs (hosts as [`hub_host`] names them).
 pub fn cluster_list(n: usize) -> Vec<HubPeer> {
     (0..n)
@@ -165,27 +192,7 @@ impl Hubs {
                 let (probe, disk) = (probe.clone(), disk.clone());
                 let (answers, revocations) = (answers.clone(), revocations.clone());
                 async move {
-                    let cfg = ClusterConfig {
-                        me: h as u64 + 1,
-                        hubs: cluster_list(n),
-                    };
-                    let keys = HubKeys {
-                        private: StaticKeypair::from_seed(HUB_SEED + h as u64).private,
-                        psk: SIM_PSK,
-                    };
-                    let cluster = Cluster::start(cfg.clone(), keys.clone(), disk, TurmoilDialer)
-                        .await
-                        .map_err(io::Error::other)?;
-                    let l = turmoil::net::TcpListener::bind(("0.0.0.0", RAFT_PORT)).await?;
-                    let (raft, cfg) = (cluster.raft.clone(), Arc::new(cfg));
-                    tokio::task::spawn_local(async move {
-                        while let Ok((s, _)) = l.accept().await {
-                            let (raft, cfg, keys) = (raft.clone(), cfg.clone(), keys.clone());
-                            tokio::task::spawn_local(async move {
-                                let _ = net::serve(s, raft, cfg, keys).await;
-                            });
-                        }
-                    });
+                    let cluster = start_raft(h, n, disk).await?;
                     let rec = Recorder {
                         hub: h,
                         answers,

@@ -17,9 +17,7 @@ use crate::nat::{NatKind, SimNat};
 use crate::turmoil_net::{AppSender, MemTun};
 use crate::Impaired;
 use actix::prelude::*;
-use fastmesh_actors::cluster::net::{self, HubKeys};
 use fastmesh_actors::cluster::store::MemDisk;
-use fastmesh_actors::cluster::{Cluster, ClusterConfig};
 use fastmesh_actors::dataplane::{Dataplane, NoDevice, TunReader};
 use fastmesh_actors::heartbeat::HeartbeatConfig;
 use fastmesh_actors::hub::{GetHubStatus, HubStatus, RegistryActor, Revoke};
@@ -224,33 +222,6 @@ pub struct WorldConfig {
     pub raft: bool,
 }
 
-/// Hub `h`'s Raft of `n` hubs, on `disk`, serving its peers' RPCs over
-/// turmoil's TCP.
-async fn start_raft(h: usize, n: usize, disk: Arc<MemDisk>) -> io::Result<Cluster> {
-    let cfg = ClusterConfig {
-        me: h as u64 + 1,
-        hubs: crate::hubs::cluster_list(n),
-    };
-    let keys = HubKeys {
-        private: StaticKeypair::from_seed(HUB_SEED + h as u64).private,
-        psk: SIM_PSK,
-    };
-    let cluster = Cluster::start(cfg.clone(), keys.clone(), disk, crate::hubs::TurmoilDialer)
-        .await
-        .map_err(io::Error::other)?;
-    let l = turmoil::net::TcpListener::bind(("0.0.0.0", crate::hubs::RAFT_PORT)).await?;
-    let (raft, cfg) = (cluster.raft.clone(), Arc::new(cfg));
-    tokio::task::spawn_local(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let (raft, cfg, keys) = (raft.clone(), cfg.clone(), keys.clone());
-            tokio::task::spawn_local(async move {
-                let _ = net::serve(s, raft, cfg, keys).await;
-            });
-        }
-    });
-    Ok(cluster)
-}
-
 /// turmoil host name of hub `i`.
 pub fn hub_host(i: usize) -> String {
     if i == 0 {
@@ -333,7 +304,7 @@ impl World {
                         ..RegistryConfig::default()
                     };
                     let reg = if cfg.raft {
-                        let cluster = start_raft(h, cfg.hubs.max(1), disk).await?;
+                        let cluster = crate::hubs::start_raft(h, cfg.hubs.max(1), disk).await?;
                         let reg = Registry::new(rcfg, BTreeMap::new(), (n + 1) << 40);
                         RegistryActor::new(reg, None, plane.clone().recipient())
                             .with_cluster(cluster)
