@@ -27,7 +27,9 @@
 //!   more than its memory budget for others;
 //! * every inner TCP connection (real TCP endpoints on the peers' TUNs, see
 //!   [`crate::streams`]) delivers every byte once and in order both ways, or
-//!   is reported broken (reset, refused) to both ends;
+//!   is reported broken (reset, refused, the application's keep-alive
+//!   giving up) to both ends; a peer that left is off every live hub's
+//!   list within the grace;
 //! * within [`ChaosConfig::recover`] of the quiet period's start, every pair
 //!   of peers not revoked exchanges traffic again, every connection begun
 //!   before it has ended one way or the other, and a new connection around
