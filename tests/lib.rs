@@ -18,15 +18,27 @@ pub mod fuzz;
 
 /// Guard a simulation test against a hang: a simulation that stops
 /// advancing its clock (a task spinning without sleeping) would otherwise
-/// hold CI until its own timeout with no word of which test. After `limit`
-/// of wall time this prints `what` and ends the test process. Not a timing
-/// goal: the limit is many times what the test takes.
-pub fn watchdog(what: &'static str, limit: std::time::Duration) {
+/// hold CI until its own timeout with no word of which test. Keep the
+/// returned guard for the test's length: if `limit` of wall time passes
+/// before it is dropped, this prints `what` and ends the test process. Not
+/// a timing goal: the limit is many times what the test takes.
+#[must_use = "the watchdog stands down when its guard is dropped"]
+pub fn watchdog(what: &'static str, limit: std::time::Duration) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        eprintln!("{what}: no result after {limit:?} of wall time; the simulation hangs");
-        std::process::exit(101);
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            // Straight to stderr: the test harness captures `eprintln!`
+            // and would lose it with the process.
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!(
+                    "{what}: no result after {limit:?} of wall time; the simulation hangs\n"
+                ),
+            );
+            std::process::exit(101);
+        }
     });
+    tx
 }
 
 /// Overlay address of simulated node `i` (10.77.0.i+1).

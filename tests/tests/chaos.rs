@@ -62,7 +62,7 @@ const SEEDS: &[u64] = &[1, 2, 3, 4, 5, 6, 1070, 1640, 1754];
 
 #[test]
 fn fixed_seeds_hold_every_invariant() {
-    fastmesh_tests::watchdog("fixed_seeds_hold_every_invariant", HANG);
+    let _guard = fastmesh_tests::watchdog("fixed_seeds_hold_every_invariant", HANG);
     let cfg = ChaosConfig::default();
     let mut faults = 0;
     for &seed in SEEDS {
@@ -77,7 +77,7 @@ const NAT_SEEDS: &[u64] = &[6000, 6006, 6016];
 
 #[test]
 fn nat_flushes_hold_every_invariant() {
-    fastmesh_tests::watchdog("nat_flushes_hold_every_invariant", HANG);
+    let _guard = fastmesh_tests::watchdog("nat_flushes_hold_every_invariant", HANG);
     let cfg = ChaosConfig {
         nat_peers: 2,
         ..ChaosConfig::default()
@@ -93,7 +93,7 @@ const RAFT_SEEDS: &[u64] = &[1, 2, 5];
 
 #[test]
 fn raft_hubs_hold_every_invariant() {
-    fastmesh_tests::watchdog("raft_hubs_hold_every_invariant", HANG);
+    let _guard = fastmesh_tests::watchdog("raft_hubs_hold_every_invariant", HANG);
     let cfg = ChaosConfig {
         raft: true,
         ..ChaosConfig::default()
@@ -113,7 +113,7 @@ const LEAVE_SEEDS: &[u64] = &[2, 4, 5];
 
 #[test]
 fn peers_leaving_and_joining_hold_every_invariant() {
-    fastmesh_tests::watchdog("peers_leaving_and_joining_hold_every_invariant", HANG);
+    let _guard = fastmesh_tests::watchdog("peers_leaving_and_joining_hold_every_invariant", HANG);
     let cfg = ChaosConfig {
         leave: true,
         ..ChaosConfig::default()

@@ -285,7 +285,7 @@ fn run(seed: u64) -> (Vec<String>, usize) {
 
 #[test]
 fn three_hubs_agree_on_owners_and_revocations_under_partitions_and_crashes() {
-    fastmesh_tests::watchdog(
+    let _guard = fastmesh_tests::watchdog(
         "three_hubs_agree_on_owners_and_revocations_under_partitions_and_crashes",
         std::time::Duration::from_secs(600),
     );
@@ -302,7 +302,7 @@ fn three_hubs_agree_on_owners_and_revocations_under_partitions_and_crashes() {
 
 #[test]
 fn a_seed_replays_the_same_history() {
-    fastmesh_tests::watchdog(
+    let _guard = fastmesh_tests::watchdog(
         "a_seed_replays_the_same_history",
         std::time::Duration::from_secs(600),
     );
@@ -326,7 +326,7 @@ fn step_until(sim: &mut turmoil::Sim<'_>, limit: Duration, mut cond: impl FnMut(
 
 #[test]
 fn an_allow_list_reloaded_at_one_hub_applies_at_every_hub() {
-    fastmesh_tests::watchdog(
+    let _guard = fastmesh_tests::watchdog(
         "an_allow_list_reloaded_at_one_hub_applies_at_every_hub",
         std::time::Duration::from_secs(600),
     );
