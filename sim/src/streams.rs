@@ -77,6 +77,9 @@ pub struct Streams {
     next_port: u16,
     /// Per ring pair (by sender), when the next connection may start.
     next_start: Vec<Duration>,
+    /// Per ring pair (by sender), the connection under way (index into
+    /// `conns`).
+    active: Vec<Option<usize>>,
     /// Peers no connection starts from or to any more (revoked).
     stopped: BTreeSet<usize>,
     /// Connections completed.
@@ -103,6 +106,7 @@ impl Streams {
             conns: Vec::new(),
             next_port: PORT_BASE,
             next_start: vec![Duration::ZERO; addrs.len()],
+            active: vec![None; addrs.len()],
             stopped: BTreeSet::new(),
             completed: 0,
             broken: 0,
@@ -129,11 +133,7 @@ impl Streams {
         if n >= 2 {
             for from in 0..n {
                 let to = (from + 1) % n;
-                let busy = self
-                    .conns
-                    .iter()
-                    .any(|c| c.from == from && c.ended.is_none());
-                if busy
+                if self.active[from].is_some()
                     || now < self.next_start[from]
                     || self.stopped.contains(&from)
                     || self.stopped.contains(&to)
@@ -182,6 +182,7 @@ impl Streams {
                 total,
             },
         );
+        self.active[from] = Some(self.conns.len());
         self.conns.push(Conn {
             from,
             to,
@@ -206,11 +207,8 @@ impl Streams {
     /// Check every connection: report corruption and repeats through
     /// `violation`, and settle the ones that completed or broke at both ends.
     pub fn check(&mut self, now: Duration, mut violation: impl FnMut(String)) {
-        for k in 0..self.conns.len() {
+        for k in self.active.clone().into_iter().flatten() {
             let c = &self.conns[k];
-            if c.ended.is_some() {
-                continue;
-            }
             let (snd, snk) = self.stats(c);
             let what = format!(
                 "TCP connection {} (peer{} -> peer{}, port {})",
@@ -255,6 +253,7 @@ impl Streams {
             }
             if let Some(e) = ending {
                 c.ended = Some((now, e));
+                self.active[c.from] = None;
                 self.next_start[c.from] = now + PAUSE;
                 self.bytes += read;
                 match e {

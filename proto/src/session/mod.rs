@@ -502,11 +502,9 @@ impl Session {
     }
 
     fn control_held(&self) -> usize {
-        let control = self
-            .convs
+        self.convs
             .get(&CONV_CONTROL)
-            .map_or(0, |c| c.kcp.wait_snd() * c.kcp.mss());
-        control
+            .map_or(0, |c| c.kcp.wait_snd() * c.kcp.mss())
     }
 
     /// Seal the plaintext `plain` into `buf` now, outside the queues (the
