@@ -537,6 +537,7 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("udp_tx".into(), p.udp_tx),
         ("udp_send_failed".into(), p.udp_send_failed),
         ("udp_gso_batches".into(), p.gso_batches),
+        ("tun_inline_batches".into(), p.tun_inline_batches),
         ("pmtu_probe_failed".into(), p.pmtu_probe_failed),
         ("tun_batches".into(), p.batches),
         ("plane_wakeups".into(), p.wakeups),

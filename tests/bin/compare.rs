@@ -153,6 +153,52 @@ fn wireguard(
     })
 }
 
+/// The floor of any userspace tunnel on this machine: socat relaying
+/// between a TUN device and a UDP socket, one process per side, no
+/// encryption, one packet per system call. Interfaces `sc1`/`sc2`,
+/// addresses 10.`net`.0.1/2; the TUN MTU leaves room for the IP and UDP
+/// headers so that no datagram is fragmented.
+fn socat(
+    lab: &Lab,
+    net: u8,
+    port: u16,
+    mtu: Option<u32>,
+    children: &mut Vec<Child>,
+) -> Result<Tunnel> {
+    let mut pids = Vec::new();
+    for k in [2usize, 1] {
+        let tun = format!("TUN:10.{net}.0.{k}/24,tun-name=sc{k},iff-up,iff-no-pi");
+        // Node 2 takes the first datagram's sender as its peer (the TUN
+        // device comes first: socat opens its addresses in order).
+        let udp = if k == 2 {
+            format!("UDP-LISTEN:{port},reuseaddr")
+        } else {
+            format!("UDP:{}:{port},sourceport={port}", lab.nodes[2].underlay)
+        };
+        let child = lab.spawn(
+            k,
+            &format!("socat{k}.log"),
+            "socat",
+            &["-b", "65536", &tun, &udp],
+        )?;
+        pids.push(child.id());
+        children.push(child);
+        let dev = format!("sc{k}");
+        lab.wait(Duration::from_secs(5), |l| {
+            l.exec(k, "ip", &["link", "show", &dev])
+                .is_ok_and(|o| o.status.success())
+        })
+        .with_context(|| format!("socat did not create {dev}"))?;
+        let mtu = (mtu.unwrap_or(1500) - 28).to_string();
+        lab.exec(k, "ip", &["link", "set", &dev, "mtu", &mtu])?;
+    }
+    Ok(Tunnel {
+        name: "socat (no crypto)",
+        dst: format!("10.{net}.0.2"),
+        pids,
+    })
+}
+
 fn run_iperf(lab: &Lab, t: &Tunnel, secs: u32, cc: &str) -> Result<Run> {
     let (v, cpu) = super::iperf_json(lab, &t.dst, 5202, 5202, secs, cc, &["-i", "0.1"], &t.pids)?;
     let r = &v["end"]["sum_received"];
@@ -260,6 +306,14 @@ fn measure(
             Ok(t) => tunnels.push(t),
             Err(e) => println!("({name}: {e:#}; skipped)"),
         }
+    }
+    if which("socat") {
+        match socat(lab, 95, 51822, mtu, children) {
+            Ok(t) => tunnels.push(t),
+            Err(e) => println!("(socat: {e:#}; skipped)"),
+        }
+    } else {
+        println!("(socat not installed: skipped)");
     }
     // Warm up every tunnel (handshakes, path probes) before measuring.
     for t in tunnels.iter() {

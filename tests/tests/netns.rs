@@ -123,6 +123,16 @@ fn ping_tcp_and_udp_across_the_mesh() {
         let (ok, out) = ping(&lab, a, &lab.nodes[b].overlay6, 3);
         assert!(ok, "ping6 {a}->{b}: {out}");
     }
+    // The kernel answers an echo request while the data plane writes it to
+    // TUN; the data plane reads the reply at once, not through the reader.
+    for k in 1..=3 {
+        let st = lab.status(k).unwrap();
+        let inline = st["status"]["counters"]["tun_inline_batches"].as_u64();
+        assert!(
+            inline.is_some_and(|n| n > 0),
+            "peer {k}: echo replies read inline: {inline:?}"
+        );
+    }
     let r = transfer(&lab, 1, 2, 50_000_000, 5001);
     assert_transfer("TCP 50 MB clean", 50_000_000, &r, &lab);
     // UDP: 1000 datagrams echoed by peer 3.

@@ -346,6 +346,18 @@ pub trait PacketDevice: Send + Sync {
         lens[0] = n;
         Ok(1)
     }
+    /// Like [`PacketDevice::try_recv_many`], but reads the device even if
+    /// the runtime has not seen it readable yet: right after a write to the
+    /// device the kernel's answer (an echo reply, TCP's ack) is often queued
+    /// already. `WouldBlock` when there is nothing.
+    fn recv_many_now(
+        &self,
+        scratch: &mut Vec<u8>,
+        slots: &mut [&mut [u8]],
+        lens: &mut [usize],
+    ) -> io::Result<usize> {
+        self.try_recv_many(scratch, slots, lens)
+    }
     /// Write packets without waiting; packet i is `bufs[i][headroom()..]`.
     /// The buffers may be changed (coalescing). Returns how many packets
     /// could not be written.
@@ -403,6 +415,38 @@ impl PacketDevice for tun_rs::AsyncDevice {
             scratch.resize(65_535 + tun_rs::VIRTIO_NET_HDR_LEN, 0);
         }
         self.try_recv_multiple(scratch, slots, lens, 0)
+    }
+    fn recv_many_now(
+        &self,
+        scratch: &mut Vec<u8>,
+        slots: &mut [&mut [u8]],
+        lens: &mut [usize],
+    ) -> io::Result<usize> {
+        // The device's own (non-blocking) reads: the async ones answer
+        // `WouldBlock` without reading while the runtime's cached readiness
+        // says the device is empty.
+        if !self.tcp_gso() {
+            use std::os::fd::AsRawFd;
+            let buf = &mut *slots[0];
+            // SAFETY: a valid descriptor (the device outlives `self`) and a
+            // buffer of the stated length; the descriptor is non-blocking.
+            let n = unsafe {
+                libc::read(
+                    self.as_raw_fd(),
+                    buf.as_mut_ptr().cast::<libc::c_void>(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            lens[0] = n as usize;
+            return Ok(1);
+        }
+        if scratch.len() < 65_535 + tun_rs::VIRTIO_NET_HDR_LEN {
+            scratch.resize(65_535 + tun_rs::VIRTIO_NET_HDR_LEN, 0);
+        }
+        tun_rs::DeviceImpl::recv_multiple(self, scratch, slots, lens, 0)
     }
     fn try_send_many(&self, bufs: &mut [Vec<u8>]) -> usize {
         if !self.tcp_gso() {

@@ -175,6 +175,9 @@ pub struct PlaneStats {
     pub batches: u64,
     /// Sends that carried several datagrams (GSO).
     pub gso_batches: u64,
+    /// Times packets were read from TUN right after writing to it, by the
+    /// data plane itself rather than the reader.
+    pub tun_inline_batches: u64,
     /// Path MTU probes the socket refused (larger than the interface MTU, or full).
     pub pmtu_probe_failed: u64,
     /// Times the data plane ran (socket readiness, timer, TUN batch or
@@ -225,6 +228,11 @@ pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
     rxbufs: Vec<Vec<u8>>,
     /// The socket's stream epoch the relays were last ranked at.
     stream_epoch: u64,
+    /// A batch for packets read from TUN right after writing to it (see
+    /// [`Dataplane::read_tun_inline`]); sized like the reader's once its
+    /// first batch came.
+    inline: Option<Batch>,
+    inline_scratch: Vec<u8>,
 }
 
 impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
@@ -254,7 +262,49 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             alarm: Rc::default(),
             rxbufs: (0..RX_BUFS).map(|_| vec![0; 65_536]).collect(),
             stream_epoch: 0,
+            inline: None,
+            inline_scratch: Vec::new(),
         }
+    }
+
+    /// Route a batch of packets read from TUN to their sessions.
+    fn send_batch(&mut self, batch: &Batch) {
+        let now = self.now();
+        for pkt in batch.packets() {
+            self.io.stats.tun_read += 1;
+            let dst = transport::ip::parse(pkt).map(|i| i.dst);
+            match dst.and_then(|d| self.io.router.route(&d)) {
+                Some(k) => {
+                    if self.node.send_ip(now, k, pkt).is_err() {
+                        self.io.stats.no_route += 1;
+                    }
+                }
+                None => self.io.stats.no_route += 1,
+            }
+        }
+    }
+
+    /// Read TUN now, without waiting for its readiness to reach the reader.
+    /// Called after packets were written to TUN: whatever the kernel
+    /// answers at once (an ICMP echo reply, TCP's ack) is usually queued
+    /// before the write returns, and sending it from here saves a trip
+    /// through the reader and the mailbox, and the sleep between. True if
+    /// packets were read.
+    fn read_tun_inline(&mut self) -> bool {
+        let (Some(tun), Some(mut b)) = (self.io.tun.clone(), self.inline.take()) else {
+            return false;
+        };
+        let got = match reader::fill(&*tun, &mut self.inline_scratch, &mut b, true) {
+            reader::Filled::Done | reader::Filled::Failed => !b.lens.is_empty(),
+            // The reader sees the same and stops the node.
+            reader::Filled::Closed => false,
+        };
+        if got {
+            self.io.stats.tun_inline_batches += 1;
+            self.send_batch(&b);
+        }
+        self.inline = Some(b);
+        got
     }
 
     fn now(&self) -> Duration {
@@ -359,6 +409,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
             return;
         }
         let mut meta = [(0usize, 1usize, SocketAddr::from(([0, 0, 0, 0], 0))); RX_BUFS];
+        let written = self.io.stats.tun_written;
         for _ in 0..RX_BURST {
             match self.io.sock.try_recv_batch(&mut self.rxbufs, &mut meta) {
                 Ok(k) => {
@@ -382,7 +433,8 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
                 Err(_) => continue,
             }
         }
-        if self.node.needs_service() {
+        let replies = self.io.stats.tun_written > written && self.read_tun_inline();
+        if replies || self.node.needs_service() {
             self.pump(ctx);
         } else {
             // Only drops (e.g. a flood of bogus initiations): no timer or
@@ -423,18 +475,9 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<TunBatch> for Dat
         let batch = b.0;
         self.io.stats.batches += 1;
         self.io.stats.wakeups += 1;
-        let now = self.now();
-        for pkt in batch.packets() {
-            self.io.stats.tun_read += 1;
-            let dst = transport::ip::parse(pkt).map(|i| i.dst);
-            match dst.and_then(|d| self.io.router.route(&d)) {
-                Some(k) => {
-                    if self.node.send_ip(now, k, pkt).is_err() {
-                        self.io.stats.no_route += 1;
-                    }
-                }
-                None => self.io.stats.no_route += 1,
-            }
+        self.send_batch(&batch);
+        if self.inline.is_none() {
+            self.inline = Some(Batch::new(batch.slot));
         }
         if let Some(r) = &self.recycle {
             let _ = r.try_send(batch);

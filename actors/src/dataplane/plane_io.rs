@@ -28,7 +28,7 @@ const MAX_RUN_BYTES: usize = 65_000;
 
 pub(super) struct PlaneIo<D, P> {
     pub(super) sock: Arc<D>,
-    tun: Option<Arc<P>>,
+    pub(super) tun: Option<Arc<P>>,
     pub(super) router: Router,
     events: Recipient<NetEvent>,
     /// The run being gathered: frames back to back, all `seg` bytes but the

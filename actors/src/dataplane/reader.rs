@@ -19,7 +19,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn new(slot: usize) -> Batch {
+    pub(super) fn new(slot: usize) -> Batch {
         Batch {
             buf: vec![0; slot * BATCH_SLOTS],
             lens: Vec::with_capacity(BATCH_SLOTS),
@@ -103,30 +103,10 @@ impl<P: PacketDevice + 'static> Actor for TunReader<P> {
 impl<P: PacketDevice + 'static> StreamHandler<Fillable> for TunReader<P> {
     fn handle(&mut self, f: Fillable, ctx: &mut Context<Self>) {
         let mut b = f.0;
-        b.lens.clear();
-        let slot = b.slot;
-        let need = self.dev.min_slots().clamp(1, BATCH_SLOTS);
-        let mut lens = [0usize; BATCH_SLOTS];
-        while BATCH_SLOTS - b.lens.len() >= need {
-            let used = b.lens.len();
-            let mut slots: Vec<&mut [u8]> = b.buf[used * slot..].chunks_mut(slot).collect();
-            let room = slots.len();
-            match self
-                .dev
-                .try_recv_many(&mut self.scratch, &mut slots, &mut lens[..room])
-            {
-                Ok(0) => break,
-                Ok(n) => b.lens.extend(lens[..n].iter().map(|&l| l as u16)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                    ctx.stop();
-                    break;
-                }
-                Err(_) => {
-                    self.errors += 1;
-                    break;
-                }
-            }
+        match fill(&*self.dev, &mut self.scratch, &mut b, false) {
+            Filled::Closed => ctx.stop(),
+            Filled::Failed => self.errors += 1,
+            Filled::Done => {}
         }
         // Even an empty batch goes through, so the buffer returns to the pool.
         self.to.do_send(TunBatch(b));
@@ -135,4 +115,49 @@ impl<P: PacketDevice + 'static> StreamHandler<Fillable> for TunReader<P> {
     fn finished(&mut self, ctx: &mut Context<Self>) {
         ctx.stop();
     }
+}
+
+/// How a [`fill`] ended.
+pub(super) enum Filled {
+    /// The device had no more packets, or the batch is full.
+    Done,
+    /// The device is gone.
+    Closed,
+    /// A read failed (the packets before it are in the batch).
+    Failed,
+}
+
+/// Read what the device has, without waiting, into `b` (emptied first),
+/// until it has no more or `b` has no room for another read. `now`: read
+/// even if the runtime has not seen the device readable
+/// ([`PacketDevice::recv_many_now`]).
+pub(super) fn fill<P: PacketDevice>(
+    dev: &P,
+    scratch: &mut Vec<u8>,
+    b: &mut Batch,
+    now: bool,
+) -> Filled {
+    b.lens.clear();
+    let slot = b.slot;
+    let need = dev.min_slots().clamp(1, BATCH_SLOTS);
+    let mut lens = [0usize; BATCH_SLOTS];
+    while BATCH_SLOTS - b.lens.len() >= need {
+        let used = b.lens.len();
+        let mut slots: Vec<&mut [u8]> = b.buf[used * slot..].chunks_mut(slot).collect();
+        let room = slots.len();
+        let lens = &mut lens[..room];
+        let read = if now {
+            dev.recv_many_now(scratch, &mut slots, lens)
+        } else {
+            dev.try_recv_many(scratch, &mut slots, lens)
+        };
+        match read {
+            Ok(0) => break,
+            Ok(n) => b.lens.extend(lens[..n].iter().map(|&l| l as u16)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Filled::Closed,
+            Err(_) => return Filled::Failed,
+        }
+    }
+    Filled::Done
 }
