@@ -14,6 +14,8 @@ mod wan_bench;
 
 const USAGE: &str = "usage:
   fastmesh-lab demo                        build a 3-peer mesh in namespaces, show it working, clean up
+  fastmesh-lab setup                       install what the labs and benchmarks run beside fastmesh
+                                           (Debian packages, boringtun-cli from crates.io)
   fastmesh-lab up SECS                     hub + 2 peers in namespaces, held for SECS seconds (prints
                                            namespaces, addresses and PIDs; for ping, perf, strace)
   fastmesh-lab idle [SECS]                 hub + 2 peers, idle: after 40 s (sessions quiet), SECS of
@@ -60,6 +62,7 @@ fn run() -> Result<()> {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
         ["demo"] => demo(),
+        ["setup"] => setup(),
         ["up", secs] => up(secs.parse().context("secs")?),
         ["idle", rest @ ..] => idle(
             rest.first()
@@ -291,6 +294,65 @@ fn up(secs: u64) -> Result<()> {
     }
     println!("up for {secs} s (Ctrl-C leaves the namespaces behind)");
     std::thread::sleep(Duration::from_secs(secs));
+    Ok(())
+}
+
+/// Debian packages the labs use: namespaces and loss (iproute2, nftables),
+/// traffic (iperf3, ping, socat), captures, and the tunnels compared with
+/// fastmesh (wireguard-go with wireguard-tools' `wg`, kcptun).
+const LAB_PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "iperf3",
+    "iputils-ping",
+    "socat",
+    "tcpdump",
+    "wireguard-go",
+    "wireguard-tools",
+    "kcptun",
+];
+
+/// The boringtun release `compare` was measured with.
+const BORINGTUN_VERSION: &str = "0.7.1";
+
+/// `fastmesh-lab setup`: install what the labs need (as root, from the
+/// Debian and crate registries); what is already there is left alone.
+fn setup() -> Result<()> {
+    let run = |cmd: &str, args: &[&str]| -> Result<()> {
+        println!("$ {cmd} {}", args.join(" "));
+        let st = std::process::Command::new(cmd)
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .with_context(|| format!("cannot run {cmd}"))?;
+        if !st.success() {
+            bail!("{cmd} failed ({st})");
+        }
+        Ok(())
+    };
+    run("apt-get", &["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q"];
+    args.extend_from_slice(LAB_PACKAGES);
+    run("apt-get", &args)?;
+    let have_boringtun = std::process::Command::new("boringtun-cli")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_boringtun {
+        println!("boringtun-cli is installed");
+    } else {
+        run(
+            "cargo",
+            &[
+                "install",
+                "boringtun-cli",
+                "--locked",
+                "--version",
+                BORINGTUN_VERSION,
+            ],
+        )
+        .context("boringtun-cli (needs cargo; it lands in ~/.cargo/bin, which must be on PATH)")?;
+    }
     Ok(())
 }
 
