@@ -126,7 +126,7 @@ fn main() {
     }
 }
 
-/// Every 250 ms of one split transfer over `rtt` ms / `mbit` Mbit/s at `loss` %:
+/// Every 250 ms (or `SIMTCP_TRACE_MS`) of one split transfer over `rtt` ms / `mbit` Mbit/s at `loss` %:
 /// what the sender's controller and KCP are doing.
 fn trace(loss: f64, rtt: u64, mbit: u64) {
     use sim::tcp_host::{AppKind, HOST_B};
@@ -153,8 +153,14 @@ fn trace(loss: f64, rtt: u64, mbit: u64) {
         },
     );
     let (mut last_read, mut last_tx, mut last_retx) = (0, 0, 0);
-    for _ in 0..40 {
-        net.run_for(Duration::from_millis(250));
+    // SIMTCP_TRACE_MS: the step (250 ms unless given), 10 s in all.
+    let step: u64 = std::env::var("SIMTCP_TRACE_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&ms| ms > 0)
+        .unwrap_or(250);
+    for _ in 0..10_000 / step {
+        net.run_for(Duration::from_millis(step));
         let read = net.host(1).apps[0].stats.read;
         let s = net.node(0).node.session(&kb).expect("session");
         let st = s.stats();
@@ -162,7 +168,7 @@ fn trace(loss: f64, rtt: u64, mbit: u64) {
         eprintln!(
             "{:>6.2}s read {:>5.1} Mbit/s frames {:>5} retx {:>5} | {} btl {:.1} pace {:.1} Mbit/s loss {:.3} minrtt {:?} srtt {:?} backlog {}",
             net.now().as_secs_f64(),
-            (read - last_read) as f64 * 8.0 / 0.25 / 1e6,
+            (read - last_read) as f64 * 8.0 / (step as f64 / 1e3) / 1e6,
             st.tx_frames - last_tx,
             st.retransmits - last_retx,
             cc.phase(),
