@@ -112,6 +112,8 @@ pub struct SessionStats {
     pub fec_recovered: u64,
     /// Ack-only KCP frames sent a second time (lossy path).
     pub ack_copies: u64,
+    /// Frames carrying a conversation's first segment sent a second time.
+    pub open_copies: u64,
     /// Stream conversations this side opened (split TCP connections).
     pub streams_opened: u64,
     /// Bytes of split TCP data queued for the remote.

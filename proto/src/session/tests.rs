@@ -492,3 +492,40 @@ fn control_messages_to_a_silent_peer_keep_a_small_window_in_flight() {
         .collect();
     assert_eq!(got, (0..200).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_new_flows_first_frame_goes_twice_so_one_loss_costs_no_timeout() {
+    // Whichever single frame A sends for a new flow is lost, B still gets
+    // the flow's first packet at once instead of after KCP's initial
+    // 200-ms timeout (the conversation has no round trip measured yet).
+    let now = Duration::ZERO;
+    let mut sent = None;
+    for lost in 0.. {
+        let mut a = side(1, 7, "192.0.2.1:4000", now);
+        let mut b = side(2, 99, "192.0.2.2:4000", now);
+        let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
+        a.node.add_peer(kb, Some(b.addr));
+        b.node.add_peer(ka, Some(a.addr));
+        a.node.connect(now, &kb).unwrap();
+        pump(&mut a, &mut b, now, &mut Vec::new());
+        let t = now + Duration::from_millis(30);
+        a.node.send_ip(t, &kb, &tcp(0)).unwrap();
+        a.node.service(t, &mut a.out);
+        let frames = std::mem::take(&mut a.out.frames);
+        sent = Some(frames.len());
+        if lost >= frames.len() {
+            break;
+        }
+        for (i, (_, mut f)) in frames.into_iter().enumerate() {
+            if i != lost {
+                b.node.handle_datagram(t, a.addr, &mut f);
+            }
+        }
+        b.node.service(t, &mut b.out);
+        assert_eq!(b.out.rx.len(), 1, "frame {lost} of the flow's first lost");
+        assert_eq!(b.out.rx[0].1, tcp(0));
+        let st = a.node.session(&kb).unwrap().stats();
+        assert_eq!(st.open_copies, 1, "{st:?}");
+    }
+    assert!(sent.is_some_and(|n| n >= 2), "{sent:?} frames");
+}

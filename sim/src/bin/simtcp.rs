@@ -98,7 +98,12 @@ fn main() {
                     );
                 }
             }
-            let (mut net, _, _) = tcp_pair(2, (cfg(true), cfg(true)), spec.clone(), 1 << 20);
+            // The messages' own seed (SIMTCP_MSG_SEED, 2 unless given).
+            let msg_seed = std::env::var("SIMTCP_MSG_SEED")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(2);
+            let (mut net, _, _) = tcp_pair(msg_seed, (cfg(true), cfg(true)), spec.clone(), 1 << 20);
             let n = (secs * 50) as u32;
             let (r, _) = messages(
                 &mut net,
