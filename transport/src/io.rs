@@ -406,15 +406,7 @@ impl PacketDevice for tun_rs::AsyncDevice {
         slots: &mut [&mut [u8]],
         lens: &mut [usize],
     ) -> io::Result<usize> {
-        if !self.tcp_gso() {
-            let n = tun_rs::AsyncDevice::try_recv(self, slots[0])?;
-            lens[0] = n;
-            return Ok(1);
-        }
-        if scratch.len() < 65_535 + tun_rs::VIRTIO_NET_HDR_LEN {
-            scratch.resize(65_535 + tun_rs::VIRTIO_NET_HDR_LEN, 0);
-        }
-        self.try_recv_multiple(scratch, slots, lens, 0)
+        tun_recv(self, scratch, slots, lens, false)
     }
     fn recv_many_now(
         &self,
@@ -422,31 +414,7 @@ impl PacketDevice for tun_rs::AsyncDevice {
         slots: &mut [&mut [u8]],
         lens: &mut [usize],
     ) -> io::Result<usize> {
-        // The device's own (non-blocking) reads: the async ones answer
-        // `WouldBlock` without reading while the runtime's cached readiness
-        // says the device is empty.
-        if !self.tcp_gso() {
-            use std::os::fd::AsRawFd;
-            let buf = &mut *slots[0];
-            // SAFETY: a valid descriptor (the device outlives `self`) and a
-            // buffer of the stated length; the descriptor is non-blocking.
-            let n = unsafe {
-                libc::read(
-                    self.as_raw_fd(),
-                    buf.as_mut_ptr().cast::<libc::c_void>(),
-                    buf.len(),
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            lens[0] = n as usize;
-            return Ok(1);
-        }
-        if scratch.len() < 65_535 + tun_rs::VIRTIO_NET_HDR_LEN {
-            scratch.resize(65_535 + tun_rs::VIRTIO_NET_HDR_LEN, 0);
-        }
-        tun_rs::DeviceImpl::recv_multiple(self, scratch, slots, lens, 0)
+        tun_recv(self, scratch, slots, lens, true)
     }
     fn try_send_many(&self, bufs: &mut [Vec<u8>]) -> usize {
         if !self.tcp_gso() {
@@ -462,6 +430,49 @@ impl PacketDevice for tun_rs::AsyncDevice {
                 Err(_) => bufs.len(),
             }
         })
+    }
+}
+
+/// One read of `dev` into `slots` (a super-packet split into segments when
+/// the device offloads TCP). `now`: with the device's own non-blocking read;
+/// the async one answers `WouldBlock` without reading while the runtime's
+/// cached readiness says the device is empty.
+fn tun_recv(
+    dev: &tun_rs::AsyncDevice,
+    scratch: &mut Vec<u8>,
+    slots: &mut [&mut [u8]],
+    lens: &mut [usize],
+    now: bool,
+) -> io::Result<usize> {
+    if !dev.tcp_gso() {
+        lens[0] = if now {
+            use std::os::fd::AsRawFd;
+            let buf = &mut *slots[0];
+            // SAFETY: a valid descriptor (the device outlives this call) and a
+            // buffer of the stated length; the descriptor is non-blocking.
+            let n = unsafe {
+                libc::read(
+                    dev.as_raw_fd(),
+                    buf.as_mut_ptr().cast::<libc::c_void>(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            n as usize
+        } else {
+            tun_rs::AsyncDevice::try_recv(dev, slots[0])?
+        };
+        return Ok(1);
+    }
+    if scratch.len() < 65_535 + tun_rs::VIRTIO_NET_HDR_LEN {
+        scratch.resize(65_535 + tun_rs::VIRTIO_NET_HDR_LEN, 0);
+    }
+    if now {
+        tun_rs::DeviceImpl::recv_multiple(dev, scratch, slots, lens, 0)
+    } else {
+        dev.try_recv_multiple(scratch, slots, lens, 0)
     }
 }
 

@@ -77,15 +77,22 @@ fn tcp(i: u32) -> Vec<u8> {
     crate::ip::build_v4(s, d, crate::ip::PROTO_TCP, 4000, 80, &i.to_le_bytes(), 200)
 }
 
-/// A and B established, with one TCP flow (a KCP conversation) from A.
-fn established(a_entropy: u64, now: Duration) -> (Side, Side, Vec<Vec<u8>>) {
+/// A and B knowing each other, A's handshake started.
+fn connecting(a_entropy: u64, now: Duration) -> (Side, Side) {
     let mut a = side(1, a_entropy, "192.0.2.1:4000", now);
     let mut b = side(2, 99, "192.0.2.2:4000", now);
     let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
     a.node.add_peer(kb, Some(b.addr));
     b.node.add_peer(ka, Some(a.addr));
-    let mut seen = Vec::new();
     a.node.connect(now, &kb).unwrap();
+    (a, b)
+}
+
+/// A and B established, with one TCP flow (a KCP conversation) from A.
+fn established(a_entropy: u64, now: Duration) -> (Side, Side, Vec<Vec<u8>>) {
+    let (mut a, mut b) = connecting(a_entropy, now);
+    let kb = *b.node.public_key();
+    let mut seen = Vec::new();
     pump(&mut a, &mut b, now, &mut seen);
     a.node.send_ip(now, &kb, &tcp(0)).unwrap();
     pump(&mut a, &mut b, now + Duration::from_millis(30), &mut seen);
@@ -411,12 +418,8 @@ fn a_new_session_without_data_goes_quiet_once_its_path_is_measured() {
     // every 10 ms until then (a hub admitting a thousand members at once
     // sent them a thousand pings a second each way).
     let now = Duration::ZERO;
-    let mut a = side(1, 7, "192.0.2.1:4000", now);
-    let mut b = side(2, 99, "192.0.2.2:4000", now);
-    let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
-    a.node.add_peer(kb, Some(b.addr));
-    b.node.add_peer(ka, Some(a.addr));
-    a.node.connect(now, &kb).unwrap();
+    let (mut a, mut b) = connecting(7, now);
+    let kb = *b.node.public_key();
     let mut seen = Vec::new();
     let mut settled_at = None;
     let mut after = 0;
@@ -501,12 +504,8 @@ fn a_new_flows_first_frame_goes_twice_so_one_loss_costs_no_timeout() {
     let now = Duration::ZERO;
     let mut sent = None;
     for lost in 0.. {
-        let mut a = side(1, 7, "192.0.2.1:4000", now);
-        let mut b = side(2, 99, "192.0.2.2:4000", now);
-        let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
-        a.node.add_peer(kb, Some(b.addr));
-        b.node.add_peer(ka, Some(a.addr));
-        a.node.connect(now, &kb).unwrap();
+        let (mut a, mut b) = connecting(7, now);
+        let kb = *b.node.public_key();
         pump(&mut a, &mut b, now, &mut Vec::new());
         let t = now + Duration::from_millis(30);
         a.node.send_ip(t, &kb, &tcp(0)).unwrap();
