@@ -291,10 +291,14 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
     /// through the reader and the mailbox, and the sleep between. True if
     /// packets were read.
     fn read_tun_inline(&mut self) -> bool {
-        let (Some(tun), Some(mut b)) = (self.io.tun.clone(), self.inline.take()) else {
+        let Some(mut b) = self.inline.take() else {
             return false;
         };
-        let got = match reader::fill(&*tun, &mut self.inline_scratch, &mut b, true) {
+        let Some(tun) = self.io.tun.as_deref() else {
+            self.inline = Some(b);
+            return false;
+        };
+        let got = match reader::fill(tun, &mut self.inline_scratch, &mut b, true) {
             reader::Filled::Done | reader::Filled::Failed => !b.lens.is_empty(),
             // The reader sees the same and stops the node.
             reader::Filled::Closed => false,

@@ -143,13 +143,16 @@ pub(super) fn fill<P: PacketDevice>(
     let mut lens = [0usize; BATCH_SLOTS];
     while BATCH_SLOTS - b.lens.len() >= need {
         let used = b.lens.len();
-        let mut slots: Vec<&mut [u8]> = b.buf[used * slot..].chunks_mut(slot).collect();
-        let room = slots.len();
-        let lens = &mut lens[..room];
+        // The free slots, without allocating a list of them per read.
+        let mut free = b.buf[used * slot..].chunks_mut(slot);
+        let room = free.len();
+        let mut slots: [&mut [u8]; BATCH_SLOTS] =
+            std::array::from_fn(|_| free.next().unwrap_or_default());
+        let (slots, lens) = (&mut slots[..room], &mut lens[..room]);
         let read = if now {
-            dev.recv_many_now(scratch, &mut slots, lens)
+            dev.recv_many_now(scratch, slots, lens)
         } else {
-            dev.try_recv_many(scratch, &mut slots, lens)
+            dev.try_recv_many(scratch, slots, lens)
         };
         match read {
             Ok(0) => break,
