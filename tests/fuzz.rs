@@ -84,6 +84,20 @@ fn controls() -> Vec<Vec<u8>> {
             name: "x".into(),
             have_version: 3,
             routes: info.routes.clone(),
+            lookups: true,
+        },
+        Control::Lookup {
+            addrs: vec!["10.0.0.9".parse().unwrap()],
+            keys: vec![[2; 32]],
+        },
+        Control::Records {
+            upserts: vec![info.clone()],
+            removals: vec![[3; 32]],
+            revoked: vec![[3; 32]],
+            missing: vec!["10.0.0.8".parse().unwrap()],
+        },
+        Control::Forget {
+            keys: vec![[4; 32]],
         },
         Control::PeerMapDelta {
             from_version: 1,

@@ -114,6 +114,8 @@ pub struct RegistryActor {
     reg: Registry,
     /// A push of changes to all members is scheduled.
     push_scheduled: bool,
+    /// Records of members that looked others up wait to be sent to those.
+    pairs_scheduled: bool,
     /// Replies to registrations that changed address ownership, held until
     /// the owners are stored (one write for all registrations within
     /// [`PUSH_DELAY`]: a write per registration made a thousand members
@@ -148,6 +150,7 @@ impl RegistryActor {
         RegistryActor {
             reg,
             push_scheduled: false,
+            pairs_scheduled: false,
             held: Vec::new(),
             store,
             plane,
@@ -444,6 +447,7 @@ impl Handler<NetEvent> for RegistryActor {
                 name,
                 have_version,
                 routes,
+                lookups,
             } => {
                 let claim = Claim {
                     overlay,
@@ -451,6 +455,7 @@ impl Handler<NetEvent> for RegistryActor {
                     local_endpoints,
                     name: name.clone(),
                     have_version,
+                    lookups,
                 };
                 if self.cluster.is_some()
                     && self.reg.admissible(&key, &claim)
@@ -497,6 +502,24 @@ impl Handler<NetEvent> for RegistryActor {
                         }
                     }
                 }
+            }
+            Control::Lookup { addrs, keys } => {
+                self.reg.fetch(now, key, &addrs, &keys, &mut out);
+                if self.reg.pairs_pending() && !self.pairs_scheduled {
+                    // After the lookups already in the mailbox: one message
+                    // per member asked about for all of them.
+                    self.pairs_scheduled = true;
+                    ctx.run_later(Duration::ZERO, |act, _| {
+                        act.pairs_scheduled = false;
+                        let mut out = Vec::new();
+                        act.reg.flush_pairs(&mut out);
+                        act.flush(out);
+                    });
+                }
+            }
+            Control::Forget { keys } => {
+                self.reg.seen(now, &key);
+                self.reg.forget(&key, &keys);
             }
             Control::Leave => {
                 if self.reg.leave(&key, &mut out) {

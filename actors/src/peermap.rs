@@ -132,6 +132,28 @@ impl PeerMap {
         Ok(changes)
     }
 
+    /// Take records fetched on demand (no versions: each record is whole,
+    /// each removal explicit). Our own and denied keys are skipped.
+    pub fn merge(&mut self, upserts: &[PeerInfo], removals: &[PublicKey]) -> Vec<MapChange> {
+        let mut changes = Vec::new();
+        for p in upserts {
+            if p.key == self.me || self.denied.contains(&p.key) {
+                continue;
+            }
+            match self.peers.insert(p.key, p.clone()) {
+                None => changes.push(MapChange::Added(p.clone())),
+                Some(q) if q != *p => changes.push(MapChange::Changed(p.clone())),
+                Some(_) => {}
+            }
+        }
+        for k in removals {
+            if self.peers.remove(k).is_some() {
+                changes.push(MapChange::Removed(*k));
+            }
+        }
+        changes
+    }
+
     /// Drop `key` for good: it leaves the map (the change, if it was in it)
     /// and no later delta brings it back.
     pub fn deny(&mut self, key: PublicKey) -> Option<MapChange> {

@@ -23,6 +23,10 @@ pub struct RegistryConfig {
     /// Admit subnet routes that overlap a route another key advertises
     /// (several gateways into one site; the router then picks one).
     pub allow_route_overlap: bool,
+    /// Members that can ([`Claim::lookups`]) get no peer map: they fetch
+    /// the records they need and hear only about those (for networks of
+    /// thousands, where every member holding every record costs N²).
+    pub on_demand: bool,
 }
 
 impl Default for RegistryConfig {
@@ -35,6 +39,7 @@ impl Default for RegistryConfig {
             expire_beats: 6,
             log_len: 1024,
             allow_route_overlap: false,
+            on_demand: false,
         }
     }
 }
@@ -48,6 +53,10 @@ pub struct Member {
     pub last_seen: Duration,
     /// Map version this member is known to hold (reported or sent).
     pub version: u64,
+    /// The member fetches records on demand (no peer map is pushed to it).
+    pub on_demand: bool,
+    /// Records an on-demand member holds: it is told when they change.
+    pub holds: BTreeSet<PublicKey>,
 }
 
 /// A control message the hub must send to `to`.
@@ -111,6 +120,8 @@ pub struct Claim {
     pub name: String,
     /// Map version it holds.
     pub have_version: u64,
+    /// It can work from records fetched on demand.
+    pub lookups: bool,
 }
 
 /// The registry.
@@ -125,6 +136,13 @@ pub struct Registry {
     version: u64,
     /// (version, key) for each change, oldest first.
     log: VecDeque<(u64, PublicKey)>,
+    /// For each member's record, the on-demand members holding it.
+    subscribers: BTreeMap<PublicKey, BTreeSet<PublicKey>>,
+    /// Records with subscribers that changed (or left) since the last push.
+    changed: BTreeSet<PublicKey>,
+    /// Records of askers waiting to go to the on-demand members they asked
+    /// about (see [`Registry::flush_pairs`]).
+    pairs: BTreeMap<PublicKey, BTreeSet<PublicKey>>,
     /// Changes are pushed to all members by [`Registry::flush_pushes`],
     /// not as they happen (see [`Registry::defer_pushes`]).
     defer: bool,
@@ -171,6 +189,9 @@ impl Registry {
             members: BTreeMap::new(),
             version: base_version,
             log: VecDeque::new(),
+            subscribers: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            pairs: BTreeMap::new(),
             defer: false,
             pending: false,
             accepted: 0,
@@ -209,7 +230,7 @@ impl Registry {
             .copied()
             .collect();
         for k in &gone {
-            self.members.remove(k);
+            self.unlink(k);
             self.bump(*k);
         }
         if !gone.is_empty() {
@@ -399,6 +420,7 @@ impl Registry {
             local_endpoints,
             name,
             have_version,
+            lookups,
         } = claim;
         if self.revoked.contains(&key) {
             out.push(Reply {
@@ -479,19 +501,27 @@ impl Registry {
             routes: routes.iter().map(IpNet::network).collect(),
         };
         let changed = self.members.get(&key).is_none_or(|m| m.info != info);
+        let on_demand = self.cfg.on_demand && lookups;
+        // A member registering again may have restarted and forgotten what
+        // it held: it asks again for what it still has.
+        self.unsubscribe_all(&key);
         let m = self.members.entry(key).or_insert(Member {
             info: info.clone(),
             last_seen: now,
             version: have_version,
+            on_demand,
+            holds: BTreeSet::new(),
         });
         m.info = info;
         m.last_seen = now;
         m.version = have_version;
+        m.on_demand = on_demand;
         out.push(Reply {
             to: key,
             msg: Control::RegisterAck {
                 observed,
                 heartbeat_ms: self.cfg.heartbeat.as_millis() as u32,
+                on_demand,
             },
         });
         if changed {
@@ -566,7 +596,7 @@ impl Registry {
 
     /// `key` leaves (shutdown). Its address ownership stays.
     pub fn leave(&mut self, key: &PublicKey, out: &mut Vec<Reply>) -> bool {
-        if self.members.remove(key).is_none() {
+        if !self.unlink(key) {
             return false;
         }
         self.bump(*key);
@@ -596,7 +626,7 @@ impl Registry {
             .map(|(k, _)| *k)
             .collect();
         for k in &dead {
-            self.members.remove(k);
+            self.unlink(k);
             self.bump(*k);
         }
         if !dead.is_empty() {
@@ -613,7 +643,7 @@ impl Registry {
             return false;
         }
         self.owners.retain(|_, k| k != key);
-        if self.members.remove(key).is_some() {
+        if self.unlink(key) {
             self.bump(*key);
             self.push_all(out);
         }
@@ -621,6 +651,9 @@ impl Registry {
     }
 
     fn bump(&mut self, key: PublicKey) {
+        if self.subscribers.contains_key(&key) {
+            self.changed.insert(key);
+        }
         self.version += 1;
         self.log.push_back((self.version, key));
         while self.log.len() > self.cfg.log_len {
@@ -657,15 +690,210 @@ impl Registry {
     }
 
     fn push_all_now(&mut self, out: &mut Vec<Reply>) {
-        let keys: Vec<PublicKey> = self.members.keys().copied().collect();
+        let keys: Vec<PublicKey> = self
+            .members
+            .iter()
+            .filter(|(_, m)| !m.on_demand)
+            .map(|(k, _)| *k)
+            .collect();
         for k in keys {
             self.push_to(&k, out);
+        }
+        self.push_records(out);
+    }
+
+    /// Tell on-demand members about the records they hold that changed or
+    /// left since the last push: one message (or a few) per member, whatever
+    /// the number of changes.
+    fn push_records(&mut self, out: &mut Vec<Reply>) {
+        let mut per: BTreeMap<PublicKey, (Vec<PeerInfo>, Vec<PublicKey>)> = BTreeMap::new();
+        for k in std::mem::take(&mut self.changed) {
+            let Some(subs) = self.subscribers.get(&k) else {
+                continue;
+            };
+            let info = self.members.get(&k).map(|m| &m.info);
+            for s in subs {
+                let e = per.entry(*s).or_default();
+                match info {
+                    Some(i) => e.0.push(i.clone()),
+                    None => e.1.push(k),
+                }
+            }
+            if info.is_none() {
+                // Gone: its holders drop it, and fetch it again if it returns.
+                if let Some(subs) = self.subscribers.remove(&k) {
+                    for s in subs {
+                        if let Some(m) = self.members.get_mut(&s) {
+                            m.holds.remove(&k);
+                        }
+                    }
+                }
+            }
+        }
+        for (to, (upserts, removals)) in per {
+            record_messages(to, upserts, removals, Vec::new(), &self.revoked, out);
+        }
+    }
+
+    /// `holder` (an on-demand member) holds `key`'s record from now on.
+    fn subscribe(&mut self, holder: PublicKey, key: PublicKey) {
+        if let Some(m) = self.members.get_mut(&holder) {
+            m.holds.insert(key);
+            self.subscribers.entry(key).or_default().insert(holder);
+        }
+    }
+
+    /// `holder` no longer hears about `key`.
+    fn unsubscribe(&mut self, holder: &PublicKey, key: &PublicKey) {
+        if let Some(m) = self.members.get_mut(holder) {
+            m.holds.remove(key);
+        }
+        if let Some(subs) = self.subscribers.get_mut(key) {
+            subs.remove(holder);
+            if subs.is_empty() {
+                self.subscribers.remove(key);
+            }
+        }
+    }
+
+    /// `holder` hears about nothing (it left, or registers afresh).
+    fn unsubscribe_all(&mut self, holder: &PublicKey) {
+        let held = self
+            .members
+            .get_mut(holder)
+            .map(|m| std::mem::take(&mut m.holds))
+            .unwrap_or_default();
+        for k in held {
+            self.unsubscribe(holder, &k);
+        }
+    }
+
+    /// Remove `key` from the members (its subscriptions with it); false if
+    /// it was not one. The caller bumps the version.
+    fn unlink(&mut self, key: &PublicKey) -> bool {
+        self.unsubscribe_all(key);
+        self.members.remove(key).is_some()
+    }
+
+    /// Records held by on-demand members, counted (for status and tests).
+    pub fn subscriptions(&self) -> usize {
+        self.subscribers.values().map(BTreeSet::len).sum()
+    }
+
+    /// The online member owning `addr`, or the one whose subnet route holds
+    /// it (the longest).
+    fn resolve(&self, addr: &IpAddr) -> Option<PublicKey> {
+        if let Some(k) = self
+            .owners
+            .get(addr)
+            .filter(|k| self.members.contains_key(*k))
+        {
+            return Some(*k);
+        }
+        self.members
+            .iter()
+            .flat_map(|(k, m)| m.info.routes.iter().map(move |r| (r, k)))
+            .filter(|(r, _)| r.contains(addr))
+            .max_by_key(|(r, _)| r.prefix)
+            .map(|(_, k)| *k)
+    }
+
+    /// An on-demand member asks for the records of `addrs`' owners and of
+    /// `keys`. It gets them (and hears about their changes from now on),
+    /// the addresses nobody online has, and, as removals, the keys that are
+    /// not online; each on-demand member it asked about gets the asker's
+    /// record at the same time, so that the asker's handshake finds it
+    /// known. A non-member is told to register.
+    pub fn fetch(
+        &mut self,
+        now: Duration,
+        from: PublicKey,
+        addrs: &[IpAddr],
+        keys: &[PublicKey],
+        out: &mut Vec<Reply>,
+    ) {
+        let Some(m) = self.members.get_mut(&from) else {
+            out.push(Reply {
+                to: from,
+                msg: Control::Nack {
+                    code: ErrorCode::NotAllowed,
+                    message: "not registered".into(),
+                },
+            });
+            return;
+        };
+        m.last_seen = now;
+        let mut found = BTreeSet::new();
+        let mut missing = Vec::new();
+        let mut removals = Vec::new();
+        for a in addrs {
+            match self.resolve(a) {
+                Some(k) => {
+                    found.insert(k);
+                }
+                None => missing.push(*a),
+            }
+        }
+        for k in keys {
+            if self.members.contains_key(k) {
+                found.insert(*k);
+            } else {
+                removals.push(*k);
+            }
+        }
+        found.remove(&from);
+        let mut upserts = Vec::with_capacity(found.len());
+        for k in found {
+            let Some(theirs) = self.members.get(&k) else {
+                continue;
+            };
+            upserts.push(theirs.info.clone());
+            let pair = theirs.on_demand && !theirs.holds.contains(&from);
+            self.subscribe(from, k);
+            if pair {
+                self.subscribe(k, from);
+                self.pairs.entry(k).or_default().insert(from);
+            }
+        }
+        record_messages(from, upserts, removals, missing, &self.revoked, out);
+    }
+
+    /// Whether askers' records wait for [`Registry::flush_pairs`].
+    pub fn pairs_pending(&self) -> bool {
+        !self.pairs.is_empty()
+    }
+
+    /// Send the on-demand members that were asked about the records of
+    /// those who asked (so that the askers' handshakes find them known): one
+    /// message per member for all the lookups since the last flush (a member
+    /// many ask about at once gets a few messages, not one per asker).
+    pub fn flush_pairs(&mut self, out: &mut Vec<Reply>) {
+        for (to, askers) in std::mem::take(&mut self.pairs) {
+            let upserts: Vec<PeerInfo> = askers
+                .iter()
+                .filter_map(|k| self.members.get(k).map(|m| m.info.clone()))
+                .collect();
+            if !upserts.is_empty() && self.members.contains_key(&to) {
+                record_messages(to, upserts, Vec::new(), Vec::new(), &self.revoked, out);
+            }
+        }
+    }
+
+    /// An on-demand member dropped these records.
+    pub fn forget(&mut self, from: &PublicKey, keys: &[PublicKey]) {
+        for k in keys {
+            self.unsubscribe(from, k);
         }
     }
 
     /// Send `key` what changed since the version it holds.
     fn push_to(&mut self, key: &PublicKey, out: &mut Vec<Reply>) {
-        let Some(have) = self.members.get(key).map(|m| m.version) else {
+        let Some(have) = self
+            .members
+            .get(key)
+            .filter(|m| !m.on_demand)
+            .map(|m| m.version)
+        else {
             return;
         };
         if have == self.version {
@@ -727,6 +955,63 @@ fn delta_messages(
     revoked: &BTreeSet<PublicKey>,
     out: &mut Vec<Reply>,
 ) {
+    split_records(
+        upserts,
+        removals,
+        revoked,
+        |first, upserts, removals, revoked| {
+            out.push(Reply {
+                to,
+                msg: Control::PeerMapDelta {
+                    from_version: if first { from } else { version },
+                    to_version: version,
+                    upserts,
+                    removals,
+                    revoked,
+                },
+            })
+        },
+    );
+}
+
+/// The same split for an on-demand member's [`Control::Records`]; the
+/// addresses nobody has go in the first.
+fn record_messages(
+    to: PublicKey,
+    upserts: Vec<PeerInfo>,
+    removals: Vec<PublicKey>,
+    mut missing: Vec<IpAddr>,
+    revoked: &BTreeSet<PublicKey>,
+    out: &mut Vec<Reply>,
+) {
+    missing.truncate(MAX_ADDRS);
+    split_records(
+        upserts,
+        removals,
+        revoked,
+        |_, upserts, removals, revoked| {
+            out.push(Reply {
+                to,
+                msg: Control::Records {
+                    upserts,
+                    removals,
+                    revoked,
+                    missing: std::mem::take(&mut missing),
+                },
+            })
+        },
+    );
+}
+
+/// Cut records and removals into lists that fit one message each (see
+/// [`delta_messages`]); `emit(first, upserts, removals, revoked)` is called
+/// at least once.
+fn split_records(
+    upserts: Vec<PeerInfo>,
+    removals: Vec<PublicKey>,
+    revoked: &BTreeSet<PublicKey>,
+    mut emit: impl FnMut(bool, Vec<PeerInfo>, Vec<PublicKey>, Vec<PublicKey>),
+) {
     // Half the list limit: each removal may be listed again as revoked.
     let mut rm = removals
         .chunks(transport::wire::MAX_REMOVALS / 2)
@@ -751,16 +1036,7 @@ fn delta_messages(
             size += n;
             batch.extend(up.next());
         }
-        out.push(Reply {
-            to,
-            msg: Control::PeerMapDelta {
-                from_version: if first { from } else { version },
-                to_version: version,
-                upserts: batch,
-                removals,
-                revoked: gone,
-            },
-        });
+        emit(first, batch, removals, gone);
         first = false;
     }
 }
@@ -818,6 +1094,165 @@ mod tests {
                     .expect("in order");
             }
         }
+    }
+
+    /// Register member `i` as one that can fetch records (`lookups`).
+    fn reg_lookups(r: &mut Registry, now: u64, i: u8, out: &mut Vec<Reply>) {
+        let res = r.register(
+            Duration::from_secs(now),
+            key(i),
+            ep(i),
+            Claim {
+                overlay: net(i),
+                name: format!("n{i}"),
+                lookups: true,
+                ..Claim::default()
+            },
+            out,
+        );
+        assert!(matches!(res, Registered::Accepted { .. }));
+    }
+
+    /// The `Records` sent to `who`: (upserted keys, removals, revoked, missing).
+    fn records(
+        out: &[Reply],
+        who: u8,
+    ) -> Vec<(Vec<PublicKey>, Vec<PublicKey>, Vec<PublicKey>, Vec<IpAddr>)> {
+        out.iter()
+            .filter(|r| r.to == key(who))
+            .filter_map(|r| match &r.msg {
+                Control::Records {
+                    upserts,
+                    removals,
+                    revoked,
+                    missing,
+                } => Some((
+                    upserts.iter().map(|p| p.key).collect(),
+                    removals.clone(),
+                    revoked.clone(),
+                    missing.clone(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn on_demand_members_get_what_they_ask_for_and_hear_only_its_changes() {
+        let cfg = RegistryConfig {
+            on_demand: true,
+            ..RegistryConfig::default()
+        };
+        let mut r = Registry::new(cfg, BTreeMap::new(), 0);
+        let mut out = Vec::new();
+        for i in 1..=3 {
+            reg_lookups(&mut r, 0, i, &mut out);
+        }
+        // A member that cannot fetch (an older node) still gets the map.
+        reg(&mut r, 0, 4, 0, &mut out);
+        assert!(out
+            .iter()
+            .all(|o| o.to == key(4) || !matches!(o.msg, Control::PeerMapDelta { .. })));
+        assert!(out.iter().any(|o| o.to == key(1)
+            && matches!(
+                o.msg,
+                Control::RegisterAck {
+                    on_demand: true,
+                    ..
+                }
+            )));
+        assert!(out.iter().any(|o| o.to == key(4)
+            && matches!(
+                o.msg,
+                Control::RegisterAck {
+                    on_demand: false,
+                    ..
+                }
+            )));
+        let mut full = PeerMap::new(key(4));
+        deliver(&out, 4, &mut full);
+        assert_eq!(full.len(), 3, "the full-map member knows the others");
+
+        // 1 asks for 2's address and for nobody's: it gets 2's record and
+        // the miss; 2 gets 1's record once the pairs are flushed; 3 nothing.
+        out.clear();
+        let nobody: IpAddr = "10.0.0.99".parse().unwrap();
+        r.fetch(
+            Duration::from_secs(1),
+            key(1),
+            &[net(2)[0].addr, nobody],
+            &[],
+            &mut out,
+        );
+        assert_eq!(
+            records(&out, 1),
+            vec![(vec![key(2)], vec![], vec![], vec![nobody])]
+        );
+        assert!(records(&out, 2).is_empty());
+        r.flush_pairs(&mut out);
+        assert_eq!(
+            records(&out, 2),
+            vec![(vec![key(1)], vec![], vec![], vec![])]
+        );
+        assert!(records(&out, 3).is_empty());
+        assert_eq!(r.subscriptions(), 2);
+
+        // 2's endpoint changes: 1 and 2's own holders hear it, 3 does not.
+        out.clear();
+        let moved = SocketAddr::from(([198, 51, 100, 2], 9000));
+        let v = r.version();
+        r.heartbeat(Duration::from_secs(2), key(2), moved, 1, v, &mut out);
+        assert_eq!(
+            records(&out, 1),
+            vec![(vec![key(2)], vec![], vec![], vec![])]
+        );
+        assert!(records(&out, 3).is_empty() && records(&out, 2).is_empty());
+        deliver(&out, 4, &mut full);
+        assert_eq!(full.get(&key(2)).unwrap().endpoints[0], moved);
+
+        // 1 asks by key for 3 and for a key nobody has: 3's record, and the
+        // stranger as a removal.
+        out.clear();
+        r.fetch(
+            Duration::from_secs(3),
+            key(1),
+            &[],
+            &[key(3), key(9)],
+            &mut out,
+        );
+        assert_eq!(
+            records(&out, 1),
+            vec![(vec![key(3)], vec![key(9)], vec![], vec![])]
+        );
+        // 1 forgets 3: 3's changes no longer reach it.
+        r.forget(&key(1), &[key(3)]);
+        out.clear();
+        r.heartbeat(Duration::from_secs(4), key(3), moved, 1, 0, &mut out);
+        assert!(records(&out, 1).is_empty());
+        deliver(&out, 4, &mut full);
+
+        // Revoking 2 tells its holders (and the full-map member), no one else.
+        out.clear();
+        assert!(r.revoke(&key(2), &mut out));
+        assert_eq!(
+            records(&out, 1),
+            vec![(vec![], vec![key(2)], vec![key(2)], vec![])]
+        );
+        assert!(records(&out, 3).is_empty());
+        deliver(&out, 4, &mut full);
+        assert!(full.get(&key(2)).is_none());
+        // 1 held 2 and 3 (pair) held 1: all gone with 2, except 3's of 1.
+        assert_eq!(r.subscriptions(), 1);
+        // A non-member's lookup is told to register.
+        out.clear();
+        r.fetch(Duration::from_secs(5), key(7), &[nobody], &[], &mut out);
+        assert!(matches!(
+            out[0].msg,
+            Control::Nack {
+                code: ErrorCode::NotAllowed,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! re-registers after a hub restart and restarts failed sessions. The timing
 //! decisions live in the pure [`Heartbeats`]; this actor only carries them out.
 
-use crate::dataplane::{by_peer, Cmd, GetSnapshot, NetEvent, PlaneStats, Snapshot};
+use crate::dataplane::{by_peer, Cmd, GetSnapshot, NetEvent, PlaneStats, Snapshot, Unrouted};
 use crate::heartbeat::{Action, HeartbeatConfig, Heartbeats, HubPhase};
 use crate::peer::{GetStatus, PeerActor, PeerStatus, Sample, Update};
 use crate::peermap::{MapChange, PeerMap};
@@ -12,11 +12,11 @@ use crate::registry::short_key;
 use actix::prelude::*;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use transport::wire::{Control, ErrorCode, IpNet, PublicKey};
+use transport::wire::{Control, ErrorCode, IpNet, PublicKey, MAX_ADDRS, MAX_REMOVALS, MAX_UPSERTS};
 use transport::Event;
 
 /// What a peer tells its hubs about itself.
@@ -143,6 +143,102 @@ pub struct Supervisor {
     /// Many-port punching per peer: when the next attempt may start, and
     /// the wait after it.
     birthday_next: BTreeMap<PublicKey, (Duration, Duration)>,
+    /// The hub whose map we follow sends no map: records are fetched when
+    /// a packet or a handshake needs one (see [`Lookups`]).
+    on_demand: bool,
+    /// What was asked of the hub, and when it may be asked again.
+    lookups: Lookups,
+    /// Per peer held on demand: inner packets counted at the last sample,
+    /// and when that count last moved (records unused for
+    /// [`FORGET_AFTER`] are dropped).
+    used: BTreeMap<PublicKey, (u64, Duration)>,
+    /// Our own address for the data plane's [`Unrouted`] reports.
+    unrouted_to: Option<Recipient<Unrouted>>,
+}
+
+/// An on-demand record no inner packet used for this long is dropped, and
+/// the hub told to stop sending its changes.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Shortest time before an address or key is asked for again (the hub did
+/// not answer, or the answer did not make it routable).
+pub const LOOKUP_RETRY: Duration = Duration::from_secs(1);
+/// How long an address the hub said nobody has is not asked for again.
+pub const LOOKUP_MISSING: Duration = Duration::from_secs(5);
+/// Most addresses and keys asked for per second (a scan of the overlay
+/// network costs the hub this much, no more).
+pub const LOOKUP_RATE: u32 = 64;
+/// Most entries in the asked tables.
+const LOOKUP_TABLE: usize = 4096;
+
+/// Lookups in flight or recently answered: an address or key is asked for
+/// at most once per [`LOOKUP_RETRY`] (once per [`LOOKUP_MISSING`] if nobody
+/// has it), and at most [`LOOKUP_RATE`] per second in all.
+#[derive(Debug, Default)]
+struct Lookups {
+    addrs: BTreeMap<IpAddr, Duration>,
+    keys: BTreeMap<PublicKey, Duration>,
+    /// Second the budget below counts for, and what is left of it.
+    window: (u64, u32),
+}
+
+impl Lookups {
+    fn take(&mut self, now: Duration) -> bool {
+        let sec = now.as_secs();
+        if self.window.0 != sec {
+            self.window = (sec, LOOKUP_RATE);
+        }
+        if self.window.1 == 0 {
+            return false;
+        }
+        self.window.1 -= 1;
+        true
+    }
+
+    fn due<K: Ord + Copy>(t: &mut BTreeMap<K, Duration>, now: Duration, k: K) -> bool {
+        if t.get(&k).is_some_and(|at| *at > now) {
+            return false;
+        }
+        if t.len() >= LOOKUP_TABLE {
+            t.retain(|_, at| *at > now);
+            if t.len() >= LOOKUP_TABLE {
+                return false;
+            }
+        }
+        t.insert(k, now + LOOKUP_RETRY);
+        true
+    }
+
+    /// Of `addrs`, those to ask for now (and noted as asked).
+    fn addrs(&mut self, now: Duration, addrs: &[IpAddr]) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for a in addrs {
+            if out.len() < MAX_ADDRS && Self::due(&mut self.addrs, now, *a) {
+                if !self.take(now) {
+                    self.addrs.remove(a);
+                    break;
+                }
+                out.push(*a);
+            }
+        }
+        out
+    }
+
+    /// Whether to ask for `key` now (and noted as asked).
+    fn key(&mut self, now: Duration, key: PublicKey) -> bool {
+        if !Self::due(&mut self.keys, now, key) {
+            return false;
+        }
+        if !self.take(now) {
+            self.keys.remove(&key);
+            return false;
+        }
+        true
+    }
+
+    /// The hub said nobody online has `addr`.
+    fn missing(&mut self, now: Duration, addr: IpAddr) {
+        self.addrs.insert(addr, now + LOOKUP_MISSING);
+    }
 }
 
 /// Wait after the first many-port attempt with a peer (the first punch
@@ -204,6 +300,10 @@ impl Supervisor {
             map_from: None,
             hub_versions: BTreeMap::new(),
             birthday_next: BTreeMap::new(),
+            on_demand: false,
+            lookups: Lookups::default(),
+            used: BTreeMap::new(),
+            unrouted_to: None,
             route_sink: None,
             subnets: BTreeSet::new(),
         }
@@ -235,6 +335,7 @@ impl Supervisor {
             name: self.setup.name.clone(),
             have_version: self.version_for(hub),
             routes: self.setup.routes.clone(),
+            lookups: true,
         }
     }
 
@@ -351,6 +452,7 @@ impl Supervisor {
                     self.hb.remove_peer(&k);
                     self.peers.remove(&k);
                     self.birthday_next.remove(&k);
+                    self.used.remove(&k);
                 }
             }
         }
@@ -370,15 +472,62 @@ impl Supervisor {
             Control::RegisterAck {
                 observed,
                 heartbeat_ms,
+                on_demand,
             } => {
                 if !self.hb.registered() {
-                    tracing::info!(%observed, "registered with hub");
+                    tracing::info!(%observed, on_demand, "registered with hub");
                 }
                 self.observed = Some(observed);
                 self.observed_by.insert(hub, observed);
                 self.hb
                     .set_interval(Duration::from_millis(heartbeat_ms as u64));
                 self.hb.on_registered(&hub, now);
+                if self.map_source() == Some(hub) {
+                    self.set_on_demand(on_demand);
+                    if on_demand {
+                        // A registration starts the hub's list of what we
+                        // hold afresh: ask again for every record we keep,
+                        // so that their changes reach us (and the ones that
+                        // left are removed).
+                        let keys: Vec<PublicKey> = self.map.iter().map(|p| p.key).collect();
+                        for chunk in keys.chunks(MAX_UPSERTS) {
+                            self.send(
+                                hub,
+                                Control::Lookup {
+                                    addrs: Vec::new(),
+                                    keys: chunk.to_vec(),
+                                },
+                                true,
+                            );
+                        }
+                    }
+                }
+            }
+            Control::Records {
+                upserts,
+                removals,
+                revoked,
+                missing,
+            } => {
+                let denied: Vec<MapChange> =
+                    revoked.iter().filter_map(|k| self.map.deny(*k)).collect();
+                self.apply_changes(denied);
+                for a in missing {
+                    self.lookups.missing(now, a);
+                }
+                // Records come from any hub (one pairs us with a member that
+                // asked it for us); removals only from the one we follow, as
+                // a member gone from one hub may still be with the others.
+                let removals = if self.map_source() == Some(hub) {
+                    removals
+                } else {
+                    Vec::new()
+                };
+                for p in &upserts {
+                    self.used.entry(p.key).or_insert((0, now));
+                }
+                let changes = self.map.merge(&upserts, &removals);
+                self.apply_changes(changes);
             }
             Control::HeartbeatAck {
                 seq,
@@ -477,8 +626,59 @@ impl Supervisor {
         }
     }
 
+    /// Follow the hub's choice of map: on demand, the data plane reports
+    /// packets it cannot route (and holds them a moment for the answer).
+    fn set_on_demand(&mut self, on: bool) {
+        if on != self.on_demand {
+            tracing::info!(on_demand = on, "peer records from the hub");
+            self.on_demand = on;
+            let to = if on { self.unrouted_to.clone() } else { None };
+            self.plane.do_send(Cmd::WatchUnrouted(to));
+        }
+    }
+
+    /// Drop on-demand records no inner packet used for [`FORGET_AFTER`],
+    /// and tell the hub.
+    fn forget_unused(&mut self, at: Duration, snap: &Snapshot) {
+        if !self.on_demand {
+            return;
+        }
+        let by = by_peer(snap);
+        let mut gone = Vec::new();
+        for p in self.map.iter() {
+            let n = by.get(&p.key).map_or(0, |s| s.stats.ip_tx + s.stats.ip_rx);
+            let e = self.used.entry(p.key).or_insert((n, at));
+            if e.0 != n {
+                *e = (n, at);
+            } else if at.saturating_sub(e.1) >= FORGET_AFTER {
+                gone.push(p.key);
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let changes = self.map.merge(&[], &gone);
+        for k in &gone {
+            self.used.remove(k);
+        }
+        tracing::debug!(records = gone.len(), "unused peer records dropped");
+        self.apply_changes(changes);
+        if let Some(h) = self.map_source() {
+            for chunk in gone.chunks(MAX_REMOVALS) {
+                self.send(
+                    h,
+                    Control::Forget {
+                        keys: chunk.to_vec(),
+                    },
+                    true,
+                );
+            }
+        }
+    }
+
     fn sample(&mut self, snap: Snapshot) {
         let at = self.now();
+        self.forget_unused(at, &snap);
         let by = by_peer(&snap);
         for (k, a) in &self.peers {
             if let Some(p) = by.get(k) {
@@ -531,6 +731,7 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("tun_read".into(), p.tun_read),
         ("tun_written".into(), p.tun_written),
         ("drop_no_route".into(), p.no_route + n.no_route),
+        ("unrouted_held".into(), p.unrouted_held),
         ("drop_bad_source".into(), p.bad_source),
         ("drop_tun_write".into(), p.tun_write_failed),
         ("udp_rx".into(), p.udp_rx),
@@ -583,6 +784,7 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.unrouted_to = Some(ctx.address().recipient());
         for (k, a) in &self.setup.hubs {
             self.plane.do_send(Cmd::AddPeer {
                 key: *k,
@@ -651,6 +853,44 @@ impl Handler<NetEvent> for Supervisor {
             Event::Evicted => {
                 tracing::info!(key = %short_key(&ev.peer), "silent session evicted at the session cap");
             }
+            Event::UnknownPeer => {
+                // A member we hold no record of opens a session: fetch its
+                // record (its handshake is retried and then admitted).
+                if let Some(h) = self.map_source().filter(|_| self.on_demand) {
+                    if self.lookups.key(now, ev.peer) {
+                        self.send(
+                            h,
+                            Control::Lookup {
+                                addrs: Vec::new(),
+                                keys: vec![ev.peer],
+                            },
+                            true,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Handler<Unrouted> for Supervisor {
+    type Result = ();
+    /// Packets went to overlay addresses no record routes: ask the hub.
+    fn handle(&mut self, m: Unrouted, _ctx: &mut Context<Self>) {
+        let now = self.now();
+        let Some(h) = self.map_source().filter(|_| self.on_demand) else {
+            return;
+        };
+        let addrs = self.lookups.addrs(now, &m.0);
+        if !addrs.is_empty() {
+            self.send(
+                h,
+                Control::Lookup {
+                    addrs,
+                    keys: Vec::new(),
+                },
+                true,
+            );
         }
     }
 }
@@ -831,6 +1071,7 @@ mod tests {
             sup.send(from_hub(Control::RegisterAck {
                 observed,
                 heartbeat_ms: 1000,
+                on_demand: false,
             }))
             .await
             .unwrap();

@@ -172,6 +172,8 @@ pub struct HubFile {
     pub relay: Option<bool>,
     /// Admit subnet routes that overlap another member's (default false).
     pub allow_route_overlap: Option<bool>,
+    /// "full" or "on-demand" (`--peer-map`).
+    pub peer_map: Option<String>,
     /// Prometheus metrics listen address (`--metrics`).
     pub metrics: Option<String>,
     /// Log filter (as RUST_LOG), applied on reload.

@@ -172,6 +172,12 @@ struct HubArgs {
     /// into one site) [default: refuse the second advertiser].
     #[arg(long)]
     allow_route_overlap: bool,
+    /// How members learn about each other: "full" (every member holds every
+    /// record, pushed as it changes) or "on-demand" (a member fetches a
+    /// record when a packet or a handshake needs it, and hears only about
+    /// the records it holds: for networks of thousands) [default: full].
+    #[arg(long)]
+    peer_map: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9480 [default: off].
     #[arg(long)]
     metrics: Option<String>,
@@ -635,6 +641,14 @@ fn run_hub(a: HubArgs) -> Result<()> {
     };
     let no_relay = a.no_relay || f.relay == Some(false);
     let allow_route_overlap = a.allow_route_overlap || f.allow_route_overlap == Some(true);
+    let on_demand = match a.peer_map.as_deref().or(f.peer_map.as_deref()) {
+        None | Some("full") => false,
+        Some("on-demand") => true,
+        Some(other) => bail!("peer_map {other:?}: want \"full\" or \"on-demand\""),
+    };
+    if on_demand {
+        tracing::info!("members fetch peer records on demand (peer_map = \"on-demand\")");
+    }
     if no_relay {
         tracing::info!("relaying disabled (--no-relay)");
     }
@@ -681,6 +695,7 @@ fn run_hub(a: HubArgs) -> Result<()> {
                 heartbeat,
                 expire_beats,
                 allow_route_overlap,
+                on_demand,
                 ..RegistryConfig::default()
             },
             owners,

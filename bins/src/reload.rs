@@ -99,7 +99,8 @@ impl HubChange {
                 ));
             }
         }
-        let fixed: [(&'static str, bool); 14] = [
+        let fixed: [(&'static str, bool); 15] = [
+            ("peer_map", f.peer_map != running.peer_map),
             ("listen", f.listen != running.listen),
             ("key", f.key != running.key),
             ("network_key", f.network_key != running.network_key),

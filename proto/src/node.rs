@@ -103,6 +103,11 @@ struct InitLimiter {
 /// Source addresses the initiation limiter tracks at most.
 pub const MAX_SOURCES: usize = 4096;
 
+/// Shortest time between two [`Event::UnknownPeer`] for one key.
+pub const UNKNOWN_REPORT_EVERY: Duration = Duration::from_secs(2);
+/// Most keys reported as unknown within [`UNKNOWN_REPORT_EVERY`].
+pub const UNKNOWN_REPORT_KEYS: usize = 64;
+
 impl InitLimiter {
     fn take(bucket: &mut (f64, Duration), now: Duration, rate: f64) -> bool {
         let burst = (rate * 2.0).max(1.0);
@@ -220,6 +225,8 @@ pub struct Node {
     /// Sessions whose stream events wait for the split proxy.
     streams: BTreeSet<PublicKey>,
     events: VecDeque<(PublicKey, Event)>,
+    /// Unknown initiators reported, and when (see [`Node::report_unknown`]).
+    unknown_reported: BTreeMap<PublicKey, Duration>,
     now: Duration,
     stats: NodeStats,
     limiter: InitLimiter,
@@ -273,6 +280,7 @@ impl Node {
             rxq: BTreeSet::new(),
             streams: BTreeSet::new(),
             events: VecDeque::new(),
+            unknown_reported: BTreeMap::new(),
             now: Duration::ZERO,
             stats: NodeStats::default(),
             limiter: InitLimiter {
@@ -674,6 +682,7 @@ impl Node {
             match self.admission {
                 Admission::KnownPeers => {
                     self.stats.unknown_key += 1;
+                    self.report_unknown(now, key);
                     return;
                 }
                 Admission::AnyWithNetworkKey => {
@@ -694,6 +703,22 @@ impl Node {
             self.stats.init_refused += 1;
         }
         self.ready.insert(key);
+    }
+
+    /// Raise [`Event::UnknownPeer`] for `key`, at most once per
+    /// [`UNKNOWN_REPORT_EVERY`] per key and for at most
+    /// [`UNKNOWN_REPORT_KEYS`] keys at a time (a flood of strangers with the
+    /// network key costs a bounded table, and the rest are only counted).
+    fn report_unknown(&mut self, now: Duration, key: PublicKey) {
+        self.unknown_reported
+            .retain(|_, t| now.saturating_sub(*t) < UNKNOWN_REPORT_EVERY);
+        if self.unknown_reported.len() >= UNKNOWN_REPORT_KEYS
+            || self.unknown_reported.contains_key(&key)
+        {
+            return;
+        }
+        self.unknown_reported.insert(key, now);
+        self.events.push_back((key, Event::UnknownPeer));
     }
 
     /// Drop the session silent the longest if it has been silent for

@@ -770,6 +770,7 @@ fn run_on(
             probe_every: PROBE_EVERY,
             memory_budget: cfg.memory_budget,
             raft: cfg.raft && !cfg.quick,
+            on_demand: false,
             peers: cfg.peers,
             heartbeat: cfg.heartbeat,
             spec: LinkSpec::latency(Duration::from_millis(5)),

@@ -233,6 +233,7 @@ impl Hubs {
                                     local_endpoints: vec![],
                                     name: format!("n{}", key[0]),
                                     have_version: 0,
+                                    lookups: false,
                                     routes: vec![],
                                 }),
                             });

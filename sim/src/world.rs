@@ -220,6 +220,9 @@ pub struct WorldConfig {
     /// TCP): only in turmoil, whose hosts have TCP. Otherwise each hub keeps
     /// its own owner table in `store_dir`.
     pub raft: bool,
+    /// The hubs send no peer map: members fetch records on demand
+    /// (`RegistryConfig::on_demand`).
+    pub on_demand: bool,
 }
 
 /// turmoil host name of hub `i`.
@@ -301,6 +304,7 @@ impl World {
                     let rcfg = RegistryConfig {
                         heartbeat: cfg.heartbeat,
                         expire_beats: 3,
+                        on_demand: cfg.on_demand,
                         ..RegistryConfig::default()
                     };
                     let reg = if cfg.raft {

@@ -12,6 +12,11 @@
 //! registered); steady state for SECS (the parent samples the hub's CPU and
 //! RSS, the generator counts frames per member each way); one change (one
 //! more member joins: time until all N hold the new map version).
+//!
+//! With MAP `on-demand` (the hub's `--peer-map on-demand`) no member gets a
+//! map; the last phase is then: one more member joins, all N look it up at
+//! once (time until all N hold its record), and its record changes (it
+//! registers again under another name: time until all N see the change).
 
 use anyhow::{bail, Context, Result};
 use fastmesh_actors::peermap::PeerMap;
@@ -38,11 +43,15 @@ pub fn hubload(args: &[&str]) -> Result<()> {
         .context("N")?;
     let secs: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(30);
     let hb: f64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(10.0);
+    let map = args.get(3).copied().unwrap_or("full");
+    if !["full", "on-demand"].contains(&map) {
+        bail!("MAP: full or on-demand");
+    }
     if !(1..=60_000).contains(&n) {
         bail!("N between 1 and 60000");
     }
     let mut lab = Lab::new("fmh", 54, 1)?;
-    lab.start_hub(hb)?;
+    lab.start_hub_with(0, hb, &["--peer-map", map])?;
     let hub_pid = lab.pid(0).context("hub pid")?;
     // The generator's source addresses: .3 to .252 of its /24 (.1 is the
     // router, .2 the node's own).
@@ -89,6 +98,7 @@ pub fn hubload(args: &[&str]) -> Result<()> {
             &hb_s,
             &gen_prefix,
             &sources.to_string(),
+            map,
         ],
     )?;
     // Steady state: the generator prints "steady" when it starts its window.
@@ -187,6 +197,25 @@ struct Shared {
     changed: Rc<tokio::sync::Notify>,
     /// Members not registered yet, by the state of their hub session.
     waiting: BTreeMap<u32, String>,
+    /// On demand: what members are asked to do now.
+    phase: Phase,
+    /// On demand: the key of the member all look up, and which of its
+    /// records each member holds (0 none, 1 the first, 2 the changed one).
+    target: Option<PublicKey>,
+    held: Vec<u8>,
+    /// Records members received (theirs and others').
+    records: u64,
+}
+
+/// What the on-demand members do next (on a poke).
+#[derive(Default, Clone, Copy, PartialEq)]
+enum Phase {
+    #[default]
+    Idle,
+    /// Every member looks this address up.
+    Lookup(IpAddr),
+    /// The target registers again under another name.
+    Rename,
 }
 
 /// One member's output to its socket.
@@ -212,9 +241,10 @@ impl Driver for Out<'_> {
 /// `fastmesh-lab hubload-gen HUBKEY HUBADDR NETKEYFILE N SECS HB PREFIX SOURCES`
 /// (run by `hubload` in its namespace).
 pub fn generator(args: &[&str]) -> Result<()> {
-    let [hub_key, hub_addr, nk, n, secs, hb, prefix, sources] = args else {
-        bail!("hubload-gen: 8 arguments");
+    let [hub_key, hub_addr, nk, n, secs, hb, prefix, sources, map] = args else {
+        bail!("hubload-gen: 9 arguments");
     };
+    let on_demand = *map == "on-demand";
     let hub_key = parse_key_hex(hub_key).context("hub key")?;
     let hub_addr: SocketAddr = hub_addr.parse()?;
     let psk = parse_key_hex(std::fs::read_to_string(nk)?.trim()).context("network key")?;
@@ -229,13 +259,15 @@ pub fn generator(args: &[&str]) -> Result<()> {
     local.block_on(&rt, async move {
         let shared = Rc::new(RefCell::new(Shared {
             versions: vec![0; n as usize + 1],
+            held: vec![0; n as usize + 1],
             ..Shared::default()
         }));
+        let poke = Rc::new(tokio::sync::Notify::new());
         let epoch = tokio::time::Instant::now();
         let addr = |i: u32| -> IpAddr { format!("{prefix}.{}", 3 + i % sources).parse().unwrap() };
         let t0 = Instant::now();
         for i in 0..n {
-            let m = Member::new(i, addr(i), hub_key, hub_addr, psk, hb).await?;
+            let m = Member::new(i, addr(i), hub_key, hub_addr, psk, hb, poke.clone()).await?;
             tokio::task::spawn_local(m.run(shared.clone(), epoch));
         }
         let changed = shared.borrow().changed.clone();
@@ -280,9 +312,12 @@ pub fn generator(args: &[&str]) -> Result<()> {
             (tx1 - tx0) as f64 / dt / n as f64,
             (rx1 - rx0) as f64 / dt / n as f64
         );
+        if on_demand {
+            return on_demand_change(n, shared, &poke, epoch, Member::new(n, addr(n), hub_key, hub_addr, psk, hb, poke.clone()).await?).await;
+        }
         // Phase 3: one change reaches everyone.
         let t1 = Instant::now();
-        let extra = Member::new(n, addr(n), hub_key, hub_addr, psk, hb).await?;
+        let extra = Member::new(n, addr(n), hub_key, hub_addr, psk, hb, poke.clone()).await?;
         let version = Rc::new(RefCell::new(None));
         tokio::task::spawn_local(extra.run_reporting(shared.clone(), epoch, version.clone()));
         if !until(&changed, Duration::from_secs(60), || version.borrow().is_some()).await {
@@ -312,6 +347,76 @@ pub fn generator(args: &[&str]) -> Result<()> {
     })
 }
 
+/// The last phase on demand: `extra` joins, all `n` look it up at once,
+/// then its record changes.
+async fn on_demand_change(
+    n: u32,
+    shared: Rc<RefCell<Shared>>,
+    poke: &tokio::sync::Notify,
+    epoch: tokio::time::Instant,
+    extra: Member,
+) -> Result<()> {
+    let changed = shared.borrow().changed.clone();
+    let t1 = Instant::now();
+    let target_addr = extra.overlay();
+    shared.borrow_mut().target = Some(extra.node.public_key().to_owned());
+    let version = Rc::new(RefCell::new(None));
+    let reg0 = shared.borrow().registered;
+    tokio::task::spawn_local(extra.run_reporting(shared.clone(), epoch, version));
+    if !until(&changed, Duration::from_secs(60), || {
+        shared.borrow().registered > reg0
+    })
+    .await
+    {
+        bail!("the extra member did not register");
+    }
+    println!(
+        "one more member registered after {:.3} s",
+        t1.elapsed().as_secs_f64()
+    );
+    let records0 = shared.borrow().records;
+    let t2 = Instant::now();
+    shared.borrow_mut().phase = Phase::Lookup(target_addr);
+    poke.notify_waiters();
+    let have = |s: &Shared, g: u8| s.held[..n as usize].iter().filter(|&&x| x >= g).count();
+    if !until(&changed, Duration::from_secs(120), || {
+        have(&shared.borrow(), 1) >= n as usize
+    })
+    .await
+    {
+        bail!(
+            "{} of {n} members hold its record after 120 s",
+            have(&shared.borrow(), 1)
+        );
+    }
+    println!(
+        "all {n} members look it up at once: all hold its record after {:.3} s",
+        t2.elapsed().as_secs_f64()
+    );
+    // Let the pairing records (its copy of every asker's) arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t3 = Instant::now();
+    shared.borrow_mut().phase = Phase::Rename;
+    poke.notify_waiters();
+    if !until(&changed, Duration::from_secs(120), || {
+        have(&shared.borrow(), 2) >= n as usize
+    })
+    .await
+    {
+        bail!(
+            "{} of {n} members saw its change after 120 s",
+            have(&shared.borrow(), 2)
+        );
+    }
+    println!(
+        "one change (its record changes): seen by all {n} after {:.3} s",
+        t3.elapsed().as_secs_f64()
+    );
+    let (k, r) = (shared.borrow().nacks, shared.borrow().records - records0);
+    println!("records received in the last phase: {r} (the asked member's and the askers'); refusals: {k}");
+    Ok(())
+}
+
 /// Wait until `done()` holds, woken by the members' notifications (no
 /// polling); false if `limit` passes first.
 async fn until(
@@ -336,6 +441,9 @@ struct Member {
     hub: PublicKey,
     hb: Duration,
     map: PeerMap,
+    poke: Rc<tokio::sync::Notify>,
+    /// The name it registers under now.
+    name: String,
 }
 
 impl Member {
@@ -346,6 +454,7 @@ impl Member {
         hub_addr: SocketAddr,
         psk: [u8; 32],
         hb: Duration,
+        poke: Rc<tokio::sync::Notify>,
     ) -> Result<Member> {
         let sock = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0))
             .await
@@ -371,20 +480,27 @@ impl Member {
             hub,
             hb,
             map: PeerMap::new(me),
+            poke,
+            name: format!("load{i}"),
         })
     }
 
-    fn register_msg(&self) -> Control {
+    fn overlay(&self) -> IpAddr {
         let o = self.i.to_be_bytes();
+        IpAddr::V4(Ipv4Addr::new(10, 100 + o[1], o[2], o[3]))
+    }
+
+    fn register_msg(&self) -> Control {
         Control::Register {
             overlay: vec![IpNet {
-                addr: IpAddr::V4(Ipv4Addr::new(10, 100 + o[1], o[2], o[3])),
+                addr: self.overlay(),
                 prefix: 8,
             }],
             local_endpoints: vec![],
-            name: format!("load{}", self.i),
+            name: self.name.clone(),
             have_version: self.map.version(),
             routes: vec![],
+            lookups: true,
         }
     }
 
@@ -456,6 +572,17 @@ impl Member {
                     Event::Control(Control::Nack { .. }) => {
                         shared.borrow_mut().nacks += 1;
                     }
+                    Event::Control(Control::Records { upserts, .. }) => {
+                        let mut s = shared.borrow_mut();
+                        s.records += upserts.len() as u64;
+                        if let Some(t) = s.target {
+                            if let Some(p) = upserts.iter().find(|p| p.key == t) {
+                                s.held[self.i as usize] =
+                                    if p.name.ends_with("-moved") { 2 } else { 1 };
+                                s.changed.notify_one();
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -504,6 +631,22 @@ impl Member {
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
+                _ = self.poke.notified() => {
+                    let phase = shared.borrow().phase;
+                    let me = *self.node.public_key();
+                    match phase {
+                        Phase::Lookup(a) if shared.borrow().target != Some(me) => {
+                            let m = Control::Lookup { addrs: vec![a], keys: vec![] };
+                            self.node.send_control_reliable(epoch.elapsed(), &hub, &m);
+                        }
+                        Phase::Rename if shared.borrow().target == Some(me) => {
+                            self.name = format!("load{}-moved", self.i);
+                            let m = self.register_msg();
+                            self.node.send_control_reliable(epoch.elapsed(), &hub, &m);
+                        }
+                        _ => {}
+                    }
+                }
             }
             if next_hb.is_some_and(|t| t <= tokio::time::Instant::now()) {
                 seq += 1;

@@ -40,11 +40,12 @@ const USAGE: &str = "usage:
                                            fastmesh beside wireguard-go, boringtun and no tunnel on
                                            the flat lab, runs interleaved: rate, ramp-up, CPU/GB, ping
                                            (defaults: 5 5 cubic, MTU 1500)
-  fastmesh-lab hubload N [SECS] [HEARTBEAT]
+  fastmesh-lab hubload N [SECS] [HEARTBEAT] [MAP]
                                            N simulated members (real handshakes, registration,
                                            heartbeats, deltas) against a real hub: join time, idle
                                            frames per member, hub CPU and RSS, time for one change
-                                           to reach all (defaults: 30 s, heartbeat 10 s)
+                                           to reach all (defaults: 30 s, heartbeat 10 s; MAP = full
+                                           or on-demand, the hub's --peer-map, default full)
   fastmesh-lab wan-router DEV RTT_MS MBIT QUEUE_MS LOSS_PCT JITTER_MS SEED
                                            the WAN: forward packets read from TUN DEV after the delays
   fastmesh-lab msg-echo PORT               echo 64-byte TCP messages

@@ -103,6 +103,7 @@ fn control() -> impl Strategy<Value = Control> {
         )
             .prop_map(|(overlay, local_endpoints, name, have_version, routes)| {
                 Control::Register {
+                    lookups: have_version % 2 == 0,
                     overlay,
                     local_endpoints,
                     name,
@@ -110,10 +111,33 @@ fn control() -> impl Strategy<Value = Control> {
                     routes,
                 }
             }),
-        (addr(), any::<u32>()).prop_map(|(observed, heartbeat_ms)| Control::RegisterAck {
-            observed,
-            heartbeat_ms
+        (addr(), any::<u32>(), any::<bool>()).prop_map(|(observed, heartbeat_ms, on_demand)| {
+            Control::RegisterAck {
+                observed,
+                heartbeat_ms,
+                on_demand,
+            }
         }),
+        (
+            prop::collection::vec(ipnet(), 0..8),
+            prop::collection::vec(any::<[u8; 32]>(), 0..5)
+        )
+            .prop_map(|(nets, keys)| Control::Lookup {
+                addrs: nets.iter().map(|n| n.addr).collect(),
+                keys,
+            }),
+        prop::collection::vec(any::<[u8; 32]>(), 0..5).prop_map(|keys| Control::Forget { keys }),
+        (
+            prop::collection::vec(peer(), 0..5),
+            prop::collection::vec(any::<[u8; 32]>(), 0..5),
+            prop::collection::vec(ipnet(), 0..8)
+        )
+            .prop_map(|(upserts, removals, nets)| Control::Records {
+                upserts,
+                revoked: removals.iter().take(1).copied().collect(),
+                removals,
+                missing: nets.iter().map(|n| n.addr).collect(),
+            }),
         (code(), ".{0,40}").prop_map(|(code, message)| Control::Nack { code, message }),
         (
             any::<u64>(),

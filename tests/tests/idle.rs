@@ -20,6 +20,7 @@ fn world(sim: &mut turmoil::Sim<'static>, peers: usize, name: &str) -> World {
             probe_every: PROBE_EVERY,
             memory_budget: transport::node::MEMORY_BUDGET,
             raft: false,
+            on_demand: false,
             heartbeat: HB,
             spec: LinkSpec::latency(Duration::from_millis(10)),
             seed: 3,

@@ -50,6 +50,7 @@ fn world_nat(
             probe_every: PROBE_EVERY,
             memory_budget: transport::node::MEMORY_BUDGET,
             raft: false,
+            on_demand: false,
             peers: 5,
             heartbeat: HB,
             spec,

@@ -28,8 +28,9 @@ use alarm::{alarm_set, AlarmFired, AlarmShared, AlarmStream};
 use futures_util::Stream;
 use plane_io::PlaneIo;
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +84,17 @@ pub struct NetEvent {
     pub event: Event,
 }
 
+/// Overlay destinations of packets no record routes (sent to an on-demand
+/// member's supervisor, which fetches the records).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Unrouted(pub Vec<IpAddr>);
+
+/// Most packets held while their destinations' records are fetched.
+pub const HOLD_PACKETS: usize = 64;
+/// Longest a packet is held for its destination's record.
+pub const HOLD_FOR: Duration = Duration::from_secs(2);
+
 /// Commands for the data plane.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -113,8 +125,11 @@ pub enum Cmd {
     RestartPeer(PublicKey),
     /// Start a fresh handshake now.
     Connect(PublicKey),
-    /// Replace the routing table.
+    /// Replace the routing table (and send the held packets it now routes).
     SetRouter(Router),
+    /// Report packets to unrouted destinations there, holding them up to
+    /// [`HOLD_FOR`] (None: drop them, counted, as before).
+    WatchUnrouted(Option<Recipient<Unrouted>>),
     /// Send a control message.
     Send {
         /// Peer.
@@ -161,6 +176,8 @@ pub struct PlaneStats {
     pub tun_written: u64,
     /// TUN packets with no route (unknown destination, or not IP).
     pub no_route: u64,
+    /// TUN packets held while their destination's record was fetched.
+    pub unrouted_held: u64,
     /// Inbound packets dropped: source address not owned by the sending peer.
     pub bad_source: u64,
     /// Inbound packets dropped: the TUN queue was full or failed.
@@ -233,6 +250,10 @@ pub struct Dataplane<D: Datagram + 'static, P: PacketDevice + 'static> {
     /// first batch came.
     inline: Option<Batch>,
     inline_scratch: Vec<u8>,
+    /// Where unrouted destinations are reported (see [`Cmd::WatchUnrouted`]).
+    watch: Option<Recipient<Unrouted>>,
+    /// Packets waiting for their destination's record, oldest first.
+    held: VecDeque<(Duration, Vec<u8>)>,
 }
 
 impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
@@ -264,12 +285,15 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
             stream_epoch: 0,
             inline: None,
             inline_scratch: Vec::new(),
+            watch: None,
+            held: VecDeque::new(),
         }
     }
 
     /// Route a batch of packets read from TUN to their sessions.
     fn send_batch(&mut self, batch: &Batch) {
         let now = self.now();
+        let mut wanted: Vec<IpAddr> = Vec::new();
         for pkt in batch.packets() {
             self.io.stats.tun_read += 1;
             let dst = transport::ip::parse(pkt).map(|i| i.dst);
@@ -279,7 +303,54 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Dataplane<D, P> {
                         self.io.stats.no_route += 1;
                     }
                 }
-                None => self.io.stats.no_route += 1,
+                None => match dst.filter(|_| self.watch.is_some()) {
+                    Some(d) => {
+                        self.hold(now, pkt);
+                        if !wanted.contains(&d) {
+                            wanted.push(d);
+                        }
+                    }
+                    None => self.io.stats.no_route += 1,
+                },
+            }
+        }
+        if let (Some(w), false) = (&self.watch, wanted.is_empty()) {
+            w.do_send(Unrouted(wanted));
+        }
+    }
+
+    /// Keep `pkt` until its destination is routed, [`HOLD_FOR`] passes or
+    /// [`HOLD_PACKETS`] newer ones wait (dropped ones count as `no_route`).
+    fn hold(&mut self, now: Duration, pkt: &[u8]) {
+        while self.held.len() >= HOLD_PACKETS
+            || self
+                .held
+                .front()
+                .is_some_and(|(t, _)| now.saturating_sub(*t) > HOLD_FOR)
+        {
+            self.held.pop_front();
+            self.io.stats.no_route += 1;
+        }
+        self.held.push_back((now, pkt.to_vec()));
+        self.io.stats.unrouted_held += 1;
+    }
+
+    /// Send the held packets the routing table now routes; keep the others
+    /// while they may still wait.
+    fn release_held(&mut self, now: Duration) {
+        for (t, pkt) in std::mem::take(&mut self.held) {
+            if now.saturating_sub(t) > HOLD_FOR || self.watch.is_none() {
+                self.io.stats.no_route += 1;
+                continue;
+            }
+            let dst = transport::ip::parse(&pkt).map(|i| i.dst);
+            match dst.and_then(|d| self.io.router.route(&d)) {
+                Some(k) => {
+                    if self.node.send_ip(now, k, &pkt).is_err() {
+                        self.io.stats.no_route += 1;
+                    }
+                }
+                None => self.held.push_back((t, pkt)),
             }
         }
     }
@@ -529,7 +600,14 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
                 // retry backoff (the supervisor paces these).
                 let _ = self.node.connect(now, &key);
             }
-            Cmd::SetRouter(r) => self.io.router = r,
+            Cmd::SetRouter(r) => {
+                self.io.router = r;
+                self.release_held(now);
+            }
+            Cmd::WatchUnrouted(w) => {
+                self.watch = w;
+                self.release_held(now);
+            }
             Cmd::Send { to, msg, reliable } => {
                 burst = reliable;
                 let sent = if reliable {

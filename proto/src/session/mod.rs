@@ -65,6 +65,12 @@ pub enum Event {
     /// The node dropped this session to make room for a newcomer (it had
     /// been silent for [`crate::node::EVICT_SILENT`] at the session cap).
     Evicted,
+    /// A node we hold no session with completed the first half of a
+    /// handshake (it has the network key) and was refused as unknown: the
+    /// layer above may fetch its record and admit it (its handshake is
+    /// retried). Raised at most once per
+    /// [`crate::node::UNKNOWN_REPORT_EVERY`] per key.
+    UnknownPeer,
 }
 
 /// Counters kept per session. Bytes are UDP payload bytes.

@@ -478,6 +478,11 @@ pub enum Control {
         /// Subnets the node routes for (see [`PeerInfo::routes`]).
         #[serde(default, deserialize_with = "bounded::<_, _, MAX_ROUTES>")]
         routes: Vec<IpNet>,
+        /// The node can work from records fetched on demand
+        /// ([`Control::Lookup`]) instead of the whole map. Absent (false)
+        /// from older nodes, which always get the whole map.
+        #[serde(default)]
+        lookups: bool,
     },
     /// Hub → peer: registration accepted.
     RegisterAck {
@@ -485,6 +490,10 @@ pub enum Control {
         observed: SocketAddr,
         /// Heartbeat interval the hub expects, in milliseconds.
         heartbeat_ms: u32,
+        /// The hub sends this member no peer map: it asks for the records
+        /// it needs with [`Control::Lookup`] and gets [`Control::Records`].
+        #[serde(default)]
+        on_demand: bool,
     },
     /// Any → any: a request was refused.
     Nack {
@@ -591,6 +600,39 @@ pub enum Control {
     MtuAck {
         /// The probe's id.
         id: u32,
+    },
+    /// Peer → hub (on-demand members): send me the records of the members
+    /// owning these overlay addresses (or routing for them) and of these
+    /// keys, and tell me when they change or leave.
+    Lookup {
+        /// Overlay destinations a packet wants.
+        #[serde(deserialize_with = "bounded::<_, _, MAX_ADDRS>")]
+        addrs: Vec<IpAddr>,
+        /// Keys (a node that opened a session with us, a record to renew).
+        #[serde(deserialize_with = "bounded::<_, _, MAX_UPSERTS>")]
+        keys: Vec<PublicKey>,
+    },
+    /// Peer → hub (on-demand members): stop telling me about these keys.
+    Forget {
+        /// Keys dropped from the member's records.
+        #[serde(deserialize_with = "bounded::<_, _, MAX_REMOVALS>")]
+        keys: Vec<PublicKey>,
+    },
+    /// Hub → peer (on-demand members): records asked for, or records the
+    /// member holds that changed or left. Not versioned: a record is whole.
+    Records {
+        /// Members added or changed (at most [`MAX_UPSERTS`]).
+        #[serde(deserialize_with = "bounded::<_, _, MAX_UPSERTS>")]
+        upserts: Vec<PeerInfo>,
+        /// Members that left.
+        #[serde(deserialize_with = "bounded::<_, _, MAX_REMOVALS>")]
+        removals: Vec<PublicKey>,
+        /// Of `removals`, the keys the hub revoked.
+        #[serde(deserialize_with = "bounded::<_, _, MAX_REMOVALS>")]
+        revoked: Vec<PublicKey>,
+        /// Looked-up addresses no online member owns or routes.
+        #[serde(deserialize_with = "bounded::<_, _, MAX_ADDRS>")]
+        missing: Vec<IpAddr>,
     },
 }
 

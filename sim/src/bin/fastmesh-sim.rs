@@ -142,6 +142,7 @@ fn world_in(
             probe_every,
             memory_budget: transport::node::MEMORY_BUDGET,
             raft: false,
+            on_demand: false,
             heartbeat: Duration::from_secs(1),
             spec: LinkSpec {
                 loss,
