@@ -719,3 +719,116 @@ fn sim_two_hubs_relaying_hub_crashes_nothing_stops() {
         .map_or(0, |s| s.relayed);
     assert!(relayed > 100, "the surviving hub relays: {relayed}");
 }
+
+fn holds(w: &World, i: usize) -> BTreeSet<String> {
+    w.peers[i]
+        .status()
+        .map(|s| s.peers.into_iter().map(|p| p.key).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn on_demand_peers_fetch_records_when_packets_need_them() {
+    let mut sim = sim(120);
+    let dir = std::env::temp_dir().join(format!("fastmesh-mesh-ondemand-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = World::build(
+        &mut sim,
+        WorldConfig {
+            probe_every: PROBE_EVERY,
+            memory_budget: transport::node::MEMORY_BUDGET,
+            raft: false,
+            on_demand: true,
+            peers: 5,
+            heartbeat: HB,
+            spec: clean(),
+            seed: 11,
+            store_dir: dir.clone(),
+            hubs: 1,
+            nat: vec![],
+        },
+    );
+    w.run_until(&mut sim, Duration::from_secs(20), |w| {
+        registered_everywhere(w)
+    })
+    .unwrap_or_else(|| panic!("peers did not register:\n{}", w.dump()));
+    // Registered, and nobody was sent anybody's record.
+    w.run_until(&mut sim, 2 * HB, |_| false);
+    for i in 0..5 {
+        assert!(holds(&w, i).is_empty(), "peer {i} holds {:?}", holds(&w, i));
+    }
+    let short = |i: usize| fastmesh_actors::registry::short_key(&w.peers[i].key);
+    let (k0, k3) = (short(0), short(3));
+
+    // The first packet to a member nobody knew waits for its record and
+    // arrives; the two hold each other's record, the others still nothing.
+    let (src, dst) = (w.peers[0].overlay, w.peers[3].overlay);
+    let first = traffic::packet(src, dst, Kind::Udp, 50, 0, 100);
+    assert!(w.peers[0].apps.send(first.clone()));
+    let mut got = Vec::new();
+    let took = w
+        .run_until(&mut sim, Duration::from_secs(2), |w| {
+            got.extend(w.peers[3].take_delivered());
+            got.contains(&first)
+        })
+        .unwrap_or_else(|| panic!("first packet not delivered:\n{}", w.dump()));
+    println!("first packet to an unknown member delivered after {took:?}");
+    w.run_until(&mut sim, PROBE_EVERY * 2, |_| false);
+    assert_eq!(holds(&w, 0), BTreeSet::from([k3.clone()]));
+    assert_eq!(holds(&w, 3), BTreeSet::from([k0.clone()]));
+    for i in [1, 2, 4] {
+        assert!(holds(&w, i).is_empty(), "peer {i} holds {:?}", holds(&w, i));
+    }
+    let held = w.peers[0].status().unwrap().counters["unrouted_held"];
+    assert!(held >= 1, "the first packet was held, not dropped");
+
+    // TCP one way, UDP the other, and with the hub down the direct path
+    // carries on.
+    let mut d = Pumps::default();
+    let t0 = sim.elapsed();
+    d.pump(0, 3, 1, Kind::Tcp, Duration::from_millis(20), t0);
+    d.pump(3, 0, 2, Kind::Udp, Duration::from_millis(20), t0);
+    d.run(&mut sim, &mut w, Duration::from_secs(1), |_, _, _| false);
+    sim.crash("hub");
+    let down = sim.elapsed();
+    d.run(&mut sim, &mut w, Duration::from_secs(5), |_, _, _| false);
+    let up = sim.elapsed();
+    for flow in [1, 2] {
+        let (sent, got) = d.delivered(flow, down, up - Duration::from_secs(1));
+        assert!(sent > 150, "pumped {sent}");
+        assert_eq!(got, sent, "flow {flow} with the hub down");
+    }
+
+    // The hub comes back knowing nothing of who holds what; the members
+    // register again and renew what they hold, so a revocation still
+    // reaches the holder, within two heartbeats.
+    sim.bounce("hub");
+    d.run(&mut sim, &mut w, Duration::from_secs(10), |w, _, _| {
+        registered_everywhere(w)
+    })
+    .unwrap_or_else(|| panic!("peers did not re-register:\n{}", w.dump()));
+    d.run(&mut sim, &mut w, HB, |_, _, _| false);
+    let key3 = w.peers[3].key;
+    w.hub_revoke[0].lock().unwrap().push(key3);
+    let gone = d
+        .run(&mut sim, &mut w, Duration::from_secs(5), |w, _, _| {
+            !holds(w, 0).contains(&k3)
+        })
+        .unwrap_or_else(|| panic!("revoked member still held:\n{}", w.dump()));
+    println!("revocation reached the holder after {gone:?}");
+    assert!(gone <= 2 * HB, "{gone:?}");
+
+    // A packet to an address nobody has is held, then dropped and counted.
+    let before = w.peers[1].status().unwrap().counters["drop_no_route"];
+    let stray: std::net::Ipv4Addr = "10.88.0.200".parse().unwrap();
+    for s in 0..2 {
+        let p = traffic::packet(w.peers[1].overlay, stray, Kind::Udp, 60, s, 50);
+        assert!(w.peers[1].apps.send(p));
+        w.run_until(&mut sim, Duration::from_secs(3), |_| false);
+    }
+    let after = w.peers[1].status().unwrap().counters["drop_no_route"];
+    assert!(after > before, "no_route {before} -> {after}");
+    assert!(holds(&w, 1).is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
