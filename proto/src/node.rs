@@ -340,7 +340,9 @@ impl Node {
             let mut b = [0u8; 8];
             entropy.fill(&mut b);
             let mut s = Session::new(cfg, &local, key, endpoint, base ^ u64::from_le_bytes(b));
-            if !relays.contains(&key) {
+            if relays.contains(&key) {
+                s.set_control_only();
+            } else {
                 s.set_relays(relays);
                 s.set_last_resort_relays(last_resort);
             }
@@ -365,6 +367,7 @@ impl Node {
         for (k, s) in self.sessions.iter_mut() {
             if relays.contains(k) {
                 s.set_relays(&[]);
+                s.set_control_only();
             } else {
                 s.set_relays(relays);
             }

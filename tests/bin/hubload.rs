@@ -473,6 +473,8 @@ impl Member {
             EntropySource::seeded(i as u64 ^ 0x6c6f_6164),
         );
         node.add_peer(hub, Some(hub_addr));
+        // As a peer does: its hubs are relays, their sessions carry control.
+        node.set_relays(&[hub]);
         Ok(Member {
             i,
             node,

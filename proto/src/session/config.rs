@@ -78,6 +78,10 @@ pub struct SessionConfig {
     /// hub is its control conversation and relayed frames), which bounds
     /// what a member can make a hub hold: see docs/security.md.
     pub remote_flows: bool,
+    /// Search each session's path MTU as soon as it is up (peers), or only
+    /// once this side sends data on it (a hub, whose sessions carry control
+    /// messages and frames it relays without reading).
+    pub pmtu_at_start: bool,
     /// Silence after which the link is declared dead.
     pub dead_after: Duration,
     /// First handshake retry delay (doubles up to 8x).
@@ -111,6 +115,7 @@ impl Default for SessionConfig {
             rcv_wnd: 4096,
             keepalive: Duration::from_secs(5),
             remote_flows: true,
+            pmtu_at_start: true,
             dead_after: Duration::from_secs(20),
             handshake_retry: Duration::from_secs(1),
             max_pending: 256,
@@ -130,6 +135,7 @@ impl SessionConfig {
     pub fn hub() -> SessionConfig {
         SessionConfig {
             remote_flows: false,
+            pmtu_at_start: false,
             ..SessionConfig::default()
         }
     }

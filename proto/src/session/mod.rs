@@ -293,6 +293,12 @@ pub struct Session {
     data_since_report: bool,
     /// Last data (not control) frame sent or received, or the first keys.
     last_data: Duration,
+    /// The path's MTU is worth finding: from the start on a session with a
+    /// peer (so that its first transfer already fits the path and its first
+    /// SYN is clamped), once this side sends data on a session that carries
+    /// control messages only (every session of a hub, and a member's with
+    /// its hubs: see [`Session::set_control_only`]).
+    pmtu_wanted: bool,
     /// Path MTU of the path in use.
     pmtu: Pmtu,
     /// The frame last returned by `poll_transmit` is a path MTU probe.
@@ -328,6 +334,7 @@ impl Session {
         let initial_rate = 64.0 * 1400.0 / 0.1;
         let max_rate = cfg.max_rate;
         let cfg_path_mtu = cfg.path_mtu;
+        let pmtu_at_start = cfg.pmtu_at_start;
         Session {
             cfg,
             remote,
@@ -395,6 +402,7 @@ impl Session {
             cc_frames_seen: 0,
             data_since_report: false,
             last_data: Duration::ZERO,
+            pmtu_wanted: pmtu_at_start,
             pmtu: Pmtu::new(cfg_path_mtu),
             tx_probe: false,
             next_too_big: Duration::ZERO,
@@ -583,10 +591,22 @@ impl Session {
         self.convs.values().map(|c| c.kcp.wait_snd()).sum::<usize>() + self.queued + self.paced_len
     }
 
+    /// This session carries control messages (a member's session with a
+    /// hub): its path MTU is searched only if data is ever sent on it. Ten
+    /// thousand members searching their hub's path at once (their probes,
+    /// and the busy pings that go with a search) kept a hub too busy to
+    /// answer their registrations.
+    pub fn set_control_only(&mut self) {
+        if self.last_kcp_tx.is_none() && self.stats.ip_tx == 0 {
+            self.pmtu_wanted = false;
+        }
+    }
+
     /// Queue an inner IP packet for the remote.
     pub fn send_ip(&mut self, ctx: &mut Ctx, pkt: &[u8]) {
         self.now = ctx.now;
         self.last_data = ctx.now;
+        self.pmtu_wanted = true;
         self.stats.ip_tx += 1;
         let Some(info) = ip::parse(pkt) else {
             self.stats.malformed += 1;
@@ -864,6 +884,7 @@ impl Session {
                     Out::Plain(p) => {
                         if p.first() == Some(&(Inner::Ip as u8)) {
                             self.last_data = now;
+                            self.pmtu_wanted = true;
                             // Datagrams never wait, but they use the path, so KCP yields.
                             self.pacer.on_send(
                                 now,
@@ -877,6 +898,7 @@ impl Session {
             } else if self.paced_len > 0 && self.pacer.ready(now) && self.current.is_some() {
                 let p = self.pop_paced();
                 self.last_data = now;
+                self.pmtu_wanted = true;
                 // A bulk stream gets no parity, not even on retransmissions:
                 // its window is many round trips of segments, a second loss
                 // costs one more timeout on one of them, and parity over

@@ -443,6 +443,52 @@ fn a_new_session_without_data_goes_quiet_once_its_path_is_measured() {
 }
 
 #[test]
+fn a_session_with_a_hub_searches_its_path_mtu_only_once_data_flows() {
+    // A node's clock starts near zero: a session that never carried data
+    // once counted as busy until the clock passed one second, and pinged
+    // every 10 ms until then (a hub admitting a thousand members at once
+    // sent them a thousand pings a second each way). Then every new session
+    // searched its path MTU, pinging as busily until the search settled:
+    // a hub admitting 10,000 members spent its time sending their probes
+    // and pings and answered few registrations (`hubload 10000`). A
+    // member's session with a hub (a relay) carries control messages: it
+    // searches only if data is ever sent on it.
+    let now = Duration::ZERO;
+    let (mut a, mut b) = connecting(7, now);
+    let kb = *b.node.public_key();
+    a.node.set_relays(&[kb]);
+    let mut seen = Vec::new();
+    let mut after = 0;
+    // (B, a peer's node, searches towards A; only A's frames are counted.)
+    for t in 0..=150u64 {
+        let at = Duration::from_millis(10 * t);
+        let before = seen.len();
+        pump(&mut a, &mut b, at, &mut seen);
+        if at > Duration::from_millis(200) {
+            after += seen.len() - before;
+        }
+    }
+    let st = a.node.session(&kb).expect("session").stats();
+    assert!(st.handshakes >= 1, "established");
+    assert_eq!(st.pmtu_probes, 0, "no path-MTU probe without data");
+    assert!(after <= 5, "{after} frames from A in 1.3 s without data");
+    // Data starts: the search runs, and settles at once on this path.
+    let t0 = Duration::from_millis(1600);
+    a.node.send_ip(t0, &kb, &tcp(0)).unwrap();
+    let mut settled_at = None;
+    for t in 0..=50u64 {
+        let at = t0 + Duration::from_millis(10 * t);
+        pump(&mut a, &mut b, at, &mut seen);
+        if a.node.session(&kb).unwrap().stats().pmtu_settled {
+            settled_at = Some(at - t0);
+            break;
+        }
+    }
+    let settled_at = settled_at.expect("the path-MTU search settled once data flowed");
+    assert!(settled_at <= Duration::from_millis(200), "{settled_at:?}");
+}
+
+#[test]
 fn control_messages_to_a_silent_peer_keep_a_small_window_in_flight() {
     // A hub pushing maps to a thousand members at once kept up to 128
     // control segments in flight to each, and when the members' acks were

@@ -9,6 +9,9 @@ use crate::path::Via;
 use crate::wire::{self, Control, Inner};
 use std::time::Duration;
 
+/// How often a session with no RTT sample yet pings until one comes back.
+pub const FIRST_RTT_EVERY: Duration = Duration::from_millis(100);
+
 impl Session {
     /// The rate controller (read-only, for diagnostics and benchmarks).
     pub fn rate_control(&self) -> &RateControl {
@@ -69,7 +72,7 @@ impl Session {
             if let Some(t) = self.paths.poll_timeout() {
                 at(t);
             }
-            if self.paths.current().is_some() {
+            if self.paths.current().is_some() && self.pmtu_wanted {
                 if let Some(t) = self.pmtu.poll_timeout(self.now, self.srtt) {
                     at(t);
                 }
@@ -159,13 +162,20 @@ impl Session {
             let active = self
                 .last_kcp_tx
                 .is_some_and(|t| now.saturating_sub(t) < Duration::from_secs(1))
-                || self.pmtu.settled().is_none();
+                || (self.pmtu_wanted && self.pmtu.settled().is_none());
+            // A session with no RTT yet (one that carries only control
+            // messages and searches no MTU) measures one at once, then
+            // goes quiet: its relayed traffic and path choice use it.
+            let unmeasured = self.srtt.is_none();
             // While data flows the controller wants fresh RTT samples (its
             // queue signal); a ping scheduled at the idle interval is
             // brought forward as soon as data starts.
             let busy_every =
                 (self.cc.min_rtt() / 4).clamp(Duration::from_millis(10), Duration::from_millis(50));
             if active && self.next_ping > now + busy_every {
+                self.next_ping = now;
+            }
+            if unmeasured && self.next_ping > now + FIRST_RTT_EVERY {
                 self.next_ping = now;
             }
             if now >= self.next_ping {
@@ -177,6 +187,8 @@ impl Session {
                 self.next_ping = now
                     + if active {
                         busy_every
+                    } else if unmeasured {
+                        FIRST_RTT_EVERY
                     } else if self.paths.is_quiet() {
                         self.cfg.keepalive * 4
                     } else {
@@ -209,7 +221,7 @@ impl Session {
                 now,
                 !relayed && now.saturating_sub(self.last_data) >= super::QUIET_AFTER,
             );
-            if let Some(via) = self.paths.current() {
+            if let Some(via) = self.paths.current().filter(|_| self.pmtu_wanted) {
                 let mut probes = Vec::new();
                 // Confirm the size in use while frames of that size flow.
                 let big = self.last_big_tx > Duration::ZERO
