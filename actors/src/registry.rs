@@ -1113,11 +1113,11 @@ mod tests {
         assert!(matches!(res, Registered::Accepted { .. }));
     }
 
-    /// The `Records` sent to `who`: (upserted keys, removals, revoked, missing).
-    fn records(
-        out: &[Reply],
-        who: u8,
-    ) -> Vec<(Vec<PublicKey>, Vec<PublicKey>, Vec<PublicKey>, Vec<IpAddr>)> {
+    /// One `Records` message: (upserted keys, removals, revoked, missing).
+    type Rec = (Vec<PublicKey>, Vec<PublicKey>, Vec<PublicKey>, Vec<IpAddr>);
+
+    /// The `Records` sent to `who`.
+    fn records(out: &[Reply], who: u8) -> Vec<Rec> {
         out.iter()
             .filter(|r| r.to == key(who))
             .filter_map(|r| match &r.msg {
