@@ -898,7 +898,6 @@ impl Session {
             } else if self.paced_len > 0 && self.pacer.ready(now) && self.current.is_some() {
                 let p = self.pop_paced();
                 self.last_data = now;
-                self.pmtu_wanted = true;
                 // A bulk stream gets no parity, not even on retransmissions:
                 // its window is many round trips of segments, a second loss
                 // costs one more timeout on one of them, and parity over

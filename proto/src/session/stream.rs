@@ -258,6 +258,7 @@ impl Session {
         if !self.convs.contains_key(&conv) {
             return false;
         }
+        self.pmtu_wanted = true;
         let idle = self.queued == 0
             && self.paced_len == 0
             && self
