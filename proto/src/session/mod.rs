@@ -293,12 +293,14 @@ pub struct Session {
     data_since_report: bool,
     /// Last data (not control) frame sent or received, or the first keys.
     last_data: Duration,
-    /// The path's MTU is worth finding: from the start on a session with a
-    /// peer (so that its first transfer already fits the path and its first
-    /// SYN is clamped), once this side sends data on a session that carries
-    /// control messages only (every session of a hub, and a member's with
-    /// its hubs: see [`Session::set_control_only`]).
+    /// The path's MTU is worth finding: from the start on a peer's sessions
+    /// (so that a first transfer already fits the path and its first SYN is
+    /// clamped; a member's path to its hub carries what the hub relays), on
+    /// a hub's only once it sends data of its own, which it does not
+    /// ([`SessionConfig::pmtu_at_start`]).
     pmtu_wanted: bool,
+    /// A member's session with a hub (see [`Session::set_control_only`]).
+    control_only: bool,
     /// Path MTU of the path in use.
     pmtu: Pmtu,
     /// The frame last returned by `poll_transmit` is a path MTU probe.
@@ -403,6 +405,7 @@ impl Session {
             data_since_report: false,
             last_data: Duration::ZERO,
             pmtu_wanted: pmtu_at_start,
+            control_only: false,
             pmtu: Pmtu::new(cfg_path_mtu),
             tx_probe: false,
             next_too_big: Duration::ZERO,
@@ -591,15 +594,14 @@ impl Session {
         self.convs.values().map(|c| c.kcp.wait_snd()).sum::<usize>() + self.queued + self.paced_len
     }
 
-    /// This session carries control messages (a member's session with a
-    /// hub): its path MTU is searched only if data is ever sent on it. Ten
-    /// thousand members searching their hub's path at once (their probes,
-    /// and the busy pings that go with a search) kept a hub too busy to
-    /// answer their registrations.
+    /// This session carries control messages and relayed frames (a member's
+    /// session with a hub): its path-MTU search sends its probes without the
+    /// busy pings a searching session sends otherwise (the hub's answers to
+    /// the probes, and to heartbeats, are what comes back). Ten thousand
+    /// members pinging their hub every 10-50 ms while their searches waited
+    /// for a hub busy admitting them kept it too busy to answer them.
     pub fn set_control_only(&mut self) {
-        if self.last_kcp_tx.is_none() && self.stats.ip_tx == 0 {
-            self.pmtu_wanted = false;
-        }
+        self.control_only = true;
     }
 
     /// Queue an inner IP packet for the remote.

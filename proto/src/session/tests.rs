@@ -443,28 +443,25 @@ fn a_new_session_without_data_goes_quiet_once_its_path_is_measured() {
 }
 
 #[test]
-fn a_session_with_a_hub_searches_its_path_mtu_only_once_data_flows() {
-    // A node's clock starts near zero: a session that never carried data
-    // once counted as busy until the clock passed one second, and pinged
-    // every 10 ms until then (a hub admitting a thousand members at once
-    // sent them a thousand pings a second each way). Then every new session
-    // searched its path MTU, pinging as busily until the search settled:
-    // a hub admitting 10,000 members spent its time sending their probes
-    // and pings and answered few registrations (`hubload 10000`). A
-    // member's session with a hub (a relay) carries control messages: it
-    // searches only if data is ever sent on it.
+fn a_session_with_a_hub_searches_its_path_mtu_without_busy_pings() {
+    // A session whose path-MTU search has not settled pings every 10-50 ms
+    // (an unanswered probe counts against its size only if the path
+    // answered something else meanwhile). 10,000 members doing that with
+    // their hub while it admitted them kept the hub too busy to answer
+    // their registrations (`hubload 10000`). A member's session with a hub
+    // (a relay) carries control messages: it searches with its probes
+    // alone, and the hub's answers to them are what comes back.
     let now = Duration::ZERO;
     let (mut a, mut b) = connecting(7, now);
     let kb = *b.node.public_key();
     a.node.set_relays(&[kb]);
     let mut seen = Vec::new();
     let mut after = 0;
-    // Control messages, reliable ones too, are not data.
+    // Reliable control messages (a registration) change nothing.
     let m = crate::wire::Control::Heartbeat {
         seq: 1,
         map_version: 0,
     };
-    // (B, a peer's node, searches towards A; only A's frames are counted.)
     for t in 0..=150u64 {
         let at = Duration::from_millis(10 * t);
         let before = seen.len();
@@ -477,23 +474,18 @@ fn a_session_with_a_hub_searches_its_path_mtu_only_once_data_flows() {
         }
     }
     let st = a.node.session(&kb).expect("session").stats();
+    println!(
+        "A: {after} frames after 200 ms, {} probes, settled {}",
+        st.pmtu_probes, st.pmtu_settled
+    );
     assert!(st.handshakes >= 1, "established");
-    assert_eq!(st.pmtu_probes, 0, "no path-MTU probe without data");
-    assert!(after <= 8, "{after} frames from A in 1.3 s without data");
-    // Data starts: the search runs, and settles at once on this path.
-    let t0 = Duration::from_millis(1600);
-    a.node.send_ip(t0, &kb, &tcp(0)).unwrap();
-    let mut settled_at = None;
-    for t in 0..=50u64 {
-        let at = t0 + Duration::from_millis(10 * t);
-        pump(&mut a, &mut b, at, &mut seen);
-        if a.node.session(&kb).unwrap().stats().pmtu_settled {
-            settled_at = Some(at - t0);
-            break;
-        }
-    }
-    let settled_at = settled_at.expect("the path-MTU search settled once data flowed");
-    assert!(settled_at <= Duration::from_millis(200), "{settled_at:?}");
+    assert!(
+        st.pmtu_settled && st.pmtu == 1452,
+        "searched: {} {}",
+        st.pmtu,
+        st.pmtu_settled
+    );
+    assert!(after <= 20, "{after} frames from A in 1.3 s without data");
 }
 
 #[test]

@@ -155,14 +155,15 @@ impl Session {
             // (A session that never sent data is not active: its clock may
             // start near zero, and every session a node opened in its first
             // second used to ping every 10 ms until the clock passed 1 s.)
-            // While the path-MTU search runs it pings as busily: a probe
+            // While the path-MTU search runs it pings as busily (unless it
+            // carries control messages only, a member's with its hub): a probe
             // that goes unanswered counts against its size only if the
             // path answered something else meanwhile, and an idle session
             // would otherwise leave its search unsettled until data flows.
             let active = self
                 .last_kcp_tx
                 .is_some_and(|t| now.saturating_sub(t) < Duration::from_secs(1))
-                || (self.pmtu_wanted && self.pmtu.settled().is_none());
+                || (self.pmtu_wanted && !self.control_only && self.pmtu.settled().is_none());
             // A session with no RTT yet (one that carries only control
             // messages and searches no MTU) measures one at once, then
             // goes quiet: its relayed traffic and path choice use it.
