@@ -269,7 +269,9 @@ pub fn generator(args: &[&str]) -> Result<()> {
             held: vec![0; n as usize + 1],
             ..Shared::default()
         }));
-        let poke = Rc::new(tokio::sync::Notify::new());
+        // Members read the phase from `shared` whenever this moves (a watch
+        // misses no change, unlike a notification to whoever waits now).
+        let (poke_tx, poke) = tokio::sync::watch::channel(0u32);
         let epoch = tokio::time::Instant::now();
         let addr = |i: u32| -> IpAddr { format!("{prefix}.{}", 3 + i % sources).parse().unwrap() };
         let t0 = Instant::now();
@@ -320,7 +322,8 @@ pub fn generator(args: &[&str]) -> Result<()> {
             (rx1 - rx0) as f64 / dt / n as f64
         );
         if on_demand {
-            return on_demand_change(n, shared, &poke, epoch, Member::new(n, addr(n), hub_key, hub_addr, psk, hb, poke.clone()).await?).await;
+            let extra = Member::new(n, addr(n), hub_key, hub_addr, psk, hb, poke.clone()).await?;
+            return on_demand_change(n, shared, &poke_tx, epoch, extra).await;
         }
         // Phase 3: one change reaches everyone.
         let t1 = Instant::now();
@@ -359,7 +362,7 @@ pub fn generator(args: &[&str]) -> Result<()> {
 async fn on_demand_change(
     n: u32,
     shared: Rc<RefCell<Shared>>,
-    poke: &tokio::sync::Notify,
+    poke: &tokio::sync::watch::Sender<u32>,
     epoch: tokio::time::Instant,
     extra: Member,
 ) -> Result<()> {
@@ -384,7 +387,7 @@ async fn on_demand_change(
     let records0 = shared.borrow().records;
     let t2 = Instant::now();
     shared.borrow_mut().phase = Phase::Lookup(target_addr);
-    poke.notify_waiters();
+    poke.send_modify(|v| *v += 1);
     let have = |s: &Shared, g: u8| s.held[..n as usize].iter().filter(|&&x| x >= g).count();
     if !until(&changed, Duration::from_secs(120), || {
         have(&shared.borrow(), 1) >= n as usize
@@ -404,7 +407,7 @@ async fn on_demand_change(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t3 = Instant::now();
     shared.borrow_mut().phase = Phase::Rename;
-    poke.notify_waiters();
+    poke.send_modify(|v| *v += 1);
     if !until(&changed, Duration::from_secs(120), || {
         have(&shared.borrow(), 2) >= n as usize
     })
@@ -448,7 +451,7 @@ struct Member {
     hub: PublicKey,
     hb: Duration,
     map: PeerMap,
-    poke: Rc<tokio::sync::Notify>,
+    poke: tokio::sync::watch::Receiver<u32>,
     /// The name it registers under now.
     name: String,
 }
@@ -461,7 +464,7 @@ impl Member {
         hub_addr: SocketAddr,
         psk: [u8; 32],
         hb: Duration,
-        poke: Rc<tokio::sync::Notify>,
+        poke: tokio::sync::watch::Receiver<u32>,
     ) -> Result<Member> {
         let sock = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0))
             .await
@@ -556,7 +559,10 @@ impl Member {
                         // A registration again: the hub forgot what we held.
                         if let (Phase::Lookup(a), false) = (shared.borrow().phase, asked) {
                             if shared.borrow().target != Some(*self.node.public_key()) {
-                                let m = Control::Lookup { addrs: vec![a], keys: vec![] };
+                                let m = Control::Lookup {
+                                    addrs: vec![a],
+                                    keys: vec![],
+                                };
                                 self.node.send_control_reliable(epoch.elapsed(), &hub, &m);
                                 asked = true;
                             }
@@ -657,7 +663,7 @@ impl Member {
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
-                _ = self.poke.notified() => {
+                _ = self.poke.changed() => {
                     let phase = shared.borrow().phase;
                     let me = *self.node.public_key();
                     match phase {
