@@ -119,7 +119,7 @@ pub fn hubload(args: &[&str]) -> Result<()> {
         if let Some(status) = child.try_wait()? {
             if !status.success() {
                 // Still show what the hub counted: it tells why.
-                failed = Some(text);
+                failed = Some(format!("{text}\n(generator: {status})"));
             }
             break;
         }
@@ -556,7 +556,18 @@ impl Member {
                         last_register = tokio::time::Instant::now();
                     }
                     Event::Control(Control::RegisterAck { .. }) => {
-                        // A registration again: the hub forgot what we held.
+                        // A registration again: the hub forgot what we
+                        // held; ask again, as a peer does for every record
+                        // it keeps.
+                        let target = shared.borrow().target;
+                        if let (Some(t), true) = (target, shared.borrow().held[self.i as usize] > 0)
+                        {
+                            let m = Control::Lookup {
+                                addrs: vec![],
+                                keys: vec![t],
+                            };
+                            self.node.send_control_reliable(epoch.elapsed(), &hub, &m);
+                        }
                         if let (Phase::Lookup(a), false) = (shared.borrow().phase, asked) {
                             if shared.borrow().target != Some(*self.node.public_key()) {
                                 let m = Control::Lookup {
