@@ -92,7 +92,6 @@ impl PeerMap {
         upserts: &[PeerInfo],
         removals: &[PublicKey],
     ) -> Result<Vec<MapChange>, Stale> {
-        let mut changes = Vec::new();
         let mut keep: Option<BTreeMap<PublicKey, PeerInfo>> = None;
         if from == 0 {
             keep = Some(std::mem::take(&mut self.peers));
@@ -102,28 +101,10 @@ impl PeerMap {
                 have: self.version,
             });
         } else if to <= self.version && !(from == to && to == self.version) {
-            return Ok(changes); // already have all of it
+            return Ok(Vec::new()); // already have all of it
         }
         let mut old = keep.unwrap_or_default();
-        for p in upserts {
-            if p.key == self.me || self.denied.contains(&p.key) {
-                continue;
-            }
-            let prev = self
-                .peers
-                .insert(p.key, p.clone())
-                .or_else(|| old.remove(&p.key));
-            match prev {
-                None => changes.push(MapChange::Added(p.clone())),
-                Some(q) if q != *p => changes.push(MapChange::Changed(p.clone())),
-                Some(_) => {}
-            }
-        }
-        for k in removals {
-            if self.peers.remove(k).is_some() {
-                changes.push(MapChange::Removed(*k));
-            }
-        }
+        let mut changes = self.take_records(upserts, removals, &mut old);
         // Members missing from a snapshot are gone.
         for k in old.into_keys() {
             changes.push(MapChange::Removed(k));
@@ -135,12 +116,27 @@ impl PeerMap {
     /// Take records fetched on demand (no versions: each record is whole,
     /// each removal explicit). Our own and denied keys are skipped.
     pub fn merge(&mut self, upserts: &[PeerInfo], removals: &[PublicKey]) -> Vec<MapChange> {
+        self.take_records(upserts, removals, &mut BTreeMap::new())
+    }
+
+    /// Upsert and remove records (ours and denied keys skipped); a record
+    /// found in `old` (the map a snapshot replaces) is not new.
+    fn take_records(
+        &mut self,
+        upserts: &[PeerInfo],
+        removals: &[PublicKey],
+        old: &mut BTreeMap<PublicKey, PeerInfo>,
+    ) -> Vec<MapChange> {
         let mut changes = Vec::new();
         for p in upserts {
             if p.key == self.me || self.denied.contains(&p.key) {
                 continue;
             }
-            match self.peers.insert(p.key, p.clone()) {
+            let prev = self
+                .peers
+                .insert(p.key, p.clone())
+                .or_else(|| old.remove(&p.key));
+            match prev {
                 None => changes.push(MapChange::Added(p.clone())),
                 Some(q) if q != *p => changes.push(MapChange::Changed(p.clone())),
                 Some(_) => {}

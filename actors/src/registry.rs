@@ -1065,6 +1065,19 @@ mod tests {
         }]
     }
     fn reg(r: &mut Registry, now: u64, i: u8, have: u64, out: &mut Vec<Reply>) -> Registered {
+        reg_as(r, now, i, have, false, out)
+    }
+
+    /// Register member `i`, holding map version `have`, able to fetch
+    /// records on demand or not (`lookups`).
+    fn reg_as(
+        r: &mut Registry,
+        now: u64,
+        i: u8,
+        have: u64,
+        lookups: bool,
+        out: &mut Vec<Reply>,
+    ) -> Registered {
         r.register(
             Duration::from_secs(now),
             key(i),
@@ -1073,6 +1086,7 @@ mod tests {
                 overlay: net(i),
                 name: format!("n{i}"),
                 have_version: have,
+                lookups,
                 ..Claim::default()
             },
             out,
@@ -1098,18 +1112,7 @@ mod tests {
 
     /// Register member `i` as one that can fetch records (`lookups`).
     fn reg_lookups(r: &mut Registry, now: u64, i: u8, out: &mut Vec<Reply>) {
-        let res = r.register(
-            Duration::from_secs(now),
-            key(i),
-            ep(i),
-            Claim {
-                overlay: net(i),
-                name: format!("n{i}"),
-                lookups: true,
-                ..Claim::default()
-            },
-            out,
-        );
+        let res = reg_as(r, now, i, 0, true, out);
         assert!(matches!(res, Registered::Accepted { .. }));
     }
 
