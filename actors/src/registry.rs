@@ -524,6 +524,7 @@ impl Registry {
                 on_demand,
             },
         });
+        self.hold_gateways(key, out);
         if changed {
             self.bump(key);
             self.push_all(out);
@@ -531,6 +532,52 @@ impl Registry {
             self.push_to(&key, out);
         }
         Registered::Accepted { owners_changed }
+    }
+
+    /// Members that advertise subnet routes are held by every on-demand
+    /// member: a packet for such a subnet reaches a member's TUN only once
+    /// the route is installed from the record, so no lookup would ever ask
+    /// for it. Gateways are few; every other record stays on demand. Called
+    /// when `key` registers: as a newcomer it gets the gateways' records;
+    /// as a gateway it is held by every on-demand member from now on.
+    fn hold_gateways(&mut self, key: PublicKey, out: &mut Vec<Reply>) {
+        let Some(m) = self.members.get(&key) else {
+            return;
+        };
+        if m.on_demand {
+            let gateways: Vec<PublicKey> = self
+                .members
+                .iter()
+                .filter(|(k, g)| **k != key && !g.info.routes.is_empty())
+                .map(|(k, _)| *k)
+                .collect();
+            let mut upserts = Vec::new();
+            for g in gateways {
+                self.subscribe(key, g);
+                upserts.extend(self.members.get(&g).map(|g| g.info.clone()));
+            }
+            if !upserts.is_empty() {
+                record_messages(key, upserts, Vec::new(), Vec::new(), &self.revoked, out);
+            }
+        }
+        if self
+            .members
+            .get(&key)
+            .is_some_and(|m| !m.info.routes.is_empty())
+        {
+            let holders: Vec<PublicKey> = self
+                .members
+                .iter()
+                .filter(|(k, h)| **k != key && h.on_demand && !h.holds.contains(&key))
+                .map(|(k, _)| *k)
+                .collect();
+            // Its record reaches them with the push of this registration's
+            // change (a gateway's first registration is one; members that
+            // came later got it with their own registration).
+            for h in holders {
+                self.subscribe(h, key);
+            }
+        }
     }
 
     /// A heartbeat from `key` at `observed`. A non-member gets a `Nack` so it re-registers.
@@ -1256,6 +1303,54 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn on_demand_members_hold_every_gateway_without_asking() {
+        // A packet for a subnet another member routes reaches the TUN only
+        // once that route is installed from the record: nothing would ask.
+        let cfg = RegistryConfig {
+            on_demand: true,
+            ..RegistryConfig::default()
+        };
+        let mut r = Registry::new(cfg, BTreeMap::new(), 0);
+        let mut out = Vec::new();
+        reg_lookups(&mut r, 0, 1, &mut out);
+        out.clear();
+        // A gateway joins: the member already there gets its record.
+        let res = r.register(
+            Duration::from_secs(1),
+            key(2),
+            ep(2),
+            Claim {
+                overlay: net(2),
+                routes: vec![lan("192.168.7.0/24")],
+                name: "gw".into(),
+                lookups: true,
+                ..Claim::default()
+            },
+            &mut out,
+        );
+        assert!(matches!(res, Registered::Accepted { .. }));
+        assert_eq!(
+            records(&out, 1),
+            vec![(vec![key(2)], vec![], vec![], vec![])]
+        );
+        // A member joining later gets it with its registration; the
+        // gateway itself is sent nobody's record.
+        out.clear();
+        reg_lookups(&mut r, 2, 3, &mut out);
+        assert_eq!(
+            records(&out, 3),
+            vec![(vec![key(2)], vec![], vec![], vec![])]
+        );
+        assert!(records(&out, 2).is_empty());
+        // The gateway's changes reach both.
+        out.clear();
+        let moved = SocketAddr::from(([198, 51, 100, 2], 9000));
+        r.heartbeat(Duration::from_secs(3), key(2), moved, 1, 0, &mut out);
+        assert_eq!(records(&out, 1).len(), 1);
+        assert_eq!(records(&out, 3).len(), 1);
     }
 
     #[test]

@@ -645,7 +645,9 @@ impl Supervisor {
         }
         let by = by_peer(snap);
         let mut gone = Vec::new();
-        for p in self.map.iter() {
+        // (A gateway's record is kept: its subnet routes are installed from
+        // it, and the hub sends it to every member unasked.)
+        for p in self.map.iter().filter(|p| p.routes.is_empty()) {
             let n = by.get(&p.key).map_or(0, |s| s.stats.ip_tx + s.stats.ip_rx);
             let e = self.used.entry(p.key).or_insert((n, at));
             if e.0 != n {
