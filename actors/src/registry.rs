@@ -140,6 +140,8 @@ pub struct Registry {
     subscribers: BTreeMap<PublicKey, BTreeSet<PublicKey>>,
     /// Records with subscribers that changed (or left) since the last push.
     changed: BTreeSet<PublicKey>,
+    /// Members that advertise subnet routes (see [`Registry::hold_gateways`]).
+    gateways: BTreeSet<PublicKey>,
     /// Records of askers waiting to go to the on-demand members they asked
     /// about (see [`Registry::flush_pairs`]).
     pairs: BTreeMap<PublicKey, BTreeSet<PublicKey>>,
@@ -191,6 +193,7 @@ impl Registry {
             log: VecDeque::new(),
             subscribers: BTreeMap::new(),
             changed: BTreeSet::new(),
+            gateways: BTreeSet::new(),
             pairs: BTreeMap::new(),
             defer: false,
             pending: false,
@@ -544,12 +547,16 @@ impl Registry {
         let Some(m) = self.members.get(&key) else {
             return;
         };
+        if m.info.routes.is_empty() {
+            // (No longer one, if it was.)
+            self.gateways.remove(&key);
+        }
         if m.on_demand {
             let gateways: Vec<PublicKey> = self
-                .members
+                .gateways
                 .iter()
-                .filter(|(k, g)| **k != key && !g.info.routes.is_empty())
-                .map(|(k, _)| *k)
+                .filter(|k| **k != key)
+                .copied()
                 .collect();
             let mut upserts = Vec::new();
             for g in gateways {
@@ -565,6 +572,7 @@ impl Registry {
             .get(&key)
             .is_some_and(|m| !m.info.routes.is_empty())
         {
+            self.gateways.insert(key);
             let holders: Vec<PublicKey> = self
                 .members
                 .iter()
@@ -819,6 +827,7 @@ impl Registry {
     /// it was not one. The caller bumps the version.
     fn unlink(&mut self, key: &PublicKey) -> bool {
         self.unsubscribe_all(key);
+        self.gateways.remove(key);
         self.members.remove(key).is_some()
     }
 
