@@ -385,6 +385,8 @@ impl Actor for RegistryActor {
                 self.propose_allow(Change::SeedAllow { keys }, ctx);
             }
         }
+        self.plane
+            .do_send(Cmd::SetHeartbeat(self.reg.heartbeat_interval()));
         let step = (self.reg.config().heartbeat / 2).max(Duration::from_millis(20));
         ctx.run_interval(step, |act, ctx| {
             let mut out = Vec::new();
@@ -603,6 +605,8 @@ impl Handler<SetTiming> for RegistryActor {
     fn handle(&mut self, m: SetTiming, _ctx: &mut Context<Self>) {
         tracing::info!(heartbeat = ?m.heartbeat, expire_beats = m.expire_beats, "heartbeat timing changed");
         self.reg.set_timing(m.heartbeat, m.expire_beats);
+        self.plane
+            .do_send(Cmd::SetHeartbeat(self.reg.heartbeat_interval()));
     }
 }
 

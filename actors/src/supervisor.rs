@@ -357,6 +357,17 @@ impl Supervisor {
         })
     }
 
+    /// Heartbeat every `d` from now on; the sessions time their keepalives
+    /// and dead links by it.
+    fn set_interval(&mut self, d: Duration) {
+        let before = self.hb.config().interval;
+        self.hb.set_interval(d);
+        let now = self.hb.config().interval;
+        if now != before {
+            self.plane.do_send(Cmd::SetHeartbeat(now));
+        }
+    }
+
     fn tick(&mut self) {
         let now = self.now();
         let mut out = Vec::new();
@@ -479,8 +490,7 @@ impl Supervisor {
                 }
                 self.observed = Some(observed);
                 self.observed_by.insert(hub, observed);
-                self.hb
-                    .set_interval(Duration::from_millis(heartbeat_ms as u64));
+                self.set_interval(Duration::from_millis(heartbeat_ms as u64));
                 self.hb.on_registered(&hub, now);
                 if self.map_source() == Some(hub) {
                     self.set_on_demand(on_demand);
@@ -542,7 +552,7 @@ impl Supervisor {
                     let d = Duration::from_millis(ms as u64);
                     if d != self.hb.config().interval {
                         tracing::info!(interval = ?d, "hub changed the heartbeat interval");
-                        self.hb.set_interval(d);
+                        self.set_interval(d);
                     }
                 }
             }
@@ -762,6 +772,7 @@ pub fn counters(s: &Snapshot) -> BTreeMap<String, u64> {
         ("drop_auth_failed".into(), n.auth_failed),
         ("drop_replayed".into(), n.replayed),
         ("drop_init_rate_limited".into(), n.init_rate_limited),
+        ("drop_init_refused".into(), n.init_refused),
         ("drop_session_cap".into(), n.session_cap),
         ("sessions_evicted".into(), n.evicted),
         ("relayed".into(), n.relayed),
@@ -797,6 +808,8 @@ impl Actor for Supervisor {
         // answers probes through it and is never chosen.
         let hubs: Vec<PublicKey> = self.setup.hubs.iter().map(|(k, _)| *k).collect();
         self.plane.do_send(Cmd::SetRelays(hubs));
+        self.plane
+            .do_send(Cmd::SetHeartbeat(self.hb.config().interval));
         let step = (self.setup.heartbeat.interval / 10)
             .clamp(Duration::from_millis(20), Duration::from_millis(500));
         ctx.run_interval(step, |act, _| act.tick());
@@ -901,7 +914,7 @@ impl Handler<SetHeartbeat> for Supervisor {
     type Result = ();
     fn handle(&mut self, m: SetHeartbeat, _ctx: &mut Context<Self>) {
         self.setup.heartbeat.interval = m.0;
-        self.hb.set_interval(m.0);
+        self.set_interval(m.0);
     }
 }
 

@@ -194,6 +194,9 @@ pub struct Node {
     max_sessions: usize,
     budget: Budget,
     relaying: bool,
+    /// The heartbeat interval every session is told (see
+    /// [`Node::set_heartbeat`]).
+    heartbeat: Option<Duration>,
     relays: Vec<PublicKey>,
     /// Relays reached by a stream (see [`Node::set_last_resort_relays`]).
     last_resort: Vec<PublicKey>,
@@ -260,6 +263,7 @@ impl Node {
                 at: None,
             },
             relaying: cfg.relay,
+            heartbeat: None,
             relays: Vec::new(),
             last_resort: Vec::new(),
             scratch: Vec::with_capacity(2048),
@@ -336,6 +340,7 @@ impl Node {
         let base = self.incarnation;
         let relays = &self.relays;
         let last_resort = &self.last_resort;
+        let heartbeat = self.heartbeat;
         let s = self.sessions.entry(key).or_insert_with(|| {
             let mut b = [0u8; 8];
             entropy.fill(&mut b);
@@ -346,12 +351,26 @@ impl Node {
                 s.set_relays(relays);
                 s.set_last_resort_relays(last_resort);
             }
+            if let Some(h) = heartbeat {
+                s.set_heartbeat(h);
+            }
             s
         });
         if let Some(ep) = endpoint {
             s.set_endpoint(ep);
         }
         self.ready.insert(key);
+    }
+
+    /// Heartbeats go between this node and every peer (a member's own, or a
+    /// hub's members') every `interval`: sessions send keepalives and
+    /// declare links dead by it (see [`Session::set_heartbeat`]).
+    pub fn set_heartbeat(&mut self, interval: Duration) {
+        self.heartbeat = Some(interval);
+        for (k, s) in self.sessions.iter_mut() {
+            s.set_heartbeat(interval);
+            self.ready.insert(*k);
+        }
     }
 
     /// Whether this node forwards relay messages between its sessions (a

@@ -482,6 +482,8 @@ impl Member {
             wall,
             EntropySource::seeded(i as u64 ^ 0x6c6f_6164),
         );
+        // As a peer's supervisor does: its sessions time keepalives by it.
+        node.set_heartbeat(hb);
         node.add_peer(hub, Some(hub_addr));
         // As a peer does: its hubs are relays, their sessions carry control.
         node.set_relays(&[hub]);
@@ -538,6 +540,8 @@ impl Member {
         let mut last_register = tokio::time::Instant::now();
         // The lookup of the last phase went out (since the last registration).
         let mut asked = false;
+        // Frames received (for the state of members not registered yet).
+        let mut rx = 0u64;
         loop {
             let now = epoch.elapsed();
             let mut out = Out {
@@ -634,14 +638,17 @@ impl Member {
                     None => "no session".to_string(),
                     Some(s) => {
                         let x = s.stats();
+                        let n = self.node.stats();
                         format!(
-                            "established {} handshaking {} dead {} handshakes {} retransmits {} control backlog {}",
+                            "established {} handshaking {} dead {} handshakes {} retransmits {} control backlog {} unknown index {} rx {}",
                             s.is_established(),
                             s.handshaking(),
                             s.is_dead(),
                             x.handshakes,
                             x.retransmits,
-                            x.control_backlog_dropped
+                            x.control_backlog_dropped,
+                            n.unknown_index.min(3),
+                            rx.min(3)
                         )
                     }
                 };
@@ -670,6 +677,7 @@ impl Member {
                 r = self.sock.recv_from(&mut buf) => {
                     if let Ok((k, from)) = r {
                         shared.borrow_mut().frames_rx += 1;
+                        rx += 1;
                         self.node.handle_datagram(epoch.elapsed(), from, &mut buf[..k]);
                     }
                 }

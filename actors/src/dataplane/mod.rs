@@ -110,6 +110,9 @@ pub enum Cmd {
     SetRelays(Vec<PublicKey>),
     /// Forward relay messages between our sessions, or stop (a hub).
     SetRelaying(bool),
+    /// Heartbeats cross every session this often (see
+    /// [`transport::Node::set_heartbeat`]).
+    SetHeartbeat(Duration),
     /// A hub asked us to punch towards `key` at `candidates` now.
     Punch {
         /// Peer key.
@@ -575,6 +578,7 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> Handler<Cmd> for Dataplan
             }
             Cmd::SetRelays(relays) => self.node.set_relays(&relays),
             Cmd::SetRelaying(on) => self.node.set_relaying(on),
+            Cmd::SetHeartbeat(d) => self.node.set_heartbeat(d),
             Cmd::Punch {
                 key,
                 mut candidates,

@@ -107,7 +107,16 @@ impl Session {
         let idx = ctx.alloc_index(self.remote);
         let mut frame = vec![0u8; wire::INIT_FRAME_LEN];
         wire::write_init_header(&mut frame, idx);
-        let ts = ctx.wall_ms.max(self.last_init_ts + 1);
+        // Two initiations in one millisecond (a retry and a restart by the
+        // owner) once carried the same timestamp: the responder answered the
+        // first, which we had already replaced, and refused the second as a
+        // replay, so neither completed (`hubload 10000`: members stuck for
+        // minutes, every retry meeting a restart).
+        let ts = ctx
+            .wall_ms
+            .max(self.last_init_ts + 1)
+            .max(self.last_sent_ts + 1);
+        self.last_sent_ts = ts;
         match InitiatorHandshake::start(
             ctx.local,
             &self.remote,

@@ -227,6 +227,10 @@ pub struct Session {
     installed_at: Duration,
     remote_incarnation: Option<u64>,
     last_init_ts: u64,
+    /// Timestamp of our own last initiation: the next is later, even
+    /// within the same millisecond (the responder takes an equal one for a
+    /// replay).
+    last_sent_ts: u64,
     current: Option<Keypair>,
     previous: Option<Keypair>,
     next: Option<Keypair>,
@@ -301,6 +305,10 @@ pub struct Session {
     pmtu_wanted: bool,
     /// A member's session with a hub (see [`Session::set_control_only`]).
     control_only: bool,
+    /// Silence after which a keepalive goes out, and after which the link
+    /// is declared dead (see [`Session::set_heartbeat`]).
+    keepalive: Duration,
+    dead_after: Duration,
     /// Path MTU of the path in use.
     pmtu: Pmtu,
     /// The frame last returned by `poll_transmit` is a path MTU probe.
@@ -337,6 +345,7 @@ impl Session {
         let max_rate = cfg.max_rate;
         let cfg_path_mtu = cfg.path_mtu;
         let pmtu_at_start = cfg.pmtu_at_start;
+        let (keepalive, dead_after) = (cfg.keepalive, cfg.dead_after);
         Session {
             cfg,
             remote,
@@ -356,6 +365,7 @@ impl Session {
             installed_at: Duration::ZERO,
             remote_incarnation: None,
             last_init_ts: 0,
+            last_sent_ts: 0,
             current: None,
             previous: None,
             next: None,
@@ -406,6 +416,8 @@ impl Session {
             last_data: Duration::ZERO,
             pmtu_wanted: pmtu_at_start,
             control_only: false,
+            keepalive,
+            dead_after,
             pmtu: Pmtu::new(cfg_path_mtu),
             tx_probe: false,
             next_too_big: Duration::ZERO,
@@ -602,6 +614,20 @@ impl Session {
     /// for a hub busy admitting them kept it too busy to answer them.
     pub fn set_control_only(&mut self) {
         self.control_only = true;
+    }
+
+    /// The owner heartbeats this session's remote every `interval` (or, on
+    /// a hub, is heartbeated that often), and a heartbeat or its answer is a
+    /// frame each way: keepalives are then due only after a silence of one
+    /// and a half intervals (a heartbeat sent a little late does not meet a
+    /// keepalive; never less than the configured keepalive), and the link is
+    /// declared dead after three intervals of silence (never less than the
+    /// configured `dead_after`). Without this an idle session with 10-s
+    /// heartbeats also sent a keepalive 5 s after each of them: a hub's
+    /// sessions sent twice as many frames as their heartbeats needed.
+    pub fn set_heartbeat(&mut self, interval: Duration) {
+        self.keepalive = self.cfg.keepalive.max(interval * 3 / 2);
+        self.dead_after = self.cfg.dead_after.max(interval * 3);
     }
 
     /// Queue an inner IP packet for the remote.

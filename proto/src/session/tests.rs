@@ -574,3 +574,157 @@ fn a_new_flows_first_frame_goes_twice_so_one_loss_costs_no_timeout() {
     }
     assert!(sent.is_some_and(|n| n >= 2), "{sent:?} frames");
 }
+
+/// Frames a member sends its hub over nine idle minutes, heartbeating it
+/// every 10 s (the hub answering each), with the sessions told the
+/// interval or not.
+fn idle_member_frames(told: bool) -> usize {
+    let hb = Duration::from_secs(10);
+    let t0 = Duration::ZERO;
+    let mut a = side(1, 7, "192.0.2.1:4000", t0);
+    let mut b = hub_side(t0);
+    let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
+    a.node.add_peer(kb, Some(b.addr));
+    a.node.set_relays(&[kb]);
+    if told {
+        a.node.set_heartbeat(hb);
+        b.node.set_heartbeat(hb);
+    }
+    a.node.connect(t0, &kb).unwrap();
+    let mut seen = Vec::new();
+    let mut from_a = 0;
+    for t in 0..=60_000u64 {
+        let at = Duration::from_millis(10 * t);
+        if t == 100 {
+            // A registration and its answer: the control conversation.
+            let m = crate::wire::Control::Heartbeat {
+                seq: 0,
+                map_version: 0,
+            };
+            assert!(a.node.send_control_reliable(at, &kb, &m));
+            assert!(b.node.send_control_reliable(at, &ka, &m));
+        }
+        if t % 1000 == 100 {
+            let m = crate::wire::Control::Heartbeat {
+                seq: t,
+                map_version: 0,
+            };
+            assert!(a.node.send_control(&kb, &m));
+            let m = crate::wire::Control::HeartbeatAck {
+                seq: t,
+                observed: a.addr,
+                interval_ms: None,
+            };
+            assert!(b.node.send_control(&ka, &m));
+        }
+        let before = seen.len();
+        pump(&mut a, &mut b, at, &mut seen);
+        if at >= Duration::from_secs(60) {
+            from_a += seen.len() - before;
+        }
+    }
+    from_a
+}
+
+#[test]
+fn heartbeats_are_the_keepalives_of_an_idle_session() {
+    // With 10-s heartbeats, an idle session also sent a keepalive 5 s after
+    // each one and pinged every 20 s: a hub's 10,000 members sent it 0.41
+    // frames a second each, four times their heartbeats (`hubload`).
+    let told = idle_member_frames(true);
+    let untold = idle_member_frames(false);
+    println!("member to hub in 540 idle s: {told} frames told the interval, {untold} not");
+    // 54 heartbeats; the rest (pings and their answers, a keepalive after
+    // a late heartbeat) at most a third as many.
+    assert!(told <= 54 + 36, "{told} frames");
+    assert!(untold >= told + 60, "without the interval: {untold}");
+}
+
+fn hub_side(now: Duration) -> Side {
+    Side {
+        node: Node::new(
+            NodeConfig {
+                session: crate::SessionConfig::hub(),
+                admission: crate::node::Admission::AnyWithNetworkKey,
+                ..NodeConfig::default()
+            },
+            StaticKeypair::from_seed(2),
+            [3; 32],
+            WALL + now.as_millis() as u64,
+            EntropySource::seeded(99),
+        ),
+        addr: "192.0.2.2:4000".parse().unwrap(),
+        out: Out::default(),
+    }
+}
+
+#[test]
+fn a_member_gets_in_at_its_next_retry_once_its_hub_keeps_up() {
+    // A hub swamped by a join drops initiations (its rate limit, a full
+    // receive buffer) and answers the rest late. Its members back off to
+    // one initiation per 8 s; once the hub answers within that, the next
+    // one completes.
+    let t0 = Duration::from_secs(1);
+    let mut a = side(1, 7, "192.0.2.1:4000", t0);
+    let mut hub = hub_side(t0);
+    let kh = *hub.node.public_key();
+    a.node.add_peer(kh, Some(hub.addr));
+    a.node.set_relays(&[kh]);
+    a.node.connect(t0, &kh).unwrap();
+    // The hub hears nothing for the first 10 s, then hears frames 1.5 s
+    // after they left until 30 s, then at once.
+    let mut in_flight: Vec<(Duration, Vec<u8>)> = Vec::new();
+    let mut established_at = None;
+    for t in 0..6000u64 {
+        let now = t0 + Duration::from_millis(10 * t);
+        let late = if now < Duration::from_secs(31) {
+            Duration::from_millis(1500)
+        } else {
+            Duration::from_millis(5)
+        };
+        a.node.service(now, &mut a.out);
+        for (_, f) in std::mem::take(&mut a.out.frames) {
+            in_flight.push((now + late, f));
+        }
+        let (due, keep): (Vec<_>, Vec<_>) = in_flight.drain(..).partition(|(at, _)| *at <= now);
+        in_flight = keep;
+        for (_, mut f) in due {
+            if now >= Duration::from_secs(11) || now < Duration::from_secs(2) {
+                hub.node.handle_datagram(now, a.addr, &mut f);
+            }
+        }
+        hub.node.service(now, &mut hub.out);
+        for (_, mut f) in std::mem::take(&mut hub.out.frames) {
+            a.node.handle_datagram(now, hub.addr, &mut f);
+        }
+        if established_at.is_none() && a.node.session(&kh).is_some_and(|s| s.is_established()) {
+            established_at = Some(now);
+        }
+    }
+    // Heard from 11 s on; the next retry within 8 s, answered 1.5 s late.
+    assert!(
+        established_at.is_some_and(|t| t <= Duration::from_secs(21)),
+        "established at {established_at:?}; member {:?}; hub {:?}",
+        a.node.stats(),
+        hub.node.stats()
+    );
+}
+
+#[test]
+fn two_initiations_in_one_millisecond_still_complete() {
+    // A retry and a restart by the owner in the same millisecond once
+    // carried the same timestamp: the hub answered the first (already
+    // replaced at the member) and refused the second as a replay, and the
+    // member never got in (`hubload 10000`).
+    let t0 = Duration::from_secs(1);
+    let mut a = side(1, 7, "192.0.2.1:4000", t0);
+    let mut hub = hub_side(t0);
+    let kh = *hub.node.public_key();
+    a.node.add_peer(kh, Some(hub.addr));
+    a.node.connect(t0, &kh).unwrap();
+    a.node.service(t0, &mut a.out);
+    a.node.connect(t0, &kh).unwrap();
+    pump(&mut a, &mut hub, t0, &mut Vec::new());
+    assert_eq!(hub.node.stats().init_refused, 0, "{:?}", hub.node.stats());
+    assert!(a.node.session(&kh).unwrap().is_established());
+}

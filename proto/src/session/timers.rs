@@ -62,10 +62,10 @@ impl Session {
                 at(self.next_feedback);
             }
             if !self.dead {
-                at(self.last_rx + self.cfg.dead_after);
+                at(self.last_rx + self.dead_after);
             }
             if self.pending_init.is_none() && self.next_handshake.is_none() {
-                at(self.last_tx + self.cfg.keepalive);
+                at(self.last_tx + self.keepalive);
             }
         }
         if self.current.is_some() {
@@ -146,7 +146,7 @@ impl Session {
             }
         }
         if self.current.is_some() {
-            if !self.dead && now.saturating_sub(self.last_rx) >= self.cfg.dead_after {
+            if !self.dead && now.saturating_sub(self.last_rx) >= self.dead_after {
                 self.dead = true;
                 self.events.push_back(Event::DeadLink);
                 self.handshake_attempts = 0;
@@ -191,9 +191,9 @@ impl Session {
                     } else if unmeasured {
                         FIRST_RTT_EVERY
                     } else if self.paths.is_quiet() {
-                        self.cfg.keepalive * 4
+                        self.keepalive * 4
                     } else {
-                        self.cfg.keepalive
+                        self.keepalive
                     };
             }
             let rx = self.current.as_ref().map(|k| k.rx).expect("current");
@@ -210,7 +210,7 @@ impl Session {
                 });
                 self.next_feedback = now + Duration::from_millis(20);
             }
-            if now.saturating_sub(self.last_tx) >= self.cfg.keepalive && self.urgent.is_empty() {
+            if now.saturating_sub(self.last_tx) >= self.keepalive && self.urgent.is_empty() {
                 self.urgent
                     .push_back(Out::Plain(vec![Inner::Keepalive as u8]));
             }
