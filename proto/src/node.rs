@@ -210,7 +210,7 @@ pub struct Node {
     incarnation: u64,
     wall_base_ms: u64,
     entropy: EntropySource,
-    sessions: BTreeMap<PublicKey, Session>,
+    sessions: BTreeMap<PublicKey, Box<Session>>,
     indices: BTreeMap<u32, PublicKey>,
     /// Sessions that took input or a command since the last
     /// `handle_timeout`: they run then, whatever their timers say.
@@ -323,7 +323,7 @@ impl Node {
 
     /// The session with `key`, if any.
     pub fn session(&self, key: &PublicKey) -> Option<&Session> {
-        self.sessions.get(key)
+        self.sessions.get(key).map(|s| &**s)
     }
 
     /// Keys of all peers.
@@ -344,7 +344,13 @@ impl Node {
         let s = self.sessions.entry(key).or_insert_with(|| {
             let mut b = [0u8; 8];
             entropy.fill(&mut b);
-            let mut s = Session::new(cfg, &local, key, endpoint, base ^ u64::from_le_bytes(b));
+            let mut s = Box::new(Session::new(
+                cfg,
+                &local,
+                key,
+                endpoint,
+                base ^ u64::from_le_bytes(b),
+            ));
             if relays.contains(&key) {
                 s.set_control_only();
             } else {
@@ -449,7 +455,7 @@ impl Node {
         self.streams.remove(key);
     }
 
-    fn ctx(&mut self, now: Duration) -> (Ctx<'_>, &mut BTreeMap<PublicKey, Session>) {
+    fn ctx(&mut self, now: Duration) -> (Ctx<'_>, &mut BTreeMap<PublicKey, Box<Session>>) {
         self.now = now;
         (
             Ctx {
@@ -764,7 +770,7 @@ impl Node {
 
     /// Bytes all sessions hold for others now (walks every session).
     pub fn held_bytes(&self) -> usize {
-        self.sessions.values().map(Session::held_bytes).sum()
+        self.sessions.values().map(|s| s.held_bytes()).sum()
     }
 
     /// Whether `len` more bytes held for others fit the budget. The count

@@ -432,7 +432,7 @@ impl Split {
     pub fn poll(
         &mut self,
         now: Duration,
-        sessions: &mut BTreeMap<PublicKey, Session>,
+        sessions: &mut BTreeMap<PublicKey, Box<Session>>,
         touched: &BTreeSet<PublicKey>,
     ) {
         self.dirty = false;
@@ -534,7 +534,7 @@ impl Split {
 
     /// Connecting side: open stream conversations for held SYNs whose
     /// session is up.
-    fn open_waiting(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Session>) {
+    fn open_waiting(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Box<Session>>) {
         for (k, f) in self.flows.iter_mut() {
             if f.stage != Stage::Waiting || f.conv.is_some() {
                 continue;
@@ -634,7 +634,7 @@ impl Split {
         &mut self,
         now: Duration,
         k: &FlowKey,
-        sessions: &mut BTreeMap<PublicKey, Session>,
+        sessions: &mut BTreeMap<PublicKey, Box<Session>>,
     ) {
         let Some(f) = self.flows.get_mut(k) else {
             return;
@@ -809,7 +809,7 @@ impl Split {
 
     /// Remove flows that are over: reset (after the reset went out), or both
     /// sides closed and the local socket done.
-    fn cleanup(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Session>) {
+    fn cleanup(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Box<Session>>) {
         let done: Vec<FlowKey> = self
             .flows
             .iter()
@@ -854,7 +854,7 @@ impl Split {
 
     /// Once a second: timeouts of held SYNs and plain-packet flows, expiry
     /// of finished connections.
-    fn housekeeping(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Session>) {
+    fn housekeeping(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Box<Session>>) {
         let stale: Vec<FlowKey> = self
             .flows
             .iter()

@@ -127,10 +127,10 @@ impl Session {
             &mut frame[wire::INIT_HEADER_LEN..],
         ) {
             Ok((hs, _)) => {
-                self.pending_init = Some(PendingInit {
+                self.pending_init = Some(Box::new(PendingInit {
                     hs,
                     local_index: idx,
-                });
+                }));
                 for via in self.paths.handshake_paths() {
                     self.urgent.push_back(Out::RawTo(via, frame.clone()));
                 }
@@ -185,7 +185,7 @@ impl Session {
         // the remote, only once the initiator proves it is live (its first
         // frame under the new keys, see `on_data`): a replayed initiation
         // changes nothing but the answer it gets.
-        let mut kp = Keypair::new(keys, ctx.now, idx, sender_index);
+        let mut kp = Box::new(Keypair::new(keys, ctx.now, idx, sender_index));
         kp.incarnation = Some(incarnation);
         self.next = Some(kp);
         self.urgent.push_back(Out::RawTo(from, frame));
@@ -253,7 +253,10 @@ impl Session {
             }
         };
         self.check_incarnation(ctx.now, incarnation);
-        self.install(ctx, Keypair::new(keys, ctx.now, local_index, sender_index));
+        self.install(
+            ctx,
+            Box::new(Keypair::new(keys, ctx.now, local_index, sender_index)),
+        );
         self.paths.on_rx(ctx.now, from);
         // Confirm to the responder at once; it will not send on the new key before.
         self.urgent
@@ -261,7 +264,7 @@ impl Session {
         Ok(())
     }
 
-    pub(super) fn install(&mut self, ctx: &mut Ctx, kp: Keypair) {
+    pub(super) fn install(&mut self, ctx: &mut Ctx, kp: Box<Keypair>) {
         if self.current.is_none() {
             // A new session measures its paths before it may go quiet.
             self.last_data = ctx.now;

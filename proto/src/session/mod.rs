@@ -231,10 +231,12 @@ pub struct Session {
     /// within the same millisecond (the responder takes an equal one for a
     /// replay).
     last_sent_ts: u64,
-    current: Option<Keypair>,
-    previous: Option<Keypair>,
-    next: Option<Keypair>,
-    pending_init: Option<PendingInit>,
+    // Boxed, like the pending initiation: most of a session's size, and
+    // mostly absent (a hub holds thousands of idle sessions).
+    current: Option<Box<Keypair>>,
+    previous: Option<Box<Keypair>>,
+    next: Option<Box<Keypair>>,
+    pending_init: Option<Box<PendingInit>>,
     next_handshake: Option<Duration>,
     handshake_attempts: u32,
     wanted: bool,
@@ -257,7 +259,8 @@ pub struct Session {
     rx: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     sink: KcpSink,
-    convs: BTreeMap<u32, Conv>,
+    // Boxed: a map node holds room for eleven, and a hub's session has one.
+    convs: BTreeMap<u32, Box<Conv>>,
     flows: BTreeMap<ip::FlowKey, u32>,
     tombstones: VecDeque<u32>,
     tombstone_set: BTreeSet<u32>,

@@ -77,7 +77,7 @@ impl Session {
     ///
     /// [`SessionConfig::conv_idle`]: super::SessionConfig::conv_idle
     pub(super) fn kcp_clocked(&self) -> bool {
-        self.convs.values().any(Conv::busy)
+        self.convs.values().any(|c| c.busy())
             || self
                 .convs
                 .keys()
@@ -303,7 +303,7 @@ impl Session {
             kcp.set_maximum_resend_times(u32::MAX);
             let ms = now.as_millis() as u32;
             let _ = kcp.update(ms);
-            Conv {
+            Box::new(Conv {
                 kcp,
                 queue: VecDeque::new(),
                 ack_owed: None,
@@ -314,7 +314,7 @@ impl Session {
                 rx_bytes: 0,
                 closing: false,
                 bulk: false,
-            }
+            })
         })
     }
 
