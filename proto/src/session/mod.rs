@@ -204,6 +204,12 @@ const REPORT_CONTROL_FOR: Duration = Duration::from_secs(1);
 /// not probed until data flows again (see [`crate::path::Paths::set_quiet`]).
 pub const QUIET_AFTER: Duration = Duration::from_secs(30);
 
+/// The longest a session told a heartbeat interval stays silent before a
+/// keepalive ([`Session::set_heartbeat`]): UDP mappings of NATs commonly
+/// expire after 30 s, and WireGuard suggests 25 s for its persistent
+/// keepalive for the same reason.
+pub const NAT_KEEPALIVE: Duration = Duration::from_secs(25);
+
 /// KCP data silence after which the rate controller probes the path afresh.
 pub const IDLE_RESTART: Duration = Duration::from_millis(500);
 
@@ -623,14 +629,17 @@ impl Session {
     /// a hub, is heartbeated that often), and a heartbeat or its answer is a
     /// frame each way: keepalives are then due only after a silence of one
     /// and a half intervals (a heartbeat sent a little late does not meet a
-    /// keepalive; never less than the configured keepalive), and the link is
-    /// declared dead after three intervals of silence (never less than the
-    /// configured `dead_after`). Without this an idle session with 10-s
-    /// heartbeats also sent a keepalive 5 s after each of them: a hub's
-    /// sessions sent twice as many frames as their heartbeats needed.
+    /// keepalive), never less than the configured keepalive and never more
+    /// than [`NAT_KEEPALIVE`] (NAT mappings must not time out between long
+    /// heartbeats); the link is declared dead after two keepalive intervals
+    /// of silence (never less than the configured `dead_after`). Without
+    /// this an idle session with 10-s heartbeats also sent a keepalive 5 s
+    /// after each of them: a hub's sessions sent twice as many frames as
+    /// their heartbeats needed.
     pub fn set_heartbeat(&mut self, interval: Duration) {
-        self.keepalive = self.cfg.keepalive.max(interval * 3 / 2);
-        self.dead_after = self.cfg.dead_after.max(interval * 3);
+        self.keepalive =
+            (interval * 3 / 2).clamp(self.cfg.keepalive, NAT_KEEPALIVE.max(self.cfg.keepalive));
+        self.dead_after = self.cfg.dead_after.max(self.keepalive * 2);
     }
 
     /// Queue an inner IP packet for the remote.

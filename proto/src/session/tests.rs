@@ -728,3 +728,38 @@ fn two_initiations_in_one_millisecond_still_complete() {
     assert_eq!(hub.node.stats().init_refused, 0, "{:?}", hub.node.stats());
     assert!(a.node.session(&kh).unwrap().is_established());
 }
+
+#[test]
+fn long_heartbeats_still_keep_nat_mappings_open() {
+    // Told a 60-s heartbeat interval, a session still sends something at
+    // least every 25 s (a NAT's UDP mapping commonly lasts 30 s), and does
+    // not call its link dead between heartbeats.
+    let t0 = Duration::ZERO;
+    let mut a = side(1, 7, "192.0.2.1:4000", t0);
+    let mut b = hub_side(t0);
+    let kb = *b.node.public_key();
+    a.node.add_peer(kb, Some(b.addr));
+    a.node.set_relays(&[kb]);
+    a.node.set_heartbeat(Duration::from_secs(60));
+    b.node.set_heartbeat(Duration::from_secs(60));
+    a.node.connect(t0, &kb).unwrap();
+    let mut seen = Vec::new();
+    let (mut last, mut longest) = (Duration::ZERO, Duration::ZERO);
+    for t in 0..=30_000u64 {
+        let at = Duration::from_millis(10 * t);
+        let before = seen.len();
+        pump(&mut a, &mut b, at, &mut seen);
+        if seen.len() > before {
+            longest = longest.max(at - last);
+            last = at;
+        }
+    }
+    assert!(
+        longest <= Duration::from_secs(25),
+        "A silent for {longest:?}"
+    );
+    assert!(
+        !a.out.events.iter().any(|(_, e)| *e == Event::DeadLink),
+        "no dead link"
+    );
+}
