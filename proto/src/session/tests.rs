@@ -763,3 +763,41 @@ fn long_heartbeats_still_keep_nat_mappings_open() {
         "no dead link"
     );
 }
+
+/// A sends `n` TCP packets (a KCP flow) to B over a path that drops every
+/// `drop_every`-th frame from A to B (none if 0); B's ack copies.
+fn ack_copies_at_receiver(drop_every: usize, n: u32) -> u64 {
+    let t0 = Duration::from_secs(1);
+    let (mut a, mut b, _) = established(7, t0);
+    let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
+    let mut sent = 0usize;
+    for i in 0..n {
+        let now = t0 + Duration::from_millis(i as u64);
+        a.node.send_ip(now, &kb, &tcp(1000 + i)).unwrap();
+        for _ in 0..4 {
+            a.node.service(now, &mut a.out);
+            for (_, mut f) in std::mem::take(&mut a.out.frames) {
+                sent += 1;
+                if drop_every == 0 || sent % drop_every != 0 {
+                    b.node.handle_datagram(now, a.addr, &mut f);
+                }
+            }
+            b.node.service(now, &mut b.out);
+            for (_, mut f) in std::mem::take(&mut b.out.frames) {
+                a.node.handle_datagram(now, b.addr, &mut f);
+            }
+        }
+    }
+    b.node.peer_stats(&ka).unwrap().ack_copies
+}
+
+#[test]
+fn a_receiver_that_sees_loss_sends_its_acks_twice() {
+    // B sends nothing but acks, so its rate controller has no loss of its
+    // own to go by; the gaps in what it receives show the path loses frames.
+    let lossy = ack_copies_at_receiver(10, 600);
+    let clean = ack_copies_at_receiver(0, 600);
+    println!("ack copies: {lossy} at 10% loss, {clean} without");
+    assert!(lossy > 20, "{lossy}");
+    assert_eq!(clean, 0);
+}

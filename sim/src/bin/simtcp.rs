@@ -93,8 +93,12 @@ fn main() {
                     );
                     let ka = *net.node(0).node.public_key();
                     eprintln!(
-                        "  receiver rx_frames {:?}",
-                        net.node(1).node.peer_stats(&ka).map(|s| s.rx_frames)
+                        "  receiver rx_frames, tx_frames, ack_copies: {:?}",
+                        net.node(1).node.peer_stats(&ka).map(|s| (
+                            s.rx_frames,
+                            s.tx_frames,
+                            s.ack_copies
+                        ))
                     );
                 }
             }
