@@ -778,7 +778,7 @@ fn ack_copies_at_receiver(drop_every: usize, n: u32) -> u64 {
             a.node.service(now, &mut a.out);
             for (_, mut f) in std::mem::take(&mut a.out.frames) {
                 sent += 1;
-                if drop_every == 0 || sent % drop_every != 0 {
+                if drop_every == 0 || !sent.is_multiple_of(drop_every) {
                     b.node.handle_datagram(now, a.addr, &mut f);
                 }
             }
