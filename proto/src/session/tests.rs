@@ -51,6 +51,34 @@ fn side(key_seed: u64, entropy: u64, addr: &str, now: Duration) -> Side {
     }
 }
 
+/// A hub: its session settings, admitting any node with the network key.
+fn hub_side(now: Duration) -> Side {
+    Side {
+        node: Node::new(
+            NodeConfig {
+                session: crate::SessionConfig::hub(),
+                admission: crate::node::Admission::AnyWithNetworkKey,
+                ..NodeConfig::default()
+            },
+            StaticKeypair::from_seed(2),
+            [3; 32],
+            WALL + now.as_millis() as u64,
+            EntropySource::seeded(99),
+        ),
+        addr: "192.0.2.2:4000".parse().unwrap(),
+        out: Out::default(),
+    }
+}
+
+/// A member (A) and its hub, the member knowing the hub's address.
+fn member_and_hub(now: Duration) -> (Side, Side, PublicKey) {
+    let mut a = side(1, 7, "192.0.2.1:4000", now);
+    let hub = hub_side(now);
+    let kh = *hub.node.public_key();
+    a.node.add_peer(kh, Some(hub.addr));
+    (a, hub, kh)
+}
+
 /// Both poll sequences, frames handed across, until nothing moves. Every
 /// frame `a` sends is also appended to `seen`.
 fn pump(a: &mut Side, b: &mut Side, now: Duration, seen: &mut Vec<Vec<u8>>) {
@@ -288,21 +316,7 @@ fn a_hub_holds_no_conversations_its_members_open() {
     // them and keeps only the control conversation.
     let now = Duration::from_secs(1);
     let mut a = side(1, 7, "192.0.2.1:4000", now);
-    let mut hub = Side {
-        node: Node::new(
-            NodeConfig {
-                session: crate::SessionConfig::hub(),
-                admission: crate::node::Admission::AnyWithNetworkKey,
-                ..NodeConfig::default()
-            },
-            StaticKeypair::from_seed(2),
-            [3; 32],
-            WALL + now.as_millis() as u64,
-            EntropySource::seeded(99),
-        ),
-        addr: "192.0.2.2:4000".parse().unwrap(),
-        out: Out::default(),
-    };
+    let mut hub = hub_side(now);
     let kh = *hub.node.public_key();
     let ka = *a.node.public_key();
     a.node.add_peer(kh, Some(hub.addr));
@@ -581,10 +595,8 @@ fn a_new_flows_first_frame_goes_twice_so_one_loss_costs_no_timeout() {
 fn idle_member_frames(told: bool) -> usize {
     let hb = Duration::from_secs(10);
     let t0 = Duration::ZERO;
-    let mut a = side(1, 7, "192.0.2.1:4000", t0);
-    let mut b = hub_side(t0);
-    let (ka, kb) = (*a.node.public_key(), *b.node.public_key());
-    a.node.add_peer(kb, Some(b.addr));
+    let (mut a, mut b, kb) = member_and_hub(t0);
+    let ka = *a.node.public_key();
     a.node.set_relays(&[kb]);
     if told {
         a.node.set_heartbeat(hb);
@@ -640,24 +652,6 @@ fn heartbeats_are_the_keepalives_of_an_idle_session() {
     assert!(untold >= told + 60, "without the interval: {untold}");
 }
 
-fn hub_side(now: Duration) -> Side {
-    Side {
-        node: Node::new(
-            NodeConfig {
-                session: crate::SessionConfig::hub(),
-                admission: crate::node::Admission::AnyWithNetworkKey,
-                ..NodeConfig::default()
-            },
-            StaticKeypair::from_seed(2),
-            [3; 32],
-            WALL + now.as_millis() as u64,
-            EntropySource::seeded(99),
-        ),
-        addr: "192.0.2.2:4000".parse().unwrap(),
-        out: Out::default(),
-    }
-}
-
 #[test]
 fn a_member_gets_in_at_its_next_retry_once_its_hub_keeps_up() {
     // A hub swamped by a join drops initiations (its rate limit, a full
@@ -665,10 +659,7 @@ fn a_member_gets_in_at_its_next_retry_once_its_hub_keeps_up() {
     // one initiation per 8 s; once the hub answers within that, the next
     // one completes.
     let t0 = Duration::from_secs(1);
-    let mut a = side(1, 7, "192.0.2.1:4000", t0);
-    let mut hub = hub_side(t0);
-    let kh = *hub.node.public_key();
-    a.node.add_peer(kh, Some(hub.addr));
+    let (mut a, mut hub, kh) = member_and_hub(t0);
     a.node.set_relays(&[kh]);
     a.node.connect(t0, &kh).unwrap();
     // The hub hears nothing for the first 10 s, then hears frames 1.5 s
@@ -717,10 +708,7 @@ fn two_initiations_in_one_millisecond_still_complete() {
     // replaced at the member) and refused the second as a replay, and the
     // member never got in (`hubload 10000`).
     let t0 = Duration::from_secs(1);
-    let mut a = side(1, 7, "192.0.2.1:4000", t0);
-    let mut hub = hub_side(t0);
-    let kh = *hub.node.public_key();
-    a.node.add_peer(kh, Some(hub.addr));
+    let (mut a, mut hub, kh) = member_and_hub(t0);
     a.node.connect(t0, &kh).unwrap();
     a.node.service(t0, &mut a.out);
     a.node.connect(t0, &kh).unwrap();
@@ -735,10 +723,7 @@ fn long_heartbeats_still_keep_nat_mappings_open() {
     // least every 25 s (a NAT's UDP mapping commonly lasts 30 s), and does
     // not call its link dead between heartbeats.
     let t0 = Duration::ZERO;
-    let mut a = side(1, 7, "192.0.2.1:4000", t0);
-    let mut b = hub_side(t0);
-    let kb = *b.node.public_key();
-    a.node.add_peer(kb, Some(b.addr));
+    let (mut a, mut b, kb) = member_and_hub(t0);
     a.node.set_relays(&[kb]);
     a.node.set_heartbeat(Duration::from_secs(60));
     b.node.set_heartbeat(Duration::from_secs(60));
