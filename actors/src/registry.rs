@@ -547,11 +547,12 @@ impl Registry {
         let Some(m) = self.members.get(&key) else {
             return;
         };
-        if m.info.routes.is_empty() {
+        let (gateway, on_demand) = (!m.info.routes.is_empty(), m.on_demand);
+        if !gateway {
             // (No longer one, if it was.)
             self.gateways.remove(&key);
         }
-        if m.on_demand {
+        if on_demand {
             let gateways: Vec<PublicKey> = self
                 .gateways
                 .iter()
@@ -567,11 +568,7 @@ impl Registry {
                 record_messages(key, upserts, Vec::new(), Vec::new(), &self.revoked, out);
             }
         }
-        if self
-            .members
-            .get(&key)
-            .is_some_and(|m| !m.info.routes.is_empty())
-        {
+        if gateway {
             self.gateways.insert(key);
             let holders: Vec<PublicKey> = self
                 .members
@@ -1196,13 +1193,18 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn on_demand_members_get_what_they_ask_for_and_hear_only_its_changes() {
+    /// A registry serving records on demand.
+    fn on_demand_registry() -> Registry {
         let cfg = RegistryConfig {
             on_demand: true,
             ..RegistryConfig::default()
         };
-        let mut r = Registry::new(cfg, BTreeMap::new(), 0);
+        Registry::new(cfg, BTreeMap::new(), 0)
+    }
+
+    #[test]
+    fn on_demand_members_get_what_they_ask_for_and_hear_only_its_changes() {
+        let mut r = on_demand_registry();
         let mut out = Vec::new();
         for i in 1..=3 {
             reg_lookups(&mut r, 0, i, &mut out);
@@ -1318,11 +1320,7 @@ mod tests {
     fn on_demand_members_hold_every_gateway_without_asking() {
         // A packet for a subnet another member routes reaches the TUN only
         // once that route is installed from the record: nothing would ask.
-        let cfg = RegistryConfig {
-            on_demand: true,
-            ..RegistryConfig::default()
-        };
-        let mut r = Registry::new(cfg, BTreeMap::new(), 0);
+        let mut r = on_demand_registry();
         let mut out = Vec::new();
         reg_lookups(&mut r, 0, 1, &mut out);
         out.clear();

@@ -187,6 +187,10 @@ pub enum SendError {
     UnknownPeer,
 }
 
+/// A node's sessions by remote key, boxed: a map node has room for eleven,
+/// and a hub holds thousands of idle sessions.
+pub(crate) type Sessions = BTreeMap<PublicKey, Box<Session>>;
+
 /// All sessions of one UDP socket.
 pub struct Node {
     cfg: Arc<SessionConfig>,
@@ -210,7 +214,7 @@ pub struct Node {
     incarnation: u64,
     wall_base_ms: u64,
     entropy: EntropySource,
-    sessions: BTreeMap<PublicKey, Box<Session>>,
+    sessions: Sessions,
     indices: BTreeMap<u32, PublicKey>,
     /// Sessions that took input or a command since the last
     /// `handle_timeout`: they run then, whatever their timers say.
@@ -455,7 +459,7 @@ impl Node {
         self.streams.remove(key);
     }
 
-    fn ctx(&mut self, now: Duration) -> (Ctx<'_>, &mut BTreeMap<PublicKey, Box<Session>>) {
+    fn ctx(&mut self, now: Duration) -> (Ctx<'_>, &mut Sessions) {
         self.now = now;
         (
             Ctx {

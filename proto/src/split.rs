@@ -39,6 +39,7 @@
 //! SYN this node did not see, are sent as plain packets as before.
 
 use crate::ip::{self, FlowKey};
+use crate::node::Sessions;
 use crate::session::{Refusal, Session, StreamEvent, StreamMsg};
 use crate::wire::PublicKey;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -429,12 +430,7 @@ impl Split {
     /// timers, connection setup and teardown. `sessions` are the node's;
     /// only those in `touched` (the ones that took input or ran timers) are
     /// asked for stream events.
-    pub fn poll(
-        &mut self,
-        now: Duration,
-        sessions: &mut BTreeMap<PublicKey, Box<Session>>,
-        touched: &BTreeSet<PublicKey>,
-    ) {
+    pub fn poll(&mut self, now: Duration, sessions: &mut Sessions, touched: &BTreeSet<PublicKey>) {
         self.dirty = false;
         for peer in touched {
             let Some(s) = sessions.get_mut(peer) else {
@@ -534,7 +530,7 @@ impl Split {
 
     /// Connecting side: open stream conversations for held SYNs whose
     /// session is up.
-    fn open_waiting(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Box<Session>>) {
+    fn open_waiting(&mut self, now: Duration, sessions: &mut Sessions) {
         for (k, f) in self.flows.iter_mut() {
             if f.stage != Stage::Waiting || f.conv.is_some() {
                 continue;
@@ -630,12 +626,7 @@ impl Split {
     }
 
     /// Move what can move between flow `k`'s stream and its socket.
-    fn exchange(
-        &mut self,
-        now: Duration,
-        k: &FlowKey,
-        sessions: &mut BTreeMap<PublicKey, Box<Session>>,
-    ) {
+    fn exchange(&mut self, now: Duration, k: &FlowKey, sessions: &mut Sessions) {
         let Some(f) = self.flows.get_mut(k) else {
             return;
         };
@@ -809,7 +800,7 @@ impl Split {
 
     /// Remove flows that are over: reset (after the reset went out), or both
     /// sides closed and the local socket done.
-    fn cleanup(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Box<Session>>) {
+    fn cleanup(&mut self, now: Duration, sessions: &mut Sessions) {
         let done: Vec<FlowKey> = self
             .flows
             .iter()
@@ -854,7 +845,7 @@ impl Split {
 
     /// Once a second: timeouts of held SYNs and plain-packet flows, expiry
     /// of finished connections.
-    fn housekeeping(&mut self, now: Duration, sessions: &mut BTreeMap<PublicKey, Box<Session>>) {
+    fn housekeeping(&mut self, now: Duration, sessions: &mut Sessions) {
         let stale: Vec<FlowKey> = self
             .flows
             .iter()
