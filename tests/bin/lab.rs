@@ -444,7 +444,26 @@ fn iperf(lab: &Lab, dst: &str, secs: u32, cc: &str) -> Result<Iperf> {
 fn iperf_via(lab: &Lab, dst: &str, port: u16, secs: u32, cc: &str) -> Result<Iperf> {
     let pids: Vec<u32> = [1, 2].iter().filter_map(|k| lab.pid(*k)).collect();
     let sys0 = system_busy_secs();
-    let (v, mesh_cpu) = iperf_json(lab, dst, port, 5201, secs, cc, &[], &pids)?;
+    // FASTMESH_BENCH_INTERVALS=SECS: print the receiver's rate per interval
+    // (stderr), to see where a transfer loses time.
+    let every = std::env::var("FASTMESH_BENCH_INTERVALS").ok();
+    let extra: Vec<&str> = match &every {
+        Some(i) => vec!["-i", i, "--get-server-output"],
+        None => vec![],
+    };
+    let (v, mesh_cpu) = iperf_json(lab, dst, port, 5201, secs, cc, &extra, &pids)?;
+    if every.is_some() {
+        let text = v["server_output_text"].as_str().unwrap_or("");
+        let rates: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("sec") && !l.contains("receiver"))
+            .filter_map(|l| l.split_whitespace().rev().nth(1))
+            .collect();
+        eprintln!(
+            "{dst} {cc} receiver Mbit/s per interval: {}",
+            rates.join(" ")
+        );
+    }
     let sys1 = system_busy_secs();
     let r = &v["end"]["sum_received"];
     Ok(Iperf {
@@ -471,7 +490,13 @@ fn iperf_json(
     pids: &[u32],
 ) -> Result<(serde_json::Value, f64)> {
     let sp = server_port.to_string();
-    let mut srv = lab.spawn(2, "iperf-s.log", "iperf3", &["-s", "-1", "-p", &sp])?;
+    let every = std::env::var("FASTMESH_BENCH_INTERVALS").unwrap_or_else(|_| "1".into());
+    let mut srv = lab.spawn(
+        2,
+        "iperf-s.log",
+        "iperf3",
+        &["-s", "-1", "-p", &sp, "-i", &every],
+    )?;
     lab.wait_listening(2, server_port, false)?;
     let cpu0: f64 = pids.iter().map(|p| proc_cpu_secs(*p)).sum();
     let (port, secs) = (port.to_string(), secs.to_string());

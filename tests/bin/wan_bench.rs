@@ -236,7 +236,25 @@ pub fn wan(args: &[&str]) -> Result<()> {
                 }
             };
             diag("forming");
+            // FASTMESH_BENCH_PCAP=FILE: node 1's UDP headers during the
+            // first transfer, to see its sending rate at fine grain.
+            let pcap = std::env::var("FASTMESH_BENCH_PCAP").ok().and_then(|f| {
+                let d = lab
+                    .spawn(
+                        1,
+                        "tcpdump.log",
+                        "tcpdump",
+                        &["-i", "any", "-s", "64", "-w", &f, "udp"],
+                    )
+                    .ok()?;
+                std::thread::sleep(Duration::from_millis(500));
+                Some(d)
+            });
             let mc = run("mesh", &mesh, 5201, "cubic");
+            if let Some(mut d) = pcap {
+                let _ = d.kill();
+                let _ = d.wait();
+            }
             diag("cubic");
             let mb = run("mesh", &mesh, 5201, "bbr");
             diag("bbr");
