@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 const STARTUP_GAIN: f64 = 2.885;
-const DRAIN_GAIN: f64 = 0.75;
+const DRAIN_GAIN: f64 = 0.5;
 const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const BW_WINDOW_ROUNDS: u32 = 10;
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
@@ -99,6 +99,9 @@ pub struct RateControl {
     hot_until: Duration,
     /// `app_limited` at the previous report.
     was_app_limited: bool,
+    /// Bytes the sender has sent and not yet seen acknowledged (set by the
+    /// session with every report).
+    inflight: f64,
 }
 
 impl RateControl {
@@ -126,6 +129,7 @@ impl RateControl {
             clean_loss: 0.0,
             hot_until: Duration::ZERO,
             was_app_limited: false,
+            inflight: 0.0,
         }
     }
 
@@ -137,6 +141,11 @@ impl RateControl {
     /// probe cycle; the inner TCP meanwhile sees the tunnel's queue as delay.
     pub fn set_backlogged(&mut self, backlogged: bool) {
         self.backlogged = backlogged;
+    }
+
+    /// Bytes sent and not yet acknowledged.
+    pub fn set_inflight(&mut self, bytes: f64) {
+        self.inflight = bytes;
     }
 
     /// Whether the sender has nothing waiting for the pacer or the
@@ -294,11 +303,16 @@ impl RateControl {
             self.clean_loss = 0.0;
         }
         // Delivery rate over about one round.
+        let span = if self.phase == Phase::Startup {
+            self.round() / 2
+        } else {
+            self.round()
+        };
         let span_start = self
             .reports
             .iter()
             .rev()
-            .find(|(t, _)| now.saturating_sub(*t) >= self.round())
+            .find(|(t, _)| now.saturating_sub(*t) >= span)
             .copied()
             .unwrap_or((t0, r0));
         let dt = now.saturating_sub(span_start.0);
@@ -329,6 +343,21 @@ impl RateControl {
     }
 
     fn advance(&mut self, now: Duration) {
+        // Drain ends as soon as what is in flight fits the path (one BDP of
+        // what it sends, loss included): the sender's own count, with no
+        // round trip of lag. Waiting for a ping to show the empty queue
+        // kept the pacer at the drain gain a round trip or two after the
+        // queue was gone (lab, 50 ms / 100 Mbit/s: 150-200 ms at half
+        // the path's rate).
+        let bdp = self.btl_bw * self.min_rtt().as_secs_f64()
+            / (1.0 - self.loss.min(MAX_LOSS_COMPENSATION));
+        if self.phase == Phase::Drain && self.inflight <= bdp {
+            self.phase = Phase::ProbeBw(2);
+            self.phase_start = now;
+            self.round_start = now;
+            self.probe_base = self.btl_bw;
+            return;
+        }
         if now.saturating_sub(self.round_start) < self.round() {
             return;
         }
@@ -405,9 +434,11 @@ impl RateControl {
     fn gain(&self) -> f64 {
         match self.phase {
             Phase::Startup => STARTUP_GAIN,
-            // Startup now leaves as the queue starts to grow, so the queue
-            // to drain is small: a gentle drain, which does not hold frames
-            // KCP already sent (their timeout running) behind the pacer.
+            // Startup leaves as the queue starts to grow, so the queue to
+            // drain is at most one BDP: half the rate empties it within two
+            // round trips, and drain ends as soon as the sender's own
+            // count of what is in flight fits the path (`advance`), so
+            // frames KCP already sent do not wait long behind the pacer.
             Phase::Drain => DRAIN_GAIN,
             // The probing round sends enough that, after random loss, the
             // delivered rate can still exceed the estimate by 25%. Delivery
@@ -432,7 +463,8 @@ impl RateControl {
     /// Do the recent round trips (the least of the last few pings) exceed
     /// the minimum by more than a quarter of it (at least 5 ms, at most 30)?
     fn queue_building(&self) -> bool {
-        let Some(recent) = self.recent_rtt.iter().map(|(_, r)| *r).min() else {
+        let n = if self.phase == Phase::Startup { 2 } else { 4 };
+        let Some(recent) = self.recent_rtt.iter().rev().take(n).map(|(_, r)| *r).min() else {
             return false;
         };
         let m = self.min_rtt();
@@ -705,6 +737,35 @@ mod tests {
         }
         assert_eq!(c.clean_loss(), 0.0);
         assert!(c.btl_bw() > 950_000.0, "{}", c.btl_bw());
+    }
+
+    #[test]
+    fn drain_ends_once_what_is_in_flight_fits_the_path() {
+        // 1 MB/s x 50 ms: one BDP is 50 kB.
+        let (mut c, mut r) = fresh(50);
+        let mut t = 0;
+        c.set_inflight(100_000.0);
+        deliver(&mut c, &mut r, &mut t, 2, 1_000_000.0);
+        assert_eq!(c.phase(), "Startup");
+        // The pings show a queue: startup ends.
+        for _ in 0..4 {
+            t += 5;
+            c.on_rtt(ms(t), ms(80));
+        }
+        assert_eq!(c.phase(), "Drain");
+        // Two BDP still in flight: the queue is there, drain goes on.
+        deliver(&mut c, &mut r, &mut t, 1, 1_000_000.0);
+        assert_eq!(c.phase(), "Drain");
+        // What is in flight fits the path: the next report ends drain,
+        // though the pings (a round trip old) still show the queue.
+        c.set_inflight(45_000.0);
+        t += 25;
+        r.frames += 10;
+        r.highest += 10;
+        r.bytes += 25_000;
+        c.on_report(ms(t), r);
+        assert!(c.phase().starts_with("ProbeBw"), "{}", c.phase());
+        assert!(c.pacing_rate() >= c.btl_bw() * 0.99, "{}", c.pacing_rate());
     }
 
     #[test]

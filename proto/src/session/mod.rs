@@ -812,6 +812,9 @@ impl Session {
                 self.cc.set_backlogged(self.queued > 0);
                 self.cc
                     .set_app_limited(self.queued == 0 && self.paced_len == 0);
+                let unacked: usize = self.convs.values().map(|c| c.kcp.wait_snd()).sum();
+                self.cc
+                    .set_inflight(unacked.saturating_sub(self.paced_len) as f64 * self.avg_seg);
                 if self.cc_frames_seen >= 64 && frames < self.cc_frames_seen / 2 {
                     // The remote counts under new keys now.
                     self.cc_frames_seen = 0;
