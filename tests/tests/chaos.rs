@@ -44,11 +44,25 @@ fn check(cfg: &ChaosConfig, seed: u64, flags: &str, has: impl Fn(&Fault) -> bool
         o.tcp_bytes > 5_000_000,
         "seed {seed}: inner TCP bytes checked"
     );
-    assert!(
-        o.max_held > 0,
-        "seed {seed}: the nodes report what they hold"
-    );
     o
+}
+
+/// [`check`] every seed of a set. Some node of some seed was seen holding
+/// bytes for others, so the memory-budget invariant was checked against
+/// real numbers (whether a status sample catches bytes in a buffer depends
+/// on the seed's timing; one seed may see none).
+fn check_set(
+    cfg: &ChaosConfig,
+    seeds: &[u64],
+    flags: &str,
+    has: impl Fn(&Fault) -> bool,
+) -> Vec<Outcome> {
+    let out: Vec<Outcome> = seeds.iter().map(|&s| check(cfg, s, flags, &has)).collect();
+    assert!(
+        out.iter().any(|o| o.max_held > 0),
+        "seeds {seeds:?}{flags}: the nodes report what they hold"
+    );
+    out
 }
 
 /// 1-6: the first set (5: peer3 crashes with a sender in FIN-WAIT-2, whose
@@ -64,10 +78,10 @@ const SEEDS: &[u64] = &[1, 2, 3, 4, 5, 6, 1070, 1640, 1754];
 fn fixed_seeds_hold_every_invariant() {
     let _guard = fastmesh_tests::watchdog("fixed_seeds_hold_every_invariant", HANG);
     let cfg = ChaosConfig::default();
-    let mut faults = 0;
-    for &seed in SEEDS {
-        faults += check(&cfg, seed, "", |_| true).faults;
-    }
+    let faults: usize = check_set(&cfg, SEEDS, "", |_| true)
+        .iter()
+        .map(|o| o.faults)
+        .sum();
     assert!(faults >= SEEDS.len() * 2, "the schedules injected faults");
 }
 
@@ -82,9 +96,9 @@ fn nat_flushes_hold_every_invariant() {
         nat_peers: 2,
         ..ChaosConfig::default()
     };
-    for &seed in NAT_SEEDS {
-        check(&cfg, seed, " --nat 2", |f| matches!(f, Fault::NatFlush(_)));
-    }
+    check_set(&cfg, NAT_SEEDS, " --nat 2", |f| {
+        matches!(f, Fault::NatFlush(_))
+    });
 }
 
 /// The two hubs share one registry through Raft (as `--cluster-hub` sets
@@ -98,8 +112,10 @@ fn raft_hubs_hold_every_invariant() {
         raft: true,
         ..ChaosConfig::default()
     };
-    for &seed in RAFT_SEEDS {
-        let o = check(&cfg, seed, " --raft", |_| true);
+    for (o, seed) in check_set(&cfg, RAFT_SEEDS, " --raft", |_| true)
+        .iter()
+        .zip(RAFT_SEEDS)
+    {
         assert!(
             o.raft_applied >= 5,
             "seed {seed}: the registrations went through the log"
@@ -118,7 +134,7 @@ fn peers_leaving_and_joining_hold_every_invariant() {
         leave: true,
         ..ChaosConfig::default()
     };
-    for &seed in LEAVE_SEEDS {
-        check(&cfg, seed, " --leave", |f| matches!(f, Fault::Leave(_)));
-    }
+    check_set(&cfg, LEAVE_SEEDS, " --leave", |f| {
+        matches!(f, Fault::Leave(_))
+    });
 }
