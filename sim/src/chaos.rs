@@ -736,9 +736,8 @@ pub fn run(cfg: &ChaosConfig, seed: u64, sched: &[Scheduled]) -> Outcome {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("chaos store dir");
-    let out = run_in(cfg, seed, sched, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    out
+    // The world removes its directory when it is dropped.
+    run_in(cfg, seed, sched, &dir)
 }
 
 fn run_in(cfg: &ChaosConfig, seed: u64, sched: &[Scheduled], dir: &std::path::Path) -> Outcome {

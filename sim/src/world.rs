@@ -190,6 +190,14 @@ pub struct World {
     pub heartbeat: Duration,
     /// A fault laid over everything each hub receives (chaos runner).
     pub hub_knobs: Vec<ChaosKnob>,
+    /// [`WorldConfig::store_dir`], removed with the world.
+    store_dir: PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.store_dir);
+    }
 }
 
 /// How to build a [`World`].
@@ -203,7 +211,8 @@ pub struct WorldConfig {
     pub spec: LinkSpec,
     /// Seed for impairments and keys' randomness.
     pub seed: u64,
-    /// Directory for the hubs' owner tables.
+    /// Directory for the hubs' owner tables: scratch, removed when the
+    /// [`World`] is dropped.
     pub store_dir: PathBuf,
     /// Number of hubs (hosts "hub", "hub1", ...); every peer lists them all.
     pub hubs: usize,
@@ -497,6 +506,7 @@ impl World {
             hub_key,
             heartbeat: cfg.heartbeat,
             hub_knobs,
+            store_dir: cfg.store_dir.clone(),
         }
     }
 

@@ -830,5 +830,4 @@ fn on_demand_peers_fetch_records_when_packets_need_them() {
     let after = w.peers[1].status().unwrap().counters["drop_no_route"];
     assert!(after > before, "no_route {before} -> {after}");
     assert!(holds(&w, 1).is_empty());
-    let _ = std::fs::remove_dir_all(&dir);
 }
