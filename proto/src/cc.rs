@@ -92,6 +92,9 @@ pub struct RateControl {
     /// frames received), over the loss horizon.
     clean: VecDeque<(Duration, u64, u64)>,
     clean_loss: f64,
+    /// `clean` covers enough frames (20) for `clean_loss` to be a
+    /// measurement, not the zero it starts from.
+    clean_known: bool,
     /// The last report at which the sender had been pacing above the
     /// estimate with data waiting (startup, a probing round): frames sent
     /// until then may have overrun the bottleneck's queue, so reports that
@@ -127,6 +130,7 @@ impl RateControl {
             probe_base: 0.0,
             clean: VecDeque::new(),
             clean_loss: 0.0,
+            clean_known: false,
             hot_until: Duration::ZERO,
             was_app_limited: false,
             inflight: 0.0,
@@ -299,8 +303,10 @@ impl RateControl {
         }
         if dh >= 20 {
             self.clean_loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
+            self.clean_known = true;
         } else if self.clean.is_empty() {
             self.clean_loss = 0.0;
+            self.clean_known = false;
         }
         // Delivery rate over about one round.
         let span = if self.phase == Phase::Startup {
@@ -485,6 +491,13 @@ impl RateControl {
     /// bottleneck's overflow (see `gain`; FEC and ack copies use it too).
     pub fn clean_loss(&self) -> f64 {
         self.clean_loss
+    }
+
+    /// Whether [`RateControl::clean_loss`] is a measurement: false until
+    /// reports have covered 20 frames sent while no queue showed (a new
+    /// session), and again once those samples aged out (an idle path).
+    pub fn clean_loss_known(&self) -> bool {
+        self.clean_known
     }
 
     /// The rate pacing and the in-flight cap start from: the bottleneck

@@ -786,3 +786,41 @@ fn a_receiver_that_sees_loss_sends_its_acks_twice() {
     assert!(lossy > 20, "{lossy}");
     assert_eq!(clean, 0);
 }
+
+/// Parity frames A sends for `n` packets of `size` bytes on one flow, 20 ms
+/// apart, on a fresh session, and how many of A's frames were over 1,000
+/// bytes.
+fn parity_for_packets(n: u32, size: usize) -> (u64, usize) {
+    let now = Duration::ZERO;
+    let (mut a, mut b, _) = established(7, now);
+    let kb = *b.node.public_key();
+    let parity = |a: &Side| a.node.session(&kb).unwrap().stats().fec_parity;
+    let before = parity(&a);
+    let (s, d) = (Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2));
+    let mut seen = Vec::new();
+    for i in 1..=n {
+        let t = now + Duration::from_millis(30 + 20 * u64::from(i));
+        let p = crate::ip::build_v4(s, d, crate::ip::PROTO_TCP, 4000, 80, &i.to_le_bytes(), size);
+        a.node.send_ip(t, &kb, &p).unwrap();
+        pump(&mut a, &mut b, t, &mut seen);
+        // The open group's window (at least 3 ms) has passed.
+        pump(&mut a, &mut b, t + Duration::from_millis(10), &mut seen);
+    }
+    let big = seen.iter().filter(|f| f.len() > 1000).count();
+    (parity(&a) - before, big)
+}
+
+#[test]
+fn small_packets_get_a_copy_while_the_paths_loss_is_unmeasured() {
+    // A new session's first messages on a lossy path: without parity each
+    // loss costs a retransmission timeout, and later messages wait for it.
+    let (small, _) = parity_for_packets(4, 200);
+    assert!(small >= 4, "{small} parity frames for 4 small packets");
+    // Once the loss is measured (none on this path), parity stops.
+    let (many, _) = parity_for_packets(40, 200);
+    assert!(many < 20, "{many} parity frames for 40 small packets");
+    // Full-size packets (a flow that is not split) do not pay for a guess:
+    // each goes once.
+    let (_, big) = parity_for_packets(4, 1200);
+    assert_eq!(big, 4);
+}
