@@ -824,3 +824,28 @@ fn small_packets_get_a_copy_while_the_paths_loss_is_unmeasured() {
     let (_, big) = parity_for_packets(4, 1200);
     assert_eq!(big, 4);
 }
+
+#[test]
+fn a_lone_small_frame_gets_its_parity_at_once() {
+    // Nothing queued behind a message: its parity goes with it, not a
+    // group window later (which each repaired message would wait).
+    let now = Duration::ZERO;
+    let (mut a, mut b, _) = established(7, now);
+    let kb = *b.node.public_key();
+    let parity = |a: &Side| a.node.session(&kb).unwrap().stats().fec_parity;
+    let t = now + Duration::from_millis(50);
+    // Whatever group the opening left has closed by now.
+    pump(
+        &mut a,
+        &mut b,
+        t - Duration::from_millis(5),
+        &mut Vec::new(),
+    );
+    let before = parity(&a);
+    a.node.send_ip(t, &kb, &tcp(1)).unwrap();
+    pump(&mut a, &mut b, t, &mut Vec::new());
+    assert!(
+        parity(&a) > before,
+        "no parity at the instant the message went"
+    );
+}
