@@ -120,6 +120,8 @@ pub(super) struct FecTx {
     deadline: Option<Duration>,
     /// Spare shard buffers.
     spare: Vec<Vec<u8>>,
+    /// When the last data frame was wrapped.
+    last: Option<Duration>,
 }
 
 /// A group being received.
@@ -210,12 +212,16 @@ impl Session {
             .clamp(MIN_GROUP_WINDOW, MAX_GROUP_WINDOW);
         let tx = &mut self.fec_tx;
         tx.deadline.get_or_insert(now + window);
-        // A small frame with nothing queued behind it (a message, a
-        // keystroke) closes the group: its parity goes at once. Waiting
-        // the group's window for frames that were not coming delayed every
-        // message repaired by parity by that window, each way (simulated
-        // 5% / 50 ms: such messages took 75 ms, the others 50-63).
-        let lone = small && self.paced_len == 0 && self.queued == 0;
+        // A lone small frame (a message, a keystroke: nothing queued behind
+        // it, nothing else wrapped within a window before it) closes the
+        // group: its parity goes at once. Waiting the group's window for
+        // frames that were not coming delayed every message repaired by
+        // parity by that window, each way (simulated 5% / 50 ms: such
+        // messages took 75 ms, the others 50-63). Dense small packets (a
+        // stream of them) still share groups and their parity.
+        let sparse = tx.last.is_none_or(|t| now.saturating_sub(t) >= window);
+        tx.last = Some(now);
+        let lone = small && sparse && self.paced_len == 0 && self.queued == 0;
         if tx.shards.len() >= MAX_GROUP || lone {
             self.fec_close(now);
         }
