@@ -54,6 +54,10 @@ pub const UNMEASURED_LOSS: f64 = 0.05;
 /// unmeasured while its queue stands, do not pay for a guess), and a small
 /// frame with nothing queued behind it closes its group at once.
 pub const SMALL_FRAME: usize = 512;
+/// A small frame this long after the previous data frame is a lone one
+/// (closes its group at once); denser small packets (a stream of them,
+/// 200 a second or more) share groups.
+pub const SPARSE_GAP: Duration = Duration::from_millis(5);
 /// Target chance that a group loses more frames than its parity repairs.
 pub const RESIDUAL: f64 = 0.02;
 /// The same for groups of at most [`SMALL_GROUP`] frames: those are
@@ -213,13 +217,13 @@ impl Session {
         let tx = &mut self.fec_tx;
         tx.deadline.get_or_insert(now + window);
         // A lone small frame (a message, a keystroke: nothing queued behind
-        // it, nothing else wrapped within a window before it) closes the
-        // group: its parity goes at once. Waiting the group's window for
+        // it, nothing else wrapped within `SPARSE_GAP` before it) closes
+        // the group: its parity goes at once. Waiting the group's window for
         // frames that were not coming delayed every message repaired by
         // parity by that window, each way (simulated 5% / 50 ms: such
         // messages took 75 ms, the others 50-63). Dense small packets (a
         // stream of them) still share groups and their parity.
-        let sparse = tx.last.is_none_or(|t| now.saturating_sub(t) >= window);
+        let sparse = tx.last.is_none_or(|t| now.saturating_sub(t) >= SPARSE_GAP);
         tx.last = Some(now);
         let lone = small && sparse && self.paced_len == 0 && self.queued == 0;
         if tx.shards.len() >= MAX_GROUP || lone {
