@@ -247,7 +247,10 @@ pub fn wan(args: &[&str]) -> Result<()> {
                         &["-i", "any", "-s", "64", "-w", &f, "udp"],
                     )
                     .ok()?;
-                std::thread::sleep(Duration::from_millis(500));
+                // tcpdump says so once it captures.
+                let _ = lab.wait(Duration::from_secs(10), |l| {
+                    l.log("tcpdump.log").contains("listening on")
+                });
                 Some(d)
             });
             let mc = run("mesh", &mesh, 5201, "cubic");
