@@ -292,9 +292,9 @@ pub struct Session {
     fec_rx: fec::FecRx,
     /// Whether data frames currently go with parity.
     fec_on: bool,
-    /// The bulk streams' timeout floor (see `mux::bulk_rto_floor`) was
-    /// last set for the controller's startup.
-    rto_floor_startup: bool,
+    /// The bulk streams' timeout floor (see `mux::bulk_rto_floor`) as last
+    /// set; set again when the least RTT moves it.
+    rto_floor: u32,
     /// Stream conversations with messages for the proxy.
     streams_ready: BTreeSet<u32>,
     /// Stream conversations that closed.
@@ -417,7 +417,7 @@ impl Session {
             fec_tx: fec::FecTx::default(),
             fec_rx: fec::FecRx::default(),
             fec_on: false,
-            rto_floor_startup: false,
+            rto_floor: 0,
             streams_ready: BTreeSet::new(),
             streams_gone: VecDeque::new(),
             cc_frames_seen: 0,

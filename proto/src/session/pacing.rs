@@ -46,8 +46,8 @@ impl Session {
             return touched;
         }
         let floor = self.bulk_rto_floor();
-        if self.cc.in_startup() != self.rto_floor_startup {
-            self.rto_floor_startup = self.cc.in_startup();
+        if floor != self.rto_floor {
+            self.rto_floor = floor;
             for c in self.convs.values_mut().filter(|c| c.bulk) {
                 super::mux::tune_resend(&mut c.kcp, self.cfg.profile, false, Some(floor));
             }

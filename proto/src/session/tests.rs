@@ -849,3 +849,24 @@ fn a_lone_small_frame_gets_its_parity_at_once() {
         "no parity at the instant the message went"
     );
 }
+
+/// A bulk stream's timeout outlasts the round trip of the last segment of a
+/// full window, which is as much as the rate controller lets into flight
+/// (twice the bandwidth-delay product: up to one BDP of it waits in the
+/// bottleneck's queue). A shorter timeout resends, with nothing lost,
+/// whatever sits behind a queue the controller itself built.
+#[test]
+fn a_bulk_timeout_outlasts_the_queue_a_full_window_builds() {
+    for rtt_ms in [10u64, 50, 200] {
+        let mut cc = crate::cc::RateControl::new(1e6, 1e9);
+        cc.on_rtt(Duration::from_secs(1), Duration::from_millis(rtt_ms));
+        // At the rate the window is sized for, its last byte is sent this
+        // long after its first: the round trip of the last segment.
+        let full_window_rtt_ms = cc.inflight_cap() / 1e6 * 1e3;
+        let floor = super::mux::bulk_rto_floor(cc.min_rtt());
+        assert!(
+            f64::from(floor) > full_window_rtt_ms,
+            "{rtt_ms} ms path: timeout floor {floor} ms, full window {full_window_rtt_ms:.0} ms"
+        );
+    }
+}
