@@ -175,7 +175,7 @@ fn trace(loss: f64, rtt: u64, mbit: u64) {
         let st = s.stats();
         let cc = s.rate_control();
         eprintln!(
-            "{:>6.2}s read {:>5.1} Mbit/s frames {:>5} retx {:>5} | {} btl {:.1} pace {:.1} Mbit/s loss {:.3} minrtt {:?} srtt {:?} backlog {}",
+            "{:>6.2}s read {:>5.1} Mbit/s frames {:>5} retx {:>5} | {} btl {:.1} pace {:.1} Mbit/s loss {:.3} clean {:.3} minrtt {:?} srtt {:?} backlog {}",
             net.now().as_secs_f64(),
             (read - last_read) as f64 * 8.0 / (step as f64 / 1e3) / 1e6,
             st.tx_frames - last_tx,
@@ -184,6 +184,7 @@ fn trace(loss: f64, rtt: u64, mbit: u64) {
             cc.btl_bw() * 8.0 / 1e6,
             cc.pacing_rate() * 8.0 / 1e6,
             cc.loss(),
+            cc.clean_loss(),
             cc.min_rtt(),
             st.srtt,
             s.kcp_backlog(),
