@@ -39,6 +39,9 @@ const STARTUP_OVERFLOW: f64 = 0.05;
 const REPORT_LAG: Duration = Duration::from_millis(20);
 /// Delivery-rate samples the bandwidth filter keeps however old they are.
 const MIN_BW_SAMPLES: usize = 25;
+/// How long the estimate a path had while a flow filled it is where the
+/// next transfer's startup begins (at half of it) after the path sat idle.
+const PRIOR_MAX_AGE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -105,6 +108,13 @@ pub struct RateControl {
     /// Bytes the sender has sent and not yet seen acknowledged (set by the
     /// session with every report).
     inflight: f64,
+    /// The bottleneck estimate at the last report that found the sender
+    /// with data waiting (the path, not the application, was the limit),
+    /// and when.
+    busy_bw: Option<(f64, Duration)>,
+    /// Startup's pace and window start from at least this rate: the
+    /// initial rate, or after an idle spell half of `busy_bw`.
+    startup_floor: f64,
 }
 
 impl RateControl {
@@ -134,6 +144,8 @@ impl RateControl {
             hot_until: Duration::ZERO,
             was_app_limited: false,
             inflight: 0.0,
+            busy_bw: None,
+            startup_floor: initial_rate,
         }
     }
 
@@ -214,10 +226,26 @@ impl RateControl {
     /// while idle says nothing about the bottleneck (only heartbeats were
     /// delivered), so probe for it again from startup instead of growing by
     /// 25% per probe cycle from the idle rate. Loss and RTT estimates stay.
+    ///
+    /// What the path delivered the last time a flow filled it (within
+    /// `PRIOR_MAX_AGE`) is still the best guess of its rate: startup begins
+    /// from half of it, a window of one bandwidth-delay product at that
+    /// rate, instead of the initial rate. A path that still has that rate
+    /// is full from the first round trip; one that lost capacity meanwhile
+    /// gets at most what it carried before, for one round trip, and startup's
+    /// usual signals (the queue, overflow) end it from there. Without this
+    /// every transfer after a pause climbed from the initial rate again
+    /// (lab, 50 ms / 100 Mbit/s: half a second to the path's rate).
     pub fn restart_from_idle(&mut self, now: Duration) {
         if matches!(self.phase, Phase::Startup) {
             return;
         }
+        self.startup_floor = match self.busy_bw {
+            Some((bw, at)) if now.saturating_sub(at) <= PRIOR_MAX_AGE => {
+                self.initial_rate.max(bw / 2.0)
+            }
+            _ => self.initial_rate,
+        };
         self.phase = Phase::Startup;
         self.phase_start = now;
         self.round_start = now;
@@ -345,6 +373,9 @@ impl RateControl {
             .map(|(_, r)| *r)
             .fold(0.0, f64::max)
             .min(self.max_rate);
+        if !self.app_limited {
+            self.busy_bw = Some((self.btl_bw, now));
+        }
         self.advance(now);
     }
 
@@ -382,7 +413,7 @@ impl RateControl {
                 if self.btl_bw >= self.full_bw * 1.25 {
                     self.full_bw = self.btl_bw;
                     self.full_bw_rounds = 0;
-                } else if app_limited && self.btl_bw < self.initial_rate {
+                } else if app_limited && self.btl_bw < self.startup_floor {
                     // The sender had nothing waiting and no flow has begun
                     // (a connection being opened, path MTU probes): the
                     // rate did not grow because nothing asked it to. Once
@@ -501,7 +532,8 @@ impl RateControl {
     }
 
     /// The rate pacing and the in-flight cap start from: the bottleneck
-    /// estimate, and in startup never less than the initial rate. A
+    /// estimate, and in startup never less than where startup began (the
+    /// initial rate, or half the rate before an idle spell). A
     /// transfer's first samples come while it is still being opened (a
     /// few frames of handshake, an inner TCP not yet at speed); taken as
     /// the path's rate they cut startup's pace and window below where it
@@ -510,7 +542,7 @@ impl RateControl {
     /// frame; 0.28 s without the cut).
     fn base_rate(&self) -> f64 {
         match self.phase {
-            Phase::Startup => self.btl_bw.max(self.initial_rate),
+            Phase::Startup => self.btl_bw.max(self.startup_floor),
             _ if self.btl_bw > 0.0 => self.btl_bw,
             _ => self.initial_rate,
         }
@@ -797,6 +829,33 @@ mod tests {
             round_over(&mut c, &mut r, &mut t, 1_000_000.0, 0.1);
         }
         assert!((c.clean_loss() - 0.1).abs() < 0.03, "{}", c.clean_loss());
+    }
+
+    #[test]
+    fn a_transfer_after_an_idle_spell_starts_from_half_the_rate_the_path_had() {
+        for idle_s in [2u64, 1_000] {
+            let (mut c, mut r) = fresh(50);
+            let mut t = 0;
+            // A transfer fills the path at 1 MB/s, then the path sits idle.
+            deliver(&mut c, &mut r, &mut t, 40, 1_000_000.0);
+            assert!(c.phase().starts_with("ProbeBw"), "{}", c.phase());
+            c.set_app_limited(true);
+            c.set_backlogged(false);
+            t += idle_s * 1_000;
+            c.restart_from_idle(ms(t));
+            assert!(c.in_startup());
+            let bdp = 1_000_000.0 * 0.050;
+            if idle_s <= PRIOR_MAX_AGE.as_secs() {
+                // A window of one BDP at the old rate, paced at the
+                // startup gain over half of it.
+                assert!(c.inflight_cap() >= bdp * 0.99, "{}", c.inflight_cap());
+                assert!(c.inflight_cap() <= bdp * 1.01, "{}", c.inflight_cap());
+                assert!(c.pacing_rate() >= STARTUP_GAIN * 500_000.0 * 0.99);
+            } else {
+                // Too old to go by: the initial rate (100 kB/s here).
+                assert!(c.inflight_cap() <= 2.0 * 100_000.0 * 0.050 * 1.01);
+            }
+        }
     }
 
     #[test]
