@@ -42,6 +42,9 @@ const MIN_BW_SAMPLES: usize = 25;
 /// How long the estimate a path had while a flow filled it is where the
 /// next transfer's startup begins (at half of it) after the path sat idle.
 const PRIOR_MAX_AGE: Duration = Duration::from_secs(600);
+/// A measured capacity raises startup's floor to at most this many times
+/// the initial rate.
+const CAPACITY_FLOOR_MAX: f64 = 16.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -255,6 +258,38 @@ impl RateControl {
         self.btl_bw = 0.0;
     }
 
+    /// The path's capacity, bytes/s, measured before any data (see
+    /// `session::train`): startup begins from half of it, a window of one
+    /// bandwidth-delay product at that capacity, instead of the initial
+    /// rate, if it has not measured more itself. Half, because the path
+    /// may carry other traffic: a path that has the whole capacity to give
+    /// is full from the first round trip, and a shared one gets at most
+    /// twice its share for one round trip, after which startup's own
+    /// signals (the queue, overflow) take over. At most
+    /// `CAPACITY_FLOOR_MAX` times the initial rate: a receiver whose
+    /// clock stamps a train's answers too close together would otherwise
+    /// make the first round a burst far beyond any path.
+    pub fn on_capacity_estimate(&mut self, rate: f64) {
+        if self.phase != Phase::Startup || !rate.is_finite() {
+            return;
+        }
+        let floor = (rate / 2.0)
+            .min(self.initial_rate * CAPACITY_FLOOR_MAX)
+            .min(self.max_rate);
+        self.startup_floor = self.startup_floor.max(floor);
+    }
+
+    /// The sender sent a burst outside the pacer at `now` (a capacity
+    /// train): reports that may still cover it are no evidence of the
+    /// path's own loss, as after a round paced above the estimate. Its
+    /// large frames may overflow a shallow queue, or arrive behind the
+    /// small frames sent after them and leave a gap in one report that the
+    /// next fills (simulated jitter: a sparse session's ten reordered probe
+    /// frames read as 24-42% loss and moved its path to the relay).
+    pub fn on_burst(&mut self, now: Duration) {
+        self.hot_until = self.hot_until.max(now);
+    }
+
     /// A receiver report arrived at `now`.
     pub fn on_report(&mut self, now: Duration, r: Report) {
         self.round_limited |= !self.app_limited;
@@ -294,8 +329,14 @@ impl RateControl {
             // up to 20 ms late: only then are they surely not overflow.
             let cool = last_t >= self.hot_until + self.min_rtt() + REPORT_LAG;
             if cool && self.queue_quiet() {
+                // Not capped at `dh`: frames that arrive after a later
+                // one (reordered, a burst of large frames behind small
+                // ones) leave a gap in one report and fill it in the next;
+                // capped, the gap stayed as loss (a sparse session's ten
+                // reordered probe frames read as 34-42% loss and moved
+                // its path to the relay).
                 let dh = r.highest.saturating_sub(last.highest);
-                let df = r.frames.saturating_sub(last.frames).min(dh);
+                let df = r.frames.saturating_sub(last.frames);
                 self.clean.push_back((now, dh, df));
             }
         }
