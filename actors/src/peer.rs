@@ -84,6 +84,9 @@ pub struct PeerStatus {
     pub pmtu_probes: u64,
     /// Times the frame size in use stopped working (the path narrowed).
     pub pmtu_black_holes: u64,
+    /// The path's capacity measured before the first transfer, Mbit/s of
+    /// frames (0: not measured; see `proto::session` `train`).
+    pub capacity_mbit: f64,
     /// ICMP "too big" messages sent to local senders.
     pub too_big_sent: u64,
     /// Inner TCP SYNs whose MSS was lowered to fit the path.
@@ -196,6 +199,7 @@ impl PeerActor {
             pmtu_settled: st.is_some_and(|s| s.pmtu_settled),
             pmtu_probes: st.map_or(0, |s| s.pmtu_probes),
             pmtu_black_holes: st.map_or(0, |s| s.pmtu_black_holes),
+            capacity_mbit: st.map_or(0.0, |s| s.capacity * 8.0 / 1e6),
             too_big_sent: st.map_or(0, |s| s.too_big_sent),
             mss_clamped: st.map_or(0, |s| s.mss_clamped),
             restarts: self.restarts,

@@ -184,7 +184,8 @@ impl Pmtu {
 
     fn send(&mut self, now: Duration, size: usize, tries: u32, confirm: bool) -> (u32, usize) {
         let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        // Below the bit that marks a capacity train's probes.
+        self.next_id = (self.next_id.wrapping_add(1) & !crate::session::TRAIN_ID).max(1);
         self.probes.push(Outstanding {
             id,
             size,

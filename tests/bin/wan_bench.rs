@@ -229,8 +229,8 @@ pub fn wan(args: &[&str]) -> Result<()> {
                 if let Ok(v) = lab.status(1) {
                     let p = &v["status"]["peers"][0];
                     eprintln!(
-                        "after {when}: path {} ({}) path_changes {} path_mtu {} settled {} black_holes {} retx {} restarts {} streams {}",
-                        p["path"], p["path_reason"], p["path_changes"], p["path_mtu"], p["pmtu_settled"],
+                        "after {when}: path {} ({}) path_changes {} path_mtu {} settled {} capacity {} Mbit/s black_holes {} retx {} restarts {} streams {}",
+                        p["path"], p["path_reason"], p["path_changes"], p["path_mtu"], p["pmtu_settled"], p["capacity_mbit"],
                         p["pmtu_black_holes"], p["retransmits"], p["restarts"], p["streams_opened"]
                     );
                 }

@@ -27,6 +27,7 @@ mod mux;
 mod pacing;
 mod stream;
 mod timers;
+mod train;
 
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ mod tests;
 pub use config::{FlowMode, KcpProfile, SessionConfig};
 pub use keys::Ctx;
 pub use stream::{is_stream, Refusal, StreamEvent, StreamMsg, STREAM_BIT};
+pub use train::TRAIN_ID;
 
 use crate::cc::{Pacer, RateControl, Report};
 use crate::ip;
@@ -134,6 +136,11 @@ pub struct SessionStats {
     pub pmtu_black_holes: u64,
     /// Times a direct path could not carry even base-size frames.
     pub pmtu_base_fails: u64,
+    /// The path's capacity measured before the first transfer (bytes/s of
+    /// frames; 0 if not measured), see `session::train`.
+    pub capacity: f64,
+    /// Probes sent in capacity trains.
+    pub capacity_probes: u64,
     /// ICMP "too big" messages sent to inner senders.
     pub too_big_sent: u64,
     /// Inner TCP SYNs whose MSS was lowered to fit the path.
@@ -320,6 +327,8 @@ pub struct Session {
     dead_after: Duration,
     /// Path MTU of the path in use.
     pmtu: Pmtu,
+    /// The capacity probe sent before the first transfer.
+    train: train::Train,
     /// The frame last returned by `poll_transmit` is a path MTU probe.
     tx_probe: bool,
     /// Earliest time for the next ICMP "too big" (at most one per 100 ms).
@@ -428,6 +437,7 @@ impl Session {
             keepalive,
             dead_after,
             pmtu: Pmtu::new(cfg_path_mtu),
+            train: train::Train::default(),
             tx_probe: false,
             next_too_big: Duration::ZERO,
             last_big_tx: Duration::ZERO,
@@ -585,6 +595,8 @@ impl Session {
         s.pmtu_settled = self.pmtu.settled().is_some();
         s.pmtu_probes = self.pmtu.sent;
         s.pmtu_black_holes = self.pmtu.black_holes;
+        s.capacity = self.train.estimate().unwrap_or(0.0);
+        s.capacity_probes = self.train.probes();
         s.frag_dropped += self.reasm.evicted;
         s
     }
@@ -851,6 +863,11 @@ impl Session {
                 }
             }
             Control::PathAck { id } => self.paths.on_ack(now, id),
+            Control::MtuAck { id } if train::Train::is_train_id(id) => {
+                if let Some(rate) = self.train.on_ack(now, id) {
+                    self.cc.on_capacity_estimate(rate);
+                }
+            }
             Control::MtuAck { id } => {
                 if let Some(c) = self.pmtu.on_ack(now, id) {
                     self.pmtu_changed(c);
