@@ -54,12 +54,19 @@ pub fn msg_ping(addr: SocketAddr, count: u32, every_ms: u64) -> Result<()> {
         Ok(())
     });
     let mut rtts = Vec::with_capacity(count as usize);
+    let mut sent_at = Vec::with_capacity(count as usize);
     let mut b = [0u8; MSG];
     while rtts.len() < count as usize && r.read_exact(&mut b).is_ok() {
         let sent = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
         let now = start.elapsed().as_nanos() as u64;
         rtts.push(now.saturating_sub(sent) as f64 / 1e6);
+        sent_at.push(sent as f64 / 1e9);
     }
+    // The five slowest, with when they were sent (s from the start): a
+    // slow start of the connection and a loss show differently.
+    let mut slow: Vec<(f64, f64)> = sent_at.iter().copied().zip(rtts.iter().copied()).collect();
+    slow.sort_by(|a, b| b.1.total_cmp(&a.1));
+    slow.truncate(5);
     let _ = sender.join();
     if rtts.is_empty() {
         bail!("no echoes from {addr}");
@@ -67,11 +74,15 @@ pub fn msg_ping(addr: SocketAddr, count: u32, every_ms: u64) -> Result<()> {
     rtts.sort_by(f64::total_cmp);
     let q = |p: f64| rtts[((rtts.len() as f64 * p).ceil() as usize).clamp(1, rtts.len()) - 1];
     println!(
-        "sent {count} received {} p50 {:.1} p99 {:.1} max {:.1}",
+        "sent {count} received {} p50 {:.1} p99 {:.1} max {:.1} slowest {}",
         rtts.len(),
         q(0.5),
         q(0.99),
-        rtts[rtts.len() - 1]
+        rtts[rtts.len() - 1],
+        slow.iter()
+            .map(|(t, r)| format!("{r:.0}ms@{t:.2}s"))
+            .collect::<Vec<_>>()
+            .join(",")
     );
     Ok(())
 }
@@ -85,6 +96,9 @@ fn messages(lab: &Lab, dst: &str, port: u16, secs: u32) -> Result<(f64, f64)> {
         &["msg-ping", &format!("{dst}:{port}"), &count, "20"],
     )?;
     let text = String::from_utf8_lossy(&o.stdout);
+    if std::env::var_os("FASTMESH_BENCH_STATUS").is_some() {
+        eprintln!("messages to {dst}: {}", text.trim());
+    }
     let field = |name: &str| -> Option<f64> {
         let mut it = text.split_whitespace();
         it.find(|w| *w == name)?;
