@@ -4,8 +4,9 @@
 //! A new session's rate controller knows the round trip (pings) but not the
 //! path's rate, so its first transfer starts from a fixed initial rate and
 //! doubles about once per round trip: on a 50 ms / 100 Mbit/s path it
-//! reached the path's rate half a second after the first frame, a sixth of
-//! an 8-s transfer's shortfall. The bottleneck spaces packets that reach it
+//! reached the path's rate about 0.3 s after the first frame, and at 5%
+//! loss that start was most of what an 8-s transfer fell short of the
+//! path's steady rate by. The bottleneck spaces packets that reach it
 //! together by its own rate, and the far side answers each path-MTU probe
 //! at once with a small [`Control::MtuAck`], so the answers come back
 //! spaced as the probes left the bottleneck (packet-pair dispersion, as
