@@ -189,16 +189,14 @@ impl Session {
         if bulk {
             return plain;
         }
-        // The guess is for messages: a small frame with nothing waiting
-        // behind it. A busy sender's loss can stay unmeasured (its queue
-        // standing, no clean sample) and its small frames are not
-        // messages (simulated clean 1 Gbit/s transfer: parity for 2% of
-        // its frames).
-        let guess = self.cfg.fec
-            && !self.cc.clean_loss_known()
-            && plain.len() <= SMALL_FRAME
-            && self.queued == 0
-            && self.paced_len == 0;
+        // A message: a small frame (KCP segments of at most `SMALL_FRAME`
+        // bytes after the type byte) with nothing waiting behind it.
+        let message = plain.len() <= SMALL_FRAME + 1 && self.queued == 0 && self.paced_len == 0;
+        // The guess is for messages. A busy sender's loss can stay
+        // unmeasured (its queue standing, no clean sample) and its small
+        // frames are not messages (simulated clean 1 Gbit/s transfer:
+        // parity for 2% of its frames).
+        let guess = self.cfg.fec && !self.cc.clean_loss_known() && message;
         if !on && !guess {
             if !self.fec_tx.shards.is_empty() {
                 self.fec_close(now);
@@ -218,24 +216,22 @@ impl Session {
         shard.extend_from_slice(&(segs.len() as u16).to_le_bytes());
         shard.extend_from_slice(segs);
         tx.shards.push(shard);
-        let small = segs.len() <= SMALL_FRAME;
         let window = self
             .srtt
             .map_or(MIN_GROUP_WINDOW, |s| s / 4)
             .clamp(MIN_GROUP_WINDOW, MAX_GROUP_WINDOW);
         let tx = &mut self.fec_tx;
         tx.deadline.get_or_insert(now + window);
-        // A lone small frame (a message, a keystroke: nothing queued behind
-        // it, nothing else wrapped within `SPARSE_GAP` before it) closes
-        // the group: its parity goes at once. Waiting the group's window for
+        // A lone message (nothing else wrapped within `SPARSE_GAP` before
+        // it) closes the group: its parity goes at once. Waiting the group's
+        // window for
         // frames that were not coming delayed every message repaired by
         // parity by that window, each way (simulated 5% / 50 ms: such
         // messages took 75 ms, the others 50-63). Dense small packets (a
         // stream of them) still share groups and their parity.
         let sparse = tx.last.is_none_or(|t| now.saturating_sub(t) >= SPARSE_GAP);
         tx.last = Some(now);
-        let lone = small && sparse && self.paced_len == 0 && self.queued == 0;
-        if tx.shards.len() >= MAX_GROUP || lone {
+        if tx.shards.len() >= MAX_GROUP || (message && sparse) {
             self.fec_close(now);
         }
         self.stats.fec_data += 1;
