@@ -284,7 +284,47 @@ pub fn wan(args: &[&str]) -> Result<()> {
                     skip_ms()
                 }
             };
+            // FASTMESH_BENCH_PCAP_MSGS=PREFIX: both nodes' packets (TUN and
+            // underlay) while messages cross the mesh, to PREFIX.1 and PREFIX.2.
+            let caps: Vec<Child> = std::env::var("FASTMESH_BENCH_PCAP_MSGS")
+                .ok()
+                .map(|f| {
+                    [1, 2]
+                        .into_iter()
+                        .filter_map(|k| {
+                            let log = format!("tcpdump{k}.log");
+                            let out = format!("{f}.{k}");
+                            let d = lab
+                                .spawn(k, &log, "tcpdump", &["-i", "any", "-s", "128", "-w", &out])
+                                .ok()?;
+                            let _ = lab.wait(Duration::from_secs(10), |l| {
+                                l.log(&log).contains("listening on")
+                            });
+                            Some(d)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if on("mesh") {
+                // iperf3 ends when its sender has written all; the split
+                // proxy may still be sending the last of it (up to its
+                // buffers, ~0.1 s at this rate). Messages sent into that
+                // tail queue behind it at the bottleneck (lab: the first
+                // four 63-84 ms): measure them on a quiet mesh, as kcptun's
+                // are (its processes restart between the runs).
+                let quiet = lab.wait(Duration::from_secs(5), |l| {
+                    l.status(1).is_ok_and(|v| {
+                        v["status"]["peers"][0]["tx_bps"]
+                            .as_f64()
+                            .is_some_and(|b| b < 1e6)
+                    })
+                });
+                if quiet.is_err() {
+                    eprintln!("node 1 still sending 5 s after the transfers");
+                }
+            }
             let mm = msg("mesh", &mesh, ECHO_PORT);
+            stop(caps);
             let dm = msg("direct", &direct, ECHO_PORT);
             let mut kc = Vec::new();
             for (w, fec) in [("kcptun", false), ("kcptun-fec", true)] {

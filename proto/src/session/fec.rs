@@ -43,7 +43,7 @@ pub const MAX_GROUP_WINDOW: Duration = Duration::from_millis(20);
 pub const MIN_LOSS: f64 = 0.005;
 /// The loss parity is planned for while the path's is not measured (a new
 /// session; a path idle for a few seconds), for small frames only
-/// ([`SMALL_FRAME`]): two copies of a lone message. Without it the
+/// ([`SMALL_FRAME`]): three copies of a lone message. Without it the
 /// first messages of a session on a lossy path went with no parity, and
 /// each loss cost a retransmission timeout and held the messages behind it
 /// (simulated 5% / 50 ms: p99 108-113 ms, from the first 15 messages).
@@ -159,13 +159,17 @@ impl FecRx {
 }
 
 impl Session {
-    /// The loss parity is planned for: the measured clean loss, or
-    /// [`UNMEASURED_LOSS`] until there is one.
-    fn fec_loss(&self) -> f64 {
-        if self.cc.clean_loss_known() {
-            self.cc.clean_loss()
-        } else {
+    /// The loss parity for a group of `k` frames is planned for:
+    /// [`UNMEASURED_LOSS`] until there is a measurement; then the clean
+    /// loss, or for small groups (messages) its upper bound
+    /// ([`crate::cc::RateControl::message_loss`]).
+    fn fec_loss(&self, k: usize) -> f64 {
+        if !self.cc.clean_loss_known() {
             UNMEASURED_LOSS
+        } else if k <= SMALL_GROUP {
+            self.cc.message_loss()
+        } else {
+            self.cc.clean_loss()
         }
     }
 
@@ -192,12 +196,14 @@ impl Session {
         // A message: a small frame (KCP segments of at most `SMALL_FRAME`
         // bytes after the type byte) with nothing waiting behind it.
         let message = plain.len() <= SMALL_FRAME + 1 && self.queued == 0 && self.paced_len == 0;
-        // The guess is for messages. A busy sender's loss can stay
-        // unmeasured (its queue standing, no clean sample) and its small
-        // frames are not messages (simulated clean 1 Gbit/s transfer:
-        // parity for 2% of its frames).
-        let guess = self.cfg.fec && !self.cc.clean_loss_known() && message;
-        if !on && !guess {
+        // A message gets parity when the loss planned for one is worth it
+        // (the guess while the loss is not measured). The guess is for
+        // messages only: a busy sender's loss can stay unmeasured (its
+        // queue standing, no clean sample) and its small frames are not
+        // messages (simulated clean 1 Gbit/s transfer: parity for 2% of
+        // its frames).
+        let for_message = self.cfg.fec && message && self.fec_loss(1) >= MIN_LOSS;
+        if !on && !for_message {
             if !self.fec_tx.shards.is_empty() {
                 self.fec_close(now);
             }
@@ -244,10 +250,10 @@ impl Session {
 
     /// Close the open group: compute and queue its parity frames.
     pub(super) fn fec_close(&mut self, _now: Duration) {
-        let loss = self.fec_loss();
+        let k = self.fec_tx.shards.len();
+        let loss = self.fec_loss(k);
         let tx = &mut self.fec_tx;
         tx.deadline = None;
-        let k = tx.shards.len();
         if k == 0 {
             return;
         }
