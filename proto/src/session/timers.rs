@@ -298,12 +298,12 @@ impl Session {
     }
 
     /// When the capacity train next needs the timer: its answers' deadline,
-    /// or now if it is to go.
+    /// or when the next is to go.
     fn train_timeout(&self) -> Option<Duration> {
         self.train.deadline(self.srtt).or_else(|| {
             self.train_path()
-                .filter(|_| self.train.due())
-                .map(|_| self.now)
+                .and_then(|_| self.train.due_at())
+                .map(|t| t.max(self.now))
         })
     }
 
@@ -311,14 +311,14 @@ impl Session {
     /// of one whose wait is over.
     fn poll_train(&mut self, now: Duration) {
         if self.train.deadline(self.srtt).is_some_and(|d| now >= d) {
-            if let Some(rate) = self.train.expire() {
+            if let Some(rate) = self.train.expire(now) {
                 self.cc.on_capacity_estimate(rate);
             }
         }
         let Some((via, size)) = self.train_path() else {
             return;
         };
-        if !self.train.due() {
+        if self.train.due_at().is_none_or(|t| now < t) {
             return;
         }
         let plain = size.saturating_sub(wire::DATA_OVERHEAD).max(5);
