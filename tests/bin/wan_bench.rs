@@ -96,9 +96,9 @@ fn messages(lab: &Lab, dst: &str, port: u16, secs: u32) -> Result<(f64, f64)> {
         &["msg-ping", &format!("{dst}:{port}"), &count, "20"],
     )?;
     let text = String::from_utf8_lossy(&o.stdout);
-    if std::env::var_os("FASTMESH_BENCH_STATUS").is_some() {
-        eprintln!("messages to {dst}: {}", text.trim());
-    }
+    // The slowest messages and when they went, to tell a slow start of
+    // the connection from a loss (stderr; the table is on stdout).
+    eprintln!("messages to {dst}: {}", text.trim());
     let field = |name: &str| -> Option<f64> {
         let mut it = text.split_whitespace();
         it.find(|w| *w == name)?;
@@ -295,7 +295,12 @@ pub fn wan(args: &[&str]) -> Result<()> {
                             let log = format!("tcpdump{k}.log");
                             let out = format!("{f}.{k}");
                             let d = lab
-                                .spawn(k, &log, "tcpdump", &["-i", "any", "-s", "128", "-w", &out])
+                                .spawn(
+                                    k,
+                                    &log,
+                                    "tcpdump",
+                                    &["-U", "-i", "any", "-s", "128", "-w", &out],
+                                )
                                 .ok()?;
                             let _ = lab.wait(Duration::from_secs(10), |l| {
                                 l.log(&log).contains("listening on")
