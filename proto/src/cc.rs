@@ -587,14 +587,14 @@ impl RateControl {
 
     /// The loss to plan a message's copies for: the higher of
     /// [`RateControl::clean_loss`] and an upper bound (Wilson score, one
-    /// standard deviation) of the loss over every clean sample of the last
-    /// [`CLEAN_MAX_AGE`] when that lost any. A sparse session's clean estimate counts a few
-    /// dozen frames (8 round trips of messages and acks); at 5% loss it
-    /// read below 3% about a quarter of the time, a message then went as
-    /// two copies instead of three, and about once per 300 messages both
-    /// were lost: that message and the three behind it waited for the
-    /// retransmission (lab, 50 ms / 5%: 121, 101, 81, 61 ms, the p99 of
-    /// a 6-s message run).
+    /// standard deviation) of the loss over every clean sample of the
+    /// last [`CLEAN_MAX_AGE`], when those lost any. A sparse session's
+    /// clean estimate counts a few dozen frames (8 round trips of
+    /// messages and acks); at 5% loss it read below 3% about a quarter of
+    /// the time, a message then went as two copies instead of three, and
+    /// about once per 300 messages both were lost: that message and the
+    /// three behind it waited for the retransmission (lab, 50 ms / 5%:
+    /// 121, 101, 81, 61 ms, the p99 of a 6-s message run).
     pub fn message_loss(&self) -> f64 {
         let (dh, df) = self.clean_long_sums;
         if df >= dh {

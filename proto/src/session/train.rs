@@ -25,10 +25,10 @@
 //! in all: in the lab (2 cores, both peers sending their trains at once)
 //! one train in about six had its ten answers read in one batch (the node
 //! busy with the other side's probes, or not scheduled, for the 1.2 ms
-//! they took to arrive), and a second try does not meet the same moment. On a path
-//! too fast to tell the probes apart every try fails; the session then
-//! starts from the initial rate as before, having spent [`TRAINS`] trains
-//! (about 45 kB) once.
+//! they took to arrive), and a second try does not meet the same moment.
+//! On a path too fast to tell the probes apart every try fails; the
+//! session then starts from the initial rate as before, having spent
+//! [`TRAINS`] trains (about 45 kB) once.
 //!
 //! [`Control::MtuAck`]: crate::wire::Control::MtuAck
 
