@@ -444,9 +444,7 @@ fn iperf(lab: &Lab, dst: &str, secs: u32, cc: &str) -> Result<Iperf> {
 fn iperf_via(lab: &Lab, dst: &str, port: u16, secs: u32, cc: &str) -> Result<Iperf> {
     let pids: Vec<u32> = [1, 2].iter().filter_map(|k| lab.pid(*k)).collect();
     let sys0 = system_busy_secs();
-    // FASTMESH_BENCH_INTERVALS=SECS: print the receiver's rate per interval
-    // (stderr), to see where a transfer loses time.
-    let every = std::env::var("FASTMESH_BENCH_INTERVALS").ok();
+    let every = bench_intervals();
     let extra: Vec<&str> = match &every {
         Some(i) => vec!["-i", i, "--get-server-output"],
         None => vec![],
@@ -475,6 +473,13 @@ fn iperf_via(lab: &Lab, dst: &str, port: u16, secs: u32, cc: &str) -> Result<Ipe
     })
 }
 
+/// FASTMESH_BENCH_INTERVALS=SECS: the iperf3 server reports per SECS, and
+/// the receiver's rate per interval is printed (stderr), to see where a
+/// transfer loses time.
+fn bench_intervals() -> Option<String> {
+    std::env::var("FASTMESH_BENCH_INTERVALS").ok()
+}
+
 /// One iperf3 run from node 1 to `dst:port` (`-C cc`, `extra` options),
 /// the server on node 2 at `server_port`: its JSON report, and the CPU
 /// seconds the processes `pids` used meanwhile.
@@ -490,7 +495,7 @@ fn iperf_json(
     pids: &[u32],
 ) -> Result<(serde_json::Value, f64)> {
     let sp = server_port.to_string();
-    let every = std::env::var("FASTMESH_BENCH_INTERVALS").unwrap_or_else(|_| "1".into());
+    let every = bench_intervals().unwrap_or_else(|| "1".into());
     let mut srv = lab.spawn(
         2,
         "iperf-s.log",
