@@ -144,6 +144,20 @@ fn kcptun(lab: &Lab, fec: bool, target: u16, local: u16, udp: u16) -> Result<[Ch
     Ok([srv, cli])
 }
 
+/// tcpdump on node `k`'s interfaces into `file` (`opts`: snap length and
+/// filter), flushed per packet so a kill loses nothing; returned once it
+/// captures (it says so in its log).
+fn capture(lab: &Lab, k: usize, file: &str, opts: &[&str]) -> Option<Child> {
+    let log = format!("tcpdump{k}.log");
+    let mut args = vec!["-U", "-i", "any", "-w", file];
+    args.extend_from_slice(opts);
+    let d = lab.spawn(k, &log, "tcpdump", &args).ok()?;
+    let _ = lab.wait(Duration::from_secs(10), |l| {
+        l.log(&log).contains("listening on")
+    });
+    Some(d)
+}
+
 fn stop(procs: impl IntoIterator<Item = Child>) {
     for mut c in procs {
         let _ = c.kill();
@@ -252,26 +266,11 @@ pub fn wan(args: &[&str]) -> Result<()> {
             diag("forming");
             // FASTMESH_BENCH_PCAP=FILE: node 1's UDP headers during the
             // first transfer, to see its sending rate at fine grain.
-            let pcap = std::env::var("FASTMESH_BENCH_PCAP").ok().and_then(|f| {
-                let d = lab
-                    .spawn(
-                        1,
-                        "tcpdump.log",
-                        "tcpdump",
-                        &["-i", "any", "-s", "64", "-w", &f, "udp"],
-                    )
-                    .ok()?;
-                // tcpdump says so once it captures.
-                let _ = lab.wait(Duration::from_secs(10), |l| {
-                    l.log("tcpdump.log").contains("listening on")
-                });
-                Some(d)
-            });
+            let pcap = std::env::var("FASTMESH_BENCH_PCAP")
+                .ok()
+                .and_then(|f| capture(&lab, 1, &f, &["-s", "64", "udp"]));
             let mc = run("mesh", &mesh, 5201, "cubic");
-            if let Some(mut d) = pcap {
-                let _ = d.kill();
-                let _ = d.wait();
-            }
+            stop(pcap);
             diag("cubic");
             let mb = run("mesh", &mesh, 5201, "bbr");
             diag("bbr");
@@ -291,22 +290,7 @@ pub fn wan(args: &[&str]) -> Result<()> {
                 .map(|f| {
                     [1, 2]
                         .into_iter()
-                        .filter_map(|k| {
-                            let log = format!("tcpdump{k}.log");
-                            let out = format!("{f}.{k}");
-                            let d = lab
-                                .spawn(
-                                    k,
-                                    &log,
-                                    "tcpdump",
-                                    &["-U", "-i", "any", "-s", "128", "-w", &out],
-                                )
-                                .ok()?;
-                            let _ = lab.wait(Duration::from_secs(10), |l| {
-                                l.log(&log).contains("listening on")
-                            });
-                            Some(d)
-                        })
+                        .filter_map(|k| capture(&lab, k, &format!("{f}.{k}"), &["-s", "128"]))
                         .collect()
                 })
                 .unwrap_or_default();

@@ -229,10 +229,10 @@ impl Session {
         let tx = &mut self.fec_tx;
         tx.deadline.get_or_insert(now + window);
         // A lone message (nothing else wrapped within `SPARSE_GAP` before
-        // it) closes the group: its parity goes at once. Waiting the group's
-        // window for frames that were not coming delayed every message
-        // repaired by parity by that window, each way (simulated 5% / 50 ms: such
-        // messages took 75 ms, the others 50-63). Dense small packets (a
+        // it) closes the group: its parity goes at once. Waiting the
+        // group's window for frames that were not coming delayed every
+        // message repaired by parity by that window, each way (simulated
+        // 5% / 50 ms: such messages took 75 ms, the others 50-63). Dense small packets (a
         // stream of them) still share groups and their parity.
         let sparse = tx.last.is_none_or(|t| now.saturating_sub(t) >= SPARSE_GAP);
         tx.last = Some(now);

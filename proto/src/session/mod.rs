@@ -327,7 +327,7 @@ pub struct Session {
     dead_after: Duration,
     /// Path MTU of the path in use.
     pmtu: Pmtu,
-    /// The capacity probe sent before the first transfer.
+    /// The capacity trains sent before the first transfer.
     train: train::Train,
     /// The frame last returned by `poll_transmit` is a path MTU probe.
     tx_probe: bool,
