@@ -127,6 +127,10 @@ pub struct TcpHost {
     /// Keep-alive interval and the time without an answer after which a
     /// connection is given up (reset), for sockets added from now on.
     keepalive: Option<(Duration, Duration)>,
+    /// Packets the node's TUN side delivered to this host.
+    pub packets_in: u64,
+    /// TCP packets carrying data this host sent.
+    pub data_out: u64,
 }
 
 impl TcpHost {
@@ -159,6 +163,8 @@ impl TcpHost {
             apps: Vec::new(),
             buffer,
             keepalive: None,
+            packets_in: 0,
+            data_out: 0,
         }
     }
 
@@ -238,6 +244,7 @@ impl TcpHost {
 
     /// A packet from the node's TUN side.
     pub fn input(&mut self, pkt: Vec<u8>) {
+        self.packets_in += 1;
         self.link.rx.push_back(pkt);
     }
 
@@ -253,7 +260,13 @@ impl TcpHost {
                 break;
             }
         }
-        std::mem::take(&mut self.link.tx)
+        let out = std::mem::take(&mut self.link.tx);
+        self.data_out += out
+            .iter()
+            .filter_map(|p| transport::ip::tcp_header(p))
+            .filter(|h| h.len() > usize::from(h[12] >> 4) * 4)
+            .count() as u64;
+        out
     }
 
     /// When the host next needs [`TcpHost::poll`] (its TCP timers, a

@@ -274,3 +274,28 @@ fn messages_over_a_lossy_link_mostly_skip_the_retransmission_wait() {
     assert!(p50 < Duration::from_millis(60), "p50 {p50:?}");
     assert!(p99 < Duration::from_millis(80), "p99 {p99:?}");
 }
+
+#[test]
+fn a_new_connections_first_segments_are_acknowledged_one_by_one() {
+    // The application's TCP took its first RTT sample from the held
+    // handshake (a WAN round trip) and learns the proxy's short hop one
+    // acknowledgement at a time: its first segments are answered each
+    // on its own, not once per batch the node reads from TUN.
+    let (mut net, _, _) = lab(3, true, true, LinkSpec::latency(Duration::from_millis(50)));
+    let total = 40_000;
+    let (st, _) = transfer(&mut net, total, Duration::from_secs(10));
+    assert_eq!(st.read, total, "every byte once");
+    let h = net.host(0);
+    println!(
+        "host A sent {} data segments, got {} packets",
+        h.data_out, h.packets_in
+    );
+    assert!(h.data_out >= 20, "{} data segments", h.data_out);
+    // Each data segment answered, plus the handshake's and the close's.
+    assert!(
+        h.packets_in > h.data_out,
+        "{} data segments, {} packets back",
+        h.data_out,
+        h.packets_in
+    );
+}
