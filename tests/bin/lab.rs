@@ -461,6 +461,14 @@ fn iperf_via(lab: &Lab, dst: &str, port: u16, secs: u32, cc: &str) -> Result<Ipe
             "{dst} {cc} receiver Mbit/s per interval: {}",
             rates.join(" ")
         );
+        let (s, r) = (&v["end"]["sum_sent"], &v["end"]["sum_received"]);
+        eprintln!(
+            "{dst} {cc} sent {} B in {:.3} s, received {} B in {:.3} s",
+            s["bytes"],
+            s["seconds"].as_f64().unwrap_or(0.0),
+            r["bytes"],
+            r["seconds"].as_f64().unwrap_or(0.0),
+        );
     }
     let sys1 = system_busy_secs();
     let r = &v["end"]["sum_received"];

@@ -264,11 +264,13 @@ pub fn wan(args: &[&str]) -> Result<()> {
                 }
             };
             diag("forming");
-            // FASTMESH_BENCH_PCAP=FILE: node 1's UDP headers during the
-            // first transfer, to see its sending rate at fine grain.
+            // FASTMESH_BENCH_PCAP=FILE: node 1's packet headers (underlay
+            // and TUN) during the first transfer, to see its sending rate
+            // at fine grain and what its application handed over
+            // (tests/scripts/pcap-rate.py).
             let pcap = std::env::var("FASTMESH_BENCH_PCAP")
                 .ok()
-                .and_then(|f| capture(&lab, 1, &f, &["-s", "64", "udp"]));
+                .and_then(|f| capture(&lab, 1, &f, &["-s", "96"]));
             let mc = run("mesh", &mesh, 5201, "cubic");
             stop(pcap);
             diag("cubic");
