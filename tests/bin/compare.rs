@@ -237,9 +237,28 @@ fn ramp_time(iv: &[(f64, f64)]) -> f64 {
         .unwrap_or_else(|| iv.last().map(|x| x.0).unwrap_or(0.0))
 }
 
-/// Idle ping through a tunnel: (avg, p99) ms of 300 pings 10 ms apart.
-fn ping(lab: &Lab, dst: &str) -> Result<(f64, f64)> {
-    super::ping_stats(lab, dst, 300).map(|(avg, p99, _)| (avg, p99))
+/// Rounds of idle pings per tunnel (100 pings 10 ms apart each).
+const PING_ROUNDS: usize = 3;
+
+/// Idle ping through every tunnel before any transfer: [`PING_ROUNDS`]
+/// rounds of 100 pings, the tunnels taking turns, so that each meets the
+/// machine in the same state. Waking an idle vCPU costs tens of µs here,
+/// and pinged once each after the transfers, in a fixed order, one tunnel's
+/// average moved by 0.1 ms from run to run with the rest of the machine's
+/// state. (avg, p99) ms per tunnel, `None` if no reply came.
+fn idle_pings(lab: &Lab, tunnels: &[Tunnel]) -> Vec<Option<(f64, f64)>> {
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); tunnels.len()];
+    for _ in 0..PING_ROUNDS {
+        for (t, v) in tunnels.iter().zip(times.iter_mut()) {
+            if let Ok(s) = super::ping_times(lab, &t.dst, 100) {
+                v.extend(s);
+            }
+        }
+    }
+    times
+        .iter()
+        .map(|v| (!v.is_empty()).then(|| super::rtt_summary(v)))
+        .collect()
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -317,8 +336,9 @@ fn measure(
     }
     // Warm up every tunnel (handshakes, path probes) before measuring.
     for t in tunnels.iter() {
-        let _ = ping(lab, &t.dst);
+        let _ = super::ping_times(lab, &t.dst, 50);
     }
+    let pings = idle_pings(lab, tunnels);
     let mut results: Vec<Vec<Run>> = tunnels.iter().map(|_| Vec::new()).collect();
     for _ in 0..runs {
         for (t, res) in tunnels.iter().zip(results.iter_mut()) {
@@ -337,12 +357,12 @@ fn measure(
     println!();
     println!("| tunnel | median Mbit/s | min | max | runs | median s to 80% | max s to 80% | tunnel CPU s/GB | ping avg ms | ping p99 ms |");
     println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|");
-    for (t, res) in tunnels.iter().zip(&results) {
+    for ((t, res), ping) in tunnels.iter().zip(&results).zip(&pings) {
         let rates: Vec<f64> = res.iter().map(|r| r.mbit).collect();
         let ramps: Vec<f64> = res.iter().map(|r| r.ramp).collect();
         let bytes: u64 = res.iter().map(|r| r.bytes).sum();
         let cpu: f64 = res.iter().map(|r| r.cpu).sum();
-        let (pa, pp) = ping(lab, &t.dst).unwrap_or((f64::NAN, f64::NAN));
+        let (pa, pp) = ping.unwrap_or((f64::NAN, f64::NAN));
         let cpu_gb = if t.pids.is_empty() {
             "-".to_string()
         } else {

@@ -527,9 +527,9 @@ fn iperf_json(
     Ok((v, cpu1 - cpu0))
 }
 
-/// (avg, p99, loss%) of `count` pings 10 ms apart (`FASTMESH_PING_INTERVAL`
-/// seconds apart if set).
-fn ping_stats(lab: &Lab, dst: &str, count: u32) -> Result<(f64, f64, f64)> {
+/// Round-trip times (ms) of the replies to `count` pings 10 ms apart
+/// (`FASTMESH_PING_INTERVAL` seconds apart if set).
+fn ping_times(lab: &Lab, dst: &str, count: u32) -> Result<Vec<f64>> {
     let interval = std::env::var("FASTMESH_PING_INTERVAL").unwrap_or_else(|_| "0.01".into());
     let o = lab.exec(
         1,
@@ -537,7 +537,7 @@ fn ping_stats(lab: &Lab, dst: &str, count: u32) -> Result<(f64, f64, f64)> {
         &["-c", &count.to_string(), "-i", &interval, "-W", "1", dst],
     )?;
     let text = String::from_utf8_lossy(&o.stdout);
-    let mut t: Vec<f64> = text
+    let t: Vec<f64> = text
         .lines()
         .filter_map(|l| l.split("time=").nth(1))
         .filter_map(|x| x.split_whitespace().next()?.parse().ok())
@@ -545,9 +545,25 @@ fn ping_stats(lab: &Lab, dst: &str, count: u32) -> Result<(f64, f64, f64)> {
     if t.is_empty() {
         bail!("no ping replies from {dst}");
     }
+    Ok(t)
+}
+
+/// (avg, p99) of round-trip times in ms.
+fn rtt_summary(t: &[f64]) -> (f64, f64) {
+    let mut t = t.to_vec();
     t.sort_by(|a, b| a.total_cmp(b));
-    let avg = t.iter().sum::<f64>() / t.len() as f64;
-    let p99 = t[((t.len() as f64 * 0.99).ceil() as usize).min(t.len()) - 1];
+    let avg = t.iter().sum::<f64>() / t.len().max(1) as f64;
+    let p99 = t
+        .get(((t.len() as f64 * 0.99).ceil() as usize).clamp(1, t.len().max(1)) - 1)
+        .copied()
+        .unwrap_or(f64::NAN);
+    (avg, p99)
+}
+
+/// (avg, p99, loss%) of `count` pings (see [`ping_times`]).
+fn ping_stats(lab: &Lab, dst: &str, count: u32) -> Result<(f64, f64, f64)> {
+    let t = ping_times(lab, dst, count)?;
+    let (avg, p99) = rtt_summary(&t);
     let loss = 100.0 * (1.0 - t.len() as f64 / count as f64);
     Ok((avg, p99, loss))
 }
