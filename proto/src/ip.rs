@@ -131,6 +131,11 @@ pub fn tcp_flags(p: &[u8]) -> Option<u8> {
     tcp_header(p).map(|t| t[13])
 }
 
+/// Bytes of data in an unfragmented TCP packet (0 for anything else).
+pub fn tcp_payload_len(p: &[u8]) -> usize {
+    tcp_header(p).map_or(0, |t| t.len().saturating_sub(usize::from(t[12] >> 4) * 4))
+}
+
 /// True for a TCP segment that carries no data and no SYN, FIN or RST: a pure
 /// acknowledgement (possibly with SACK blocks or a window update). TCP's
 /// acknowledgements are cumulative, so losing one costs nothing the next one
@@ -369,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn pure_acks_are_recognised() {
+    fn pure_acks_and_tcp_data_are_recognised() {
         let a = Ipv4Addr::new(10, 0, 0, 1);
         let b = Ipv4Addr::new(10, 0, 0, 2);
         let mut ack = build_v4(a, b, PROTO_TCP, 4000, 80, &[], 40);
@@ -390,6 +395,10 @@ mod tests {
         udp[9] = PROTO_UDP;
         assert!(!tcp_pure_ack(&udp));
         assert!(!tcp_pure_ack(&ack[..30]));
+        assert_eq!(tcp_payload_len(&ack), 0);
+        assert_eq!(tcp_payload_len(&data), 1);
+        assert_eq!(tcp_payload_len(&udp), 0);
+        assert_eq!(tcp_payload_len(&ack[..30]), 0);
         let v6 = build_v6(
             "fd00::1".parse().unwrap(),
             "fd00::2".parse().unwrap(),

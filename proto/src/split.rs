@@ -364,7 +364,7 @@ impl Split {
                 Stage::Connecting | Stage::Open => {
                     self.pipe.rx.push_back(pkt.to_vec());
                     self.dirty = true;
-                    if f.quick_acks > 0 && tcp_payload_len(pkt) > 0 {
+                    if f.quick_acks > 0 && ip::tcp_payload_len(pkt) > 0 {
                         f.quick_acks -= 1;
                         // smoltcp answers what it has taken in on each
                         // poll: take this segment in (and answer it) now.
@@ -948,11 +948,6 @@ fn flow_key(src: SocketAddr, dst: SocketAddr) -> FlowKey {
         a,
         b,
     }
-}
-
-/// Bytes of data in a TCP packet (0 if it is not one).
-fn tcp_payload_len(pkt: &[u8]) -> usize {
-    ip::tcp_header(pkt).map_or(0, |h| h.len().saturating_sub(usize::from(h[12] >> 4) * 4))
 }
 
 fn is_pure_syn(flags: u8) -> bool {

@@ -263,8 +263,7 @@ impl TcpHost {
         let out = std::mem::take(&mut self.link.tx);
         self.data_out += out
             .iter()
-            .filter_map(|p| transport::ip::tcp_header(p))
-            .filter(|h| h.len() > usize::from(h[12] >> 4) * 4)
+            .filter(|p| transport::ip::tcp_payload_len(p) > 0)
             .count() as u64;
         out
     }
