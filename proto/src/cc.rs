@@ -95,15 +95,18 @@ pub struct RateControl {
     /// `btl_bw` when the current probe round began.
     probe_base: f64,
     /// Per report while no queue was building: (when, frames expected,
-    /// frames received), over the loss horizon.
+    /// frames received), oldest first, for at most [`CLEAN_MAX_AGE`].
     clean: VecDeque<(Duration, u64, u64)>,
-    clean_loss: f64,
-    /// The same samples over all of [`CLEAN_MAX_AGE`] (not only the
-    /// horizon), with their sums (frames expected, received): the longer
+    /// Sums (frames expected, received) over all of `clean`: the longer
     /// count that [`RateControl::message_loss`] bounds.
-    clean_long: VecDeque<(Duration, u64, u64)>,
     clean_long_sums: (u64, u64),
-    /// `clean` covers enough frames (20) for `clean_loss` to be a
+    /// The leading samples of `clean` that `clean_loss` no longer counts
+    /// (older than the loss horizon, with newer ones covering 20 frames).
+    clean_skip: usize,
+    /// Sums over the samples `clean_loss` counts (`clean[clean_skip..]`).
+    clean_sums: (u64, u64),
+    clean_loss: f64,
+    /// The counted samples cover enough frames (20) for `clean_loss` to be a
     /// measurement, not the zero it starts from.
     clean_known: bool,
     /// The last report at which the sender had been pacing above the
@@ -147,9 +150,10 @@ impl RateControl {
             round_limited: false,
             probe_base: 0.0,
             clean: VecDeque::new(),
-            clean_loss: 0.0,
-            clean_long: VecDeque::new(),
             clean_long_sums: (0, 0),
+            clean_skip: 0,
+            clean_sums: (0, 0),
+            clean_loss: 0.0,
             clean_known: false,
             hot_until: Duration::ZERO,
             was_app_limited: false,
@@ -307,8 +311,9 @@ impl RateControl {
                 // bandwidth and RTT estimates stay.
                 self.reports.clear();
                 self.clean.clear();
-                self.clean_long.clear();
                 self.clean_long_sums = (0, 0);
+                self.clean_skip = 0;
+                self.clean_sums = (0, 0);
                 self.reports.push_back((now, r));
                 return;
             }
@@ -347,9 +352,10 @@ impl RateControl {
                 let dh = r.highest.saturating_sub(last.highest);
                 let df = r.frames.saturating_sub(last.frames);
                 self.clean.push_back((now, dh, df));
-                self.clean_long.push_back((now, dh, df));
                 self.clean_long_sums.0 += dh;
                 self.clean_long_sums.1 += df;
+                self.clean_sums.0 += dh;
+                self.clean_sums.1 += df;
             }
         }
         self.reports.push_back((now, r));
@@ -364,36 +370,39 @@ impl RateControl {
             let df = r.frames.saturating_sub(r0.frames).min(dh);
             self.loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
         }
-        // Samples older than the horizon go once the newer ones cover 20
-        // frames (a sender stalled by loss sends few, and its loss must
-        // still show); none is kept past CLEAN_MAX_AGE, so an old estimate
-        // (a path cut at the start, a queue ever since) does not stick.
-        let (mut dh, mut df) = self
-            .clean
-            .iter()
-            .fold((0, 0), |(h, f), &(_, dh, df)| (h + dh, f + df));
+        // Samples older than the horizon leave the clean estimate once the
+        // newer ones cover 20 frames (a sender stalled by loss sends few,
+        // and its loss must still show; `message_loss` keeps counting
+        // them); none is kept past CLEAN_MAX_AGE, so an old estimate (a
+        // path cut at the start, a queue ever since) does not stick.
         while let Some(&(t, h0, f0)) = self.clean.front() {
-            let age = now.saturating_sub(t);
-            if age > CLEAN_MAX_AGE || (age > horizon && dh - h0 >= 20) {
-                self.clean.pop_front();
-                dh -= h0;
-                df -= f0;
+            if now.saturating_sub(t) <= CLEAN_MAX_AGE {
+                break;
+            }
+            self.clean.pop_front();
+            self.clean_long_sums.0 -= h0;
+            self.clean_long_sums.1 -= f0;
+            if self.clean_skip > 0 {
+                self.clean_skip -= 1;
+            } else {
+                self.clean_sums.0 -= h0;
+                self.clean_sums.1 -= f0;
+            }
+        }
+        while let Some(&(t, h0, f0)) = self.clean.get(self.clean_skip) {
+            if now.saturating_sub(t) > horizon && self.clean_sums.0 - h0 >= 20 {
+                self.clean_skip += 1;
+                self.clean_sums.0 -= h0;
+                self.clean_sums.1 -= f0;
             } else {
                 break;
             }
         }
-        while let Some(&(t, h0, f0)) = self.clean_long.front() {
-            if now.saturating_sub(t) <= CLEAN_MAX_AGE {
-                break;
-            }
-            self.clean_long.pop_front();
-            self.clean_long_sums.0 -= h0;
-            self.clean_long_sums.1 -= f0;
-        }
+        let (dh, df) = self.clean_sums;
         if dh >= 20 {
             self.clean_loss = (1.0 - df as f64 / dh as f64).clamp(0.0, 0.5);
             self.clean_known = true;
-        } else if self.clean.is_empty() {
+        } else if self.clean.len() == self.clean_skip {
             self.clean_loss = 0.0;
             self.clean_known = false;
         }
