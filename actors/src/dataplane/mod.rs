@@ -488,9 +488,18 @@ impl<D: Datagram + 'static, P: PacketDevice + 'static> StreamHandler<SockReady>
         }
         let mut meta = [(0usize, 1usize, SocketAddr::from(([0, 0, 0, 0], 0))); RX_BUFS];
         let written = self.io.stats.tun_written;
+        // A call that filled fewer buffers than it had found the socket
+        // drained: the next (normally the one that sees it empty and clears
+        // its readiness) offers one buffer, which is cheaper to set up.
+        let mut want = RX_BUFS;
         for _ in 0..RX_BURST {
-            match self.io.sock.try_recv_batch(&mut self.rxbufs, &mut meta) {
+            match self
+                .io
+                .sock
+                .try_recv_batch(&mut self.rxbufs[..want], &mut meta)
+            {
                 Ok(k) => {
+                    want = if k < want { 1 } else { RX_BUFS };
                     let now = self.now();
                     for (i, &(n, stride, from)) in meta.iter().enumerate().take(k) {
                         let mut off = 0;

@@ -138,17 +138,17 @@ pub(super) fn fill<P: PacketDevice>(
     now: bool,
 ) -> Filled {
     b.lens.clear();
-    let slot = b.slot;
     let need = dev.min_slots().clamp(1, BATCH_SLOTS);
     let mut lens = [0usize; BATCH_SLOTS];
-    while BATCH_SLOTS - b.lens.len() >= need {
-        let used = b.lens.len();
-        // The free slots, without allocating a list of them per read.
-        let mut free = b.buf[used * slot..].chunks_mut(slot);
-        let room = free.len();
-        let mut slots: [&mut [u8]; BATCH_SLOTS] =
-            std::array::from_fn(|_| free.next().unwrap_or_default());
-        let (slots, lens) = (&mut slots[..room], &mut lens[..room]);
+    // Every slot of the batch, listed once per fill (not per read: a ping's
+    // fill is one read and one that finds the device empty), without
+    // allocating the list.
+    let mut chunks = b.buf.chunks_mut(b.slot);
+    let mut slots: [&mut [u8]; BATCH_SLOTS] =
+        std::array::from_fn(|_| chunks.next().unwrap_or_default());
+    let mut used = 0;
+    while BATCH_SLOTS - used >= need {
+        let (slots, lens) = (&mut slots[used..], &mut lens[used..]);
         let read = if now {
             dev.recv_many_now(scratch, slots, lens)
         } else {
@@ -156,7 +156,10 @@ pub(super) fn fill<P: PacketDevice>(
         };
         match read {
             Ok(0) => break,
-            Ok(n) => b.lens.extend(lens[..n].iter().map(|&l| l as u16)),
+            Ok(n) => {
+                b.lens.extend(lens[..n].iter().map(|&l| l as u16));
+                used += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Filled::Closed,
             Err(_) => return Filled::Failed,

@@ -685,7 +685,10 @@ impl Session {
         if self.current.is_none() {
             return false;
         }
-        let mut v = vec![Inner::Control as u8];
+        // Room for the common messages (pings, reports): growing from one
+        // byte took four reallocations each.
+        let mut v = Vec::with_capacity(64);
+        v.push(Inner::Control as u8);
         if msg.encode_into(&mut v).is_err() {
             self.stats.control_too_large += 1;
             return false;
