@@ -896,9 +896,9 @@ fn reload_answer(f: &dyn Fn() -> Result<String>) -> serde_json::Value {
 /// Run `fut` as a task of its own and wait for its output (None if the
 /// runtime dropped the task). The future a `block_on` runs is polled each
 /// time any task wakes (the local task set polls it on every tick): a select
-/// over the shutdown signals there cost ~5,000 instructions per ping on
-/// each peer (callgrind, `tests/scripts/ping-instr.sh`). Waiting on a
-/// oneshot costs next to nothing.
+/// over the shutdown signals there ran for every packet, thousands of
+/// instructions per ping (callgrind, `tests/scripts/ping-instr.sh`).
+/// Waiting on a oneshot costs next to nothing.
 async fn own_task<T: 'static>(fut: impl std::future::Future<Output = T> + 'static) -> Option<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     actix::spawn(async move {
@@ -1265,19 +1265,19 @@ fn run_peer(a: PeerArgs) -> Result<()> {
         }
         let code = own_task(async move {
             tokio::select! {
-              _ = shutdown_signal() => {
-                  tracing::info!("peer stopping; telling the hubs");
-                  // Returns once the leave messages are on the socket.
-                  let _ = tokio::time::timeout(Duration::from_secs(1), sup.send(Leave)).await;
-                  0
-              }
-              f = fatal_rx.recv() => {
-                  match f {
-                      Some(Fatal::Refused(m)) => eprintln!("error: the hub refused this node: {m}"),
-                      None => eprintln!("error: supervisor stopped"),
-                  }
-                  2
-              }
+                _ = shutdown_signal() => {
+                    tracing::info!("peer stopping; telling the hubs");
+                    // Returns once the leave messages are on the socket.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sup.send(Leave)).await;
+                    0
+                }
+                f = fatal_rx.recv() => {
+                    match f {
+                        Some(Fatal::Refused(m)) => eprintln!("error: the hub refused this node: {m}"),
+                        None => eprintln!("error: supervisor stopped"),
+                    }
+                    2
+                }
             }
         })
         .await

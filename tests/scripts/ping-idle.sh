@@ -13,29 +13,8 @@ set -euo pipefail
 BIN=${1:-$(pwd)/target/release/fastmesh}
 ROUNDS=${2:-3}
 COUNT=${3:-200}
-LAB=$(pwd)/target/release/fastmesh-lab
-OUT=$(mktemp -d)
-UP=
-cleanup() {
-  if [ -n "$UP" ]; then
-    kill "$UP" 2>/dev/null || true
-    # The lab's hub and peers name its directory on their command lines.
-    pkill -f "fastmesh-lab-fmup-$UP/" 2>/dev/null || true
-  fi
-  sleep 1
-  [ -n "$UP" ] && rm -rf "${TMPDIR:-/tmp}/fastmesh-lab-fmup-$UP"
-  for n in fmup-n0 fmup-n1 fmup-n2 fmup-r; do ip netns del $n 2>/dev/null || true; done
-  rm -rf "$OUT"
-}
-trap cleanup EXIT
-FASTMESH_BIN=$BIN "$LAB" up 900 > "$OUT/up.log" 2>&1 &
-UP=$!
-for _ in $(seq 1 60); do sleep 1; grep -q 'up for' "$OUT/up.log" && break; done
-grep -q 'up for' "$OUT/up.log" || { cat "$OUT/up.log"; exit 1; }
-MESH=$(awk '/^fmup-n2:/ {print $5}' "$OUT/up.log")
-WIRE=$(awk '/^fmup-n2:/ {print $3}' "$OUT/up.log")
-MESH=${MESH%/*}
-WIRE=${WIRE%:*}
+source "$(dirname "$0")/lab-up.sh"
+lab_up "$BIN"
 ip netns exec fmup-n1 ping -c 20 -i 0.05 -q "$MESH" > /dev/null
 for r in $(seq 1 "$ROUNDS"); do
   for what in wire mesh; do

@@ -14,20 +14,7 @@
 set -euo pipefail
 BIN=${1:-$(pwd)/target/release/fastmesh}
 PINGS=${2:-500}
-LAB=$(pwd)/target/release/fastmesh-lab
-OUT=$(mktemp -d)
-UP=
-cleanup() {
-  if [ -n "$UP" ]; then
-    kill "$UP" 2>/dev/null || true
-    pkill -f "fastmesh-lab-fmup-$UP/" 2>/dev/null || true
-  fi
-  sleep 1
-  [ -n "$UP" ] && rm -rf "${TMPDIR:-/tmp}/fastmesh-lab-fmup-$UP"
-  for n in fmup-n0 fmup-n1 fmup-n2 fmup-r; do ip netns del $n 2>/dev/null || true; done
-  rm -rf "$OUT"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/lab-up.sh"
 cat > "$OUT/wrap.sh" <<W
 #!/bin/sh
 case "\$1" in
@@ -36,14 +23,7 @@ case "\$1" in
 esac
 W
 chmod +x "$OUT/wrap.sh"
-FASTMESH_BIN=$OUT/wrap.sh "$LAB" up 900 > "$OUT/up.log" 2>&1 &
-UP=$!
-for _ in $(seq 1 120); do sleep 1; grep -q 'up for' "$OUT/up.log" && break; done
-grep -q 'up for' "$OUT/up.log" || { cat "$OUT/up.log"; exit 1; }
-MESH=$(awk '/^fmup-n2:/ {print $5}' "$OUT/up.log")
-MESH=${MESH%/*}
-P1=$(awk '/^fmup-n1:/ {print $NF}' "$OUT/up.log")
-P2=$(awk '/^fmup-n2:/ {print $NF}' "$OUT/up.log")
+lab_up "$OUT/wrap.sh" 120
 ip netns exec fmup-n1 ping -c 20 -i 0.1 -q "$MESH" > /dev/null
 sleep 2
 total() { callgrind_annotate --auto=no --threshold=100 "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'; }
